@@ -1,0 +1,40 @@
+"""Domain errors: caller mistakes, each naming the bad value and what is allowed.
+
+The API layer maps each class to one HTTP status in a single place (`memos/api/errors.py`).
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    code = "bad_request"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(DomainError):
+    code = "invalid_argument"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Forbidden(DomainError):
+    code = "forbidden"
+
+
+class Conflict(DomainError):
+    code = "conflict"
+
+
+class TooLarge(DomainError):
+    code = "payload_too_large"
+
+
+class Unauthorized(DomainError):
+    code = "unauthorized"

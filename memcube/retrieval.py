@@ -1,0 +1,244 @@
+"""One cube's in-memory retrieval index: dense (hnswlib or exact) + BM25, fused.
+
+The database is the source of truth; a `CubeIndex` is rebuilt from it (rows, BM25) and from the
+saved ANN graph (replaying changes newer than the graph's generation). All methods are
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from memcube.fusion import make_fusion
+from memcube.lexical import BM25Index
+from memcube.rows import RowTable
+from memcube.types import IndexedDoc, ScoredSeq, SearchFilters
+from memcube.vector_index import HnswConfig, HnswIndex
+
+
+class RetrievalConfig(BaseModel):
+    fusion: str = "rrf"
+    rrf_k: float = Field(60.0, gt=0)
+    dense_weight: float = Field(1.0, ge=0)
+    lexical_weight: float = Field(1.0, ge=0)
+    candidates: int = Field(50, ge=1, le=10_000, description="depth of each ranked list fused")
+    exact_max_rows: int = Field(
+        4096, ge=0, description="search exactly when at most this many rows pass the filters"
+    )
+    bm25_k1: float = Field(1.2, gt=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    missing: int  # live in the database, absent from the ANN index
+    stale: int  # present but its vector differs from the database's
+    extra: int  # live in the ANN index, deleted or unknown in the database
+
+    @property
+    def clean(self) -> bool:
+        return self.missing == self.stale == self.extra == 0
+
+
+class CubeIndex:
+    def __init__(
+        self, dim: int, embedder: str, hnsw: HnswConfig, config: RetrievalConfig
+    ) -> None:
+        self.dim = dim
+        self.embedder = embedder
+        self.hnsw_config = hnsw
+        self.config = config
+        self.generation = 0  # every database change up to this one is applied
+        self.saved_generation = -1
+        self._rows = RowTable(dim)
+        self._bm25 = BM25Index(config.bm25_k1, config.bm25_b)
+        self._ann: HnswIndex | None = None
+        self._fusion = make_fusion(
+            config.fusion,
+            config.rrf_k,
+            {"dense": config.dense_weight, "lexical": config.lexical_weight},
+        )
+        self._lock = threading.RLock()
+
+    # -- building ---------------------------------------------------------------------------
+
+    def load_rows(self, docs: Iterable[IndexedDoc], generation: int) -> None:
+        """Fill rows and BM25 from the database's live memories (ANN comes separately)."""
+        with self._lock:
+            for doc in docs:
+                self._bm25.add(self._rows.add(doc), doc.text)
+            self.generation = generation
+
+    def restore_ann(self, directory: Path) -> int | None:
+        """Load the saved ANN graph; returns the generation it reflects, or None if unusable."""
+        loaded = HnswIndex.load(directory, self.embedder, self.dim, self.hnsw_config)
+        if loaded is None:
+            return None
+        with self._lock:
+            self._ann, manifest = loaded
+            self.saved_generation = manifest.generation
+            return manifest.generation
+
+    def rebuild_ann(self) -> None:
+        """Build the ANN graph from the live rows (the vectors come from the database)."""
+        with self._lock:
+            ann = HnswIndex(self.dim, self.hnsw_config)
+            live = np.flatnonzero(self._rows.live[: self._rows.size])
+            ann.upsert(self._rows.seqs[live], self._rows.vectors[live])
+            self._ann = ann
+            self.saved_generation = -1
+
+    def replay_ann(self, docs: list[IndexedDoc], deleted: list[int]) -> None:
+        """Bring a restored ANN graph up to date with changes newer than its generation."""
+        with self._lock:
+            assert self._ann is not None, "restore_ann first"
+            self._ann.delete(deleted)
+            self._upsert_ann(docs)
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def apply(self, docs: list[IndexedDoc], deleted: list[int], generation: int) -> None:
+        """Apply one committed change set: `docs` added or replaced, `deleted` seqs removed."""
+        with self._lock:
+            for seq in deleted:
+                self._remove(seq)
+            for doc in docs:
+                self._remove(doc.seq)
+                self._bm25.add(self._rows.add(doc), doc.text)
+            if self._ann is not None:
+                self._ann.delete(deleted)
+                self._upsert_ann(docs)
+            self.generation = max(self.generation, generation)
+
+    def _remove(self, seq: int) -> None:
+        row = self._rows.remove(seq)
+        if row is not None:
+            self._bm25.remove(row)
+
+    def _upsert_ann(self, docs: list[IndexedDoc]) -> None:
+        assert self._ann is not None
+        if docs:
+            seqs = np.fromiter((d.seq for d in docs), dtype=np.int64, count=len(docs))
+            self._ann.upsert(seqs, np.stack([d.embedding for d in docs]))
+
+    # -- persistence and checks -------------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        return self._ann is not None and self.saved_generation != self.generation
+
+    @property
+    def live_count(self) -> int:
+        return self._rows.live_count
+
+    def save(self, directory: Path) -> None:
+        with self._lock:
+            if self._ann is None:
+                return
+            self._ann.save(directory, self.embedder, self.generation)
+            self.saved_generation = self.generation
+
+    def verify_ann(self, sample: int = 256, seed: int = 0) -> DriftReport:
+        """Compare the ANN graph with the rows (which mirror the database)."""
+        with self._lock:
+            if self._ann is None:
+                return DriftReport(missing=self._rows.live_count, stale=0, extra=0)
+            expected = set(self._rows.row_of)
+            present = self._ann.labels()
+            missing = expected - present
+            extra = present - expected
+            common = sorted(expected & present)
+            rng = np.random.default_rng(seed)
+            picked = (
+                rng.choice(common, size=min(sample, len(common)), replace=False).tolist()
+                if common
+                else []
+            )
+            stale = 0
+            if picked:
+                got = self._ann.vectors(picked)
+                want = self._rows.vectors[[self._rows.row_of[s] for s in picked]]
+                stale = int(np.sum(np.einsum("ij,ij->i", got, want) < 0.999))
+            return DriftReport(missing=len(missing), stale=stale, extra=len(extra))
+
+    # -- search -----------------------------------------------------------------------------
+
+    def search(
+        self,
+        query_vector: np.ndarray,
+        query_text: str,
+        top_k: int,
+        filters: SearchFilters = SearchFilters(),
+    ) -> list[ScoredSeq]:
+        """query_vector: (dim,) float32 unit vector. Returns up to top_k hits, best first."""
+        with self._lock:
+            mask = self._rows.mask(filters)
+            allowed = int(mask.sum())
+            if allowed == 0 or top_k <= 0:
+                return []
+            depth = max(self.config.candidates, 2 * top_k)
+            dense_seqs, dense_scores = self._dense(query_vector, depth, mask, allowed, filters)
+            lexical = self._bm25.scores(query_text, self._rows.size, mask)
+            lex_rows = _top_positive(lexical, depth)
+            lex_seqs = self._rows.seqs[lex_rows]
+            fused = self._fusion.fuse(
+                {"dense": dense_seqs.tolist(), "lexical": lex_seqs.tolist()}
+            )
+            dense_by_seq = dict(zip(dense_seqs.tolist(), dense_scores.tolist(), strict=True))
+            lex_by_seq = dict(zip(lex_seqs.tolist(), lexical[lex_rows].tolist(), strict=True))
+        best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:top_k]
+        hits = []
+        for seq, score in best:
+            signals = {}
+            if seq in dense_by_seq:
+                signals["dense"] = float(dense_by_seq[seq])
+            if seq in lex_by_seq:
+                signals["lexical"] = float(lex_by_seq[seq])
+            hits.append(ScoredSeq(seq=seq, score=float(score), signals=signals))
+        return hits
+
+    def dense_search(
+        self, query_vector: np.ndarray, k: int, exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Dense-only search, ANN or exact: the pair the ANN recall check compares."""
+        with self._lock:
+            mask = self._rows.live[: self._rows.size]
+            if exact or self._ann is None:
+                return self._rows.exact_search(query_vector, k, mask)
+            return self._ann.search(query_vector, k)
+
+    def _dense(
+        self,
+        query: np.ndarray,
+        depth: int,
+        mask: np.ndarray,
+        allowed: int,
+        filters: SearchFilters,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self._ann is None or allowed <= self.config.exact_max_rows:
+            return self._rows.exact_search(query, depth, mask)
+        row_of = self._rows.row_of
+
+        def accept(seq: int) -> bool:
+            row = row_of.get(seq)
+            return row is not None and bool(mask[row])
+
+        seqs, scores = self._ann.search(query, depth, None if filters.empty else accept)
+        if len(seqs) < min(depth, allowed):
+            return self._rows.exact_search(query, depth, mask)
+        return seqs, scores
+
+
+def _top_positive(scores: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the k highest positive scores, best first."""
+    positive = np.flatnonzero(scores > 0)
+    if len(positive) > k:
+        part = np.argpartition(-scores[positive], k - 1)[:k]
+        positive = positive[part]
+    return positive[np.argsort(-scores[positive], kind="stable")]

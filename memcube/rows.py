@@ -1,0 +1,110 @@
+"""The row table of one cube's in-memory index: vectors and filterable facets per row.
+
+Every live memory occupies one row. A changed memory gets a fresh row (its old row is masked),
+so append-only structures such as BM25 postings never need in-place edits. The table answers
+two questions fast: "which rows pass these filters?" (a bool mask) and "what are the exact
+nearest rows to this vector?" (brute force, for small or heavily filtered candidate sets).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from memcube.types import IndexedDoc, SearchFilters
+
+
+def _micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def _facet_key(key: str, value: Any) -> tuple[str, str]:
+    return key, json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class RowTable:
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.size = 0
+        cap = 256
+        self.vectors = np.zeros((cap, dim), dtype=np.float32)  # (rows, dim)
+        self.live = np.zeros(cap, dtype=bool)
+        self.seqs = np.zeros(cap, dtype=np.int64)
+        self.times = np.zeros(cap, dtype=np.int64)  # timestamps, microseconds since epoch
+        self.sessions = np.full(cap, -1, dtype=np.int32)  # session codes, -1 for none
+        self.row_of: dict[int, int] = {}
+        self._session_codes: dict[str, int] = {}
+        self._facets: dict[tuple[str, str], list[int]] = {}
+
+    @property
+    def live_count(self) -> int:
+        return len(self.row_of)
+
+    def _grow(self, needed: int) -> None:
+        cap = len(self.live)
+        if needed <= cap:
+            return
+        new_cap = max(needed, cap * 2)
+        self.vectors = np.resize(self.vectors, (new_cap, self.dim))
+        for name in ("live", "seqs", "times", "sessions"):
+            setattr(self, name, np.resize(getattr(self, name), new_cap))
+        self.live[cap:] = False
+
+    def add(self, doc: IndexedDoc) -> int:
+        """Append the doc as a new row (masking the seq's previous row) and return the row."""
+        self.remove(doc.seq)
+        row = self.size
+        self._grow(row + 1)
+        self.size += 1
+        self.vectors[row] = doc.embedding
+        self.live[row] = True
+        self.seqs[row] = doc.seq
+        self.times[row] = _micros(doc.timestamp)
+        if doc.session_id is None:
+            self.sessions[row] = -1
+        else:
+            code = self._session_codes.setdefault(doc.session_id, len(self._session_codes))
+            self.sessions[row] = code
+        for key, value in doc.metadata.items():
+            self._facets.setdefault(_facet_key(key, value), []).append(row)
+        self.row_of[doc.seq] = row
+        return row
+
+    def remove(self, seq: int) -> int | None:
+        row = self.row_of.pop(seq, None)
+        if row is not None:
+            self.live[row] = False
+        return row
+
+    def mask(self, filters: SearchFilters) -> np.ndarray:
+        """(size,) bool: live rows that pass every filter."""
+        mask = self.live[: self.size].copy()
+        if filters.session_id is not None:
+            code = self._session_codes.get(filters.session_id)
+            if code is None:
+                return np.zeros(self.size, dtype=bool)
+            mask &= self.sessions[: self.size] == code
+        if filters.since is not None:
+            mask &= self.times[: self.size] >= _micros(filters.since)
+        if filters.until is not None:
+            mask &= self.times[: self.size] < _micros(filters.until)
+        for key, value in filters.metadata.items():
+            rows = self._facets.get(_facet_key(key, value), [])
+            facet = np.zeros(self.size, dtype=bool)
+            facet[rows] = True
+            mask &= facet
+        return mask
+
+    def exact_search(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """query (dim,) float32 -> (seqs, cosine scores) of the k best rows where mask is True."""
+        rows = np.flatnonzero(mask)
+        if len(rows) == 0 or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        scores = self.vectors[rows] @ query
+        k = min(k, len(rows))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return self.seqs[rows[top]], scores[top].astype(np.float32)

@@ -1,0 +1,198 @@
+"""Approximate nearest-neighbour search over one cube's embeddings with hnswlib.
+
+Labels are the memories' integer `seq`s. The index is a cache of the database: it is saved
+beside it with the generation it reflects, and at load the caller replays newer changes or
+rebuilds. Saves are atomic per file and the manifest (written last) records the index file's
+size and hash, so a crash mid-save is detected and healed by a rebuild, never loaded half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+from pydantic import BaseModel, Field
+from safetensors.numpy import load_file, save_file
+
+FORMAT_VERSION = 1
+
+
+class HnswConfig(BaseModel):
+    m: int = Field(16, ge=4, le=128, description="graph degree (hnswlib M)")
+    ef_construction: int = Field(200, ge=16, le=2000)
+    ef_search: int = Field(128, ge=8, le=5000)
+    initial_capacity: int = Field(1024, ge=16)
+    threads: int = Field(2, ge=1, le=256, description="threads for bulk inserts")
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """What a saved index claims to contain."""
+
+    embedder: str
+    dim: int
+    generation: int
+    live: int
+    index_bytes: int
+    index_blake2b: str
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HnswIndex:
+    """hnswlib in inner-product space over unit vectors (so scores are cosine similarities)."""
+
+    def __init__(self, dim: int, config: HnswConfig) -> None:
+        self.dim = dim
+        self.config = config
+        self._index = hnswlib.Index(space="ip", dim=dim)
+        self._index.init_index(
+            max_elements=config.initial_capacity,
+            ef_construction=config.ef_construction,
+            M=config.m,
+        )
+        self._deleted: set[int] = set()
+
+    # -- mutation ---------------------------------------------------------------------------
+
+    def upsert(self, seqs: np.ndarray, vectors: np.ndarray) -> None:
+        """seqs: (n,) int64; vectors: (n, dim) float32. Re-adding a label replaces its vector."""
+        if len(seqs) == 0:
+            return
+        needed = self._index.element_count + len(seqs)
+        capacity = self._index.get_max_elements()
+        if needed > capacity:
+            self._index.resize_index(max(needed, capacity * 2))
+        revived = [int(s) for s in seqs if int(s) in self._deleted]
+        for seq in revived:
+            self._index.unmark_deleted(seq)
+            self._deleted.discard(seq)
+        threads = self.config.threads if len(seqs) >= 32 else 1
+        self._index.add_items(vectors, seqs.astype(np.int64), num_threads=threads)
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        for seq in seqs:
+            if seq in self._deleted:
+                continue
+            try:
+                self._index.mark_deleted(seq)
+            except RuntimeError:
+                continue  # label never indexed: nothing to delete
+            self._deleted.add(seq)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def live_count(self) -> int:
+        return self._index.element_count - len(self._deleted)
+
+    def labels(self) -> set[int]:
+        """Labels of live (not deleted) vectors."""
+        return set(int(x) for x in self._index.get_ids_list()) - self._deleted
+
+    def vectors(self, seqs: list[int]) -> np.ndarray:
+        return np.asarray(self._index.get_items(seqs), dtype=np.float32)
+
+    def search(
+        self, query: np.ndarray, k: int, accept: Callable[[int], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """query: (dim,) float32 -> (seqs (k',) int64, cosine scores (k',) float32), best first.
+
+        `accept` filters labels during the graph walk. Returns fewer than k results when the
+        index (or the filter) cannot supply them.
+        """
+        k = min(k, self.live_count)
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        self._index.set_ef(max(self.config.ef_search, k))
+        try:
+            labels, distances = self._index.knn_query(query, k=k, filter=accept)
+        except RuntimeError:
+            # hnswlib refuses when fewer than k labels pass the filter; the caller falls back
+            # to exact search, which is cheap precisely when the filter is that selective.
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: Path, embedder: str, generation: int) -> IndexManifest:
+        directory.mkdir(parents=True, exist_ok=True)
+        index_path = directory / "hnsw.bin"
+        tmp = directory / "hnsw.bin.tmp"
+        self._index.save_index(str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, index_path)
+        deleted = np.array(sorted(self._deleted), dtype=np.int64)
+        save_file({"deleted": deleted}, str(directory / "deleted.safetensors.tmp"))
+        os.replace(directory / "deleted.safetensors.tmp", directory / "deleted.safetensors")
+        manifest = IndexManifest(
+            embedder=embedder,
+            dim=self.dim,
+            generation=generation,
+            live=self.live_count,
+            index_bytes=index_path.stat().st_size,
+            index_blake2b=_hash_file(index_path),
+        )
+        body = {"format": FORMAT_VERSION, **manifest.__dict__}
+        _fsync_write(directory / "manifest.json", json.dumps(body, indent=1).encode())
+        return manifest
+
+    @classmethod
+    def load(
+        cls, directory: Path, embedder: str, dim: int, config: HnswConfig
+    ) -> tuple[HnswIndex, IndexManifest] | None:
+        """The saved index if it is whole and built for this embedder; None otherwise."""
+        manifest = read_manifest(directory)
+        index_path = directory / "hnsw.bin"
+        if manifest is None or manifest.embedder != embedder or manifest.dim != dim:
+            return None
+        if not index_path.exists() or index_path.stat().st_size != manifest.index_bytes:
+            return None
+        if _hash_file(index_path) != manifest.index_blake2b:
+            return None
+        try:
+            deleted = load_file(str(directory / "deleted.safetensors"))["deleted"]
+        except (OSError, KeyError, ValueError):
+            return None
+        self = cls(dim, config)
+        self._index = hnswlib.Index(space="ip", dim=dim)
+        self._index.load_index(str(index_path))
+        self._deleted = set(int(x) for x in deleted)
+        if self.live_count != manifest.live:
+            return None
+        return self, manifest
+
+
+def read_manifest(directory: Path) -> IndexManifest | None:
+    try:
+        body = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if body.pop("format", None) != FORMAT_VERSION:
+        return None
+    try:
+        return IndexManifest(**body)
+    except TypeError:
+        return None

@@ -1,0 +1,42 @@
+"""The FastAPI application: routers, error mapping, middleware, daemon lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from memos import __version__
+from memos.api import errors
+from memos.api.middleware import Metrics, RequestMiddleware
+from memos.api.routes import cubes, memories, ops, users
+from memos.daemon import Daemon
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        daemon.start()
+        try:
+            yield
+        finally:
+            daemon.stop()
+
+    app = FastAPI(
+        title="memosd",
+        version=__version__,
+        summary="A memory operating system daemon for LLM apps.",
+        lifespan=lifespan,
+    )
+    app.state.daemon = daemon
+    app.state.metrics = Metrics()
+    errors.install(app)
+    for module in (ops, users, cubes, memories):
+        app.include_router(module.router)
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=app.state.metrics,
+        max_body_bytes=daemon.settings.limits.max_body_bytes,
+    )
+    return app

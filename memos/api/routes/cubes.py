@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.schemas import CubeCreate, CubeList, CubeOut, GrantCreate, GrantOut
+
+router = APIRouter(prefix="/v1/cubes", tags=["cubes"])
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+@router.post("", status_code=201, response_model=CubeOut)
+def create_cube(body: CubeCreate, daemon: DaemonDep, principal: PrincipalDep) -> CubeOut:
+    return CubeOut.model_validate(daemon.cubes.create(principal, body.name, body.description))
+
+
+@router.get("", response_model=CubeList)
+def list_cubes(
+    daemon: DaemonDep, principal: PrincipalDep, limit: Limit = 50, cursor: str | None = None
+) -> CubeList:
+    page = daemon.cubes.list(principal, limit, cursor)
+    return CubeList(
+        items=[CubeOut.model_validate(c) for c in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{cube_id}", response_model=CubeOut)
+def get_cube(cube_id: str, daemon: DaemonDep, principal: PrincipalDep) -> CubeOut:
+    return CubeOut.model_validate(daemon.cubes.get(principal, cube_id))
+
+
+@router.delete("/{cube_id}", status_code=204)
+def delete_cube(cube_id: str, daemon: DaemonDep, principal: PrincipalDep) -> Response:
+    daemon.cubes.delete(principal, cube_id)
+    return Response(status_code=204)
+
+
+@router.post("/{cube_id}/grants", status_code=201, response_model=GrantOut)
+def grant(cube_id: str, body: GrantCreate, daemon: DaemonDep, principal: PrincipalDep) -> GrantOut:
+    return GrantOut(**daemon.cubes.grant(principal, cube_id, body.user_id, body.role))

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from memcube.types import SearchFilters
+from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.schemas import (
+    HistoryList,
+    HistoryOut,
+    MemoryBatch,
+    MemoryList,
+    MemoryOut,
+    MemoryPatch,
+    SearchRequest,
+    SearchResponse,
+)
+from memos.db.types import utcnow
+from memos.services.views import NewMemory
+
+router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["memories"])
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+@router.post("/memories", status_code=201, response_model=MemoryList)
+def add_memories(
+    cube_id: str, body: MemoryBatch, daemon: DaemonDep, principal: PrincipalDep
+) -> MemoryList:
+    """Add up to 1000 memories atomically: all are stored, or none (and the error says why)."""
+    now = utcnow()
+    items = [
+        NewMemory(
+            content=item.content,
+            session_id=item.session_id,
+            speaker=item.speaker,
+            timestamp=item.timestamp.astimezone(UTC) if item.timestamp else now,
+            metadata=item.metadata,
+        )
+        for item in body.items
+    ]
+    views = daemon.memories.add(principal, cube_id, items)
+    return MemoryList(items=[MemoryOut.model_validate(v) for v in views])
+
+
+@router.get("/memories", response_model=MemoryList)
+def list_memories(
+    cube_id: str,
+    daemon: DaemonDep,
+    principal: PrincipalDep,
+    session_id: str | None = None,
+    limit: Limit = 50,
+    cursor: str | None = None,
+) -> MemoryList:
+    page = daemon.memories.list(principal, cube_id, session_id, limit, cursor)
+    return MemoryList(
+        items=[MemoryOut.model_validate(v) for v in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/memories/{memory_id}", response_model=MemoryOut)
+def get_memory(cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep) -> MemoryOut:
+    return MemoryOut.model_validate(daemon.memories.get(principal, cube_id, memory_id))
+
+
+@router.patch("/memories/{memory_id}", response_model=MemoryOut)
+def patch_memory(
+    cube_id: str, memory_id: str, body: MemoryPatch, daemon: DaemonDep, principal: PrincipalDep
+) -> MemoryOut:
+    view = daemon.memories.update(principal, cube_id, memory_id, body.content, body.metadata)
+    return MemoryOut.model_validate(view)
+
+
+@router.delete("/memories/{memory_id}", status_code=204)
+def delete_memory(
+    cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep
+) -> Response:
+    daemon.memories.delete(principal, cube_id, memory_id)
+    return Response(status_code=204)
+
+
+@router.get("/memories/{memory_id}/history", response_model=HistoryList)
+def memory_history(
+    cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep
+) -> HistoryList:
+    views = daemon.memories.history(principal, cube_id, memory_id)
+    return HistoryList(items=[HistoryOut.model_validate(v) for v in views])
+
+
+@router.post("/search", response_model=SearchResponse)
+def search(
+    cube_id: str, body: SearchRequest, daemon: DaemonDep, principal: PrincipalDep
+) -> SearchResponse:
+    """Hybrid search: dense + BM25, fused; filters narrow the candidates before ranking."""
+    filters = SearchFilters(
+        session_id=body.filters.session_id,
+        since=body.filters.since,
+        until=body.filters.until,
+        metadata=body.filters.metadata,
+    )
+    result = daemon.search.search(principal, cube_id, body.query, body.top_k, filters)
+    return SearchResponse.model_validate(result, from_attributes=True)

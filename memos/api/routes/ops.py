@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import ipaddress
+
+from fastapi import APIRouter, Request, Response
+
+from memcube.errors import Forbidden
+from memos import __version__
+from memos.api.deps import AdminDep, DaemonDep
+from memos.api.schemas import JobList, JobOut, RunAccepted, RunOut
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz(daemon: DaemonDep) -> dict[str, object]:
+    return {
+        "status": "ok",
+        "version": __version__,
+        "schema": daemon.schema_revision,
+        "database": daemon.db.dialect,
+        "embedder": daemon.embedder.fingerprint,
+        "indexes_loaded": len(daemon.indexes.loaded()),
+        "healing": daemon.healing,
+    }
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "testclient"  # Starlette's in-process test client
+
+
+@router.get("/metrics", include_in_schema=True)
+def metrics(request: Request) -> Response:
+    """Prometheus text format; answered on loopback only."""
+    if not _is_loopback(request.client.host if request.client else None):
+        raise Forbidden("/metrics is served on loopback only")
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/jobs", response_model=JobList)
+def list_jobs(daemon: DaemonDep, _: AdminDep) -> JobList:
+    return JobList(items=[JobOut.model_validate(j) for j in daemon.jobs.list()])
+
+
+@router.post("/v1/jobs/{name}/run", status_code=202, response_model=RunAccepted)
+def run_job(name: str, daemon: DaemonDep, _: AdminDep) -> RunAccepted:
+    return RunAccepted(run_id=daemon.jobs.run_now(name))
+
+
+@router.get("/v1/jobs/runs/{run_id}", response_model=RunOut)
+def get_run(run_id: str, daemon: DaemonDep, _: AdminDep) -> RunOut:
+    return RunOut.model_validate(daemon.jobs.get_run(run_id))

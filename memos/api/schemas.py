@@ -1,0 +1,199 @@
+"""Request and response bodies of the REST contract (`shared/spec/rest-api.md`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
+
+
+class Strict(BaseModel):
+    """Request bodies: unknown fields are refused, so a typo never silently does nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# -- users and cubes ----------------------------------------------------------------------
+
+
+class UserCreate(Strict):
+    name: StrictStr = Field(min_length=1, max_length=200)
+
+
+class UserOut(Out):
+    id: str
+    name: str
+    api_key: str
+
+
+class CubeCreate(Strict):
+    name: StrictStr = Field(min_length=1, max_length=200)
+    description: StrictStr = Field("", max_length=10_000)
+
+
+class CubeStatsOut(Out):
+    memories: int
+    activations: int
+    bytes: int
+
+
+class CubeOut(Out):
+    id: str
+    name: str
+    description: str
+    owner_id: str
+    created_at: datetime
+    role: str
+    stats: CubeStatsOut | None = None
+
+
+class CubeList(BaseModel):
+    items: list[CubeOut]
+    next_cursor: str | None
+
+
+class GrantCreate(Strict):
+    user_id: StrictStr = Field(min_length=1)
+    role: Literal["reader", "writer"]
+
+
+class GrantOut(BaseModel):
+    cube_id: str
+    user_id: str
+    role: str
+
+
+# -- memories -----------------------------------------------------------------------------
+
+
+class MemoryIn(Strict):
+    content: StrictStr
+    session_id: StrictStr | None = Field(None, max_length=200)
+    speaker: StrictStr | None = Field(None, max_length=200)
+    timestamp: AwareDatetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class MemoryBatch(Strict):
+    items: list[MemoryIn]
+
+
+class MemoryPatch(Strict):
+    content: StrictStr | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class LinkOut(Out):
+    id: str
+    kind: str
+    score: float
+
+
+class MemoryOut(Out):
+    id: str
+    cube_id: str
+    content: str
+    session_id: str | None
+    speaker: str | None
+    timestamp: datetime
+    metadata: dict[str, Any]
+    keywords: list[str]
+    tags: list[str]
+    context: str
+    links: list[LinkOut]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class MemoryList(BaseModel):
+    items: list[MemoryOut]
+    next_cursor: str | None = None
+
+
+class HistoryOut(Out):
+    version: int
+    content: str
+    keywords: list[str]
+    tags: list[str]
+    context: str
+    metadata: dict[str, Any]
+    changed_at: datetime
+    reason: str
+
+
+class HistoryList(BaseModel):
+    items: list[HistoryOut]
+
+
+# -- search -------------------------------------------------------------------------------
+
+
+class SearchFiltersIn(Strict):
+    session_id: StrictStr | None = None
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchRequest(Strict):
+    query: StrictStr = Field(min_length=1, max_length=10_000)
+    top_k: int = Field(10, ge=1)
+    filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
+
+
+class HitOut(Out):
+    memory: MemoryOut
+    score: float
+    signals: dict[str, float] = Field(
+        default_factory=dict, description="raw score of each retriever that found the hit"
+    )
+
+
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+    took_ms: float
+
+
+# -- operations ---------------------------------------------------------------------------
+
+
+class JobOut(Out):
+    name: str
+    description: str
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_status: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+
+
+class RunAccepted(BaseModel):
+    run_id: str
+
+
+class RunOut(Out):
+    run_id: str
+    name: str
+    trigger: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    result: dict[str, Any]
+    error: str | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

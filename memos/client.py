@@ -1,0 +1,695 @@
+"""Python SDK for the memosd REST API (`shared/spec/rest-api.md`), sync and async.
+
+Each route is written once, in `_Routes`, as a function that returns a transport-free `_Call`
+(method, path, query, body, and a parser for the reply). `_Api` exposes every route through an
+`_Endpoint` descriptor that hands the `_Call` to the client's `_send`: `MemosClient._send` returns
+the parsed value, `AsyncMemosClient._send` a coroutine of it. So both clients have the same
+methods with the same (type-checked) signatures, and only the transport differs.
+
+Return values are pydantic models that accept unknown fields (`extra="allow"`), so a newer server
+that adds fields does not break an older client. Every non-2xx reply raises a `MemosError`
+subclass carrying the server's `status`, `code` and `message`; a server that cannot be reached
+raises `MemosConnectionError` naming the URL.
+
+Datetimes are sent as ISO 8601 with a time zone. A naive datetime is taken to be UTC.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from memos import __version__
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+MAX_PAGE_SIZE = 500  # the server's cap on `?limit=`; used when the SDK walks all pages itself
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Health(_Model):
+    status: str
+
+
+class User(_Model):
+    id: str
+    name: str
+    api_key: str | None = None  # shown only in the reply to `create_user`
+
+
+class CubeStats(_Model):
+    memories: int
+    activations: int
+    bytes: int
+
+
+class Cube(_Model):
+    id: str
+    name: str
+    description: str | None = None
+    owner_id: str
+    created_at: datetime
+    stats: CubeStats | None = None  # only `get_cube` fills it
+
+
+class Grant(_Model):
+    cube_id: str
+    user_id: str
+    role: str
+
+
+class Link(_Model):
+    id: str
+    kind: str
+    score: float
+
+
+class Memory(_Model):
+    id: str
+    cube_id: str
+    content: str
+    session_id: str | None = None
+    speaker: str | None = None
+    timestamp: datetime  # when the remembered thing was said or happened
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    keywords: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    context: str = ""
+    links: list[Link] = Field(default_factory=list)
+    version: int
+    created_at: datetime  # when the daemon stored it
+    updated_at: datetime
+
+
+class MemoryInput(_Model):
+    """One item of `add_memories`. `timestamp` defaults to now on the server; naive means UTC."""
+
+    content: str
+    session_id: str | None = None
+    speaker: str | None = None
+    timestamp: datetime | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return _as_utc(value) if value is not None else None
+
+
+class HistoryEntry(_Model):
+    version: int
+    content: str
+    keywords: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    context: str = ""
+    changed_at: datetime
+    reason: str | None = None
+
+
+class Hit(_Model):
+    memory: Memory
+    score: float
+
+
+class SearchResult(_Model):
+    hits: list[Hit]
+    took_ms: float
+
+
+class Page(_Model, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None  # None on the last page
+
+
+class Activation(_Model):
+    id: str
+    cube_id: str
+    model: str
+    tokens: int
+    kept_tokens: int
+    bits: int
+    bytes: int
+    state: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+
+class Generation(_Model):
+    text: str
+    ttft_ms: float
+    prompt_tokens: int
+    reused_tokens: int
+    activation_id: str | None = None
+
+
+class Job(_Model):
+    name: str
+    next_run_at: datetime | None = None
+    last_run_at: datetime | None = None
+    last_status: str | None = None
+
+
+class JobRun(_Model):
+    run_id: str
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class MemosError(Exception):
+    """Any failure the SDK reports. `status` is the HTTP status, None when there was no reply."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str = "error") -> None:
+        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class MemosConnectionError(MemosError):
+    """The daemon could not be reached (refused, DNS, timeout...)."""
+
+
+class BadRequest(MemosError):
+    """400"""
+
+
+class Unauthorized(MemosError):
+    """401: missing or unknown API key."""
+
+
+class Forbidden(MemosError):
+    """403: the key may read the cube but not write to it (or is not admin)."""
+
+
+class NotFound(MemosError):
+    """404: absent, or not visible to this key (the server does not tell which)."""
+
+
+class Conflict(MemosError):
+    """409"""
+
+
+class ActivationMismatch(Conflict):
+    """409 `activation_mismatch`: the activation was built by another model, tokenizer or dtype."""
+
+
+class PayloadTooLarge(MemosError):
+    """413: e.g. more than 1000 items in one batch."""
+
+
+class ValidationFailed(MemosError):
+    """422: the body or query did not validate."""
+
+
+class ServerError(MemosError):
+    """5xx"""
+
+
+_ERRORS: dict[int, tuple[type[MemosError], str]] = {
+    400: (BadRequest, "bad_request"),
+    401: (Unauthorized, "unauthorized"),
+    403: (Forbidden, "forbidden"),
+    404: (NotFound, "not_found"),
+    409: (Conflict, "conflict"),
+    413: (PayloadTooLarge, "payload_too_large"),
+    422: (ValidationFailed, "validation_failed"),
+}
+
+
+def error_from_response(response: httpx.Response) -> MemosError:
+    """The typed exception for a non-2xx reply, from `{"error": {"code", "message"}}` if present.
+
+    Other shapes (FastAPI's `{"detail": ...}`, plain text from a proxy) still give a sensible
+    code (from the status) and message (from the body or the reason phrase).
+    """
+    status = response.status_code
+    cls, code = _ERRORS.get(status, (ServerError if status >= 500 else MemosError, ""))
+    code = code or ("server_error" if status >= 500 else f"http_{status}")
+    message = response.reason_phrase or f"HTTP {status}"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+        if response.text.strip():
+            message = response.text.strip()[:500]
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            code = str(err.get("code") or code)
+            message = str(err.get("message") or message)
+        elif isinstance(err, str):
+            message = err
+        elif "detail" in body:
+            detail = body["detail"]
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+    if status == 409 and code == "activation_mismatch":
+        cls = ActivationMismatch
+    return cls(message, status=status, code=code)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One HTTP exchange, transport-free: what to send and how to read a 2xx reply's JSON body."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    params: dict[str, Any] | None = None
+    body: Any = None
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _iso(value: datetime | str | None) -> str | None:
+    """ISO 8601 with zone; strings are parsed so a naive one gets UTC too, else sent unchanged."""
+    if value is None or isinstance(value, datetime):
+        return None if value is None else _as_utc(value).isoformat()
+    try:
+        return _as_utc(datetime.fromisoformat(value)).isoformat()
+    except ValueError:
+        return value  # not ISO 8601: let the server say what is wrong with it
+
+
+def _path(*segments: str) -> str:
+    return "/v1/" + "/".join(quote(s, safe="") for s in segments)
+
+
+def _drop_none(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _one(cls: type[M]) -> Callable[[Any], M]:
+    return cls.model_validate
+
+
+def _items(cls: type[M]) -> Callable[[Any], list[M]]:
+    return lambda body: [cls.model_validate(item) for item in body["items"]]
+
+
+def _page(cls: type[M]) -> Callable[[Any], Page[M]]:
+    return lambda body: Page(items=_items(cls)(body), next_cursor=body.get("next_cursor"))
+
+
+def _nothing(body: Any) -> None:
+    return None
+
+
+def _memory_input(item: MemoryInput | Mapping[str, Any]) -> dict[str, Any]:
+    model = item if isinstance(item, MemoryInput) else MemoryInput.model_validate(item)
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+class _Routes:
+    """One builder per route of the spec; their signatures and docstrings are the clients'."""
+
+    @staticmethod
+    def health() -> _Call[Health]:
+        """`GET /healthz`; needs no key."""
+        return _Call("GET", "/healthz", _one(Health))
+
+    @staticmethod
+    def create_user(name: str) -> _Call[User]:
+        """Admin only. The returned `api_key` is shown by the server this once."""
+        return _Call("POST", _path("users"), _one(User), body={"name": name})
+
+    @staticmethod
+    def create_cube(name: str, description: str | None = None) -> _Call[Cube]:
+        body = _drop_none(name=name, description=description)
+        return _Call("POST", _path("cubes"), _one(Cube), body=body)
+
+    @staticmethod
+    def get_cube(cube_id: str) -> _Call[Cube]:
+        """The cube with `stats` filled in. `NotFound` also when this key may not see it."""
+        return _Call("GET", _path("cubes", cube_id), _one(Cube))
+
+    @staticmethod
+    def delete_cube(cube_id: str) -> _Call[None]:
+        """Owner only."""
+        return _Call("DELETE", _path("cubes", cube_id), _nothing)
+
+    @staticmethod
+    def grant(cube_id: str, user_id: str, role: str) -> _Call[Grant]:
+        """Owner only. `role` is "reader" or "writer"."""
+        sent = {"user_id": user_id, "role": role}
+
+        def parse(body: Any) -> Grant:  # the spec gives the reply no body: merge it over ours
+            return Grant.model_validate({"cube_id": cube_id, **sent, **(body or {})})
+
+        return _Call("POST", _path("cubes", cube_id, "grants"), parse, body=sent)
+
+    @staticmethod
+    def add_memories(
+        cube_id: str, items: Sequence[MemoryInput | Mapping[str, Any]]
+    ) -> _Call[list[Memory]]:
+        """Store a batch (at most 1000: `PayloadTooLarge` beyond), all or nothing, in order.
+
+        Dict items are validated locally as `MemoryInput` (pydantic `ValidationError` if bad).
+        """
+        body = {"items": [_memory_input(item) for item in items]}
+        return _Call("POST", _path("cubes", cube_id, "memories"), _items(Memory), body=body)
+
+    @staticmethod
+    def add_memory(cube_id: str, content: str, **fields: Any) -> _Call[Memory]:
+        """One memory; `fields` are those of `MemoryInput` (session_id, speaker, timestamp...)."""
+        call = _Routes.add_memories(cube_id, [MemoryInput(content=content, **fields)])
+        return _Call(call.method, call.path, lambda body: _items(Memory)(body)[0], body=call.body)
+
+    @staticmethod
+    def list_memories(
+        cube_id: str,
+        session_id: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> _Call[Page[Memory]]:
+        """One page; pass its `next_cursor` back for the next. `iter_memories` walks them all."""
+        params = _drop_none(session_id=session_id, limit=limit, cursor=cursor)
+        return _Call("GET", _path("cubes", cube_id, "memories"), _page(Memory), params=params)
+
+    @staticmethod
+    def get_memory(cube_id: str, memory_id: str) -> _Call[Memory]:
+        return _Call("GET", _path("cubes", cube_id, "memories", memory_id), _one(Memory))
+
+    @staticmethod
+    def update_memory(
+        cube_id: str,
+        memory_id: str,
+        content: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> _Call[Memory]:
+        """Change content and/or metadata; the returned memory has `version` + 1."""
+        body = _drop_none(content=content, metadata=metadata)
+        path = _path("cubes", cube_id, "memories", memory_id)
+        return _Call("PATCH", path, _one(Memory), body=body)
+
+    @staticmethod
+    def delete_memory(cube_id: str, memory_id: str) -> _Call[None]:
+        """Soft delete: gone from reads and search, kept in history."""
+        return _Call("DELETE", _path("cubes", cube_id, "memories", memory_id), _nothing)
+
+    @staticmethod
+    def memory_history(cube_id: str, memory_id: str) -> _Call[list[HistoryEntry]]:
+        path = _path("cubes", cube_id, "memories", memory_id, "history")
+        return _Call("GET", path, _items(HistoryEntry))
+
+    @staticmethod
+    def search(
+        cube_id: str,
+        query: str,
+        top_k: int = 10,
+        session_id: str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> _Call[SearchResult]:
+        """Best `top_k` memories for `query`; `since`/`until` bound `timestamp` (naive = UTC)."""
+        filters = _drop_none(
+            session_id=session_id, since=_iso(since), until=_iso(until), metadata=metadata
+        )
+        body: dict[str, Any] = {"query": query, "top_k": top_k}
+        if filters:
+            body["filters"] = filters
+        return _Call("POST", _path("cubes", cube_id, "search"), _one(SearchResult), body=body)
+
+    @staticmethod
+    def create_activation(
+        cube_id: str,
+        text: str | None = None,
+        memory_ids: Sequence[str] | None = None,
+        session_id: str | None = None,
+        bits: int | None = None,
+        budget_tokens: int | None = None,
+    ) -> _Call[Activation]:
+        """Build a KV cache from one source (`text`, `memory_ids` or `session_id`)."""
+        ids = list(memory_ids) if memory_ids is not None else None
+        body = _drop_none(text=text, memory_ids=ids, session_id=session_id)
+        if compression := _drop_none(bits=bits, budget_tokens=budget_tokens):
+            body["compression"] = compression
+        path = _path("cubes", cube_id, "activations")
+        return _Call("POST", path, _one(Activation), body=body)
+
+    @staticmethod
+    def get_activation(cube_id: str, activation_id: str) -> _Call[Activation]:
+        return _Call("GET", _path("cubes", cube_id, "activations", activation_id), _one(Activation))
+
+    @staticmethod
+    def delete_activation(cube_id: str, activation_id: str) -> _Call[None]:
+        return _Call("DELETE", _path("cubes", cube_id, "activations", activation_id), _nothing)
+
+    @staticmethod
+    def generate(
+        cube_id: str, prompt: str, activation_id: str | None = None, max_tokens: int | None = None
+    ) -> _Call[Generation]:
+        """Generate with the daemon's model, reusing the activation's KV cache when given.
+
+        `ActivationMismatch` when the activation was built by another model, tokenizer or dtype.
+        """
+        body = _drop_none(prompt=prompt, activation_id=activation_id, max_tokens=max_tokens)
+        return _Call("POST", _path("cubes", cube_id, "generate"), _one(Generation), body=body)
+
+    @staticmethod
+    def run_job(name: str) -> _Call[JobRun]:
+        """Admin only. Starts the job now; the reply (202) carries its `run_id`."""
+        return _Call("POST", _path("jobs", name, "run"), _one(JobRun))
+
+    # Lists that the clients walk to the end themselves (see `_walk`).
+
+    @staticmethod
+    def list_cubes(cursor: str | None) -> _Call[Page[Cube]]:
+        return _Call("GET", _path("cubes"), _page(Cube), params=_drop_none(cursor=cursor))
+
+    @staticmethod
+    def list_activations(cube_id: str, cursor: str | None) -> _Call[Page[Activation]]:
+        path = _path("cubes", cube_id, "activations")
+        return _Call("GET", path, _page(Activation), params=_drop_none(cursor=cursor))
+
+    @staticmethod
+    def list_jobs(cursor: str | None) -> _Call[Page[Job]]:
+        return _Call("GET", _path("jobs"), _page(Job), params=_drop_none(cursor=cursor))
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class _Endpoint(Generic[P, T]):
+    """A `_Routes` builder as a client method: `client.x(...)` is `client._send(build(...))`.
+
+    The overloads give the method the builder's parameters and, per client, the right result:
+    `T` from `MemosClient`, an awaitable `T` from `AsyncMemosClient`.
+    """
+
+    def __init__(self, build: Callable[P, _Call[T]]) -> None:
+        self.build = build
+        # help(client.x) should show what the method returns (`Cube`), not `_Call[Cube]`.
+        signature = inspect.signature(build)
+        returns = str(signature.return_annotation).removeprefix("_Call[").removesuffix("]")
+        self.signature = signature.replace(return_annotation=returns)
+
+    @overload
+    def __get__(self, client: None, owner: type | None = None) -> Self: ...
+    @overload
+    def __get__(self, client: MemosClient, owner: type | None = None) -> Callable[P, T]: ...
+    @overload
+    def __get__(
+        self, client: AsyncMemosClient, owner: type | None = None
+    ) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, client: Any, owner: type | None = None) -> Any:
+        if client is None:
+            return self
+        build = self.build
+
+        @functools.wraps(build)
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return client._send(build(*args, **kwargs))
+
+        method.__signature__ = self.signature  # type: ignore[attr-defined]
+        return method
+
+
+class _Api:
+    """The routes both clients share, plus what the two have in common: URL, headers, parsing."""
+
+    health = _Endpoint(_Routes.health)
+    create_user = _Endpoint(_Routes.create_user)
+    create_cube = _Endpoint(_Routes.create_cube)
+    get_cube = _Endpoint(_Routes.get_cube)
+    delete_cube = _Endpoint(_Routes.delete_cube)
+    grant = _Endpoint(_Routes.grant)
+    add_memories = _Endpoint(_Routes.add_memories)
+    add_memory = _Endpoint(_Routes.add_memory)
+    list_memories = _Endpoint(_Routes.list_memories)
+    get_memory = _Endpoint(_Routes.get_memory)
+    update_memory = _Endpoint(_Routes.update_memory)
+    delete_memory = _Endpoint(_Routes.delete_memory)
+    memory_history = _Endpoint(_Routes.memory_history)
+    search = _Endpoint(_Routes.search)
+    create_activation = _Endpoint(_Routes.create_activation)
+    get_activation = _Endpoint(_Routes.get_activation)
+    delete_activation = _Endpoint(_Routes.delete_activation)
+    generate = _Endpoint(_Routes.generate)
+    run_job = _Endpoint(_Routes.run_job)
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"User-Agent": f"memosd-python/{__version__}"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"  # never the key
+
+    def _unreachable(self, call: _Call[Any], exc: httpx.TransportError) -> MemosConnectionError:
+        reason = str(exc) or type(exc).__name__
+        message = f"cannot reach {self.base_url}{call.path}: {reason}"
+        return MemosConnectionError(message, code="connection_error")
+
+    @staticmethod
+    def _finish(call: _Call[T], response: httpx.Response) -> T:
+        if not response.is_success:
+            raise error_from_response(response)
+        try:
+            return call.parse(response.json() if response.content else None)
+        except (ValueError, LookupError, TypeError, ValidationError) as exc:
+            raise MemosError(
+                f"unexpected reply to {call.method} {call.path}: {exc}",
+                status=response.status_code,
+                code="invalid_response",
+            ) from exc
+
+    @staticmethod
+    def _next_cursor(page: Page[Any], cursor: str | None) -> str | None:
+        if page.next_cursor is not None and page.next_cursor == cursor:
+            raise MemosError(f"server repeated cursor {cursor!r}", code="invalid_response")
+        return page.next_cursor
+
+
+class MemosClient(_Api):
+    """Blocking client; a context manager (or call `close()`).
+
+    `timeout` is in seconds per request. The key goes out as `Authorization: Bearer <key>`.
+    """
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float | None = 30.0
+    ) -> None:
+        super().__init__(base_url, api_key)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call[T]) -> T:
+        try:
+            response = self._http.request(
+                call.method, call.path, params=call.params, json=call.body
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(call, exc) from exc
+        return self._finish(call, response)
+
+    def _walk(self, make: Callable[[str | None], _Call[Page[T]]]) -> Iterator[T]:
+        cursor: str | None = None
+        while True:
+            page = self._send(make(cursor))
+            yield from page.items
+            if (cursor := self._next_cursor(page, cursor)) is None:
+                return
+
+    def iter_memories(self, cube_id: str, session_id: str | None = None) -> Iterator[Memory]:
+        """Every memory of the cube (or of one session), following `next_cursor`."""
+        return self._walk(lambda c: _Routes.list_memories(cube_id, session_id, MAX_PAGE_SIZE, c))
+
+    def list_cubes(self) -> list[Cube]:
+        """Cubes this key owns or was granted."""
+        return list(self._walk(_Routes.list_cubes))
+
+    def list_activations(self, cube_id: str) -> list[Activation]:
+        return list(self._walk(lambda c: _Routes.list_activations(cube_id, c)))
+
+    def list_jobs(self) -> list[Job]:
+        """Admin only."""
+        return list(self._walk(_Routes.list_jobs))
+
+
+class AsyncMemosClient(_Api):
+    """`MemosClient` with awaitable methods; `iter_memories` is an async generator.
+
+    An async context manager (or call `aclose()`).
+    """
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float | None = 30.0
+    ) -> None:
+        super().__init__(base_url, api_key)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=timeout
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call[T]) -> T:
+        try:
+            response = await self._http.request(
+                call.method, call.path, params=call.params, json=call.body
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(call, exc) from exc
+        return self._finish(call, response)
+
+    async def _walk(self, make: Callable[[str | None], _Call[Page[T]]]) -> AsyncIterator[T]:
+        cursor: str | None = None
+        while True:
+            page = await self._send(make(cursor))
+            for item in page.items:
+                yield item
+            if (cursor := self._next_cursor(page, cursor)) is None:
+                return
+
+    def iter_memories(self, cube_id: str, session_id: str | None = None) -> AsyncIterator[Memory]:
+        """Every memory of the cube (or of one session), following `next_cursor`."""
+        return self._walk(lambda c: _Routes.list_memories(cube_id, session_id, MAX_PAGE_SIZE, c))
+
+    async def list_cubes(self) -> list[Cube]:
+        return [cube async for cube in self._walk(_Routes.list_cubes)]
+
+    async def list_activations(self, cube_id: str) -> list[Activation]:
+        return [a async for a in self._walk(lambda c: _Routes.list_activations(cube_id, c))]
+
+    async def list_jobs(self) -> list[Job]:
+        return [job async for job in self._walk(_Routes.list_jobs)]

@@ -1,0 +1,120 @@
+"""The daemon: builds every subsystem from `Settings`, starts and stops them in order."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from memcube.embedder import Embedder
+from memos.db.engine import Database
+from memos.db.migrate import upgrade
+from memos.scheduler import jobs
+from memos.scheduler.runner import JobRunner, JobSpec
+from memos.services.auth import AuthService
+from memos.services.cubes import CubeService
+from memos.services.indexes import IndexRegistry
+from memos.services.memories import MemoryService
+from memos.services.search import SearchService
+from memos.settings import Settings
+
+log = logging.getLogger("memos.daemon")
+
+
+class Daemon:
+    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.resolved_database_url)
+        self.schema_revision = upgrade(self.db)
+        self.embedder = embedder or Embedder(settings.embedder)
+        self.indexes = IndexRegistry(
+            self.db,
+            settings.index_dir,
+            self.embedder.dim,
+            self.embedder.fingerprint,
+            settings.hnsw,
+            settings.retrieval,
+        )
+        self.auth = AuthService(self.db)
+        self.cubes = CubeService(self.db, self.indexes.drop, self.indexes.disk_bytes)
+        self.memories = MemoryService(
+            self.db, self.cubes, self.indexes, self.embedder, settings.limits
+        )
+        self.search = SearchService(
+            self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
+        )
+        self.jobs = JobRunner(
+            self.db,
+            [
+                JobSpec(
+                    name="index_maintenance",
+                    description="verify each cube's vector index against the database; "
+                    "replay, rebuild and save what drifted",
+                    interval_s=settings.scheduler.index_maintenance_interval_s,
+                    run=lambda: jobs.index_maintenance(self.db, self.indexes),
+                )
+            ],
+            enabled=settings.scheduler.enabled,
+        )
+        self.healing = False
+        self._heal_thread: threading.Thread | None = None
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.settings.data_dir / "admin.key"
+
+    def start(self) -> None:
+        admin_key = self.settings.admin_key.get_secret_value() if self.settings.admin_key else None
+        written = self.auth.ensure_admin(admin_key, self.admin_key_file)
+        if written:
+            log.warning(
+                "generated an admin API key", extra={"fields": {"admin_key_file": written}}
+            )
+            print(f"memosd: admin API key written to {written}", flush=True)
+        self.jobs.start()
+        # Heal indexes a crash left behind, without holding up the first requests.
+        self.healing = True
+        self._heal_thread = threading.Thread(target=self._heal, name="memos-heal", daemon=True)
+        self._heal_thread.start()
+
+    def _heal(self) -> None:
+        try:
+            reports = self.indexes.heal_all()
+            if reports:
+                log.info("indexes healed", extra={"fields": {"cubes": len(reports)}})
+        except Exception:
+            log.exception("index heal at start failed")
+        finally:
+            self.healing = False
+
+    def stop(self) -> None:
+        self.jobs.stop()
+        if self._heal_thread is not None:
+            self._heal_thread.join(timeout=60)
+        self.indexes.save_all()
+        self.db.dispose()
+
+
+def serve(settings: Settings) -> None:
+    """Run the daemon in the foreground until interrupted."""
+    import uvicorn
+
+    from memos import logs
+    from memos.api.app import create_app
+
+    logs.configure(settings.log_level)
+    daemon = Daemon(settings)
+    app = create_app(daemon)
+    log.info(
+        "memosd starting",
+        extra={"fields": {"host": settings.host, "port": settings.port, **settings.public_summary()}},
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,160 @@
+"""ORM models. Changing one means adding an Alembic migration in `migrations/versions/`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from memos.db.types import BigIntKey, JsonValue, UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """API keys are stored as SHA-256 digests: keys are 256-bit random, so no salt is needed."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Cube(Base):
+    __tablename__ = "cubes"
+    __table_args__ = (UniqueConstraint("owner_id", "name", name="uq_cube_owner_name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Bumped by every change to the cube's memories; memory rows record the value of their
+    # last change, which is how an index knows exactly what it has not seen yet.
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Grant(Base):
+    __tablename__ = "grants"
+
+    cube_id: Mapped[str] = mapped_column(
+        ForeignKey("cubes.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Memory(Base):
+    __tablename__ = "memories"
+    __table_args__ = (
+        Index("ix_memories_cube_seq", "cube_id", "seq"),
+        Index("ix_memories_cube_change", "cube_id", "change_seq"),
+        Index("ix_memories_cube_session", "cube_id", "session_id", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    cube_id: Mapped[str] = mapped_column(ForeignKey("cubes.id", ondelete="CASCADE"))
+    content: Mapped[str] = mapped_column(Text)
+    session_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    speaker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonValue, default=dict)
+    keywords: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    tags: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    context: Mapped[str] = mapped_column(Text, default="")
+    # float32 little-endian unit vector; the ANN index is rebuilt from these.
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    change_seq: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class MemoryHistory(Base):
+    """One row per version of a memory, including its creation and its deletion."""
+
+    __tablename__ = "memory_history"
+    __table_args__ = (UniqueConstraint("memory_seq", "version", name="uq_history_version"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    memory_seq: Mapped[int] = mapped_column(
+        ForeignKey("memories.seq", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    content: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonValue, default=dict)
+    keywords: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    tags: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    context: Mapped[str] = mapped_column(Text, default="")
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reason: Mapped[str] = mapped_column(String(200))
+
+
+class Link(Base):
+    __tablename__ = "links"
+    __table_args__ = (UniqueConstraint("src_seq", "dst_seq", "kind", name="uq_link"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    cube_id: Mapped[str] = mapped_column(ForeignKey("cubes.id", ondelete="CASCADE"), index=True)
+    src_seq: Mapped[int] = mapped_column(ForeignKey("memories.seq", ondelete="CASCADE"), index=True)
+    dst_seq: Mapped[int] = mapped_column(ForeignKey("memories.seq", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    score: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobRun(Base):
+    __tablename__ = "job_runs"
+    __table_args__ = (Index("ix_job_runs_name_started", "job_name", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_name: Mapped[str] = mapped_column(String(100))
+    trigger: Mapped[str] = mapped_column(String(16))  # "schedule" or "manual"
+    status: Mapped[str] = mapped_column(String(16))  # "running", "ok", "error"
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SchedulerJob(Base):
+    """APScheduler's job store, as JSON (see `memos/scheduler/jobstore.py`): no pickle."""
+
+    __tablename__ = "scheduler_jobs"
+
+    id: Mapped[str] = mapped_column(String(191), primary_key=True)
+    next_run_time: Mapped[float | None] = mapped_column(Float, index=True, nullable=True)
+    job_state: Mapped[str] = mapped_column(Text)

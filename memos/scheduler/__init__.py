@@ -1,0 +1,1 @@
+"""Background jobs: APScheduler with its job store in the daemon's database."""

@@ -1,0 +1,30 @@
+"""The jobs memosd runs. Each is a plain function over services; the runner schedules them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import select
+
+from memos.db.engine import Database
+from memos.db.models import Cube
+from memos.services.indexes import IndexRegistry
+
+
+def index_maintenance(db: Database, indexes: IndexRegistry) -> dict[str, Any]:
+    """Verify every cube's ANN index against the database; replay, rebuild and save what drifted.
+
+    Loaded cubes are checked in memory (ids, a sample of vectors, generation); cubes not
+    loaded are healed if their saved index lags the database.
+    """
+    with db.read() as s:
+        cube_ids = list(s.scalars(select(Cube.id)))
+    actions: Counter[str] = Counter()
+    loaded = set(indexes.loaded())
+    for cube_id in cube_ids:
+        if cube_id in loaded:
+            actions[indexes.maintain(cube_id).action] += 1
+    for report in indexes.heal_all():
+        actions[report.action] += 1
+    return {"cubes": len(cube_ids), "actions": dict(actions)}

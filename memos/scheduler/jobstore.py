@@ -1,0 +1,154 @@
+"""An APScheduler 3 job store that keeps jobs as JSON rows in the daemon's database.
+
+APScheduler's own SQLAlchemy store pickles job state; nothing we store is pickled, so this
+store writes the state as JSON instead. It supports what memosd schedules: jobs given by a
+textual function reference, JSON-serialisable arguments and interval triggers. Anything else
+is a programming error and fails loudly when the job is added.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.job import Job
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from memos.db.engine import Database
+from memos.db.models import SchedulerJob
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _parse(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _zone(name: str) -> Any:
+    return UTC if name in ("UTC", "utc") else ZoneInfo(name)
+
+
+def encode_job(job: Job) -> str:
+    state = job.__getstate__()
+    trigger = state["trigger"]
+    assert isinstance(trigger, IntervalTrigger), f"unsupported trigger {trigger!r}"
+    body = {
+        **{k: v for k, v in state.items() if k not in ("trigger", "next_run_time", "args")},
+        "args": list(state["args"]),
+        "next_run_time": _iso(state["next_run_time"]),
+        "trigger": {
+            "type": "interval",
+            "seconds": trigger.interval.total_seconds(),
+            "start_date": _iso(trigger.start_date),
+            "end_date": _iso(trigger.end_date),
+            "timezone": str(trigger.timezone),
+            "jitter": trigger.jitter,
+        },
+    }
+    return json.dumps(body)  # raises TypeError for arguments JSON cannot hold
+
+
+def decode_job(text: str, scheduler: Any, alias: str) -> Job:
+    body = json.loads(text)
+    spec = body.pop("trigger")
+    assert spec["type"] == "interval", f"unsupported trigger {spec!r}"
+    trigger = IntervalTrigger(
+        seconds=spec["seconds"],
+        start_date=_parse(spec["start_date"]),
+        end_date=_parse(spec["end_date"]),
+        timezone=_zone(spec["timezone"]),
+        jitter=spec["jitter"],
+    )
+    state = {
+        **body,
+        "trigger": trigger,
+        "args": tuple(body["args"]),
+        "next_run_time": _parse(body["next_run_time"]),
+    }
+    job = Job.__new__(Job)
+    job.__setstate__(state)
+    job._scheduler = scheduler
+    job._jobstore_alias = alias
+    return job
+
+
+class JsonJobStore(BaseJobStore):  # type: ignore[misc]
+    def __init__(self, db: Database) -> None:
+        super().__init__()
+        self.db = db
+
+    def _jobs(self, *conditions: Any) -> list[Job]:
+        with self.db.read() as s:
+            rows = s.execute(
+                select(SchedulerJob.id, SchedulerJob.job_state)
+                .where(*conditions)
+                .order_by(SchedulerJob.next_run_time)
+            ).all()
+        jobs = []
+        for job_id, state in rows:
+            try:
+                jobs.append(decode_job(state, self._scheduler, self._alias))
+            except Exception:
+                self._logger.exception("cannot restore job %r; removing it", job_id)
+                self.remove_job(job_id)
+        return jobs
+
+    def lookup_job(self, job_id: str) -> Job | None:
+        jobs = self._jobs(SchedulerJob.id == job_id)
+        return jobs[0] if jobs else None
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        return self._jobs(SchedulerJob.next_run_time <= now.timestamp())
+
+    def get_next_run_time(self) -> datetime | None:
+        with self.db.read() as s:
+            value = s.scalar(
+                select(SchedulerJob.next_run_time)
+                .where(SchedulerJob.next_run_time.is_not(None))
+                .order_by(SchedulerJob.next_run_time)
+                .limit(1)
+            )
+        return None if value is None else datetime.fromtimestamp(value, UTC)
+
+    def get_all_jobs(self) -> list[Job]:
+        jobs = self._jobs()
+        self._fix_paused_jobs_sorting(jobs)
+        return jobs
+
+    def add_job(self, job: Job) -> None:
+        try:
+            with self.db.write() as s:
+                s.add(SchedulerJob(id=job.id, next_run_time=_stamp(job), job_state=encode_job(job)))
+        except IntegrityError:
+            raise ConflictingIdError(job.id) from None
+
+    def update_job(self, job: Job) -> None:
+        with self.db.write() as s:
+            row = s.get(SchedulerJob, job.id)
+            if row is None:
+                raise JobLookupError(job.id)
+            row.next_run_time = _stamp(job)
+            row.job_state = encode_job(job)
+
+    def remove_job(self, job_id: str) -> None:
+        with self.db.write() as s:
+            if s.execute(delete(SchedulerJob).where(SchedulerJob.id == job_id)).rowcount == 0:
+                raise JobLookupError(job_id)
+
+    def remove_all_jobs(self) -> None:
+        with self.db.write() as s:
+            s.execute(delete(SchedulerJob))
+
+
+def _stamp(job: Job) -> float | None:
+    return None if job.next_run_time is None else job.next_run_time.timestamp()
+
+
+

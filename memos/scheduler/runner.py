@@ -1,0 +1,196 @@
+"""Runs named jobs on a schedule or on demand, and records every run in `job_runs`.
+
+Jobs are plain callables returning a JSON-able dict, registered by name with an interval.
+Their schedules live in the database (`JsonJobStore`), so a daily job does not restart its
+clock on every daemon restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import select, update
+
+from memcube.errors import NotFound
+from memos.db.engine import Database
+from memos.db.models import JobRun
+from memos.db.types import utcnow
+from memos.scheduler.jobstore import JsonJobStore
+from memos.services.ids import new_id
+
+log = logging.getLogger("memos.jobs")
+
+JobFn = Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    description: str
+    interval_s: int
+    run: JobFn
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    description: str
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_status: str | None
+
+
+@dataclass(frozen=True)
+class RunView:
+    run_id: str
+    name: str
+    trigger: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    result: dict[str, Any]
+    error: str | None
+
+
+# APScheduler stores a textual reference to the function it calls, so scheduled runs enter
+# through this module-level function and find the daemon's runner here.
+_active: JobRunner | None = None
+
+
+def scheduled_entry(name: str) -> None:
+    if _active is not None:
+        _active.run_now(name, trigger="schedule", wait=True)
+
+
+class JobRunner:
+    def __init__(self, db: Database, jobs: list[JobSpec], enabled: bool = True) -> None:
+        self.db = db
+        self.jobs = {job.name: job for job in jobs}
+        self.enabled = enabled
+        self._locks = {name: threading.Lock() for name in self.jobs}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memos-job")
+        self._scheduler = BackgroundScheduler(
+            jobstores={"default": JsonJobStore(db)},
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        )
+
+    def start(self) -> None:
+        global _active
+        _active = self
+        with self.db.write() as s:  # runs cut short by a crash or a stop
+            s.execute(
+                update(JobRun)
+                .where(JobRun.status == "running")
+                .values(status="interrupted", finished_at=utcnow())
+            )
+        if not self.enabled:
+            return
+        self._scheduler.start(paused=True)
+        for job in self.jobs.values():
+            existing = self._scheduler.get_job(job.name)
+            interval = float(job.interval_s)
+            if existing is None:
+                self._scheduler.add_job(
+                    "memos.scheduler.runner:scheduled_entry",
+                    trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC),
+                    args=[job.name],
+                    id=job.name,
+                    name=job.name,
+                )
+            elif existing.trigger.interval.total_seconds() != interval:
+                self._scheduler.reschedule_job(
+                    job.name, trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC)
+                )
+        self._scheduler.resume()
+
+    def stop(self) -> None:
+        global _active
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        if _active is self:
+            _active = None
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def _spec(self, name: str) -> JobSpec:
+        job = self.jobs.get(name)
+        if job is None:
+            raise NotFound(f"job {name!r} not found; jobs: {sorted(self.jobs)}", code="job_not_found")
+        return job
+
+    def run_now(self, name: str, trigger: str = "manual", wait: bool = False) -> str:
+        """Record a run and execute it (in the background unless `wait`). Returns the run id."""
+        job = self._spec(name)
+        run_id = new_id("run")
+        with self.db.write() as s:
+            s.add(JobRun(id=run_id, job_name=name, trigger=trigger, status="running"))
+        if wait:
+            self._execute(job, run_id)
+        else:
+            self._pool.submit(self._execute, job, run_id)
+        return run_id
+
+    def _execute(self, job: JobSpec, run_id: str) -> None:
+        with self._locks[job.name]:  # one run of a job at a time
+            status, result, error = "ok", {}, None
+            try:
+                result = job.run()
+            except Exception as exc:
+                log.exception("job failed", extra={"fields": {"job": job.name, "run_id": run_id}})
+                status, error = "error", f"{type(exc).__name__}: {exc}"
+            with self.db.write() as s:
+                s.execute(
+                    update(JobRun)
+                    .where(JobRun.id == run_id)
+                    .values(status=status, result=result, error=error, finished_at=utcnow())
+                )
+
+    # -- views ------------------------------------------------------------------------------
+
+    def list(self) -> list[JobView]:
+        views = []
+        with self.db.read() as s:
+            for name, job in sorted(self.jobs.items()):
+                last = s.execute(
+                    select(JobRun.started_at, JobRun.status)
+                    .where(JobRun.job_name == name)
+                    .order_by(JobRun.started_at.desc())
+                    .limit(1)
+                ).first()
+                scheduled = self._scheduler.get_job(name) if self._scheduler.running else None
+                views.append(
+                    JobView(
+                        name=name,
+                        description=job.description,
+                        next_run_at=scheduled.next_run_time if scheduled else None,
+                        last_run_at=last.started_at if last else None,
+                        last_status=last.status if last else None,
+                    )
+                )
+        return views
+
+    def get_run(self, run_id: str) -> RunView:
+        with self.db.read() as s:
+            run = s.get(JobRun, run_id)
+        if run is None:
+            raise NotFound(f"job run {run_id!r} not found", code="run_not_found")
+        return RunView(
+            run_id=run.id,
+            name=run.job_name,
+            trigger=run.trigger,
+            status=run.status,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            result=run.result or {},
+            error=run.error,
+        )

@@ -1,0 +1,1 @@
+"""Services: plain classes that own a transaction each. Routes and scheduler jobs call these."""

@@ -1,0 +1,109 @@
+"""Users and API keys. Keys are shown once, stored as SHA-256 digests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from memcube.errors import Unauthorized
+from memos.db.engine import Database
+from memos.db.models import ApiKey, User
+from memos.db.types import utcnow
+from memos.services.ids import new_id
+from memos.services.views import Principal, UserView
+
+ADMIN_USER_ID = "usr_admin"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return "msk_" + secrets.token_urlsafe(32)
+
+
+class AuthService:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create_user(self, name: str, is_admin: bool = False) -> UserView:
+        key = generate_key()
+        with self.db.write() as s:
+            user = User(id=new_id("usr"), name=name, is_admin=is_admin)
+            s.add(user)
+            s.flush()
+            s.add(ApiKey(user_id=user.id, key_hash=hash_key(key), prefix=key[:8]))
+        return UserView(id=user.id, name=user.name, api_key=key)
+
+    def authenticate(self, key: str | None) -> Principal:
+        if not key:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <api-key>'")
+        with self.db.read() as s:
+            row = s.execute(
+                select(User.id, User.is_admin)
+                .join(ApiKey, ApiKey.user_id == User.id)
+                .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+            ).first()
+        if row is None:
+            raise Unauthorized("unknown or revoked API key")
+        return Principal(user_id=row.id, is_admin=bool(row.is_admin))
+
+    def ensure_admin(self, configured_key: str | None, key_file: Path) -> str | None:
+        """Make sure the admin can log in. Returns the key file's path if a key was generated.
+
+        With a configured key (MEMOS_ADMIN_KEY) that key becomes the admin's only key. Without
+        one, the key in `key_file` is kept if it is valid; otherwise a new key is generated,
+        written there (mode 0600) and older admin keys are revoked.
+        """
+        with self.db.write() as s:
+            if s.get(User, ADMIN_USER_ID) is None:
+                s.add(User(id=ADMIN_USER_ID, name="admin", is_admin=True))
+                s.flush()
+            key = configured_key
+            generated = False
+            if key is None and key_file.exists():
+                candidate = key_file.read_text().strip()
+                if self._admin_key_active(s, candidate):
+                    return None
+            if key is None:
+                key = generate_key()
+                generated = True
+            digest = hash_key(key)
+            s.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.user_id == ADMIN_USER_ID,
+                    ApiKey.key_hash != digest,
+                    ApiKey.revoked_at.is_(None),
+                )
+                .values(revoked_at=utcnow())
+            )
+            if not self._admin_key_active(s, key):
+                s.add(ApiKey(user_id=ADMIN_USER_ID, key_hash=digest, prefix=key[:8]))
+        if generated:
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key + "\n")
+            os.chmod(key_file, 0o600)
+            return str(key_file)
+        return None
+
+    @staticmethod
+    def _admin_key_active(s: Session, key: str) -> bool:
+        return (
+            s.scalar(
+                select(ApiKey.id).where(
+                    ApiKey.user_id == ADMIN_USER_ID,
+                    ApiKey.key_hash == hash_key(key),
+                    ApiKey.revoked_at.is_(None),
+                )
+            )
+            is not None
+        )

@@ -1,0 +1,32 @@
+"""Opaque ids and page cursors."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+from memcube.errors import InvalidArgument
+
+
+def new_id(prefix: str) -> str:
+    """e.g. `mem_3f9c0a1b2c3d4e5f6a7b`: a type prefix and 80 random bits."""
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"p{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if cursor is None or cursor == "":
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("p"):
+            raise ValueError(raw)
+        return int(raw[1:])
+    except ValueError:
+        raise InvalidArgument(
+            f"cursor {cursor!r} is not one this server issued; pass next_cursor back unchanged",
+            code="invalid_cursor",
+        ) from None

@@ -1,0 +1,214 @@
+"""The daemon's per-cube retrieval indexes: loaded lazily, healed from the database, saved.
+
+Invariant: for a loaded cube, `index.generation` equals the cube's database generation once the
+cube's write lock is released. Writers hold that lock across "commit, then apply to the index",
+so the index never misses or reorders a change made through this daemon. Anything else (a crash
+between commit and save, a foreign writer) is caught by comparing generations and replaying the
+rows whose `change_seq` is newer than what the index reflects.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from memcube.retrieval import CubeIndex, RetrievalConfig
+from memcube.types import IndexedDoc
+from memcube.vector_index import HnswConfig, read_manifest
+from memos.db.engine import Database
+from memos.db.models import Cube, Memory
+from memos.services.cubes import cube_not_found
+
+log = logging.getLogger("memos.indexes")
+
+
+def lexical_text(row: Memory) -> str:
+    """What BM25 indexes for a memory: its content and who said it."""
+    return f"{row.speaker}: {row.content}" if row.speaker else row.content
+
+
+def to_doc(row: Memory) -> IndexedDoc:
+    return IndexedDoc(
+        seq=row.seq,
+        text=lexical_text(row),
+        embedding=np.frombuffer(row.embedding, dtype=np.float32),
+        session_id=row.session_id,
+        timestamp=row.timestamp,
+        metadata=row.metadata_ or {},
+    )
+
+
+@dataclass(frozen=True)
+class HealReport:
+    cube_id: str
+    action: str  # "clean", "replayed", "rebuilt", "empty"
+    replayed: int
+    live: int
+
+
+class IndexRegistry:
+    def __init__(
+        self,
+        db: Database,
+        root: Path,
+        dim: int,
+        embedder: str,
+        hnsw: HnswConfig,
+        retrieval: RetrievalConfig,
+    ) -> None:
+        self.db = db
+        self.root = root
+        self.dim = dim
+        self.embedder = embedder
+        self.hnsw = hnsw
+        self.retrieval = retrieval
+        self._indexes: dict[str, CubeIndex] = {}
+        self._locks: dict[str, threading.RLock] = {}
+        self._guard = threading.Lock()
+
+    def directory(self, cube_id: str) -> Path:
+        return self.root / cube_id
+
+    def _lock(self, cube_id: str) -> threading.RLock:
+        with self._guard:
+            return self._locks.setdefault(cube_id, threading.RLock())
+
+    # -- access -----------------------------------------------------------------------------
+
+    def get(self, cube_id: str) -> CubeIndex:
+        index = self._indexes.get(cube_id)
+        if index is not None:
+            return index
+        with self._lock(cube_id):
+            index = self._indexes.get(cube_id)
+            if index is None:
+                index, report = self._load(cube_id)
+                self._indexes[cube_id] = index
+                log.info("index loaded", extra={"fields": report.__dict__})
+            return index
+
+    @contextmanager
+    def writing(self, cube_id: str) -> Iterator[CubeIndex]:
+        """Hold the cube's write lock: commit inside, then apply to the yielded index."""
+        index = self.get(cube_id)
+        with self._lock(cube_id):
+            yield index
+
+    def loaded(self) -> list[str]:
+        return list(self._indexes)
+
+    def drop(self, cube_id: str) -> None:
+        with self._lock(cube_id):
+            self._indexes.pop(cube_id, None)
+            shutil.rmtree(self.directory(cube_id), ignore_errors=True)
+
+    def disk_bytes(self, cube_id: str) -> int:
+        directory = self.directory(cube_id)
+        if not directory.exists():
+            return 0
+        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+    # -- loading and healing ----------------------------------------------------------------
+
+    def _generation(self, cube_id: str) -> int:
+        with self.db.read() as s:
+            generation = s.scalar(select(Cube.generation).where(Cube.id == cube_id))
+        if generation is None:
+            raise cube_not_found(cube_id)
+        return int(generation)
+
+    def _rows(self, cube_id: str, newer_than: int | None = None, deleted: bool = False):
+        query = select(Memory).where(Memory.cube_id == cube_id)
+        query = query.where(
+            Memory.deleted_at.is_not(None) if deleted else Memory.deleted_at.is_(None)
+        )
+        if newer_than is not None:
+            query = query.where(Memory.change_seq > newer_than)
+        with self.db.read() as s:
+            yield from s.scalars(query.order_by(Memory.seq).execution_options(yield_per=2000))
+
+    def _load(self, cube_id: str) -> tuple[CubeIndex, HealReport]:
+        generation = self._generation(cube_id)
+        index = CubeIndex(self.dim, self.embedder, self.hnsw, self.retrieval)
+        index.load_rows((to_doc(r) for r in self._rows(cube_id)), generation)
+        action, replayed = self._heal_ann(cube_id, index, generation)
+        return index, HealReport(cube_id, action, replayed, index.live_count)
+
+    def _heal_ann(self, cube_id: str, index: CubeIndex, generation: int) -> tuple[str, int]:
+        """Bring the ANN graph in line with the rows; save it if anything changed."""
+        saved = index.restore_ann(self.directory(cube_id))
+        replayed = 0
+        if saved is None or saved > generation:
+            index.rebuild_ann()
+            action = "rebuilt"
+        elif saved < generation:
+            docs = [to_doc(r) for r in self._rows(cube_id, newer_than=saved)]
+            gone = [r.seq for r in self._rows(cube_id, newer_than=saved, deleted=True)]
+            index.replay_ann(docs, gone)
+            replayed = len(docs) + len(gone)
+            action = "replayed"
+        else:
+            action = "clean"
+        index.generation = generation
+        if not index.verify_ann(sample=64).clean:
+            index.rebuild_ann()
+            action = "rebuilt"
+        if index.dirty and index.live_count > 0:
+            index.save(self.directory(cube_id))
+        return action, replayed
+
+    def heal_all(self) -> list[HealReport]:
+        """At start: load and heal every cube whose saved index lags its database generation."""
+        with self.db.read() as s:
+            cubes = s.execute(select(Cube.id, Cube.generation)).all()
+        reports = []
+        for cube_id, generation in cubes:
+            manifest = read_manifest(self.directory(cube_id))
+            lagging = generation > 0 and (
+                manifest is None or manifest.generation != generation
+            )
+            if lagging and cube_id not in self._indexes:
+                try:
+                    self.get(cube_id)
+                except Exception:  # a cube deleted meanwhile, or a broken row: keep going
+                    log.exception("heal failed", extra={"fields": {"cube_id": cube_id}})
+                    continue
+                reports.append(HealReport(cube_id, "healed", 0, self._indexes[cube_id].live_count))
+        return reports
+
+    def maintain(self, cube_id: str) -> HealReport:
+        """The maintenance job's check of one loaded cube: replay, verify, rebuild, save."""
+        with self._lock(cube_id):
+            index = self._indexes.get(cube_id)
+            if index is None:
+                return HealReport(cube_id, "not_loaded", 0, 0)
+            generation = self._generation(cube_id)
+            if generation != index.generation:
+                # Changed behind our back (another process): reload from the database.
+                fresh, report = self._load(cube_id)
+                self._indexes[cube_id] = fresh
+                return HealReport(cube_id, "reloaded", report.replayed, fresh.live_count)
+            drift = index.verify_ann(sample=256)
+            action = "clean"
+            if not drift.clean:
+                index.rebuild_ann()
+                action = "rebuilt"
+            if index.dirty:
+                index.save(self.directory(cube_id))
+                action = "saved" if action == "clean" else action
+            return HealReport(cube_id, action, 0, index.live_count)
+
+    def save_all(self) -> None:
+        for cube_id in list(self._indexes):
+            with self._lock(cube_id):
+                index = self._indexes.get(cube_id)
+                if index is not None and index.dirty:
+                    index.save(self.directory(cube_id))

@@ -1,0 +1,289 @@
+"""Plaintext memories: add (atomic batches), read, page, patch, soft delete, history.
+
+Every change runs as: embed outside any transaction, then under the cube's write lock commit
+one transaction that bumps the cube's generation and stamps changed rows with it, then apply
+the same change to the in-memory index. A crash after the commit loses nothing: the index is
+healed from the rows at the next start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from memcube.embedder import Embedder
+from memcube.errors import InvalidArgument, NotFound, TooLarge
+from memos.db.engine import Database
+from memos.db.models import Cube, Link, Memory, MemoryHistory
+from memos.db.types import utcnow
+from memos.services.cubes import CubeService, cube_not_found
+from memos.services.ids import decode_cursor, encode_cursor, new_id
+from memos.services.indexes import IndexRegistry, to_doc
+from memos.services.views import (
+    HistoryView,
+    LinkView,
+    MemoryView,
+    NewMemory,
+    Page,
+    Principal,
+    Role,
+)
+from memos.settings import LimitsConfig
+
+
+def memory_not_found(memory_id: str) -> NotFound:
+    return NotFound(f"memory {memory_id!r} not found", code="memory_not_found")
+
+
+def embedding_text(content: str) -> str:
+    """What the dense vector encodes. (Enriched notes will add keywords, tags and context.)"""
+    return content
+
+
+def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
+    """Rows -> views, with every row's links fetched in one query."""
+    links: dict[int, list[LinkView]] = {row.seq: [] for row in rows}
+    if rows:
+        query = (
+            select(Link.src_seq, Memory.id, Link.kind, Link.score)
+            .join(Memory, Memory.seq == Link.dst_seq)
+            .where(Link.src_seq.in_(list(links)), Memory.deleted_at.is_(None))
+            .order_by(Link.src_seq, Link.score.desc())
+        )
+        for src, dst_id, kind, score in s.execute(query):
+            links[src].append(LinkView(id=dst_id, kind=kind, score=float(score)))
+    return [
+        MemoryView(
+            id=row.id,
+            cube_id=row.cube_id,
+            content=row.content,
+            session_id=row.session_id,
+            speaker=row.speaker,
+            timestamp=row.timestamp,
+            metadata=row.metadata_ or {},
+            keywords=list(row.keywords or []),
+            tags=list(row.tags or []),
+            context=row.context or "",
+            links=links[row.seq],
+            version=row.version,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def _history_row(row: Memory, reason: str) -> MemoryHistory:
+    return MemoryHistory(
+        memory_seq=row.seq,
+        version=row.version,
+        content=row.content,
+        metadata_=row.metadata_,
+        keywords=row.keywords,
+        tags=row.tags,
+        context=row.context,
+        changed_at=row.updated_at,
+        reason=reason,
+    )
+
+
+def _bump_generation(s: Session, cube_id: str) -> int:
+    generation = s.scalar(
+        update(Cube)
+        .where(Cube.id == cube_id)
+        .values(generation=Cube.generation + 1)
+        .returning(Cube.generation)
+    )
+    if generation is None:  # the cube was deleted while this request was in flight
+        raise cube_not_found(cube_id)
+    return int(generation)
+
+
+class MemoryService:
+    def __init__(
+        self,
+        db: Database,
+        cubes: CubeService,
+        indexes: IndexRegistry,
+        embedder: Embedder,
+        limits: LimitsConfig,
+    ) -> None:
+        self.db = db
+        self.cubes = cubes
+        self.indexes = indexes
+        self.embedder = embedder
+        self.limits = limits
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def check_batch(self, items: Sequence[NewMemory]) -> None:
+        if not items:
+            raise InvalidArgument("items must hold at least one memory")
+        if len(items) > self.limits.max_batch_items:
+            raise TooLarge(
+                f"{len(items)} items in one batch; at most {self.limits.max_batch_items} allowed"
+            )
+        for i, item in enumerate(items):
+            self.check_content(item.content, where=f"items[{i}].content")
+
+    def check_content(self, content: str, where: str) -> None:
+        size = len(content.encode("utf-8"))
+        if size > self.limits.max_content_bytes:
+            raise TooLarge(
+                f"{where} is {size} bytes; at most {self.limits.max_content_bytes} allowed"
+            )
+        if not content.strip():
+            raise InvalidArgument(f"{where} is empty; a memory needs some content")
+
+    def add(self, principal: Principal, cube_id: str, items: Sequence[NewMemory]) -> list[MemoryView]:
+        self.check_batch(items)
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        vectors = self.embedder.embed([embedding_text(item.content) for item in items])
+        now = utcnow()
+        with self.indexes.writing(cube_id) as index:
+            with self.db.write() as s:
+                generation = _bump_generation(s, cube_id)
+                rows = [
+                    Memory(
+                        id=new_id("mem"),
+                        cube_id=cube_id,
+                        content=item.content,
+                        session_id=item.session_id,
+                        speaker=item.speaker,
+                        timestamp=item.timestamp,
+                        metadata_=item.metadata,
+                        keywords=[],
+                        tags=[],
+                        context="",
+                        embedding=vector.astype(np.float32).tobytes(),
+                        version=1,
+                        change_seq=generation,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    for item, vector in zip(items, vectors, strict=True)
+                ]
+                s.add_all(rows)
+                s.flush()
+                s.add_all([_history_row(row, "created") for row in rows])
+                s.flush()
+                views = memory_views(s, rows)
+            index.apply([to_doc(row) for row in rows], [], generation)
+        return views
+
+    def update(
+        self,
+        principal: Principal,
+        cube_id: str,
+        memory_id: str,
+        content: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> MemoryView:
+        if content is None and metadata is None:
+            raise InvalidArgument("nothing to update: give content and/or metadata")
+        if content is not None:
+            self.check_content(content, where="content")
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        vector = self.embedder.embed_one(embedding_text(content)) if content is not None else None
+        with self.indexes.writing(cube_id) as index:
+            with self.db.write() as s:
+                row = self._live_row(s, cube_id, memory_id)
+                generation = _bump_generation(s, cube_id)
+                if content is not None and vector is not None:
+                    row.content = content
+                    row.embedding = vector.astype(np.float32).tobytes()
+                if metadata is not None:
+                    row.metadata_ = metadata
+                row.version += 1
+                row.change_seq = generation
+                row.updated_at = utcnow()
+                s.add(_history_row(row, "updated"))
+                s.flush()
+                (view,) = memory_views(s, [row])
+            index.apply([to_doc(row)], [], generation)
+        return view
+
+    def delete(self, principal: Principal, cube_id: str, memory_id: str) -> None:
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        with self.indexes.writing(cube_id) as index:
+            with self.db.write() as s:
+                row = self._live_row(s, cube_id, memory_id)
+                generation = _bump_generation(s, cube_id)
+                row.version += 1
+                row.change_seq = generation
+                row.updated_at = row.deleted_at = utcnow()
+                s.add(_history_row(row, "deleted"))
+            index.apply([], [row.seq], generation)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _live_row(self, s: Session, cube_id: str, memory_id: str) -> Memory:
+        row = s.scalar(
+            select(Memory).where(
+                Memory.id == memory_id, Memory.cube_id == cube_id, Memory.deleted_at.is_(None)
+            )
+        )
+        if row is None:
+            raise memory_not_found(memory_id)
+        return row
+
+    def get(self, principal: Principal, cube_id: str, memory_id: str) -> MemoryView:
+        self.cubes.require(principal, cube_id, Role.READER)
+        with self.db.read() as s:
+            (view,) = memory_views(s, [self._live_row(s, cube_id, memory_id)])
+        return view
+
+    def list(
+        self,
+        principal: Principal,
+        cube_id: str,
+        session_id: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[MemoryView]:
+        self.cubes.require(principal, cube_id, Role.READER)
+        after = decode_cursor(cursor)
+        query = select(Memory).where(Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
+        if session_id is not None:
+            query = query.where(Memory.session_id == session_id)
+        if after is not None:
+            query = query.where(Memory.seq > after)
+        with self.db.read() as s:
+            rows = list(s.scalars(query.order_by(Memory.seq).limit(limit + 1)))
+            more = len(rows) > limit
+            rows = rows[:limit]
+            items = memory_views(s, rows)
+        next_cursor = encode_cursor(rows[-1].seq) if more and rows else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    def history(self, principal: Principal, cube_id: str, memory_id: str) -> list[HistoryView]:
+        """Every version, oldest first; still readable after the memory is deleted."""
+        self.cubes.require(principal, cube_id, Role.READER)
+        with self.db.read() as s:
+            seq = s.scalar(
+                select(Memory.seq).where(Memory.id == memory_id, Memory.cube_id == cube_id)
+            )
+            if seq is None:
+                raise memory_not_found(memory_id)
+            rows = s.scalars(
+                select(MemoryHistory)
+                .where(MemoryHistory.memory_seq == seq)
+                .order_by(MemoryHistory.version)
+            ).all()
+        return [
+            HistoryView(
+                version=h.version,
+                content=h.content,
+                keywords=list(h.keywords or []),
+                tags=list(h.tags or []),
+                context=h.context or "",
+                metadata=h.metadata_ or {},
+                changed_at=h.changed_at,
+                reason=h.reason,
+            )
+            for h in rows
+        ]

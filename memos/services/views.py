@@ -1,0 +1,110 @@
+"""What services hand to the API layer: small frozen dataclasses, never ORM rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Role(IntEnum):
+    """Ordered: a higher role can do everything a lower one can."""
+
+    READER = 1
+    WRITER = 2
+    OWNER = 3
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class UserView:
+    id: str
+    name: str
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class CubeStats:
+    memories: int
+    activations: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CubeView:
+    id: str
+    name: str
+    description: str
+    owner_id: str
+    created_at: datetime
+    role: str
+    stats: CubeStats | None = None
+
+
+@dataclass(frozen=True)
+class LinkView:
+    id: str
+    kind: str
+    score: float
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    id: str
+    cube_id: str
+    content: str
+    session_id: str | None
+    speaker: str | None
+    timestamp: datetime
+    metadata: dict[str, Any]
+    keywords: list[str]
+    tags: list[str]
+    context: str
+    links: list[LinkView]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class HistoryView:
+    version: int
+    content: str
+    keywords: list[str]
+    tags: list[str]
+    context: str
+    metadata: dict[str, Any]
+    changed_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class HitView:
+    memory: MemoryView
+    score: float
+    signals: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class NewMemory:
+    """A validated memory to add (the API has already checked types and sizes)."""
+
+    content: str
+    session_id: str | None
+    speaker: str | None
+    timestamp: datetime
+    metadata: dict[str, Any]

@@ -1,0 +1,97 @@
+"""Process-edge configuration: one `Settings`, read from `MEMOS_*` env vars and an optional TOML file.
+
+Each subsystem gets its own typed, range-checked config object from here; no other module reads
+the environment. Nested fields use a double underscore: `MEMOS_EMBEDDER__BACKEND=torch-int8`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from memcube.embedder import EmbedderConfig
+from memcube.retrieval import RetrievalConfig
+from memcube.vector_index import HnswConfig
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "memosd"
+
+
+class LimitsConfig(BaseModel):
+    """Input limits; anything beyond them is refused with 413 and changes nothing."""
+
+    max_batch_items: int = Field(1000, ge=1, le=100_000)
+    max_content_bytes: int = Field(1 << 20, ge=1, le=64 << 20)
+    max_body_bytes: int = Field(256 << 20, ge=1 << 20, le=4 << 30)
+    max_top_k: int = Field(500, ge=1, le=10_000)
+
+
+class SchedulerConfig(BaseModel):
+    enabled: bool = True
+    index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MEMOS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65_535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None
+    admin_key: SecretStr | None = None
+    log_level: str = "info"
+    config_file: Path | None = None
+
+    embedder: EmbedderConfig = EmbedderConfig()
+    hnsw: HnswConfig = HnswConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    limits: LimitsConfig = LimitsConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments (CLI flags) > env > TOML file named by MEMOS_CONFIG_FILE.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("MEMOS_CONFIG_FILE")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'memos.db'}"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    def public_summary(self) -> dict[str, Any]:
+        """What `/healthz` and the start-up log may show: no secrets."""
+        url = self.resolved_database_url
+        return {
+            "data_dir": str(self.data_dir),
+            "database": url.split("://", 1)[0],
+            "embedder": self.embedder.model_dump(),
+        }

@@ -1,0 +1,1 @@
+"""Alembic migrations; `memos.db.migrate.upgrade` applies them at daemon start."""
