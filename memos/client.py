@@ -121,7 +121,7 @@ class HistoryEntry(_Model):
     tags: list[str] = Field(default_factory=list)
     context: str = ""
     changed_at: datetime
-    reason: str | None = None
+    reason: str | None = None  # e.g. "created", "updated", "deleted"
 
 
 class Hit(_Model):
@@ -168,7 +168,14 @@ class Job(_Model):
 
 
 class JobRun(_Model):
+    """`run_job` returns only `run_id`; `get_job_run` fills in the rest."""
+
     run_id: str
+    name: str | None = None
+    status: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -177,11 +184,14 @@ class JobRun(_Model):
 class MemosError(Exception):
     """Any failure the SDK reports. `status` is the HTTP status, None when there was no reply."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str = "error") -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str = "error", details: Any = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.details = details  # the error body's `details`, when the server sent some
 
 
 class MemosConnectionError(MemosError):
@@ -245,6 +255,7 @@ def error_from_response(response: httpx.Response) -> MemosError:
     cls, code = _ERRORS.get(status, (ServerError if status >= 500 else MemosError, ""))
     code = code or ("server_error" if status >= 500 else f"http_{status}")
     message = response.reason_phrase or f"HTTP {status}"
+    details = None
     try:
         body = response.json()
     except ValueError:
@@ -256,6 +267,7 @@ def error_from_response(response: httpx.Response) -> MemosError:
         if isinstance(err, dict):
             code = str(err.get("code") or code)
             message = str(err.get("message") or message)
+            details = err.get("details")
         elif isinstance(err, str):
             message = err
         elif "detail" in body:
@@ -263,7 +275,7 @@ def error_from_response(response: httpx.Response) -> MemosError:
             message = detail if isinstance(detail, str) else json.dumps(detail)
     if status == 409 and code == "activation_mismatch":
         cls = ActivationMismatch
-    return cls(message, status=status, code=code)
+    return cls(message, status=status, code=code, details=details)
 
 
 # --------------------------------------------------------------------------- requests
@@ -475,6 +487,11 @@ class _Routes:
         """Admin only. Starts the job now; the reply (202) carries its `run_id`."""
         return _Call("POST", _path("jobs", name, "run"), _one(JobRun))
 
+    @staticmethod
+    def get_job_run(run_id: str) -> _Call[JobRun]:
+        """Admin only. Status of a run started by `run_job` (a route beyond the spec's floor)."""
+        return _Call("GET", _path("jobs", "runs", run_id), _one(JobRun))
+
     # Lists that the clients walk to the end themselves (see `_walk`).
 
     @staticmethod
@@ -551,6 +568,7 @@ class _Api:
     delete_activation = _Endpoint(_Routes.delete_activation)
     generate = _Endpoint(_Routes.generate)
     run_job = _Endpoint(_Routes.run_job)
+    get_job_run = _Endpoint(_Routes.get_job_run)
 
     def __init__(self, base_url: str, api_key: str | None) -> None:
         self.base_url = base_url.rstrip("/")

@@ -1,0 +1,145 @@
+"""Bad input gets a clear 4xx JSON error, never a 500, and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _state(client, cube_id):
+    """Everything a bad request might have changed."""
+    memories = client.get(f"/v1/cubes/{cube_id}/memories", params={"limit": 500}).json()["items"]
+    cube = client.get(f"/v1/cubes/{cube_id}").json()
+    return [(m["id"], m["content"], m["version"], m["metadata"]) for m in memories], cube["stats"]["memories"]
+
+
+def _seeded(tenant):
+    client, cube_id = tenant
+    memory = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "seed"}]}).json()["items"][0]
+    return client, cube_id, memory["id"]
+
+
+BAD_ADDS = [
+    ("malformed json", b'{"items": [{"content": "x"}', 400, "malformed_json"),
+    ("not an object", b'[{"content": "x"}]', 422, "validation_error"),
+    ("missing items", b"{}", 422, "validation_error"),
+    ("missing content", b'{"items": [{"speaker": "a"}]}', 422, "validation_error"),
+    ("content not a string", b'{"items": [{"content": 42}]}', 422, "validation_error"),
+    ("items not a list", b'{"items": {"content": "x"}}', 422, "validation_error"),
+    ("empty batch", b'{"items": []}', 422, "invalid_argument"),
+    ("empty content", b'{"items": [{"content": "   "}]}', 422, "invalid_argument"),
+    ("naive timestamp", b'{"items": [{"content": "x", "timestamp": "2023-05-08T10:00:00"}]}', 422, "validation_error"),
+    ("bad timestamp", b'{"items": [{"content": "x", "timestamp": "yesterday"}]}', 422, "validation_error"),
+    ("metadata not object", b'{"items": [{"content": "x", "metadata": [1]}]}', 422, "validation_error"),
+    ("unknown field", b'{"items": [{"content": "x", "sesion_id": "typo"}]}', 422, "validation_error"),
+    ("one bad item spoils the batch", b'{"items": [{"content": "ok"}, {"content": null}]}', 422, "validation_error"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,code", BAD_ADDS, ids=[b[0] for b in BAD_ADDS])
+def test_bad_add_is_refused_and_changes_nothing(tenant, name, body, status, code):
+    client, cube_id, _ = _seeded(tenant)
+    before = _state(client, cube_id)
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and len(error["message"]) > 5
+    assert _state(client, cube_id) == before
+
+
+def test_oversize_batch_is_413_and_atomic(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    before = _state(client, cube_id)
+    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": f"m{i}"} for i in range(1001)]})
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
+    assert "1001" in r.json()["error"]["message"]
+    assert _state(client, cube_id) == before
+
+
+def test_oversize_content_is_413_and_atomic(tenant):
+    client, cube_id, memory_id = _seeded(tenant)
+    before = _state(client, cube_id)
+    huge = "x" * ((1 << 20) + 1)
+    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "fine"}, {"content": huge}]})
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
+    assert "items[1].content" in r.json()["error"]["message"]
+    r = client.patch(f"/v1/cubes/{cube_id}/memories/{memory_id}", json={"content": huge})
+    assert r.status_code == 413
+    assert _state(client, cube_id) == before
+
+
+def test_exactly_1000_items_and_1_mib_are_accepted(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": f"m{i}"} for i in range(1000)]})
+    assert r.status_code == 201 and len(r.json()["items"]) == 1000
+    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "é" * (1 << 19)}]})
+    assert r.status_code == 201  # 2 bytes a character: exactly 1 MiB
+
+
+BAD_PATCHES = [
+    ({}, 422, "invalid_argument"),
+    ({"content": 5}, 422, "validation_error"),
+    ({"content": ""}, 422, "invalid_argument"),
+    ({"metadata": "x"}, 422, "validation_error"),
+    ({"version": 7}, 422, "validation_error"),
+]
+
+
+@pytest.mark.parametrize("body,status,code", BAD_PATCHES)
+def test_bad_patch_changes_nothing(tenant, body, status, code):
+    client, cube_id, memory_id = _seeded(tenant)
+    before = _state(client, cube_id)
+    r = client.patch(f"/v1/cubes/{cube_id}/memories/{memory_id}", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+    assert _state(client, cube_id) == before
+    assert len(client.get(f"/v1/cubes/{cube_id}/memories/{memory_id}/history").json()["items"]) == 1
+
+
+BAD_SEARCHES = [
+    ({}, 422),
+    ({"query": ""}, 422),
+    ({"query": "x", "top_k": 0}, 422),
+    ({"query": "x", "top_k": 501}, 422),
+    ({"query": "x", "top_k": "ten"}, 422),
+    ({"query": "x", "filters": {"since": "2023-01-01"}}, 422),
+    ({"query": "x", "filters": {"since": "2023-02-01T00:00:00Z", "until": "2023-01-01T00:00:00Z"}}, 422),
+    ({"query": "x", "filters": {"speaker": "a"}}, 422),
+]
+
+
+@pytest.mark.parametrize("body,status", BAD_SEARCHES)
+def test_bad_search_is_4xx(tenant, body, status):
+    client, cube_id, _ = _seeded(tenant)
+    r = client.post(f"/v1/cubes/{cube_id}/search", json=body)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) >= {"code", "message"}
+
+
+def test_bad_query_params_and_cursor(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    for params in ({"limit": 0}, {"limit": 501}, {"limit": "many"}):
+        r = client.get(f"/v1/cubes/{cube_id}/memories", params=params)
+        assert r.status_code == 422, params
+    r = client.get(f"/v1/cubes/{cube_id}/memories", params={"cursor": "garbage!"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_cursor")
+
+
+def test_bad_cube_and_user_bodies(server):
+    _, key = server.new_user()
+    with server.client(key) as client:
+        assert client.post("/v1/cubes", json={}).status_code == 422
+        assert client.post("/v1/cubes", json={"name": ""}).status_code == 422
+        assert client.post("/v1/cubes", json={"name": 3}).status_code == 422
+        assert client.get("/v1/cubes").json()["items"] == []
+    with server.client() as admin:
+        assert admin.post("/v1/users", json={"name": ""}).status_code == 422
+        assert admin.post("/v1/users", content=b"nope", headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_unknown_route_and_method_are_json_errors(server):
+    with server.client() as admin:
+        r = admin.get("/v1/nothing-here")
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+        r = admin.put("/v1/cubes")
+        assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")

@@ -1,0 +1,152 @@
+"""Users, cubes, grants and tenancy, exactly as the contract states, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+
+def test_admin_creates_user_whose_key_works(server):
+    user_id, key = server.new_user()
+    assert user_id.startswith("usr_") and key.startswith("msk_")
+    with server.client(key) as client:
+        assert client.get("/v1/cubes").json() == {"items": [], "next_cursor": None}
+
+
+def test_only_admin_creates_users(server):
+    _, key = server.new_user()
+    with server.client(key) as client:
+        r = client.post("/v1/users", json={"name": "mallory"})
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "forbidden"
+
+
+def test_missing_or_unknown_key_is_401(server):
+    import httpx
+
+    r = httpx.get(f"{server.url}/v1/cubes")
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+    with server.client("msk_not-a-key") as client:
+        assert client.get("/v1/cubes").status_code == 401
+
+
+def test_cube_lifecycle_and_stats(server):
+    owner_id, key = server.new_user()
+    with server.client(key) as client:
+        created = client.post("/v1/cubes", json={"name": "notes", "description": "d"})
+        assert created.status_code == 201
+        cube = created.json()
+        assert {k: cube[k] for k in ("name", "description", "owner_id")} == {
+            "name": "notes",
+            "description": "d",
+            "owner_id": owner_id,
+        }
+        assert cube["created_at"].endswith("Z")
+        client.post(
+            f"/v1/cubes/{cube['id']}/memories",
+            json={"items": [{"content": "abc"}, {"content": "défi"}]},
+        )
+        got = client.get(f"/v1/cubes/{cube['id']}").json()
+        # 3 + 5 bytes of UTF-8 content plus two 384-d float32 vectors, plus the saved index.
+        assert got["stats"]["memories"] == 2
+        assert got["stats"]["activations"] == 0
+        assert got["stats"]["bytes"] >= 8 + 2 * 384 * 4
+        assert [c["id"] for c in client.get("/v1/cubes").json()["items"]] == [cube["id"]]
+        assert client.delete(f"/v1/cubes/{cube['id']}").status_code == 204
+        assert client.get(f"/v1/cubes/{cube['id']}").status_code == 404
+        assert client.get("/v1/cubes").json()["items"] == []
+
+
+def test_duplicate_cube_name_is_409(server):
+    _, key = server.new_user()
+    with server.client(key) as client:
+        assert client.post("/v1/cubes", json={"name": "x"}).status_code == 201
+        r = client.post("/v1/cubes", json={"name": "x"})
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "cube_exists"
+
+
+def test_cubes_of_others_are_invisible_404(server):
+    _, owner_key = server.new_user()
+    _, other_key = server.new_user()
+    with server.client(owner_key) as owner, server.client(other_key) as other:
+        cube_id = owner.post("/v1/cubes", json={"name": "private"}).json()["id"]
+        for method, path, body in [
+            ("GET", f"/v1/cubes/{cube_id}", None),
+            ("DELETE", f"/v1/cubes/{cube_id}", None),
+            ("GET", f"/v1/cubes/{cube_id}/memories", None),
+            ("POST", f"/v1/cubes/{cube_id}/memories", {"items": [{"content": "x"}]}),
+            ("POST", f"/v1/cubes/{cube_id}/search", {"query": "x"}),
+            ("POST", f"/v1/cubes/{cube_id}/grants", {"user_id": "usr_x", "role": "reader"}),
+        ]:
+            r = other.request(method, path, json=body)
+            assert r.status_code == 404, (method, path, r.text)
+            assert r.json()["error"]["code"] == "cube_not_found"
+        # Same answer as for a cube that does not exist at all.
+        assert other.get("/v1/cubes/cube_doesnotexist").json()["error"]["code"] == "cube_not_found"
+        assert owner.get(f"/v1/cubes/{cube_id}/memories").json()["items"] == []
+
+
+def test_reader_reads_but_cannot_write_writer_writes(server):
+    _, owner_key = server.new_user()
+    reader_id, reader_key = server.new_user()
+    writer_id, writer_key = server.new_user()
+    with (
+        server.client(owner_key) as owner,
+        server.client(reader_key) as reader,
+        server.client(writer_key) as writer,
+    ):
+        cube_id = owner.post("/v1/cubes", json={"name": "shared"}).json()["id"]
+        r = owner.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": reader_id, "role": "reader"})
+        assert r.status_code == 201
+        assert r.json() == {"cube_id": cube_id, "user_id": reader_id, "role": "reader"}
+        owner.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": writer_id, "role": "writer"})
+
+        added = writer.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "hi"}]})
+        assert added.status_code == 201
+        memory_id = added.json()["items"][0]["id"]
+
+        assert reader.get(f"/v1/cubes/{cube_id}").status_code == 200
+        assert [c["id"] for c in reader.get("/v1/cubes").json()["items"]] == [cube_id]
+        assert reader.get(f"/v1/cubes/{cube_id}/memories/{memory_id}").status_code == 200
+        assert reader.post(f"/v1/cubes/{cube_id}/search", json={"query": "hi"}).status_code == 200
+        for method, path, body in [
+            ("POST", f"/v1/cubes/{cube_id}/memories", {"items": [{"content": "no"}]}),
+            ("PATCH", f"/v1/cubes/{cube_id}/memories/{memory_id}", {"content": "no"}),
+            ("DELETE", f"/v1/cubes/{cube_id}/memories/{memory_id}", None),
+            ("DELETE", f"/v1/cubes/{cube_id}", None),
+            ("POST", f"/v1/cubes/{cube_id}/grants", {"user_id": writer_id, "role": "reader"}),
+        ]:
+            r = reader.request(method, path, json=body)
+            assert r.status_code == 403, (method, path, r.text)
+            assert r.json()["error"]["code"] == "forbidden"
+        # The writer may write but not delete the cube or grant.
+        assert writer.delete(f"/v1/cubes/{cube_id}").status_code == 403
+        # Nothing the reader tried changed anything.
+        memory = owner.get(f"/v1/cubes/{cube_id}/memories/{memory_id}").json()
+        assert (memory["content"], memory["version"]) == ("hi", 1)
+        assert len(owner.get(f"/v1/cubes/{cube_id}/memories").json()["items"]) == 1
+
+
+def test_grant_to_unknown_user_is_404_and_bad_role_422(server):
+    _, key = server.new_user()
+    other_id, _ = server.new_user()
+    with server.client(key) as client:
+        cube_id = client.post("/v1/cubes", json={"name": "g"}).json()["id"]
+        r = client.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": "usr_nobody", "role": "reader"})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "user_not_found")
+        r = client.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": other_id, "role": "admin"})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")
+
+
+def test_cube_list_pages(server):
+    _, key = server.new_user()
+    with server.client(key) as client:
+        ids = [client.post("/v1/cubes", json={"name": f"c{i}"}).json()["id"] for i in range(5)]
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/v1/cubes", params=params).json()
+            seen += [c["id"] for c in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == ids

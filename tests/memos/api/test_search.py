@@ -1,0 +1,81 @@
+"""Search: hybrid ranking, filters, top_k, and what it returns."""
+
+from __future__ import annotations
+
+DOCS = [
+    {"content": "Caroline adopted a golden retriever puppy named Max.", "session_id": "s1",
+     "speaker": "Caroline", "timestamp": "2023-05-01T10:00:00Z", "metadata": {"topic": "pets"}},
+    {"content": "Melanie ran a charity race for mental health awareness.", "session_id": "s1",
+     "speaker": "Melanie", "timestamp": "2023-05-02T10:00:00Z", "metadata": {"topic": "sport"}},
+    {"content": "We went camping by the lake and roasted marshmallows.", "session_id": "s2",
+     "speaker": "Melanie", "timestamp": "2023-06-10T10:00:00Z", "metadata": {"topic": "travel"}},
+    {"content": "My dog loves chasing tennis balls at the park.", "session_id": "s2",
+     "speaker": "Caroline", "timestamp": "2023-07-15T10:00:00Z", "metadata": {"topic": "pets", "n": 2}},
+    {"content": "The quarterly tax report is due on Friday.", "session_id": "s3",
+     "speaker": "Melanie", "timestamp": "2023-08-01T10:00:00Z", "metadata": {"topic": "work"}},
+]
+
+
+def _seed(client, cube_id):
+    items = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": DOCS}).json()["items"]
+    return [m["id"] for m in items]
+
+
+def _search(client, cube_id, **body):
+    r = client.post(f"/v1/cubes/{cube_id}/search", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_semantic_and_lexical_matches_rank_first(tenant):
+    client, cube_id = tenant
+    ids = _seed(client, cube_id)
+    # Dense only: no shared words with the puppy/dog notes.
+    hits = _search(client, cube_id, query="canine companion", top_k=2)["hits"]
+    assert {h["memory"]["id"] for h in hits} == {ids[0], ids[3]}
+    # Lexical: a rare exact word.
+    top = _search(client, cube_id, query="marshmallows", top_k=1)["hits"][0]
+    assert top["memory"]["id"] == ids[2]
+    assert top["signals"]["lexical"] > 0 and "dense" in top["signals"]
+
+
+def test_result_shape_and_scores_descend(tenant):
+    client, cube_id = tenant
+    _seed(client, cube_id)
+    body = _search(client, cube_id, query="dog", top_k=3)
+    assert set(body) == {"hits", "took_ms"} and body["took_ms"] > 0
+    assert len(body["hits"]) == 3
+    scores = [h["score"] for h in body["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert set(body["hits"][0]) >= {"memory", "score"}
+
+
+def test_top_k_bounds_results(tenant):
+    client, cube_id = tenant
+    _seed(client, cube_id)
+    assert len(_search(client, cube_id, query="the", top_k=1)["hits"]) == 1
+    assert len(_search(client, cube_id, query="anything at all", top_k=50)["hits"]) == 5
+
+
+def test_filters_session_time_metadata(tenant):
+    client, cube_id = tenant
+    ids = _seed(client, cube_id)
+
+    def found(**filters):
+        hits = _search(client, cube_id, query="dog pets puppy", top_k=10, filters=filters)["hits"]
+        return {h["memory"]["id"] for h in hits}
+
+    assert found(session_id="s2") == {ids[2], ids[3]}
+    assert found(session_id="nope") == set()
+    assert found(since="2023-06-10T10:00:00Z") == {ids[2], ids[3], ids[4]}  # since is inclusive
+    assert found(until="2023-06-10T10:00:00Z") == {ids[0], ids[1]}  # until is exclusive
+    assert found(since="2023-05-02T00:00:00Z", until="2023-07-01T00:00:00+00:00") == {ids[1], ids[2]}
+    assert found(metadata={"topic": "pets"}) == {ids[0], ids[3]}
+    assert found(metadata={"topic": "pets", "n": 2}) == {ids[3]}
+    assert found(metadata={"n": "2"}) == set()  # equality is typed: 2 is not "2"
+    assert found(session_id="s1", metadata={"topic": "pets"}) == {ids[0]}
+
+
+def test_empty_cube_returns_no_hits(tenant):
+    client, cube_id = tenant
+    assert _search(client, cube_id, query="anything")["hits"] == []
