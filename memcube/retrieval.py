@@ -183,22 +183,36 @@ class CubeIndex:
             if allowed == 0 or top_k <= 0:
                 return []
             depth = max(self.config.candidates, 2 * top_k)
-            dense_seqs, dense_scores = self._dense(query_vector, depth, mask, allowed, filters)
+            dense_seqs, _ = self._dense(query_vector, depth, mask, allowed, filters)
             lexical = self._bm25.scores(query_text, self._rows.size, mask)
-            lex_rows = _top_positive(lexical, depth)
-            lex_seqs = self._rows.seqs[lex_rows]
-            fused = self._fusion.fuse(
-                {"dense": dense_seqs.tolist(), "lexical": lex_seqs.tolist()}
+            # Score the union of both candidate lists on both signals, then rank within it.
+            # Plain RRF over the two lists lets a memory that only one retriever found tie
+            # with (or lose to) one the other retriever found, even when the first also
+            # scores well on the second signal; exact cosines for the union are cheap.
+            rows = np.unique(
+                np.concatenate(
+                    [
+                        np.fromiter((self._rows.row_of[s] for s in dense_seqs.tolist()), np.int64),
+                        _top_positive(lexical, depth),
+                    ]
+                )
             )
-            dense_by_seq = dict(zip(dense_seqs.tolist(), dense_scores.tolist(), strict=True))
-            lex_by_seq = dict(zip(lex_seqs.tolist(), lexical[lex_rows].tolist(), strict=True))
+            seqs = self._rows.seqs[rows]
+            dense = self._rows.vectors[rows] @ query_vector
+            lex = lexical[rows]
+            by_dense = seqs[np.argsort(-dense, kind="stable")]
+            positive = lex > 0
+            by_lexical = seqs[positive][np.argsort(-lex[positive], kind="stable")]
+            fused = self._fusion.fuse(
+                {"dense": by_dense.tolist(), "lexical": by_lexical.tolist()}
+            )
+            dense_by_seq = dict(zip(seqs.tolist(), dense.tolist(), strict=True))
+            lex_by_seq = dict(zip(seqs.tolist(), lex.tolist(), strict=True))
         best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:top_k]
         hits = []
         for seq, score in best:
-            signals = {}
-            if seq in dense_by_seq:
-                signals["dense"] = float(dense_by_seq[seq])
-            if seq in lex_by_seq:
+            signals = {"dense": float(dense_by_seq[seq])}
+            if lex_by_seq[seq] > 0:
                 signals["lexical"] = float(lex_by_seq[seq])
             hits.append(ScoredSeq(seq=seq, score=float(score), signals=signals))
         return hits

@@ -34,6 +34,7 @@ app = typer.Typer(
     help="memosd: a memory daemon for LLM apps.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow instead of keeping source breaks
 )
 user_app = typer.Typer(help="Manage users (admin key).", no_args_is_help=True)
 cube_app = typer.Typer(help="Manage memory cubes.", no_args_is_help=True)
@@ -392,7 +393,3 @@ def export(
         finally:
             partial.unlink(missing_ok=True)
     typer.echo(f"exported {count} memories to {output}", err=True)
-
-
-if __name__ == "__main__":  # `python -m memos.cli`, for when the package is not installed
-    app()

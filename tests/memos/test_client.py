@@ -213,7 +213,9 @@ def test_batches_are_atomic(client: MemosClient, cube: Cube) -> None:
         client.add_memories(cube.id, [{"content": f"m{i}"} for i in range(1001)])
     assert (too_many.value.status, too_many.value.code) == (413, "payload_too_large")
     with pytest.raises(ValidationFailed) as invalid:
-        client.add_memories(cube.id, [{"content": "fine"}, {"content": "bad", "speaker": "x" * 300}])
+        client.add_memories(
+            cube.id, [{"content": "fine"}, {"content": "bad", "speaker": "x" * 300}]
+        )
     assert invalid.value.status == 422
     assert "items[1].speaker" in invalid.value.message
     assert client.list_memories(cube.id).items == []
@@ -300,7 +302,9 @@ def test_search(client: MemosClient, cube: Cube) -> None:
     assert only_a == {cello, puppy}
 
     # Naive bounds are UTC; strings are accepted too.
-    window = client.search(cube.id, "anything", since=datetime(2023, 3, 1), until="2023-12-31T00:00")
+    window = client.search(
+        cube.id, "anything", since=datetime(2023, 3, 1), until="2023-12-31T00:00"
+    )
     assert [h.memory.id for h in window.hits] == [puppy]
     tagged = client.search(cube.id, "anything", metadata={"topic": "sport"})
     assert [h.memory.id for h in tagged.hits] == [marathon]
@@ -427,7 +431,10 @@ def test_error_parsing_plain_text() -> None:
 def test_validation_details_are_kept(client: MemosClient, cube: Cube) -> None:
     with pytest.raises(ValidationFailed) as exc:
         client.add_memories(cube.id, [{"content": "x", "surprise": 1}])
-    assert exc.value.code == "validation_error"
+    assert (exc.value.status, exc.value.code) == (422, "validation_error")
+    assert "items[0].surprise" in exc.value.message
+    # Whatever else the server put in the error body is passed through.
+    assert [d["field"] for d in exc.value.details] == ["items[0].surprise"]
 
 
 def _closed_port() -> int:
