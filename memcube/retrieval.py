@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+from memcube.errors import InvalidArgument
 from memcube.fusion import make_fusion
 from memcube.lexical import BM25Index
 from memcube.rows import RowTable
 from memcube.types import IndexedDoc, ScoredSeq, SearchFilters
 from memcube.vector_index import HnswConfig, HnswIndex
+
+SEARCH_MODES = ("hybrid", "dense", "lexical")
 
 
 class RetrievalConfig(BaseModel):
@@ -47,9 +50,7 @@ class DriftReport:
 
 
 class CubeIndex:
-    def __init__(
-        self, dim: int, embedder: str, hnsw: HnswConfig, config: RetrievalConfig
-    ) -> None:
+    def __init__(self, dim: int, embedder: str, hnsw: HnswConfig, config: RetrievalConfig) -> None:
         self.dim = dim
         self.embedder = embedder
         self.hnsw_config = hnsw
@@ -175,16 +176,40 @@ class CubeIndex:
         query_text: str,
         top_k: int,
         filters: SearchFilters = SearchFilters(),
+        mode: str = "hybrid",
+        exact: bool = False,
     ) -> list[ScoredSeq]:
-        """query_vector: (dim,) float32 unit vector. Returns up to top_k hits, best first."""
+        """query_vector: (dim,) float32 unit vector. Returns up to top_k hits, best first.
+
+        `mode` "hybrid" fuses dense and BM25; "dense" and "lexical" use one signal alone
+        (for diagnosis and benchmarks). `exact` makes the dense search brute force.
+        """
+        if mode not in SEARCH_MODES:
+            raise InvalidArgument(f"unknown search mode {mode!r}; valid: {list(SEARCH_MODES)}")
         with self._lock:
             mask = self._rows.mask(filters)
             allowed = int(mask.sum())
             if allowed == 0 or top_k <= 0:
                 return []
-            depth = max(self.config.candidates, 2 * top_k)
-            dense_seqs, _ = self._dense(query_vector, depth, mask, allowed, filters)
+            if mode == "dense":
+                seqs, cosines = self._dense(query_vector, top_k, mask, allowed, filters, exact)
+                return [
+                    ScoredSeq(seq=int(q), score=float(c), signals={"dense": float(c)})
+                    for q, c in zip(seqs.tolist(), cosines.tolist(), strict=True)
+                ]
             lexical = self._bm25.scores(query_text, self._rows.size, mask)
+            if mode == "lexical":
+                top = _top_positive(lexical, top_k)
+                return [
+                    ScoredSeq(
+                        seq=int(self._rows.seqs[r]),
+                        score=float(lexical[r]),
+                        signals={"lexical": float(lexical[r])},
+                    )
+                    for r in top.tolist()
+                ]
+            depth = max(self.config.candidates, 2 * top_k)
+            dense_seqs, _ = self._dense(query_vector, depth, mask, allowed, filters, exact)
             # Score the union of both candidate lists on both signals, then rank within it.
             # Plain RRF over the two lists lets a memory that only one retriever found tie
             # with (or lose to) one the other retriever found, even when the first also
@@ -203,9 +228,7 @@ class CubeIndex:
             by_dense = seqs[np.argsort(-dense, kind="stable")]
             positive = lex > 0
             by_lexical = seqs[positive][np.argsort(-lex[positive], kind="stable")]
-            fused = self._fusion.fuse(
-                {"dense": by_dense.tolist(), "lexical": by_lexical.tolist()}
-            )
+            fused = self._fusion.fuse({"dense": by_dense.tolist(), "lexical": by_lexical.tolist()})
             dense_by_seq = dict(zip(seqs.tolist(), dense.tolist(), strict=True))
             lex_by_seq = dict(zip(seqs.tolist(), lex.tolist(), strict=True))
         best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:top_k]
@@ -217,16 +240,6 @@ class CubeIndex:
             hits.append(ScoredSeq(seq=seq, score=float(score), signals=signals))
         return hits
 
-    def dense_search(
-        self, query_vector: np.ndarray, k: int, exact: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Dense-only search, ANN or exact: the pair the ANN recall check compares."""
-        with self._lock:
-            mask = self._rows.live[: self._rows.size]
-            if exact or self._ann is None:
-                return self._rows.exact_search(query_vector, k, mask)
-            return self._ann.search(query_vector, k)
-
     def _dense(
         self,
         query: np.ndarray,
@@ -234,8 +247,9 @@ class CubeIndex:
         mask: np.ndarray,
         allowed: int,
         filters: SearchFilters,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self._ann is None or allowed <= self.config.exact_max_rows:
+        if exact or self._ann is None or allowed <= self.config.exact_max_rows:
             return self._rows.exact_search(query, depth, mask)
         row_of = self._rows.row_of
 

@@ -98,7 +98,9 @@ class RowTable:
             mask &= facet
         return mask
 
-    def exact_search(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def exact_search(
+        self, query: np.ndarray, k: int, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """query (dim,) float32 -> (seqs, cosine scores) of the k best rows where mask is True."""
         rows = np.flatnonzero(mask)
         if len(rows) == 0 or k <= 0:

@@ -436,12 +436,22 @@ class _Routes:
         since: datetime | str | None = None,
         until: datetime | str | None = None,
         metadata: dict[str, Any] | None = None,
+        mode: str | None = None,
+        exact: bool | None = None,
     ) -> _Call[SearchResult]:
-        """Best `top_k` memories for `query`; `since`/`until` bound `timestamp` (naive = UTC)."""
+        """Best `top_k` memories for `query`; `since`/`until` bound `timestamp` (naive = UTC).
+
+        `mode` ("hybrid", the default, "dense" or "lexical") and `exact` (brute-force dense
+        search) are server extensions for diagnosis and benchmarks.
+        """
         filters = _drop_none(
             session_id=session_id, since=_iso(since), until=_iso(until), metadata=metadata
         )
-        body: dict[str, Any] = {"query": query, "top_k": top_k}
+        body: dict[str, Any] = {
+            "query": query,
+            "top_k": top_k,
+            **_drop_none(mode=mode, exact=exact),
+        }
         if filters:
             body["filters"] = filters
         return _Call("POST", _path("cubes", cube_id, "search"), _one(SearchResult), body=body)

@@ -68,9 +68,7 @@ class Daemon:
         admin_key = self.settings.admin_key.get_secret_value() if self.settings.admin_key else None
         written = self.auth.ensure_admin(admin_key, self.admin_key_file)
         if written:
-            log.warning(
-                "generated an admin API key", extra={"fields": {"admin_key_file": written}}
-            )
+            log.warning("generated an admin API key", extra={"fields": {"admin_key_file": written}})
             print(f"memosd: admin API key written to {written}", flush=True)
         self.jobs.start()
         # Heal indexes a crash left behind, without holding up the first requests.
@@ -108,7 +106,9 @@ def serve(settings: Settings) -> None:
     app = create_app(daemon)
     log.info(
         "memosd starting",
-        extra={"fields": {"host": settings.host, "port": settings.port, **settings.public_summary()}},
+        extra={
+            "fields": {"host": settings.host, "port": settings.port, **settings.public_summary()}
+        },
     )
     uvicorn.run(
         app,

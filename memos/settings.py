@@ -1,4 +1,4 @@
-"""Process-edge configuration: one `Settings`, read from `MEMOS_*` env vars and an optional TOML file.
+"""Process-edge configuration: one `Settings`, from `MEMOS_*` env vars and an optional TOML file.
 
 Each subsystem gets its own typed, range-checked config object from here; no other module reads
 the environment. Nested fields use a double underscore: `MEMOS_EMBEDDER__BACKEND=torch-int8`.

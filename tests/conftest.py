@@ -140,15 +140,15 @@ class DaemonProcess:
     env: dict | None = None
 
     def start(self, timeout: float = 90) -> None:
-        log = open(self.data_dir / "daemon.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "memos", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+        command = [sys.executable, "-m", "memos", "serve", "--port", str(self.port)]
+        with open(self.data_dir / "daemon.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [*command, "--data-dir", str(self.data_dir)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

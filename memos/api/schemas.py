@@ -145,6 +145,10 @@ class SearchRequest(Strict):
     query: StrictStr = Field(min_length=1, max_length=10_000)
     top_k: int = Field(10, ge=1)
     filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
+    mode: Literal["hybrid", "dense", "lexical"] = Field(
+        "hybrid", description="extension: rank by one signal alone (diagnosis, benchmarks)"
+    )
+    exact: bool = Field(False, description="extension: brute-force dense search instead of ANN")
 
 
 class HitOut(Out):

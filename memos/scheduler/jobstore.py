@@ -79,7 +79,7 @@ def decode_job(text: str, scheduler: Any, alias: str) -> Job:
     return job
 
 
-class JsonJobStore(BaseJobStore):  # type: ignore[misc]
+class JsonJobStore(BaseJobStore):
     def __init__(self, db: Database) -> None:
         super().__init__()
         self.db = db
@@ -139,7 +139,8 @@ class JsonJobStore(BaseJobStore):  # type: ignore[misc]
 
     def remove_job(self, job_id: str) -> None:
         with self.db.write() as s:
-            if s.execute(delete(SchedulerJob).where(SchedulerJob.id == job_id)).rowcount == 0:
+            gone = s.execute(delete(SchedulerJob).where(SchedulerJob.id == job_id))
+            if gone.rowcount == 0:  # type: ignore[attr-defined]
                 raise JobLookupError(job_id)
 
     def remove_all_jobs(self) -> None:
@@ -149,6 +150,3 @@ class JsonJobStore(BaseJobStore):  # type: ignore[misc]
 
 def _stamp(job: Job) -> float | None:
     return None if job.next_run_time is None else job.next_run_time.timestamp()
-
-
-

@@ -125,7 +125,9 @@ class JobRunner:
     def _spec(self, name: str) -> JobSpec:
         job = self.jobs.get(name)
         if job is None:
-            raise NotFound(f"job {name!r} not found; jobs: {sorted(self.jobs)}", code="job_not_found")
+            raise NotFound(
+                f"job {name!r} not found; jobs: {sorted(self.jobs)}", code="job_not_found"
+            )
         return job
 
     def run_now(self, name: str, trigger: str = "manual", wait: bool = False) -> str:
@@ -157,7 +159,7 @@ class JobRunner:
 
     # -- views ------------------------------------------------------------------------------
 
-    def list(self) -> list[JobView]:
+    def views(self) -> list[JobView]:
         views = []
         with self.db.read() as s:
             for name, job in sorted(self.jobs.items()):

@@ -83,20 +83,16 @@ class CubeService:
                 )
                 s.add(cube)
         except IntegrityError:
-            raise Conflict(
-                f"you already have a cube named {name!r}", code="cube_exists"
-            ) from None
+            raise Conflict(f"you already have a cube named {name!r}", code="cube_exists") from None
         return _view(cube, Role.OWNER)
 
-    def list(self, principal: Principal, limit: int, cursor: str | None) -> Page[CubeView]:
+    def visible(self, principal: Principal, limit: int, cursor: str | None) -> Page[CubeView]:
         after = decode_cursor(cursor)
         with self.db.read() as s:
             granted = select(Grant.cube_id).where(Grant.user_id == principal.user_id)
             query = (
                 select(Cube, Grant.role)
-                .outerjoin(
-                    Grant, (Grant.cube_id == Cube.id) & (Grant.user_id == principal.user_id)
-                )
+                .outerjoin(Grant, (Grant.cube_id == Cube.id) & (Grant.user_id == principal.user_id))
                 .where(or_(Cube.owner_id == principal.user_id, Cube.id.in_(granted)))
                 .order_by(Cube.created_at, Cube.id)
             )

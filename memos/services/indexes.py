@@ -172,9 +172,7 @@ class IndexRegistry:
         reports = []
         for cube_id, generation in cubes:
             manifest = read_manifest(self.directory(cube_id))
-            lagging = generation > 0 and (
-                manifest is None or manifest.generation != generation
-            )
+            lagging = generation > 0 and (manifest is None or manifest.generation != generation)
             if lagging and cube_id not in self._indexes:
                 try:
                     self.get(cube_id)

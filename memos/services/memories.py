@@ -139,7 +139,9 @@ class MemoryService:
         if not content.strip():
             raise InvalidArgument(f"{where} is empty; a memory needs some content")
 
-    def add(self, principal: Principal, cube_id: str, items: Sequence[NewMemory]) -> list[MemoryView]:
+    def add(
+        self, principal: Principal, cube_id: str, items: Sequence[NewMemory]
+    ) -> list[MemoryView]:
         self.check_batch(items)
         self.cubes.require(principal, cube_id, Role.WRITER)
         vectors = self.embedder.embed([embedding_text(item.content) for item in items])
@@ -237,7 +239,7 @@ class MemoryService:
             (view,) = memory_views(s, [self._live_row(s, cube_id, memory_id)])
         return view
 
-    def list(
+    def page(
         self,
         principal: Principal,
         cube_id: str,

@@ -46,6 +46,8 @@ class SearchService:
         query: str,
         top_k: int,
         filters: SearchFilters,
+        mode: str = "hybrid",
+        exact: bool = False,
     ) -> SearchResult:
         started = time.perf_counter()
         if not query.strip():
@@ -57,7 +59,7 @@ class SearchService:
         self.cubes.require(principal, cube_id, Role.READER)
         index = self.indexes.get(cube_id)
         vector = self.embedder.embed_one(query)
-        scored = index.search(vector, query, top_k, filters)
+        scored = index.search(vector, query, top_k, filters, mode=mode, exact=exact)
         with self.db.read() as s:
             rows = s.scalars(
                 select(Memory).where(

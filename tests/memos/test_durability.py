@@ -113,9 +113,12 @@ def test_index_replays_changes_newer_than_its_save(tmp_path):
     daemon.start()
     with daemon.client() as admin:
         cube_id = admin.post("/v1/cubes", json={"name": "heal"}).json()["id"]
-        post = lambda items: admin.post(
-            f"/v1/cubes/{cube_id}/memories", json={"items": items}
-        ).json()["items"]  # noqa: E731
+
+        def post(items):
+            return admin.post(f"/v1/cubes/{cube_id}/memories", json={"items": items}).json()[
+                "items"
+            ]  # noqa: E731
+
         early = post([{"content": f"early fact {i} tok{secrets.token_hex(5)}"} for i in range(40)])
         assert _run_job(admin)["result"]["actions"] == {"saved": 1}
         late = post([{"content": f"late fact {i} tok{secrets.token_hex(5)}"} for i in range(30)])

@@ -21,7 +21,7 @@ def create_cube(body: CubeCreate, daemon: DaemonDep, principal: PrincipalDep) ->
 def list_cubes(
     daemon: DaemonDep, principal: PrincipalDep, limit: Limit = 50, cursor: str | None = None
 ) -> CubeList:
-    page = daemon.cubes.list(principal, limit, cursor)
+    page = daemon.cubes.visible(principal, limit, cursor)
     return CubeList(
         items=[CubeOut.model_validate(c) for c in page.items], next_cursor=page.next_cursor
     )

@@ -54,14 +54,16 @@ def list_memories(
     limit: Limit = 50,
     cursor: str | None = None,
 ) -> MemoryList:
-    page = daemon.memories.list(principal, cube_id, session_id, limit, cursor)
+    page = daemon.memories.page(principal, cube_id, session_id, limit, cursor)
     return MemoryList(
         items=[MemoryOut.model_validate(v) for v in page.items], next_cursor=page.next_cursor
     )
 
 
 @router.get("/memories/{memory_id}", response_model=MemoryOut)
-def get_memory(cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep) -> MemoryOut:
+def get_memory(
+    cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep
+) -> MemoryOut:
     return MemoryOut.model_validate(daemon.memories.get(principal, cube_id, memory_id))
 
 
@@ -100,5 +102,7 @@ def search(
         until=body.filters.until,
         metadata=body.filters.metadata,
     )
-    result = daemon.search.search(principal, cube_id, body.query, body.top_k, filters)
+    result = daemon.search.search(
+        principal, cube_id, body.query, body.top_k, filters, mode=body.mode, exact=body.exact
+    )
     return SearchResponse.model_validate(result, from_attributes=True)

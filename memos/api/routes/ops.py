@@ -43,7 +43,7 @@ def metrics(request: Request) -> Response:
 
 @router.get("/v1/jobs", response_model=JobList)
 def list_jobs(daemon: DaemonDep, _: AdminDep) -> JobList:
-    return JobList(items=[JobOut.model_validate(j) for j in daemon.jobs.list()])
+    return JobList(items=[JobOut.model_validate(j) for j in daemon.jobs.views()])
 
 
 @router.post("/v1/jobs/{name}/run", status_code=202, response_model=RunAccepted)

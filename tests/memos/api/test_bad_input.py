@@ -9,12 +9,16 @@ def _state(client, cube_id):
     """Everything a bad request might have changed."""
     memories = client.get(f"/v1/cubes/{cube_id}/memories", params={"limit": 500}).json()["items"]
     cube = client.get(f"/v1/cubes/{cube_id}").json()
-    return [(m["id"], m["content"], m["version"], m["metadata"]) for m in memories], cube["stats"]["memories"]
+    return [(m["id"], m["content"], m["version"], m["metadata"]) for m in memories], cube["stats"][
+        "memories"
+    ]
 
 
 def _seeded(tenant):
     client, cube_id = tenant
-    memory = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "seed"}]}).json()["items"][0]
+    memory = client.post(
+        f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "seed"}]}
+    ).json()["items"][0]
     return client, cube_id, memory["id"]
 
 
@@ -27,11 +31,36 @@ BAD_ADDS = [
     ("items not a list", b'{"items": {"content": "x"}}', 422, "validation_error"),
     ("empty batch", b'{"items": []}', 422, "invalid_argument"),
     ("empty content", b'{"items": [{"content": "   "}]}', 422, "invalid_argument"),
-    ("naive timestamp", b'{"items": [{"content": "x", "timestamp": "2023-05-08T10:00:00"}]}', 422, "validation_error"),
-    ("bad timestamp", b'{"items": [{"content": "x", "timestamp": "yesterday"}]}', 422, "validation_error"),
-    ("metadata not object", b'{"items": [{"content": "x", "metadata": [1]}]}', 422, "validation_error"),
-    ("unknown field", b'{"items": [{"content": "x", "sesion_id": "typo"}]}', 422, "validation_error"),
-    ("one bad item spoils the batch", b'{"items": [{"content": "ok"}, {"content": null}]}', 422, "validation_error"),
+    (
+        "naive timestamp",
+        b'{"items": [{"content": "x", "timestamp": "2023-05-08T10:00:00"}]}',
+        422,
+        "validation_error",
+    ),
+    (
+        "bad timestamp",
+        b'{"items": [{"content": "x", "timestamp": "yesterday"}]}',
+        422,
+        "validation_error",
+    ),
+    (
+        "metadata not object",
+        b'{"items": [{"content": "x", "metadata": [1]}]}',
+        422,
+        "validation_error",
+    ),
+    (
+        "unknown field",
+        b'{"items": [{"content": "x", "sesion_id": "typo"}]}',
+        422,
+        "validation_error",
+    ),
+    (
+        "one bad item spoils the batch",
+        b'{"items": [{"content": "ok"}, {"content": null}]}',
+        422,
+        "validation_error",
+    ),
 ]
 
 
@@ -51,7 +80,9 @@ def test_bad_add_is_refused_and_changes_nothing(tenant, name, body, status, code
 def test_oversize_batch_is_413_and_atomic(tenant):
     client, cube_id, _ = _seeded(tenant)
     before = _state(client, cube_id)
-    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": f"m{i}"} for i in range(1001)]})
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": f"m{i}"} for i in range(1001)]}
+    )
     assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
     assert "1001" in r.json()["error"]["message"]
     assert _state(client, cube_id) == before
@@ -61,7 +92,9 @@ def test_oversize_content_is_413_and_atomic(tenant):
     client, cube_id, memory_id = _seeded(tenant)
     before = _state(client, cube_id)
     huge = "x" * ((1 << 20) + 1)
-    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "fine"}, {"content": huge}]})
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "fine"}, {"content": huge}]}
+    )
     assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
     assert "items[1].content" in r.json()["error"]["message"]
     r = client.patch(f"/v1/cubes/{cube_id}/memories/{memory_id}", json={"content": huge})
@@ -71,7 +104,9 @@ def test_oversize_content_is_413_and_atomic(tenant):
 
 def test_exactly_1000_items_and_1_mib_are_accepted(tenant):
     client, cube_id, _ = _seeded(tenant)
-    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": f"m{i}"} for i in range(1000)]})
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": f"m{i}"} for i in range(1000)]}
+    )
     assert r.status_code == 201 and len(r.json()["items"]) == 1000
     r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "é" * (1 << 19)}]})
     assert r.status_code == 201  # 2 bytes a character: exactly 1 MiB
@@ -103,7 +138,13 @@ BAD_SEARCHES = [
     ({"query": "x", "top_k": 501}, 422),
     ({"query": "x", "top_k": "ten"}, 422),
     ({"query": "x", "filters": {"since": "2023-01-01"}}, 422),
-    ({"query": "x", "filters": {"since": "2023-02-01T00:00:00Z", "until": "2023-01-01T00:00:00Z"}}, 422),
+    (
+        {
+            "query": "x",
+            "filters": {"since": "2023-02-01T00:00:00Z", "until": "2023-01-01T00:00:00Z"},
+        },
+        422,
+    ),
     ({"query": "x", "filters": {"speaker": "a"}}, 422),
 ]
 
@@ -134,7 +175,12 @@ def test_bad_cube_and_user_bodies(server):
         assert client.get("/v1/cubes").json()["items"] == []
     with server.client() as admin:
         assert admin.post("/v1/users", json={"name": ""}).status_code == 422
-        assert admin.post("/v1/users", content=b"nope", headers={"content-type": "application/json"}).status_code == 400
+        assert (
+            admin.post(
+                "/v1/users", content=b"nope", headers={"content-type": "application/json"}
+            ).status_code
+            == 400
+        )
 
 
 def test_unknown_route_and_method_are_json_errors(server):

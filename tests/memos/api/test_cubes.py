@@ -131,7 +131,9 @@ def test_grant_to_unknown_user_is_404_and_bad_role_422(server):
     other_id, _ = server.new_user()
     with server.client(key) as client:
         cube_id = client.post("/v1/cubes", json={"name": "g"}).json()["id"]
-        r = client.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": "usr_nobody", "role": "reader"})
+        r = client.post(
+            f"/v1/cubes/{cube_id}/grants", json={"user_id": "usr_nobody", "role": "reader"}
+        )
         assert (r.status_code, r.json()["error"]["code"]) == (404, "user_not_found")
         r = client.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": other_id, "role": "admin"})
         assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")

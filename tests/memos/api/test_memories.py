@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 MEMORY_FIELDS = {
-    "id", "cube_id", "content", "session_id", "speaker", "timestamp", "metadata", "keywords",
-    "tags", "context", "links", "version", "created_at", "updated_at",
+    "id",
+    "cube_id",
+    "content",
+    "session_id",
+    "speaker",
+    "timestamp",
+    "metadata",
+    "keywords",
+    "tags",
+    "context",
+    "links",
+    "version",
+    "created_at",
+    "updated_at",
 }
 
 
@@ -43,7 +55,10 @@ def test_add_returns_full_memories_in_order(tenant):
 def test_list_pages_and_filters_by_session(tenant):
     client, cube_id = tenant
     items = [{"content": f"note {i}", "session_id": f"s{i % 2}"} for i in range(7)]
-    ids = [m["id"] for m in client.post(f"/v1/cubes/{cube_id}/memories", json={"items": items}).json()["items"]]
+    ids = [
+        m["id"]
+        for m in client.post(f"/v1/cubes/{cube_id}/memories", json={"items": items}).json()["items"]
+    ]
     pages, cursor = [], None
     while True:
         params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
@@ -61,7 +76,8 @@ def test_list_pages_and_filters_by_session(tenant):
 def test_patch_bumps_version_and_history_keeps_every_version(tenant):
     client, cube_id = tenant
     memory = client.post(
-        f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "I live in Paris", "metadata": {"a": 1}}]}
+        f"/v1/cubes/{cube_id}/memories",
+        json={"items": [{"content": "I live in Paris", "metadata": {"a": 1}}]},
     ).json()["items"][0]
     path = f"/v1/cubes/{cube_id}/memories/{memory['id']}"
     patched = client.patch(path, json={"content": "I live in Berlin now"})
@@ -69,14 +85,26 @@ def test_patch_bumps_version_and_history_keeps_every_version(tenant):
     assert (patched.json()["version"], patched.json()["content"]) == (2, "I live in Berlin now")
     assert patched.json()["metadata"] == {"a": 1}
     meta = client.patch(path, json={"metadata": {"a": 2}}).json()
-    assert (meta["version"], meta["content"], meta["metadata"]) == (3, "I live in Berlin now", {"a": 2})
+    assert (meta["version"], meta["content"], meta["metadata"]) == (
+        3,
+        "I live in Berlin now",
+        {"a": 2},
+    )
     history = client.get(f"{path}/history").json()["items"]
     assert [(h["version"], h["content"], h["reason"]) for h in history] == [
         (1, "I live in Paris", "created"),
         (2, "I live in Berlin now", "updated"),
         (3, "I live in Berlin now", "updated"),
     ]
-    assert set(history[0]) >= {"version", "content", "keywords", "tags", "context", "changed_at", "reason"}
+    assert set(history[0]) >= {
+        "version",
+        "content",
+        "keywords",
+        "tags",
+        "context",
+        "changed_at",
+        "reason",
+    }
     # Search sees the new content, not the old.
     hits = client.post(f"/v1/cubes/{cube_id}/search", json={"query": "Berlin"}).json()["hits"]
     assert hits[0]["memory"]["id"] == memory["id"]
@@ -96,7 +124,9 @@ def test_soft_delete_hides_everywhere_but_history(tenant):
     assert client.patch(path, json={"content": "x"}).status_code == 404
     listed = client.get(f"/v1/cubes/{cube_id}/memories").json()["items"]
     assert [m["id"] for m in listed] == [keep["id"]]
-    hits = client.post(f"/v1/cubes/{cube_id}/search", json={"query": "blue bicycle", "top_k": 10}).json()["hits"]
+    hits = client.post(
+        f"/v1/cubes/{cube_id}/search", json={"query": "blue bicycle", "top_k": 10}
+    ).json()["hits"]
     assert [h["memory"]["id"] for h in hits] == [keep["id"]]
     history = client.get(f"{path}/history").json()["items"]
     assert [(h["version"], h["reason"]) for h in history] == [(1, "created"), (2, "deleted")]
@@ -120,7 +150,9 @@ def test_memory_of_another_cube_is_not_reachable_through_mine(server):
     with server.client(key) as client:
         a = client.post("/v1/cubes", json={"name": "a"}).json()["id"]
         b = client.post("/v1/cubes", json={"name": "b"}).json()["id"]
-        memory_id = client.post(f"/v1/cubes/{a}/memories", json={"items": [{"content": "x"}]}).json()["items"][0]["id"]
+        memory_id = client.post(
+            f"/v1/cubes/{a}/memories", json={"items": [{"content": "x"}]}
+        ).json()["items"][0]["id"]
         assert client.get(f"/v1/cubes/{b}/memories/{memory_id}").status_code == 404
         assert client.delete(f"/v1/cubes/{b}/memories/{memory_id}").status_code == 404
         assert client.get(f"/v1/cubes/{a}/memories/{memory_id}").status_code == 200

@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 DOCS = [
-    {"content": "Caroline adopted a golden retriever puppy named Max.", "session_id": "s1",
-     "speaker": "Caroline", "timestamp": "2023-05-01T10:00:00Z", "metadata": {"topic": "pets"}},
-    {"content": "Melanie ran a charity race for mental health awareness.", "session_id": "s1",
-     "speaker": "Melanie", "timestamp": "2023-05-02T10:00:00Z", "metadata": {"topic": "sport"}},
-    {"content": "We went camping by the lake and roasted marshmallows.", "session_id": "s2",
-     "speaker": "Melanie", "timestamp": "2023-06-10T10:00:00Z", "metadata": {"topic": "travel"}},
-    {"content": "My dog loves chasing tennis balls at the park.", "session_id": "s2",
-     "speaker": "Caroline", "timestamp": "2023-07-15T10:00:00Z", "metadata": {"topic": "pets", "n": 2}},
-    {"content": "The quarterly tax report is due on Friday.", "session_id": "s3",
-     "speaker": "Melanie", "timestamp": "2023-08-01T10:00:00Z", "metadata": {"topic": "work"}},
+    {
+        "content": "Caroline adopted a golden retriever puppy named Max.",
+        "session_id": "s1",
+        "speaker": "Caroline",
+        "timestamp": "2023-05-01T10:00:00Z",
+        "metadata": {"topic": "pets"},
+    },
+    {
+        "content": "Melanie ran a charity race for mental health awareness.",
+        "session_id": "s1",
+        "speaker": "Melanie",
+        "timestamp": "2023-05-02T10:00:00Z",
+        "metadata": {"topic": "sport"},
+    },
+    {
+        "content": "We went camping by the lake and roasted marshmallows.",
+        "session_id": "s2",
+        "speaker": "Melanie",
+        "timestamp": "2023-06-10T10:00:00Z",
+        "metadata": {"topic": "travel"},
+    },
+    {
+        "content": "My dog loves chasing tennis balls at the park.",
+        "session_id": "s2",
+        "speaker": "Caroline",
+        "timestamp": "2023-07-15T10:00:00Z",
+        "metadata": {"topic": "pets", "n": 2},
+    },
+    {
+        "content": "The quarterly tax report is due on Friday.",
+        "session_id": "s3",
+        "speaker": "Melanie",
+        "timestamp": "2023-08-01T10:00:00Z",
+        "metadata": {"topic": "work"},
+    },
 ]
 
 
@@ -69,7 +94,10 @@ def test_filters_session_time_metadata(tenant):
     assert found(session_id="nope") == set()
     assert found(since="2023-06-10T10:00:00Z") == {ids[2], ids[3], ids[4]}  # since is inclusive
     assert found(until="2023-06-10T10:00:00Z") == {ids[0], ids[1]}  # until is exclusive
-    assert found(since="2023-05-02T00:00:00Z", until="2023-07-01T00:00:00+00:00") == {ids[1], ids[2]}
+    assert found(since="2023-05-02T00:00:00Z", until="2023-07-01T00:00:00+00:00") == {
+        ids[1],
+        ids[2],
+    }
     assert found(metadata={"topic": "pets"}) == {ids[0], ids[3]}
     assert found(metadata={"topic": "pets", "n": 2}) == {ids[3]}
     assert found(metadata={"n": "2"}) == set()  # equality is typed: 2 is not "2"
