@@ -157,7 +157,9 @@ STOPWORDS = frozenset(
 
 
 def normalize_token(token: str) -> str:
-    """A deliberately light stemmer: plural and possessive endings only (precision over recall)."""
+    """A deliberately light stemmer: plural endings only (Porter's step 1a; precision over recall)."""
+    if token.endswith("sses"):
+        return token[:-2]
     if len(token) > 4 and token.endswith("ies"):
         return token[:-3] + "y"
     if len(token) > 3 and token.endswith("s") and not token.endswith(("ss", "us", "is")):

@@ -91,7 +91,7 @@ def main(
         typer.Option(
             "--api-key",
             envvar="MEMOS_API_KEY",
-            help="API key; default: <data dir>/admin.key if readable.",
+            help="API key; default: the admin key in $MEMOS_DATA_DIR/admin.key if readable.",
         ),
     ] = None,
 ) -> None:

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from memcube.errors import InvalidArgument
+from memcube.fusion import ReciprocalRankFusion, make_fusion
+from memcube.retrieval import CubeIndex, RetrievalConfig
+from memcube.types import IndexedDoc, SearchFilters
+from memcube.vector_index import HnswConfig
+
+T0 = datetime(2023, 1, 1, tzinfo=UTC)
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def docs(n: int, dim: int = 16, seed: int = 0) -> list[IndexedDoc]:
+    rng = np.random.default_rng(seed)
+    return [
+        IndexedDoc(
+            seq=i,
+            text=f"memory number{i} about topic{i % 7}",
+            embedding=unit(rng.normal(size=dim)),
+            session_id=f"s{i % 3}",
+            timestamp=T0 + timedelta(days=i),
+            metadata={"parity": i % 2, "tag": "x" if i < 5 else "y"},
+        )
+        for i in range(n)
+    ]
+
+
+def make_index(items: list[IndexedDoc], exact_max_rows: int = 0) -> CubeIndex:
+    index = CubeIndex(16, "test:1", HnswConfig(), RetrievalConfig(exact_max_rows=exact_max_rows))
+    index.load_rows(items, generation=1)
+    index.rebuild_ann()
+    return index
+
+
+def test_rrf_scores_are_exact():
+    fused = ReciprocalRankFusion(k=60, weights={"dense": 2.0}).fuse(
+        {"dense": [1, 2], "lexical": [2, 3]}
+    )
+    assert fused == pytest.approx({1: 2 / 61, 2: 2 / 62 + 1 / 61, 3: 1 / 62})
+    with pytest.raises(InvalidArgument, match="valid: \\['rrf'\\]"):
+        make_fusion("borda", 60, {})
+
+
+def test_hybrid_prefers_a_doc_strong_on_both_signals():
+    items = docs(50)
+    index = make_index(items)
+    query = items[10].embedding
+    hits = index.search(query, "number10", top_k=3)
+    assert hits[0].seq == 10
+    assert hits[0].signals["lexical"] > 0 and hits[0].signals["dense"] == pytest.approx(1, abs=1e-5)
+
+
+def test_modes_rank_by_one_signal():
+    items = docs(50)
+    index = make_index(items)
+    dense = index.search(items[3].embedding, "number7", 1, mode="dense")
+    lexical = index.search(items[3].embedding, "number7", 1, mode="lexical")
+    assert (dense[0].seq, lexical[0].seq) == (3, 7)
+    assert set(dense[0].signals) == {"dense"} and set(lexical[0].signals) == {"lexical"}
+    with pytest.raises(InvalidArgument):
+        index.search(items[3].embedding, "x", 1, mode="magic")
+
+
+@pytest.mark.parametrize("exact_max_rows", [0, 10_000])  # filtered ANN walk, and brute force
+def test_filters_restrict_every_path(exact_max_rows):
+    items = docs(60)
+    index = make_index(items, exact_max_rows)
+
+    def seqs(**kw):
+        return {h.seq for h in index.search(items[0].embedding, "memory", 100, SearchFilters(**kw))}
+
+    assert seqs(session_id="s1") == {i for i in range(60) if i % 3 == 1}
+    assert seqs(since=T0 + timedelta(days=50)) == set(range(50, 60))
+    assert seqs(until=T0 + timedelta(days=3)) == {0, 1, 2}
+    assert seqs(metadata={"tag": "x", "parity": 1}) == {1, 3}
+    assert seqs(session_id="none") == set()
+
+
+def test_apply_replaces_and_deletes():
+    items = docs(20)
+    index = make_index(items)
+    moved = IndexedDoc(3, "now about zeppelins", items[7].embedding, "s9", T0, {})
+    index.apply([moved], deleted=[7], generation=2)
+    assert index.generation == 2 and index.live_count == 19
+    assert [h.seq for h in index.search(items[7].embedding, "zeppelins", 1)] == [3]
+    assert 7 not in {h.seq for h in index.search(items[7].embedding, "memory", 50)}
+    assert {
+        h.seq for h in index.search(items[0].embedding, "x", 50, SearchFilters(session_id="s9"))
+    } == {3}
+    assert index.verify_ann().clean
+
+
+def test_verify_ann_detects_every_kind_of_drift():
+    items = docs(30)
+    index = make_index(items)
+    ann = index._ann
+    ann.upsert(np.array([4]), items[5].embedding[None, :])  # stale vector
+    ann.delete([6])  # missing
+    ann.upsert(np.array([999]), items[0].embedding[None, :])  # extra
+    drift = index.verify_ann(sample=1000)
+    assert (drift.missing, drift.stale, drift.extra) == (1, 1, 1)
+    index.rebuild_ann()
+    assert index.verify_ann(sample=1000).clean
+
+
+def test_ann_agrees_with_exact_search():
+    items = docs(3000, dim=16, seed=1)
+    index = make_index(items)
+    rng = np.random.default_rng(2)
+    overlap = []
+    for _ in range(50):
+        q = unit(rng.normal(size=16))
+        ann = {h.seq for h in index.search(q, "", 10, mode="dense")}
+        exact = {h.seq for h in index.search(q, "", 10, mode="dense", exact=True)}
+        overlap.append(len(ann & exact) / 10)
+    assert np.mean(overlap) >= 0.98
