@@ -157,7 +157,7 @@ STOPWORDS = frozenset(
 
 
 def normalize_token(token: str) -> str:
-    """A deliberately light stemmer: plural endings only (Porter's step 1a; precision over recall)."""
+    """A light stemmer: plural endings only (Porter step 1a), for precision over recall."""
     if token.endswith("sses"):
         return token[:-2]
     if len(token) > 4 and token.endswith("ies"):
