@@ -9,165 +9,50 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-PEOPLE = [
-    "Alice",
-    "Bob",
-    "Carmen",
-    "Deepak",
-    "Elena",
-    "Farid",
-    "Grace",
-    "Hiro",
-    "Ines",
-    "Jamal",
-    "Kira",
-    "Liam",
-    "Mona",
-    "Nadia",
-    "Omar",
-    "Priya",
-    "Quinn",
-    "Rosa",
-    "Sven",
-    "Tara",
-    "Umar",
-    "Vera",
-    "Wen",
-    "Xavier",
-    "Yara",
-    "Zane",
-    "Aiko",
-    "Bruno",
-    "Chloe",
-    "Dmitri",
-    "Esme",
-    "Felix",
-    "Gita",
-    "Hugo",
-    "Ivy",
-    "Jonas",
-    "Kemal",
-    "Lucia",
-    "Mateo",
-    "Noor",
-    "Olga",
-    "Pavel",
-    "Rania",
-    "Sami",
-    "Tomas",
-    "Uma",
-    "Viktor",
-    "Willa",
-    "Yusuf",
-    "Zora",
-]
-ACTIVITIES = [
-    "hiked",
-    "baked",
-    "painted",
-    "repaired",
-    "adopted",
-    "visited",
-    "planted",
-    "sold",
-    "bought",
-    "learned",
-    "taught",
-    "wrote",
-    "recorded",
-    "cycled",
-    "photographed",
-    "cooked",
-    "designed",
-    "sewed",
-    "carved",
-    "knitted",
-    "coached",
-    "studied",
-    "translated",
-    "restored",
-    "organised",
-    "sketched",
-    "climbed",
-    "fished",
-    "sailed",
-    "brewed",
-    "composed",
-    "edited",
-    "rehearsed",
-    "volunteered",
-]
+PEOPLE = """
+    Alice Bob Carmen Deepak Elena Farid Grace Hiro Ines Jamal Kira Liam Mona Nadia Omar
+    Priya Quinn Rosa Sven Tara Umar Vera Wen Xavier Yara Zane Aiko Bruno Chloe Dmitri Esme
+    Felix Gita Hugo Ivy Jonas Kemal Lucia Mateo Noor Olga Pavel Rania Sami Tomas Uma Viktor
+    Willa Yusuf Zora
+""".split()
+ACTIVITIES = """
+    hiked baked painted repaired adopted visited planted sold bought learned taught wrote
+    recorded cycled photographed cooked designed sewed carved knitted coached studied
+    translated restored organised sketched climbed fished sailed brewed composed edited
+    rehearsed volunteered
+""".split()
 OBJECTS = [
-    "a sourdough loaf ",
-    " a watercolour of the harbour ",
-    " the old bicycle ",
-    " a rescue greyhound ",
-    "\na vegetable garden ",
-    " a vintage camera ",
-    " a pottery bowl ",
-    " a birthday cake ",
-    " a wooden bookshelf ",
-    "\na marathon training plan ",
-    " a jazz standard on piano ",
-    " a short story about the sea ",
-    " a quilt ",
-    "\na bird feeder ",
-    " a kayak ",
-    " a spreadsheet of expenses ",
-    " a podcast episode ",
-    " a mural for the school ",
-    "\na chess opening ",
-    " a Spanish lesson ",
-    " a lemon tart ",
-    " a telescope ",
-    " a treehouse ",
-    " a wedding speech ",
-    "\na climbing route ",
-    " a mobile app ",
-    " a family recipe book ",
-    " a herb spiral ",
-    " a sailing dinghy ",
-    "\na poetry zine ",
-    " a ceramic vase ",
-    " a vegetable curry ",
-    " a robot kit ",
-    " a community fridge",
+    item.strip()
+    for item in """
+    a sourdough loaf  |  a watercolour of the harbour  |  the old bicycle  |  a rescue
+    greyhound  |  a vegetable garden  |  a vintage camera  |  a pottery bowl  |  a birthday
+    cake  |  a wooden bookshelf  |  a marathon training plan  |  a jazz standard on piano  |
+    a short story about the sea  |  a quilt  |  a bird feeder  |  a kayak  |  a spreadsheet
+    of expenses  |  a podcast episode  |  a mural for the school  |  a chess opening  |  a
+    Spanish lesson  |  a lemon tart  |  a telescope  |  a treehouse  |  a wedding speech  |
+    a climbing route  |  a mobile app  |  a family recipe book  |  a herb spiral  |  a
+    sailing dinghy  |  a poetry zine  |  a ceramic vase  |  a vegetable curry  |  a robot
+    kit  |  a community fridge
+""".split("|")
 ]
 PLACES = [
-    "in Lisbon ",
-    " at the lake cabin ",
-    " in the community centre ",
-    " at grandma's house ",
-    " in Kyoto ",
-    "\nby the river ",
-    " at the farmers market ",
-    " in the garage ",
-    " at the library ",
-    " in Montreal ",
-    " on the roof ",
-    "\nat the beach in Cornwall ",
-    " in the mountains near Grenoble ",
-    " at the office ",
-    " in the city park ",
-    "\nat the art studio ",
-    " in Nairobi ",
-    " at the youth club ",
-    " in the allotment ",
-    " at a hostel in Hanoi",
+    item.strip()
+    for item in """
+    in Lisbon  |  at the lake cabin  |  in the community centre  |  at grandma's house  |
+    in Kyoto  |  by the river  |  at the farmers market  |  in the garage  |  at the library
+    |  in Montreal  |  on the roof  |  at the beach in Cornwall  |  in the mountains near
+    Grenoble  |  at the office  |  in the city park  |  at the art studio  |  in Nairobi  |
+    at the youth club  |  in the allotment  |  at a hostel in Hanoi
+""".split("|")
 ]
 FEELINGS = [
-    "and felt proud ",
-    " and it was exhausting ",
-    " and everyone loved it ",
-    " though it rained all day ",
-    "\nand plans to do it again ",
-    " after weeks of practice ",
-    " with an old friend ",
-    " to raise money for charity ",
-    "\nand learned a lot ",
-    " even though it went wrong twice ",
-    " for the first time ",
-    " as a surprise",
+    item.strip()
+    for item in """
+    and felt proud  |  and it was exhausting  |  and everyone loved it  |  though it rained
+    all day  |  and plans to do it again  |  after weeks of practice  |  with an old friend
+    |  to raise money for charity  |  and learned a lot  |  even though it went wrong twice
+    |  for the first time  |  as a surprise
+""".split("|")
 ]
 QUESTIONS = [
     "What did {p} {a} {pl}?",
@@ -186,7 +71,7 @@ class MemoryGenerator:
         self.count = 0
 
     def _pick(self, items: list[str]) -> str:
-        return " ".join(self.rng.choice(items).split())
+        return " ".join(self.rng.choice(items).split())  # folds line breaks inside an item
 
     def sentence(self) -> str:
         return (
