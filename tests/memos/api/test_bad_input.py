@@ -189,3 +189,21 @@ def test_unknown_route_and_method_are_json_errors(server):
         assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
         r = admin.put("/v1/cubes")
         assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")
+
+
+def test_json_body_is_read_whatever_content_type_the_client_sent(tenant):
+    """curl -d labels bodies as form data; the API speaks JSON only, so it reads them as JSON."""
+    client, cube_id = tenant
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        r = client.post(
+            f"/v1/cubes/{cube_id}/memories",
+            content=b'{"items": [{"content": "sent like curl -d"}]}',
+            headers={"content-type": content_type},
+        )
+        assert r.status_code == 201, r.text
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories",
+        content=b"content=form+data",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json")
