@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +33,14 @@ def evidence_recall(ranked: list[str], evidence: tuple[str, ...]) -> float:
     return len(set(ranked) & set(evidence)) / len(evidence)
 
 
-def run(data: Path, queries: int) -> dict:
+def run(data: Path, queries: int, cache_dir: Path) -> dict:
     conversations = load_locomo(data)
     texts = [f"{t.speaker}: {t.render()}" for c in conversations for t in c.turns]
     results = {}
     reference = None
-    for backend in BACKENDS:
-        embedder = Embedder(EmbedderConfig(backend=backend))
+    # torch fp32 first: it is the reference the other backends' vectors are compared with.
+    for backend in sorted(BACKENDS, key=lambda b: b != "torch"):
+        embedder = Embedder(EmbedderConfig(backend=backend, cache_dir=cache_dir))
         started = time.perf_counter()
         vectors = embedder.embed(texts)
         per_s = len(texts) / (time.perf_counter() - started)
@@ -82,11 +84,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/locomo/locomo_dev.json"))
     parser.add_argument("--queries", type=int, default=300, help="queries timed one at a time")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--cache-dir", type=Path, help="where the ONNX export goes (default: temp)")
     args = parser.parse_args()
     if not args.data.exists():
         print(f"skipped: {args.data} not found", file=sys.stderr)
         return
-    out = run(args.data, args.queries)
+    out = run(args.data, args.queries, args.cache_dir or Path(tempfile.mkdtemp()))
     rows = [{"backend": name, **r} for name, r in out["backends"].items()]
     print_table(
         f"embedders on {out['turns']} LoCoMo turns",

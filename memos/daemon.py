@@ -35,6 +35,7 @@ class Daemon:
             self.embedder.fingerprint,
             settings.hnsw,
             settings.retrieval,
+            self.embedder.embed,
         )
         self.auth = AuthService(self.db)
         self.cubes = CubeService(self.db, self.indexes.drop, self.indexes.disk_bytes)

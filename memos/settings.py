@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         if toml_path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _derived_paths(self) -> Settings:
+        if self.embedder.cache_dir is None:
+            self.embedder.cache_dir = self.data_dir / "models"
+        return self
 
     @property
     def resolved_database_url(self) -> str:

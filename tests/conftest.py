@@ -53,11 +53,19 @@ def postgres_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """One ONNX export of the embedder for every daemon this session starts."""
+    path = tmp_path_factory.mktemp("models")
+    os.environ["MEMOS_EMBEDDER__CACHE_DIR"] = str(path)  # inherited by daemon subprocesses
+    return path
+
+
 @pytest.fixture(scope="session")
-def embedder():
+def embedder(model_cache):
     from memcube.embedder import Embedder, EmbedderConfig
 
-    return Embedder(EmbedderConfig())
+    return Embedder(EmbedderConfig(cache_dir=model_cache))
 
 
 # -- in-process server over real sockets ----------------------------------------------------
@@ -193,7 +201,7 @@ def make_daemon_process(data_dir: Path, **env_overrides: str) -> DaemonProcess:
 
 
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory) -> Iterator[DaemonProcess]:
+def daemon(tmp_path_factory, model_cache) -> Iterator[DaemonProcess]:
     """A real `memos serve` process on SQLite, shared by the SDK and CLI tests."""
     proc = make_daemon_process(tmp_path_factory.mktemp("daemon-proc"))
     proc.start()

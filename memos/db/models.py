@@ -60,6 +60,9 @@ class Cube(Base):
     # Bumped by every change to the cube's memories; memory rows record the value of their
     # last change, which is how an index knows exactly what it has not seen yet.
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The embedder vector space of the stored embeddings (e.g. "all-MiniLM-L6-v2:fp32:384");
+    # a daemon running another space re-embeds the cube before using it. NULL: not yet known.
+    embedder: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Grant(Base):

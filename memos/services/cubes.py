@@ -83,8 +83,15 @@ class CubeService:
                 )
                 s.add(cube)
         except IntegrityError:
+            if not self._name_taken(principal.user_id, name):
+                raise  # not a duplicate name: a broken invariant, not the caller's mistake
             raise Conflict(f"you already have a cube named {name!r}", code="cube_exists") from None
         return _view(cube, Role.OWNER)
+
+    def _name_taken(self, owner_id: str, name: str) -> bool:
+        with self.db.read() as s:
+            found = s.scalar(select(Cube.id).where(Cube.owner_id == owner_id, Cube.name == name))
+        return found is not None
 
     def visible(self, principal: Principal, limit: int, cursor: str | None) -> Page[CubeView]:
         after = decode_cursor(cursor)

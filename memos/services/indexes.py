@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from memcube.retrieval import CubeIndex, RetrievalConfig
 from memcube.types import IndexedDoc
@@ -28,6 +28,11 @@ from memos.db.models import Cube, Memory
 from memos.services.cubes import cube_not_found
 
 log = logging.getLogger("memos.indexes")
+
+
+def embedding_text(content: str) -> str:
+    """What the dense vector encodes. (Enriched notes will add keywords, tags and context.)"""
+    return content
 
 
 def lexical_text(row: Memory) -> str:
@@ -63,8 +68,10 @@ class IndexRegistry:
         embedder: str,
         hnsw: HnswConfig,
         retrieval: RetrievalConfig,
+        embed: Callable[[Sequence[str]], np.ndarray],
     ) -> None:
         self.db = db
+        self.embed = embed
         self.root = root
         self.dim = dim
         self.embedder = embedder
@@ -136,11 +143,48 @@ class IndexRegistry:
             yield from s.scalars(query.order_by(Memory.seq).execution_options(yield_per=2000))
 
     def _load(self, cube_id: str) -> tuple[CubeIndex, HealReport]:
+        reembedded = self._ensure_vector_space(cube_id)
         generation = self._generation(cube_id)
         index = CubeIndex(self.dim, self.embedder, self.hnsw, self.retrieval)
         index.load_rows((to_doc(r) for r in self._rows(cube_id)), generation)
         action, replayed = self._heal_ann(cube_id, index, generation)
+        if reembedded:
+            action = f"reembedded {reembedded}, {action}"
         return index, HealReport(cube_id, action, replayed, index.live_count)
+
+    def _ensure_vector_space(self, cube_id: str, chunk: int = 512) -> int:
+        """Re-embed the cube's memories if they were embedded in another vector space.
+
+        Returns how many memories were re-embedded. Runs under the cube's lock, before any
+        write can add vectors of the new space; a crash midway re-embeds again at next load
+        (the cube's space is recorded only when every memory is done).
+        """
+        with self.db.read() as s:
+            recorded = s.scalar(select(Cube.embedder).where(Cube.id == cube_id))
+        if recorded == self.embedder:
+            return 0
+        count = 0
+        if recorded is not None:
+            log.warning(
+                "re-embedding cube for a new embedder",
+                extra={"fields": {"cube_id": cube_id, "from": recorded, "to": self.embedder}},
+            )
+            with self.db.read() as s:
+                seqs = list(s.scalars(
+                    select(Memory.seq).where(Memory.cube_id == cube_id).order_by(Memory.seq)
+                ))  # fmt: skip
+            for start in range(0, len(seqs), chunk):
+                with self.db.write() as s:
+                    rows = s.scalars(
+                        select(Memory).where(Memory.seq.in_(seqs[start : start + chunk]))
+                    ).all()
+                    vectors = self.embed([embedding_text(r.content) for r in rows])
+                    for row, vector in zip(rows, vectors, strict=True):
+                        row.embedding = vector.astype(np.float32).tobytes()
+                count += len(rows)
+        with self.db.write() as s:
+            s.execute(update(Cube).where(Cube.id == cube_id).values(embedder=self.embedder))
+        return count
 
     def _heal_ann(self, cube_id: str, index: CubeIndex, generation: int) -> tuple[str, int]:
         """Bring the ANN graph in line with the rows; save it if anything changed."""
@@ -172,7 +216,11 @@ class IndexRegistry:
         reports = []
         for cube_id, generation in cubes:
             manifest = read_manifest(self.directory(cube_id))
-            lagging = generation > 0 and (manifest is None or manifest.generation != generation)
+            lagging = generation > 0 and (
+                manifest is None
+                or manifest.generation != generation
+                or manifest.embedder != self.embedder  # another vector space: re-embed now
+            )
             if lagging and cube_id not in self._indexes:
                 try:
                     self.get(cube_id)

@@ -22,7 +22,7 @@ from memos.db.models import Cube, Link, Memory, MemoryHistory
 from memos.db.types import utcnow
 from memos.services.cubes import CubeService, cube_not_found
 from memos.services.ids import decode_cursor, encode_cursor, new_id
-from memos.services.indexes import IndexRegistry, to_doc
+from memos.services.indexes import IndexRegistry, embedding_text, to_doc
 from memos.services.views import (
     HistoryView,
     LinkView,
@@ -37,11 +37,6 @@ from memos.settings import LimitsConfig
 
 def memory_not_found(memory_id: str) -> NotFound:
     return NotFound(f"memory {memory_id!r} not found", code="memory_not_found")
-
-
-def embedding_text(content: str) -> str:
-    """What the dense vector encodes. (Enriched notes will add keywords, tags and context.)"""
-    return content
 
 
 def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:

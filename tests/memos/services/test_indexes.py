@@ -1,0 +1,51 @@
+"""Index registry: a cube embedded in another vector space is re-embedded before use."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+from sqlalchemy import select
+
+from memcube.embedder import Embedder, EmbedderConfig
+from memcube.types import SearchFilters
+from memos.daemon import Daemon
+from memos.db.models import Cube, Memory
+from memos.services.auth import ADMIN_USER_ID
+from memos.services.views import NewMemory, Principal
+from memos.settings import Settings
+
+ADMIN = Principal(ADMIN_USER_ID, True)
+CONTENTS = ["Sven repaired the old bicycle", "Noor baked a lemon tart", "Olga sailed a dinghy"]
+
+
+def _stored_vectors(daemon: Daemon, cube_id: str) -> np.ndarray:
+    with daemon.db.read() as s:
+        blobs = s.scalars(
+            select(Memory.embedding).where(Memory.cube_id == cube_id).order_by(Memory.seq)
+        )
+        return np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs])
+
+
+def test_switching_vector_space_reembeds_the_cube(tmp_path, embedder, model_cache):
+    int8 = Embedder(EmbedderConfig(backend="torch-int8", cache_dir=model_cache))
+    old = Daemon(Settings(data_dir=tmp_path, admin_key="k" * 20), embedder=int8)
+    old.start()
+    cube = old.cubes.create(ADMIN, "c", "")
+    now = datetime.now(UTC)
+    old.memories.add(ADMIN, cube.id, [NewMemory(c, None, None, now, {}) for c in CONTENTS])
+    with old.db.read() as s:  # the first write loaded the cube and recorded its space
+        assert s.scalar(select(Cube.embedder).where(Cube.id == cube.id)) == int8.fingerprint
+    old.stop()
+
+    new = Daemon(Settings(data_dir=tmp_path, admin_key="k" * 20), embedder=embedder)
+    new.start()
+    result = new.search.search(ADMIN, cube.id, "who fixed a bike?", 1, SearchFilters())
+    assert result.hits[0].memory.content == CONTENTS[0]
+    stored = _stored_vectors(new, cube.id)
+    np.testing.assert_allclose(
+        np.einsum("ij,ij->i", stored, embedder.embed(CONTENTS)), 1.0, atol=1e-5
+    )
+    with new.db.read() as s:
+        assert s.scalar(select(Cube.embedder).where(Cube.id == cube.id)) == embedder.fingerprint
+    new.stop()
