@@ -13,7 +13,7 @@ from memos.scheduler import jobs
 from memos.scheduler.runner import JobRunner, JobSpec
 from memos.services.auth import AuthService
 from memos.services.cubes import CubeService
-from memos.services.indexes import IndexRegistry
+from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.memories import MemoryService
 from memos.services.search import SearchService
 from memos.settings import Settings
@@ -32,7 +32,7 @@ class Daemon:
             self.db,
             settings.index_dir,
             self.embedder.dim,
-            self.embedder.fingerprint,
+            vector_space(self.embedder.fingerprint),
             settings.hnsw,
             settings.retrieval,
             self.embedder.embed,

@@ -30,9 +30,22 @@ from memos.services.cubes import cube_not_found
 log = logging.getLogger("memos.indexes")
 
 
+# Bump when `embedding_text` changes: stored vectors of the old format are then re-embedded.
+EMBEDDING_TEXT_FORMAT = "t1"
+
+
 def embedding_text(content: str) -> str:
-    """What the dense vector encodes. (Enriched notes will add keywords, tags and context.)"""
+    """What the dense vector encodes. (Enriched notes will add keywords, tags and context.)
+
+    Content alone, measured: prefixing the speaker ("Caroline: ...") raised LoCoMo recall@25
+    but lowered recall@10, losing 0.10 on adversarial questions that name the wrong person.
+    """
     return content
+
+
+def vector_space(embedder_fingerprint: str) -> str:
+    """The tag stored with a cube's vectors: the embedder's space and the text format."""
+    return f"{embedder_fingerprint}/{EMBEDDING_TEXT_FORMAT}"
 
 
 def lexical_text(row: Memory) -> str:

@@ -139,7 +139,7 @@ class MemoryService:
     ) -> list[MemoryView]:
         self.check_batch(items)
         self.cubes.require(principal, cube_id, Role.WRITER)
-        vectors = self.embedder.embed([embedding_text(item.content) for item in items])
+        vectors = self.embedder.embed([embedding_text(i.content) for i in items])
         now = utcnow()
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
