@@ -7,6 +7,8 @@ Starts `memos serve` on a fresh data dir, fills one cube with synthetic memories
 - ANN recall@10: the dense top 10 from the HNSW index against exact brute-force search, for the
   same queries in the same run (the `mode="dense"` / `exact=true` search extensions).
 At the largest size it also restarts the daemon and times the first search (cold index load).
+`--enrichment off` (the default) measures the storage and recall path alone; `on` runs the
+note-enrichment worker in the background as well, competing for the same cores.
 
     python benchmarks/store_recall.py --sizes 10000,100000 --json docs/store_recall.json
 """
@@ -69,6 +71,12 @@ def main() -> None:
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--data-dir", type=Path, help="default: a fresh temporary directory")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the daemon")
+    parser.add_argument(
+        "--enrichment",
+        choices=("on", "off"),
+        default="off",
+        help="run the note-enrichment worker during the run (off: the storage/recall path alone)",
+    )
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
@@ -76,7 +84,10 @@ def main() -> None:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="memos-bench-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     admin_key = secrets.token_hex(16)
-    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    extra_env = {
+        "MEMOS_ENRICHMENT__ENABLED": "true" if args.enrichment == "on" else "false",
+        **dict(kv.split("=", 1) for kv in args.env),
+    }
     proc, url = start_daemon(data_dir, admin_key, extra_env)
     rows = []
     try:
@@ -99,6 +110,7 @@ def main() -> None:
                 add_per_s = grown / (time.perf_counter() - started)
                 row = {
                     "n": size,
+                    "enrichment": args.enrichment,
                     **measure(client, cube_id, questions, args.recall_queries),
                     "add_per_s": round(add_per_s, 1),
                 }

@@ -6,6 +6,8 @@ import logging
 import threading
 from pathlib import Path
 
+from memcube.enrichment import make_enricher
+
 from memcube.embedder import Embedder
 from memos.db.engine import Database
 from memos.db.migrate import upgrade
@@ -13,6 +15,7 @@ from memos.scheduler import jobs
 from memos.scheduler.runner import JobRunner, JobSpec
 from memos.services.auth import AuthService
 from memos.services.cubes import CubeService
+from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.memories import MemoryService
 from memos.services.search import SearchService
@@ -39,8 +42,22 @@ class Daemon:
         )
         self.auth = AuthService(self.db)
         self.cubes = CubeService(self.db, self.indexes.drop, self.indexes.disk_bytes)
+        self.enrichment = EnrichmentService(
+            self.db,
+            self.indexes,
+            make_enricher(
+                settings.enrichment.enricher, self.embedder.embed, settings.enrichment.local
+            ),
+            settings.enrichment,
+        )
+        self.enrichment_worker = EnrichmentWorker(self.enrichment, settings.enrichment.idle_poll_s)
         self.memories = MemoryService(
-            self.db, self.cubes, self.indexes, self.embedder, settings.limits
+            self.db,
+            self.cubes,
+            self.indexes,
+            self.embedder,
+            settings.limits,
+            on_write=self.enrichment_worker.wake,
         )
         self.search = SearchService(
             self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
@@ -72,6 +89,8 @@ class Daemon:
             log.warning("generated an admin API key", extra={"fields": {"admin_key_file": written}})
             print(f"memosd: admin API key written to {written}", flush=True)
         self.jobs.start()
+        if self.settings.enrichment.enabled:
+            self.enrichment_worker.start()
         # Heal indexes a crash left behind, without holding up the first requests.
         self.healing = True
         self._heal_thread = threading.Thread(target=self._heal, name="memos-heal", daemon=True)
@@ -88,6 +107,7 @@ class Daemon:
             self.healing = False
 
     def stop(self) -> None:
+        self.enrichment_worker.stop()
         self.jobs.stop()
         if self._heal_thread is not None:
             self._heal_thread.join(timeout=60)

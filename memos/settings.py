@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from memcube.enrichment import LocalEnricherConfig
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -42,6 +43,18 @@ class SchedulerConfig(BaseModel):
     index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
 
 
+class EnrichmentConfig(BaseModel):
+    """Notes are enriched and linked by a background worker, off the request path."""
+
+    enabled: bool = True
+    enricher: str = "local"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    neighbours: int = Field(default=8, ge=0, le=100, description="dense neighbours considered")
+    similar_threshold: float = Field(default=0.6, ge=-1, le=1)
+    idle_poll_s: float = Field(default=2.0, gt=0, le=3600)
+    local: LocalEnricherConfig = LocalEnricherConfig()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMOS_",
@@ -62,6 +75,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = RetrievalConfig()
     limits: LimitsConfig = LimitsConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    enrichment: EnrichmentConfig = EnrichmentConfig()
 
     @classmethod
     def settings_customise_sources(

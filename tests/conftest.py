@@ -122,6 +122,9 @@ def server(request, tmp_path_factory, embedder) -> Iterator[LiveServer]:
         database_url=url,
         admin_key=f"admin-{secrets.token_hex(8)}",
         port=free_port(),
+        # Contract tests compare whole memory objects; enrichment, which rewrites keywords,
+        # tags and links in the background, has tests of its own.
+        enrichment={"enabled": False},
     )
     yield from _start_live_server(settings, embedder, request.param)
 
@@ -196,7 +199,13 @@ class DaemonProcess:
 def make_daemon_process(data_dir: Path, **env_overrides: str) -> DaemonProcess:
     port = free_port()
     admin_key = f"admin-{secrets.token_hex(8)}"
-    env = {**os.environ, "MEMOS_ADMIN_KEY": admin_key, "HF_HUB_OFFLINE": "1", **env_overrides}
+    env = {
+        **os.environ,
+        "MEMOS_ADMIN_KEY": admin_key,
+        "HF_HUB_OFFLINE": "1",
+        "MEMOS_ENRICHMENT__ENABLED": "false",  # see `server`; enrichment tests turn it on
+        **env_overrides,
+    }
     return DaemonProcess(f"http://127.0.0.1:{port}", admin_key, data_dir, port, env=env)
 
 

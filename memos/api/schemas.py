@@ -40,6 +40,7 @@ class CubeStatsOut(Out):
     memories: int
     activations: int
     bytes: int
+    enrichment_pending: int = Field(0, description="extension: notes not yet enriched")
 
 
 class CubeOut(Out):
@@ -109,6 +110,9 @@ class MemoryOut(Out):
     version: int
     created_at: datetime
     updated_at: datetime
+    enrichment: str = Field(
+        "pending", description="extension: pending, done or failed (keywords, tags, links)"
+    )
 
 
 class MemoryList(BaseModel):

@@ -84,6 +84,7 @@ class Memory(Base):
         Index("ix_memories_cube_seq", "cube_id", "seq"),
         Index("ix_memories_cube_change", "cube_id", "change_seq"),
         Index("ix_memories_cube_session", "cube_id", "session_id", "seq"),
+        Index("ix_memories_enrichment", "enrichment", "seq"),
     )
 
     seq: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
@@ -104,6 +105,10 @@ class Memory(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # "pending" until the enrichment worker has added keywords, tags, context and links;
+    # "done" after; a user edit of the content makes it "pending" again.
+    enrichment: Mapped[str] = mapped_column(String(16), default="pending")
+    enriched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class MemoryHistory(Base):

@@ -122,9 +122,10 @@ class CubeService:
                 if self.db.dialect == "sqlite"
                 else func.octet_length(Memory.content)
             )
-            count, text_bytes, vector_bytes = s.execute(
+            count, pending, text_bytes, vector_bytes = s.execute(
                 select(
                     func.count(Memory.seq),
+                    func.count(Memory.seq).filter(Memory.enrichment == "pending"),
                     func.coalesce(func.sum(content_bytes), 0),
                     func.coalesce(func.sum(func.length(Memory.embedding)), 0),
                 ).where(Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
@@ -133,6 +134,7 @@ class CubeService:
             memories=int(count),
             activations=0,
             bytes=int(text_bytes) + int(vector_bytes) + self._index_bytes(cube_id),
+            enrichment_pending=int(pending),
         )
         return _view(cube, role, stats)
 

@@ -49,7 +49,11 @@ def vector_space(embedder_fingerprint: str) -> str:
 
 
 def lexical_text(row: Memory) -> str:
-    """What BM25 indexes for a memory: its content and who said it."""
+    """What BM25 indexes for a memory: who said it and its content.
+
+    Not yet its keywords and tags, measured: adding them as plain tokens lowered LoCoMo
+    recall@10 from 0.6005 to 0.5556 (taxonomy tags such as "family" match far too broadly).
+    """
     return f"{row.speaker}: {row.content}" if row.speaker else row.content
 
 

@@ -8,7 +8,7 @@ healed from the rows at the next start.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,7 @@ def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
             context=row.context or "",
             links=links[row.seq],
             version=row.version,
+            enrichment=row.enrichment or "pending",
             created_at=row.created_at,
             updated_at=row.updated_at,
         )
@@ -86,7 +87,7 @@ def _history_row(row: Memory, reason: str) -> MemoryHistory:
     )
 
 
-def _bump_generation(s: Session, cube_id: str) -> int:
+def bump_generation(s: Session, cube_id: str) -> int:
     generation = s.scalar(
         update(Cube)
         .where(Cube.id == cube_id)
@@ -106,7 +107,9 @@ class MemoryService:
         indexes: IndexRegistry,
         embedder: Embedder,
         limits: LimitsConfig,
+        on_write: Callable[[], None] = lambda: None,
     ) -> None:
+        self.on_write = on_write  # wakes the enrichment worker
         self.db = db
         self.cubes = cubes
         self.indexes = indexes
@@ -143,7 +146,7 @@ class MemoryService:
         now = utcnow()
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
-                generation = _bump_generation(s, cube_id)
+                generation = bump_generation(s, cube_id)
                 rows = [
                     Memory(
                         id=new_id("mem"),
@@ -159,6 +162,7 @@ class MemoryService:
                         embedding=vector.astype(np.float32).tobytes(),
                         version=1,
                         change_seq=generation,
+                        enrichment="pending",
                         created_at=now,
                         updated_at=now,
                     )
@@ -170,6 +174,7 @@ class MemoryService:
                 s.flush()
                 views = memory_views(s, rows)
             index.apply([to_doc(row) for row in rows], [], generation)
+        self.on_write()
         return views
 
     def update(
@@ -189,10 +194,13 @@ class MemoryService:
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
                 row = self._live_row(s, cube_id, memory_id)
-                generation = _bump_generation(s, cube_id)
+                generation = bump_generation(s, cube_id)
                 if content is not None and vector is not None:
                     row.content = content
                     row.embedding = vector.astype(np.float32).tobytes()
+                    # New content: old keywords, tags, context and links no longer apply.
+                    row.keywords, row.tags, row.context = [], [], ""
+                    row.enrichment = "pending"
                 if metadata is not None:
                     row.metadata_ = metadata
                 row.version += 1
@@ -202,6 +210,7 @@ class MemoryService:
                 s.flush()
                 (view,) = memory_views(s, [row])
             index.apply([to_doc(row)], [], generation)
+        self.on_write()
         return view
 
     def delete(self, principal: Principal, cube_id: str, memory_id: str) -> None:
@@ -209,7 +218,7 @@ class MemoryService:
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
                 row = self._live_row(s, cube_id, memory_id)
-                generation = _bump_generation(s, cube_id)
+                generation = bump_generation(s, cube_id)
                 row.version += 1
                 row.change_seq = generation
                 row.updated_at = row.deleted_at = utcnow()

@@ -36,6 +36,7 @@ class CubeStats:
     memories: int
     activations: int
     bytes: int
+    enrichment_pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class MemoryView:
     version: int
     created_at: datetime
     updated_at: datetime
+    enrichment: str = "pending"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,74 @@
+"""Note enrichment: keywords, tags, a one-sentence context and resolved dates for each memory.
+
+Memories become A-MEM notes (Xu et al., 2025, https://arxiv.org/abs/2502.12110): each carries
+keywords, tags and a context that later linking and retrieval use. Enrichment runs off the
+request path, over batches of new notes, through a small plug-in protocol; enrichers are
+registered by name in `ENRICHERS` and chosen in config. The default, `local`, uses no LLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Protocol
+
+import numpy as np
+
+from memcube.errors import InvalidArgument
+
+# texts -> (n, dim) float32 unit vectors (all-MiniLM-L6-v2: dim 384), e.g. `Embedder.embed`.
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class NoteInput:
+    content: str
+    speaker: str | None
+    session_id: str | None
+    timestamp: datetime  # aware, UTC: when it was said (naive is read as UTC)
+
+
+@dataclass(frozen=True)
+class Enrichment:
+    keywords: tuple[str, ...]  # 3-8 keyphrases (fewer if the content has fewer), lowercase,
+    # most salient first, no near-duplicates; () for empty content
+    tags: tuple[str, ...]  # 1-3 labels from `taxonomy.LABELS`, best first
+    context: str  # one sentence: who, where, when, about what, which dates
+    dates: tuple[date, ...]  # absolute dates of the content's time expressions, in order
+
+
+class Enricher(Protocol):
+    name: str
+
+    def enrich(self, notes: Sequence[NoteInput]) -> list[Enrichment]:
+        """One enrichment per note, in input order."""
+        ...
+
+
+# Implementations import the seams above, so they are imported after them.
+from memcube.enrichment.local import LocalEnricher, LocalEnricherConfig  # noqa: E402
+
+ENRICHERS: dict[str, Callable[[EmbedFn, LocalEnricherConfig | None], Enricher]] = {
+    "local": LocalEnricher,
+}
+
+
+def make_enricher(name: str, embed: EmbedFn, config: LocalEnricherConfig | None = None) -> Enricher:
+    try:
+        factory = ENRICHERS[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown enricher {name!r}; valid: {sorted(ENRICHERS)}") from None
+    return factory(embed, config)
+
+
+__all__ = [
+    "ENRICHERS",
+    "EmbedFn",
+    "Enricher",
+    "Enrichment",
+    "LocalEnricher",
+    "LocalEnricherConfig",
+    "NoteInput",
+    "make_enricher",
+]
