@@ -42,6 +42,9 @@ class EmbedderConfig(BaseModel):
     device: str = "cpu"
     threads: int = Field(default=0, ge=0, le=256, description="intra-op threads; 0: all cores")
     cache_dir: Path | None = Field(default=None, description="where the ONNX export is kept")
+    background_chunk: int = Field(
+        default=8, ge=1, le=4096, description="texts per forward for background work"
+    )
 
 
 def packaged_minilm_path() -> str:
@@ -186,18 +189,27 @@ class Embedder:
         """Identifies the vector space: vectors from different fingerprints must not be mixed."""
         return f"{self.model_name}:{SPACES[self.config.backend]}:{self.dim}"
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """texts -> (len(texts), dim) float32, rows L2-normalised."""
+    def embed(self, texts: Sequence[str], background: bool = False) -> np.ndarray:
+        """texts -> (len(texts), dim) float32, rows L2-normalised.
+
+        `background` work (enrichment, re-embedding) goes through in small forwards, one at a
+        time: requests share the single embedding thread, so a query then waits behind one
+        small chunk instead of a whole batch (docs/benchmarks.md has the measured difference).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         # Sorting by length keeps padding low inside each batch; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        size = self.config.batch_size
+        size = self.config.background_chunk if background else self.config.batch_size
         for start in range(0, len(order), size):
             idx = order[start : start + size]
             out[idx] = self._forward([texts[i] for i in idx])
         return out
+
+    def embed_background(self, texts: Sequence[str]) -> np.ndarray:
+        """`embed` for work nobody is waiting on (see there)."""
+        return self.embed(texts, background=True)
 
     def embed_one(self, text: str) -> np.ndarray:
         """text -> (dim,) float32 unit vector."""

@@ -6,9 +6,8 @@ import logging
 import threading
 from pathlib import Path
 
-from memcube.enrichment import make_enricher
-
 from memcube.embedder import Embedder
+from memcube.enrichment import make_enricher
 from memos.db.engine import Database
 from memos.db.migrate import upgrade
 from memos.scheduler import jobs
@@ -38,7 +37,7 @@ class Daemon:
             vector_space(self.embedder.fingerprint),
             settings.hnsw,
             settings.retrieval,
-            self.embedder.embed,
+            self.embedder.embed_background,
         )
         self.auth = AuthService(self.db)
         self.cubes = CubeService(self.db, self.indexes.drop, self.indexes.disk_bytes)
@@ -46,7 +45,9 @@ class Daemon:
             self.db,
             self.indexes,
             make_enricher(
-                settings.enrichment.enricher, self.embedder.embed, settings.enrichment.local
+                settings.enrichment.enricher,
+                self.embedder.embed_background,
+                settings.enrichment.local,
             ),
             settings.enrichment,
         )

@@ -12,17 +12,19 @@ batch stays pending) or a re-enrichment after an edit never duplicates a link.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from memcube.enrichment import Enricher, Enrichment, NoteInput
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from memcube.enrichment import Enricher, Enrichment, NoteInput
 from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Link, Memory, MemoryHistory
@@ -247,6 +249,8 @@ class EnrichmentWorker:
             self._thread.join(timeout=60)
 
     def _run(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: threads have a nice value
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # requests first
         while not self._stop.is_set():
             try:
                 taken = self.service.run_once()
