@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/locomo/locomo_dev.json"))
     parser.add_argument("--conversations", type=int, help="use only the first N conversations")
     parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the daemon")
     args = parser.parse_args()
     if not args.data.exists():
         print(f"skipped: {args.data} not found", file=sys.stderr)
@@ -145,7 +146,8 @@ def main() -> None:
 
     data_dir = Path(tempfile.mkdtemp(prefix="memos-locomo-"))
     key = secrets.token_hex(16)
-    proc, url = start_daemon(data_dir, key, {})
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    proc, url = start_daemon(data_dir, key, extra_env)
     try:
         measured, ingest, latencies = run_daemon(conversations, url, key)
     finally:
@@ -160,6 +162,7 @@ def main() -> None:
         "turns_per_conversation": {c.sample_id: len(c.turns) for c in conversations},
         "search_p50_ms": round(statistics.median(latencies), 2),
         "turns": sum(len(c.turns) for c in conversations),
+        "env": extra_env,
     }
     rows = []
     for name, result in (("memosd", out), ("naive fusion", out["baseline"])):

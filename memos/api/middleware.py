@@ -64,8 +64,35 @@ def _as_json_request(scope: Scope) -> Scope:
     return {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
 
 
-class _BodyTooLarge(Exception):
-    pass
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The whole request body, or None once it passes `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that hands the buffered body over once, then defers to the real one."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class RequestMiddleware:
@@ -82,35 +109,38 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         scope = _as_json_request(scope)
-        status_holder = {"status": 500}
+        status = 500
         limit = self.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_error(send, 413, "payload_too_large", f"request body over {limit} bytes")
             self._record(scope, 413, started)
             return
-        received = 0
-
-        async def limited_receive() -> Any:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge
-            return message
+        if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # A chunked body has no declared size: read it here, up to the limit, so an
+            # oversize one gets 413 before any parser sees it (FastAPI would answer 400).
+            body = await _read_body(receive, limit)
+            if body is None:
+                await _send_error(
+                    send, 413, "payload_too_large", f"request body over {limit} bytes"
+                )
+                self._record(scope, 413, started)
+                return
+            receive = _replay(body, receive)
 
         async def tracking_send(message: Any) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            status_holder["status"] = 413
-            await _send_error(send, 413, "payload_too_large", f"request body over {limit} bytes")
-        self._record(scope, status_holder["status"], started)
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            status = 500  # the server error handler outside answers; count and log it here
+            raise
+        finally:
+            self._record(scope, status, started)
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started

@@ -2,10 +2,47 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
+
+
+def _clean_text(value: str) -> str:
+    """Text every store can hold: no lone UTF-16 surrogates, no NUL (PostgreSQL refuses it)."""
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _clean_json(value: Any) -> Any:
+    """Metadata as plain JSON: clean text, finite numbers (JSON has no NaN or Infinity)."""
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite (JSON has no NaN or Infinity)")
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean_text(k): _clean_json(v) for k, v in value.items()}
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp is outside the range that can be stored") from None
+
+
+Text = Annotated[StrictStr, AfterValidator(_clean_text)]
+Json = Annotated[dict[str, Any], AfterValidator(_clean_json)]
+Moment = Annotated[AwareDatetime, AfterValidator(_utc)]
 
 
 class Strict(BaseModel):
@@ -22,7 +59,7 @@ class Out(BaseModel):
 
 
 class UserCreate(Strict):
-    name: StrictStr = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
 
 
 class UserOut(Out):
@@ -32,8 +69,8 @@ class UserOut(Out):
 
 
 class CubeCreate(Strict):
-    name: StrictStr = Field(min_length=1, max_length=200)
-    description: StrictStr = Field("", max_length=10_000)
+    name: Text = Field(min_length=1, max_length=200)
+    description: Text = Field("", max_length=10_000)
 
 
 class CubeStatsOut(Out):
@@ -73,11 +110,11 @@ class GrantOut(BaseModel):
 
 
 class MemoryIn(Strict):
-    content: StrictStr
-    session_id: StrictStr | None = Field(None, max_length=200)
-    speaker: StrictStr | None = Field(None, max_length=200)
-    timestamp: AwareDatetime | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    content: Text
+    session_id: Text | None = Field(None, max_length=200)
+    speaker: Text | None = Field(None, max_length=200)
+    timestamp: Moment | None = None
+    metadata: Json = Field(default_factory=dict)
 
 
 class MemoryBatch(Strict):
@@ -85,8 +122,8 @@ class MemoryBatch(Strict):
 
 
 class MemoryPatch(Strict):
-    content: StrictStr | None = None
-    metadata: dict[str, Any] | None = None
+    content: Text | None = None
+    metadata: Json | None = None
 
 
 class LinkOut(Out):
@@ -139,14 +176,14 @@ class HistoryList(BaseModel):
 
 
 class SearchFiltersIn(Strict):
-    session_id: StrictStr | None = None
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    session_id: Text | None = None
+    since: Moment | None = None
+    until: Moment | None = None
+    metadata: Json = Field(default_factory=dict)
 
 
 class SearchRequest(Strict):
-    query: StrictStr = Field(min_length=1, max_length=10_000)
+    query: Text = Field(min_length=1, max_length=10_000)
     top_k: int = Field(10, ge=1)
     filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
     mode: Literal["hybrid", "dense", "lexical"] = Field(

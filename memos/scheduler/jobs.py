@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Cube
 from memos.services.indexes import IndexRegistry
@@ -24,7 +25,10 @@ def index_maintenance(db: Database, indexes: IndexRegistry) -> dict[str, Any]:
     loaded = set(indexes.loaded())
     for cube_id in cube_ids:
         if cube_id in loaded:
-            actions[indexes.maintain(cube_id).action] += 1
+            try:
+                actions[indexes.maintain(cube_id).action] += 1
+            except NotFound:
+                actions["deleted"] += 1  # deleted while the job ran
     for report in indexes.heal_all():
         actions[report.action] += 1
     return {"cubes": len(cube_ids), "actions": dict(actions)}

@@ -29,13 +29,11 @@ from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Link, Memory, MemoryHistory
 from memos.db.types import utcnow
-from memos.services.indexes import IndexRegistry, to_doc
-from memos.services.memories import bump_generation
+from memos.services.indexes import IndexRegistry
+from memos.services.memories import DERIVED_LINK_KINDS, bump_generation
 from memos.settings import EnrichmentConfig
 
 log = logging.getLogger("memos.enrichment")
-
-DERIVED_KINDS = ("follows", "similar", "same_entity")
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,10 @@ class EnrichmentService:
                 self._enrich(cube_id, seqs)
             except NotFound:
                 continue  # the cube was deleted meanwhile
+            except Exception:
+                # One bad batch must not stop enrichment for every cube: park it as failed.
+                log.exception("enrichment failed", extra={"fields": {"cube_id": cube_id}})
+                self._mark_failed(seqs)
         return len(taken)
 
     def _enrich(self, cube_id: str, seqs: list[int]) -> None:
@@ -115,13 +117,14 @@ class EnrichmentService:
         with self.indexes.writing(cube_id) as index:
             committed = self._commit(cube_id, rows, results, neighbours)
             if committed is not None:
-                generation, docs = committed
-                index.apply(docs, [], generation)
+                # Neither a note's vector nor its BM25 text depends on its enrichment (yet:
+                # see `lexical_text`), so the index only moves its generation forward.
+                index.advance(committed)
 
     def _commit(
         self, cube_id: str, rows: Sequence[Memory], results: list[Enrichment], neighbours: dict
-    ) -> tuple[int, list] | None:
-        """One transaction: enrichments, history, links. Returns (generation, index docs)."""
+    ) -> int | None:
+        """One transaction: enrichments, history, links. Returns the new generation."""
         versions = {r.seq: r.version for r in rows}
         with self.db.write() as s:
             fresh = [
@@ -145,8 +148,7 @@ class EnrichmentService:
                 for link in self._plan_links(s, row, neighbours[row.seq], keywords_of)
             ]
             self._replace_links(s, cube_id, [row.seq for row in fresh], links)
-            s.flush()
-            return generation, [to_doc(row) for row in fresh]
+            return generation
 
     def _mark_failed(self, seqs: list[int]) -> None:
         with self.db.write() as s:
@@ -210,7 +212,7 @@ class EnrichmentService:
         """Drop the notes' derived links (both directions) and write the new ones, mirrored."""
         s.execute(
             delete(Link).where(
-                Link.kind.in_(DERIVED_KINDS),
+                Link.kind.in_(DERIVED_LINK_KINDS),
                 or_(Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)),
             )
         )

@@ -24,7 +24,10 @@ def decode_cursor(cursor: str | None) -> int | None:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if not raw.startswith("p"):
             raise ValueError(raw)
-        return int(raw[1:])
+        position = int(raw[1:])
+        if not 0 <= position < 2**63:
+            raise ValueError(raw)
+        return position
     except ValueError:
         raise InvalidArgument(
             f"cursor {cursor!r} is not one this server issued; pass next_cursor back unchanged",

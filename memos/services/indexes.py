@@ -122,9 +122,10 @@ class IndexRegistry:
     @contextmanager
     def writing(self, cube_id: str) -> Iterator[CubeIndex]:
         """Hold the cube's write lock: commit inside, then apply to the yielded index."""
-        index = self.get(cube_id)
+        self.get(cube_id)
         with self._lock(cube_id):
-            yield index
+            # Looked up again under the lock: maintenance may have swapped in a fresh index.
+            yield self.get(cube_id)
 
     def loaded(self) -> list[str]:
         return list(self._indexes)
@@ -191,14 +192,16 @@ class IndexRegistry:
                     select(Memory.seq).where(Memory.cube_id == cube_id).order_by(Memory.seq)
                 ))  # fmt: skip
             for start in range(0, len(seqs), chunk):
+                part = seqs[start : start + chunk]
+                with self.db.read() as s:
+                    query = select(Memory.seq, Memory.content).where(Memory.seq.in_(part))
+                    texts = {seq: content for seq, content in s.execute(query)}
+                # Embedded outside any transaction: SQLite's write lock is global.
+                vectors = self.embed([embedding_text(texts[seq]) for seq in part])
                 with self.db.write() as s:
-                    rows = s.scalars(
-                        select(Memory).where(Memory.seq.in_(seqs[start : start + chunk]))
-                    ).all()
-                    vectors = self.embed([embedding_text(r.content) for r in rows])
-                    for row, vector in zip(rows, vectors, strict=True):
-                        row.embedding = vector.astype(np.float32).tobytes()
-                count += len(rows)
+                    for row in s.scalars(select(Memory).where(Memory.seq.in_(part))):
+                        row.embedding = vectors[part.index(row.seq)].astype(np.float32).tobytes()
+                count += len(part)
         with self.db.write() as s:
             s.execute(update(Cube).where(Cube.id == cube_id).values(embedder=self.embedder))
         return count

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from memcube.embedder import Embedder
@@ -33,6 +33,9 @@ from memos.services.views import (
     Role,
 )
 from memos.settings import LimitsConfig
+
+# Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
+DERIVED_LINK_KINDS = ("follows", "similar", "same_entity")
 
 
 def memory_not_found(memory_id: str) -> NotFound:
@@ -201,6 +204,12 @@ class MemoryService:
                     # New content: old keywords, tags, context and links no longer apply.
                     row.keywords, row.tags, row.context = [], [], ""
                     row.enrichment = "pending"
+                    s.execute(
+                        delete(Link).where(
+                            Link.kind.in_(DERIVED_LINK_KINDS),
+                            or_(Link.src_seq == row.seq, Link.dst_seq == row.seq),
+                        )
+                    )
                 if metadata is not None:
                     row.metadata_ = metadata
                 row.version += 1

@@ -9,9 +9,10 @@ from sqlalchemy import select
 
 from memcube.embedder import Embedder
 from memcube.errors import InvalidArgument
-from memcube.types import SearchFilters
+from memcube.retrieval import CubeIndex
+from memcube.types import ScoredSeq, SearchFilters
 from memos.db.engine import Database
-from memos.db.models import Memory
+from memos.db.models import Link, Memory
 from memos.services.cubes import CubeService
 from memos.services.indexes import IndexRegistry
 from memos.services.memories import memory_views
@@ -59,7 +60,12 @@ class SearchService:
         self.cubes.require(principal, cube_id, Role.READER)
         index = self.indexes.get(cube_id)
         vector = self.embedder.embed_one(query)
-        scored = index.search(vector, query, top_k, filters, mode=mode, exact=exact)
+        config = self.indexes.retrieval
+        expand = mode == "hybrid" and config.link_from > 0 and any(config.link_weights.values())
+        pool = top_k + 2 * config.link_from if expand else top_k
+        scored = index.search(vector, query, pool, filters, mode=mode, exact=exact)
+        if expand:
+            scored = self._expand(index, scored, filters, top_k)
         with self.db.read() as s:
             rows = s.scalars(
                 select(Memory).where(
@@ -73,3 +79,29 @@ class SearchService:
             if hit.seq in views  # deleted between the index lookup and the row fetch
         ]
         return SearchResult(hits=hits, took_ms=(time.perf_counter() - started) * 1000)
+
+    def _expand(
+        self, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters, top_k: int
+    ) -> list[ScoredSeq]:
+        """Link expansion: each of the top hits adds a share of its score to the notes it
+        links to, so the turn after a strong hit, or a note about the same entity, can rise or
+        enter. Shares are per link kind (`RetrievalConfig.link_weights`)."""
+        config = self.indexes.retrieval
+        sources = {hit.seq: hit.score for hit in scored[: config.link_from]}
+        weights = {kind: w for kind, w in config.link_weights.items() if w > 0}
+        with self.db.read() as s:
+            links = s.execute(
+                select(Link.src_seq, Link.dst_seq, Link.kind).where(
+                    Link.src_seq.in_(list(sources)), Link.kind.in_(list(weights))
+                )
+            ).all()
+        gains: dict[int, float] = {}
+        for src, dst, kind in links:
+            gains[dst] = gains.get(dst, 0.0) + weights[kind] * sources[src]
+        known = {hit.seq: hit for hit in scored}
+        newcomers = index.admissible([seq for seq in gains if seq not in known], filters)
+        merged = [
+            ScoredSeq(hit.seq, hit.score + gains.get(hit.seq, 0.0), hit.signals) for hit in scored
+        ] + [ScoredSeq(seq, gains[seq], {"links": gains[seq]}) for seq in newcomers]
+        merged.sort(key=lambda hit: (-hit.score, hit.seq))
+        return merged[:top_k]

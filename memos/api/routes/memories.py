@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -36,7 +35,7 @@ def add_memories(
             content=item.content,
             session_id=item.session_id,
             speaker=item.speaker,
-            timestamp=item.timestamp.astimezone(UTC) if item.timestamp else now,
+            timestamp=item.timestamp or now,  # already UTC
             metadata=item.metadata,
         )
         for item in body.items

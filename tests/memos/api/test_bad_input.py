@@ -207,3 +207,74 @@ def test_json_body_is_read_whatever_content_type_the_client_sent(tenant):
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json")
+
+
+UNSTORABLE = [  # one memory item each, as raw JSON
+    ("lone surrogate in content", b'{"content": "a\\ud800b"}'),
+    ("NUL in content", b'{"content": "a\\u0000b"}'),
+    ("lone surrogate in metadata", b'{"content": "x", "metadata": {"k": "\\udfff"}}'),
+    ("NaN in metadata", b'{"content": "x", "metadata": {"k": NaN}}'),
+    ("Infinity nested in metadata", b'{"content": "x", "metadata": {"k": [1, Infinity]}}'),
+    ("timestamp beyond storage", b'{"content": "x", "timestamp": "0001-01-01T00:00:00+01:00"}'),
+]
+
+
+@pytest.mark.parametrize("name,item", UNSTORABLE, ids=[u[0] for u in UNSTORABLE])
+def test_input_no_store_can_hold_is_422_and_changes_nothing(tenant, name, item):
+    client, cube_id, memory_id = _seeded(tenant)
+    before = _state(client, cube_id)
+    headers = {"content-type": "application/json"}
+    body = b'{"items": [' + item + b"]}"
+    r = client.post(f"/v1/cubes/{cube_id}/memories", content=body, headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error"), r.text
+    if b"timestamp" not in item:  # PATCH takes content and metadata only
+        r = client.patch(f"/v1/cubes/{cube_id}/memories/{memory_id}", content=item, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error"), r.text
+    assert _state(client, cube_id) == before
+    assert client.get(f"/v1/cubes/{cube_id}/memories").status_code == 200
+
+
+def test_forged_cursors_are_422(tenant):
+    import base64
+
+    client, cube_id, _ = _seeded(tenant)
+    for raw in (b"p100000000000000000000", b"p-5"):
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        for path in (f"/v1/cubes/{cube_id}/memories", "/v1/cubes"):
+            r = client.get(path, params={"cursor": cursor})
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_cursor"), path
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, embedder):
+    from memos.settings import Settings
+    from tests.conftest import _start_live_server, free_port
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("small"),
+        admin_key="admin-small-limits",
+        port=free_port(),
+        limits={"max_body_bytes": 1 << 20},
+        enrichment={"enabled": False},
+    )
+    yield from _start_live_server(settings, embedder, "sqlite")
+
+
+def test_oversize_body_is_413_declared_or_chunked(small_server):
+    with small_server.client() as client:
+        cube_id = client.post("/v1/cubes", json={"name": "limits"}).json()["id"]
+        body = b'{"items": [{"content": "' + b"x" * (1 << 20) + b'"}]}'
+        path = f"/v1/cubes/{cube_id}/memories"
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
+
+        def chunks():
+            for start in range(0, len(body), 64 * 1024):
+                yield body[start : start + 64 * 1024]
+
+        r = client.post(path, content=chunks(), headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
+        small = b'{"items": [{"content": "fits"}]}'
+        r = client.post(path, content=iter([small[:10], small[10:]]))  # chunked, under the limit
+        assert r.status_code == 201
+        assert client.get(f"/v1/cubes/{cube_id}").json()["stats"]["memories"] == 1
