@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from memcube.enrichment import Enricher, Enrichment, NoteInput
@@ -30,7 +30,7 @@ from memos.db.engine import Database
 from memos.db.models import Link, Memory, MemoryHistory
 from memos.db.types import utcnow
 from memos.services.indexes import IndexRegistry
-from memos.services.memories import DERIVED_LINK_KINDS, bump_generation
+from memos.services.memories import bump_generation, drop_derived_links
 from memos.settings import EnrichmentConfig
 
 log = logging.getLogger("memos.enrichment")
@@ -56,15 +56,6 @@ class EnrichmentService:
         self.indexes = indexes
         self.enricher = enricher
         self.config = config
-
-    def pending(self, cube_id: str | None = None) -> int:
-        with self.db.read() as s:
-            query = select(func.count(Memory.seq)).where(
-                Memory.enrichment == "pending", Memory.deleted_at.is_(None)
-            )
-            if cube_id is not None:
-                query = query.where(Memory.cube_id == cube_id)
-            return int(s.scalar(query) or 0)
 
     def run_once(self) -> int:
         """Enrich up to one batch of pending notes; returns how many were taken."""
@@ -97,15 +88,10 @@ class EnrichmentService:
             ).all()
         if not rows:
             return
-        try:
-            results = self.enricher.enrich(
-                [NoteInput(r.content, r.speaker, r.session_id, r.timestamp) for r in rows]
-            )
-        except Exception:
-            # A broken enricher must not wedge the queue on the same batch forever.
-            log.exception("enricher failed", extra={"fields": {"cube_id": cube_id, "n": len(rows)}})
-            self._mark_failed([r.seq for r in rows])
-            return
+        # A raising enricher is handled by `run_once`: the batch is parked as failed.
+        results = self.enricher.enrich(
+            [NoteInput(r.content, r.speaker, r.session_id, r.timestamp) for r in rows]
+        )
         assert len(results) == len(rows), "an enricher returns one result per note"
         neighbours = {
             r.seq: index.search(
@@ -210,12 +196,7 @@ class EnrichmentService:
     @staticmethod
     def _replace_links(s: Session, cube_id: str, seqs: list[int], links: list[PlannedLink]) -> None:
         """Drop the notes' derived links (both directions) and write the new ones, mirrored."""
-        s.execute(
-            delete(Link).where(
-                Link.kind.in_(DERIVED_LINK_KINDS),
-                or_(Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)),
-            )
-        )
+        drop_derived_links(s, seqs)
         unique: dict[tuple[int, int, str], float] = {}
         for link in links:
             for src, dst in ((link.src, link.dst), (link.dst, link.src)):

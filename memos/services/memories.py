@@ -38,6 +38,16 @@ from memos.settings import LimitsConfig
 DERIVED_LINK_KINDS = ("follows", "similar", "same_entity")
 
 
+def drop_derived_links(s: Session, seqs: Sequence[int]) -> None:
+    """Delete the derived links of these notes, in both directions."""
+    s.execute(
+        delete(Link).where(
+            Link.kind.in_(DERIVED_LINK_KINDS),
+            or_(Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)),
+        )
+    )
+
+
 def memory_not_found(memory_id: str) -> NotFound:
     return NotFound(f"memory {memory_id!r} not found", code="memory_not_found")
 
@@ -204,12 +214,7 @@ class MemoryService:
                     # New content: old keywords, tags, context and links no longer apply.
                     row.keywords, row.tags, row.context = [], [], ""
                     row.enrichment = "pending"
-                    s.execute(
-                        delete(Link).where(
-                            Link.kind.in_(DERIVED_LINK_KINDS),
-                            or_(Link.src_seq == row.seq, Link.dst_seq == row.seq),
-                        )
-                    )
+                    drop_derived_links(s, [row.seq])
                 if metadata is not None:
                     row.metadata_ = metadata
                 row.version += 1

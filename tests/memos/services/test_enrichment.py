@@ -146,7 +146,7 @@ def test_a_failing_enricher_marks_notes_failed_and_moves_on(tmp_path, embedder):
     daemon.memories.add(ADMIN, cube.id, [NewMemory(t, w, "s", now, {}) for w, t in TURNS])
     daemon.enrichment.enricher = BrokenEnricher()
     assert daemon.enrichment.run_once() == 4
-    assert daemon.enrichment.pending(cube.id) == 0
+    assert daemon.cubes.get(ADMIN, cube.id).stats.enrichment_pending == 0
     page = daemon.memories.page(ADMIN, cube.id, None, 10, None)
     assert [m.enrichment for m in page.items] == ["failed"] * 4
     daemon.enrichment.enricher = make_enricher("local", embedder.embed)
