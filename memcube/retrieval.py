@@ -16,9 +16,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from memcube.errors import InvalidArgument
-from memcube.fusion import make_fusion
+from memcube.fusion import Signal, make_fusion
 from memcube.lexical import BM25Index
 from memcube.rows import RowTable
+from memcube.temporal import parse_time_query
 from memcube.types import IndexedDoc, ScoredSeq, SearchFilters
 from memcube.vector_index import HnswConfig, HnswIndex
 
@@ -26,10 +27,14 @@ SEARCH_MODES = ("hybrid", "dense", "lexical")
 
 
 class RetrievalConfig(BaseModel):
-    fusion: str = "rrf"
-    rrf_k: float = Field(60.0, gt=0)
-    dense_weight: float = Field(1.0, ge=0)
-    lexical_weight: float = Field(1.0, ge=0)
+    # Defaults measured on LoCoMo (docs/benchmarks.md); see memcube/fusion.py.
+    fusion: str = "zscore"
+    rrf_k: float = Field(60.0, gt=0, description="k of the rrf fusion")
+    dense_weight: float = Field(0.55, ge=0)
+    lexical_weight: float = Field(0.45, ge=0)
+    temporal_weight: float = Field(
+        1.0, ge=0, description="bonus for notes in a time the query names (memcube/temporal.py)"
+    )
     candidates: int = Field(50, ge=1, le=10_000, description="depth of each ranked list fused")
     exact_max_rows: int = Field(
         4096, ge=0, description="search exactly when at most this many rows pass the filters"
@@ -124,11 +129,6 @@ class CubeIndex:
             if self._ann is not None:
                 self._ann.delete(deleted)
                 self._upsert_ann(docs)
-            self.generation = max(self.generation, generation)
-
-    def advance(self, generation: int) -> None:
-        """Record a committed change that leaves every indexed text and vector as it was."""
-        with self._lock:
             self.generation = max(self.generation, generation)
 
     def _remove(self, seq: int) -> None:
@@ -249,19 +249,28 @@ class CubeIndex:
             seqs = self._rows.seqs[rows]
             dense = self._rows.vectors[rows] @ query_vector
             lex = lexical[rows]
-            by_dense = seqs[np.argsort(-dense, kind="stable")]
-            positive = lex > 0
-            by_lexical = seqs[positive][np.argsort(-lex[positive], kind="stable")]
-            fused = self._fusion.fuse({"dense": by_dense.tolist(), "lexical": by_lexical.tolist()})
-            dense_by_seq = dict(zip(seqs.tolist(), dense.tolist(), strict=True))
-            lex_by_seq = dict(zip(seqs.tolist(), lex.tolist(), strict=True))
-        best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:top_k]
+            fused = self._fusion.fuse(
+                {
+                    "dense": Signal(dense, np.ones(len(rows), dtype=bool)),
+                    "lexical": Signal(lex, lex > 0),
+                }
+            )
+            when = parse_time_query(query_text)
+            in_time = np.zeros(len(rows), dtype=bool)
+            if not when.empty and self.config.temporal_weight > 0:
+                in_time = np.fromiter(
+                    (when.matches(self._rows.days[r]) for r in rows.tolist()), bool, len(rows)
+                )
+                fused += self.config.temporal_weight * in_time
+        order = np.lexsort((seqs, -fused))[:top_k]
         hits = []
-        for seq, score in best:
-            signals = {"dense": float(dense_by_seq[seq])}
-            if lex_by_seq[seq] > 0:
-                signals["lexical"] = float(lex_by_seq[seq])
-            hits.append(ScoredSeq(seq=seq, score=float(score), signals=signals))
+        for i in order.tolist():
+            signals = {"dense": float(dense[i])}
+            if lex[i] > 0:
+                signals["lexical"] = float(lex[i])
+            if in_time[i]:
+                signals["temporal"] = self.config.temporal_weight
+            hits.append(ScoredSeq(seq=int(seqs[i]), score=float(fused[i]), signals=signals))
         return hits
 
     def _dense(

@@ -9,12 +9,13 @@ nearest rows to this vector?" (brute force, for small or heavily filtered candid
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import faiss
 import numpy as np
 
+from memcube.enrichment.dates import reference_date
 from memcube.types import IndexedDoc, SearchFilters
 
 
@@ -36,6 +37,7 @@ class RowTable:
         self.seqs = np.zeros(cap, dtype=np.int64)
         self.times = np.zeros(cap, dtype=np.int64)  # timestamps, microseconds since epoch
         self.sessions = np.full(cap, -1, dtype=np.int32)  # session codes, -1 for none
+        self.days: list[tuple[date, ...]] = []  # per row: its timestamp's date and its dates
         self.row_of: dict[int, int] = {}
         self._session_codes: dict[str, int] = {}
         self._facets: dict[tuple[str, str], list[int]] = {}
@@ -64,6 +66,7 @@ class RowTable:
         self.live[row] = True
         self.seqs[row] = doc.seq
         self.times[row] = _micros(doc.timestamp)
+        self.days.append((reference_date(doc.timestamp), *doc.dates))
         if doc.session_id is None:
             self.sessions[row] = -1
         else:

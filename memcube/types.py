@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,9 @@ class IndexedDoc:
     """One live memory as the retrieval indexes see it.
 
     `seq` is the memory's integer key (stable for its life, used as the ANN label);
-    `embedding` is a (dim,) float32 unit vector; `text` is what lexical search indexes.
+    `embedding` is a (dim,) float32 unit vector; `text` is what lexical search indexes;
+    `dates` are the absolute dates its content speaks of (from enrichment), for the temporal
+    signal alongside the date of `timestamp`.
     """
 
     seq: int
@@ -23,6 +25,7 @@ class IndexedDoc:
     session_id: str | None
     timestamp: datetime
     metadata: dict[str, Any] = field(default_factory=dict)
+    dates: tuple[date, ...] = ()
 
 
 @dataclass(frozen=True)

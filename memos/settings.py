@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from memcube.enrichment import LocalEnricherConfig
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -20,6 +19,8 @@ from pydantic_settings import (
 )
 
 from memcube.embedder import EmbedderConfig
+from memcube.enrichment import LocalEnricherConfig
+from memcube.linking import LinkingConfig
 from memcube.retrieval import RetrievalConfig
 from memcube.vector_index import HnswConfig
 
@@ -53,6 +54,7 @@ class EnrichmentConfig(BaseModel):
     similar_threshold: float = Field(default=0.6, ge=-1, le=1)
     idle_poll_s: float = Field(default=2.0, gt=0, le=3600)
     local: LocalEnricherConfig = LocalEnricherConfig()
+    linking: LinkingConfig = LinkingConfig()
 
 
 class Settings(BaseSettings):

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
-_MONTHS = {
+MONTHS = {
     name: number
     for number, names in enumerate(
         [
@@ -62,11 +62,11 @@ _NUMBERS = {
     )
 } | {"a": 1, "an": 1, "a couple of": 2, "couple of": 2, "a couple": 2}
 
-_MONTH = "(" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
+MONTH_RE = "(" + "|".join(sorted(MONTHS, key=len, reverse=True)) + r")\.?"
 _WEEKDAY = "(" + "|".join(_WEEKDAYS) + ")"
 _NUMBER = r"(\d{1,3}|" + "|".join(sorted(_NUMBERS, key=len, reverse=True)) + ")"
-_DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
-_YEAR = r"((?:19|20)\d\d)"
+DAY_RE = r"(\d{1,2})(?:st|nd|rd|th)?"
+YEAR_RE = r"((?:19|20)\d\d)"
 
 
 def _on(year: int, month: int, day: int) -> date | None:
@@ -154,21 +154,21 @@ _RULES: list[tuple[str, Resolver]] = [
         lambda m, ref: _weekday(ref, _word(m[1]), _word(m[2])),
     ),
     (
-        rf"\b{_DAY} (?:of )?{_MONTH},? {_YEAR}\b",
-        lambda m, ref: _on(int(m[3]), _MONTHS[_word(m[2])], int(m[1])),
+        rf"\b{DAY_RE} (?:of )?{MONTH_RE},? {YEAR_RE}\b",
+        lambda m, ref: _on(int(m[3]), MONTHS[_word(m[2])], int(m[1])),
     ),
     (
-        rf"\b{_MONTH} {_DAY},? {_YEAR}\b",
-        lambda m, ref: _on(int(m[3]), _MONTHS[_word(m[1])], int(m[2])),
+        rf"\b{MONTH_RE} {DAY_RE},? {YEAR_RE}\b",
+        lambda m, ref: _on(int(m[3]), MONTHS[_word(m[1])], int(m[2])),
     ),
-    (rf"\b{_MONTH},? {_YEAR}\b", lambda m, ref: date(int(m[2]), _MONTHS[_word(m[1])], 1)),
+    (rf"\b{MONTH_RE},? {YEAR_RE}\b", lambda m, ref: date(int(m[2]), MONTHS[_word(m[1])], 1)),
     (
         r"\b(\d{4})-(\d{2})-(\d{2})\b",
         lambda m, ref: _on(int(m[1]), int(m[2]), int(m[3])),
     ),
     (
         rf"\b(?:in|since|during|from|until|till|by|before|after|of|around) "
-        rf"(?:(?:early|mid|late) )?{_YEAR}\b(?![-/:.]\d)",
+        rf"(?:(?:early|mid|late) )?{YEAR_RE}\b(?![-/:.]\d)",
         lambda m, ref: date(int(m[1]), 1, 1),
     ),
 ]

@@ -2,12 +2,18 @@
 
 An add commits raw notes with `enrichment = "pending"` and returns. A worker thread then takes
 pending notes in `seq` order, a batch at a time: the enricher plug-in gives each its keywords,
-tags and context, and each note is linked, in both directions, to
+tags and context, its vector is re-embedded from all of them (`indexes.embedding_text`), and
+it is linked, in both directions, to
 - `follows`: the previous and the next note of the same session,
 - `similar`: dense neighbours above a cosine threshold,
-- `same_entity`: dense neighbours that share a keyword with it.
-A note's links are rebuilt from scratch each time it is enriched, so a crash mid-batch (the
-batch stays pending) or a re-enrichment after an edit never duplicates a link.
+- `same_entity`: dense neighbours that share a keyword with it,
+- `duplicate`: an enriched neighbour it repeats (same speaker and session, near-same text),
+- `updates`: an enriched neighbour whose fact it revises; that neighbour evolves at once (new
+  tags and context, re-embedded, version + 1, the old version in history with the reason).
+The rules for the last two are in memcube/linking.py. A note's links are rebuilt from scratch
+each time it is enriched, so a crash mid-batch (the batch stays pending) or a re-enrichment
+after an edit never duplicates a link; an evolution applies only to the version it was planned
+for.
 """
 
 from __future__ import annotations
@@ -18,30 +24,36 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from memcube.enrichment import Enricher, Enrichment, NoteInput
 from memcube.errors import NotFound
+from memcube.types import ScoredSeq
 from memos.db.engine import Database
-from memos.db.models import Link, Memory, MemoryHistory
+from memos.db.models import Memory, MemoryHistory
 from memos.db.types import utcnow
-from memos.services.indexes import IndexRegistry
-from memos.services.memories import bump_generation, drop_derived_links
+from memos.services.indexes import (
+    IndexRegistry,
+    embedding_text,
+    previous_in_session,
+    to_doc,
+)
+from memos.services.linking import (
+    PlannedEvolution,
+    PlannedLink,
+    apply_evolution,
+    judge,
+    keywords_of,
+    plan_links,
+    replace_links,
+)
+from memos.services.memories import bump_generation
 from memos.settings import EnrichmentConfig
 
 log = logging.getLogger("memos.enrichment")
-
-
-@dataclass(frozen=True)
-class PlannedLink:
-    src: int
-    dst: int
-    kind: str
-    score: float
 
 
 class EnrichmentService:
@@ -93,24 +105,53 @@ class EnrichmentService:
             [NoteInput(r.content, r.speaker, r.session_id, r.timestamp) for r in rows]
         )
         assert len(results) == len(rows), "an enricher returns one result per note"
+        with self.db.read() as s:
+            previous = {r.seq: previous_in_session(s, r) for r in rows}
+        # The enriched vectors (see `embedding_text`), embedded outside any transaction.
+        vectors = self.indexes.embed(
+            [
+                embedding_text(
+                    r.content,
+                    e.keywords,
+                    e.tags,
+                    e.context,
+                    p.content if (p := previous[r.seq]) is not None else None,
+                )
+                for r, e in zip(rows, results, strict=True)
+            ]
+        )
+        # Neighbours are found with the enriched vector, so like is compared with like: the
+        # index holds enriched vectors for every enriched note.
         neighbours = {
-            r.seq: index.search(
-                np.frombuffer(r.embedding, dtype=np.float32), "", self.config.neighbours + 1,
-                mode="dense",
-            )
-            for r in rows
-        }  # fmt: skip
+            r.seq: index.search(vector, "", self.config.neighbours + 1, mode="dense")
+            for r, vector in zip(rows, vectors, strict=True)
+        }
+        with self.db.read() as s:
+            judged, evolutions = judge(s, rows, results, neighbours, self.config.linking)
+        if evolutions:
+            evolved = self.indexes.embed([evolution.text for evolution in evolutions.values()])
+            for evolution, vector in zip(evolutions.values(), evolved, strict=True):
+                evolution.vector = vector
         with self.indexes.writing(cube_id) as index:
-            committed = self._commit(cube_id, rows, results, neighbours)
+            committed = self._commit(
+                cube_id, rows, results, vectors, neighbours, judged, evolutions
+            )
             if committed is not None:
-                # Neither a note's vector nor its BM25 text depends on its enrichment (yet:
-                # see `lexical_text`), so the index only moves its generation forward.
-                index.advance(committed)
+                generation, changed = committed
+                index.apply([to_doc(row) for row in changed], [], generation)
 
     def _commit(
-        self, cube_id: str, rows: Sequence[Memory], results: list[Enrichment], neighbours: dict
-    ) -> int | None:
-        """One transaction: enrichments, history, links. Returns the new generation."""
+        self,
+        cube_id: str,
+        rows: Sequence[Memory],
+        results: list[Enrichment],
+        vectors: np.ndarray,
+        neighbours: dict[int, list[ScoredSeq]],
+        judged: list[PlannedLink],
+        evolutions: dict[int, PlannedEvolution],
+    ) -> tuple[int, list[Memory]] | None:
+        """One transaction: enrichments, vectors, history, links, evolutions. Returns the new
+        generation and the rows it changed."""
         versions = {r.seq: r.version for r in rows}
         with self.db.write() as s:
             fresh = [
@@ -122,19 +163,32 @@ class EnrichmentService:
             if not fresh:
                 return None
             generation = bump_generation(s, cube_id)
-            by_seq = dict(zip((r.seq for r in rows), results, strict=True))
-            keywords_of = self._keywords(s, [n.seq for hits in neighbours.values() for n in hits])
+            by_seq = dict(
+                zip((r.seq for r in rows), zip(results, vectors, strict=True), strict=True)
+            )
+            keywords = keywords_of(s, [n.seq for hits in neighbours.values() for n in hits])
             for row in fresh:
-                enrichment = by_seq[row.seq]
+                enrichment, vector = by_seq[row.seq]
                 self._apply(s, row, enrichment, generation)
-                keywords_of[row.seq] = set(row.keywords)
+                row.embedding = vector.astype(np.float32).tobytes()
+                keywords[row.seq] = set(row.keywords)
+            kept = {row.seq for row in fresh}
             links = [
                 link
                 for row in fresh
-                for link in self._plan_links(s, row, neighbours[row.seq], keywords_of)
+                for link in plan_links(
+                    s, row, neighbours[row.seq], keywords, self.config.similar_threshold
+                )
+            ] + [link for link in judged if link.src in kept]
+            replace_links(s, cube_id, sorted(kept), links)
+            evolved = [
+                note
+                for planned in evolutions.values()
+                if any(link.dst == planned.seq and link.kind == "updates" for link in links)
+                and (note := apply_evolution(s, planned, generation)) is not None
             ]
-            self._replace_links(s, cube_id, [row.seq for row in fresh], links)
-            return generation
+            s.flush()
+            return generation, fresh + evolved
 
     def _mark_failed(self, seqs: list[int]) -> None:
         with self.db.write() as s:
@@ -157,55 +211,6 @@ class EnrichmentService:
         )
         if history is not None:
             history.keywords, history.tags, history.context = row.keywords, row.tags, row.context
-
-    @staticmethod
-    def _keywords(s: Session, seqs: Sequence[int]) -> dict[int, set[str]]:
-        if not seqs:
-            return {}
-        rows = s.execute(select(Memory.seq, Memory.keywords).where(Memory.seq.in_(set(seqs))))
-        return {seq: set(keywords or []) for seq, keywords in rows}
-
-    def _plan_links(
-        self, s: Session, row: Memory, neighbours: Sequence, keywords_of: dict[int, set[str]]
-    ) -> list[PlannedLink]:
-        planned: list[PlannedLink] = []
-        if row.session_id is not None:
-            same_session = (
-                Memory.cube_id == row.cube_id,
-                Memory.session_id == row.session_id,
-                Memory.deleted_at.is_(None),
-            )
-            before = s.scalar(
-                select(func.max(Memory.seq)).where(*same_session, Memory.seq < row.seq)
-            )
-            after = s.scalar(
-                select(func.min(Memory.seq)).where(*same_session, Memory.seq > row.seq)
-            )
-            planned += [PlannedLink(row.seq, seq, "follows", 1.0) for seq in (before, after) if seq]
-        mine = set(row.keywords)
-        for hit in neighbours:
-            if hit.seq == row.seq:
-                continue
-            cosine = hit.signals["dense"]
-            if cosine >= self.config.similar_threshold:
-                planned.append(PlannedLink(row.seq, hit.seq, "similar", cosine))
-            if mine & keywords_of.get(hit.seq, set()):
-                planned.append(PlannedLink(row.seq, hit.seq, "same_entity", cosine))
-        return planned
-
-    @staticmethod
-    def _replace_links(s: Session, cube_id: str, seqs: list[int], links: list[PlannedLink]) -> None:
-        """Drop the notes' derived links (both directions) and write the new ones, mirrored."""
-        drop_derived_links(s, seqs)
-        unique: dict[tuple[int, int, str], float] = {}
-        for link in links:
-            for src, dst in ((link.src, link.dst), (link.dst, link.src)):
-                key = (src, dst, link.kind)
-                unique[key] = max(unique.get(key, link.score), link.score)
-        s.add_all(
-            Link(cube_id=cube_id, src_seq=src, dst_seq=dst, kind=kind, score=score)
-            for (src, dst, kind), score in unique.items()
-        )
 
 
 class EnrichmentWorker:

@@ -35,7 +35,7 @@ from memos.services.views import (
 from memos.settings import LimitsConfig
 
 # Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
-DERIVED_LINK_KINDS = ("follows", "similar", "same_entity")
+DERIVED_LINK_KINDS = ("follows", "similar", "same_entity", "duplicate", "updates")
 
 
 def drop_derived_links(s: Session, seqs: Sequence[int]) -> None:
@@ -86,7 +86,7 @@ def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
     ]
 
 
-def _history_row(row: Memory, reason: str) -> MemoryHistory:
+def history_row(row: Memory, reason: str) -> MemoryHistory:
     return MemoryHistory(
         memory_seq=row.seq,
         version=row.version,
@@ -183,7 +183,7 @@ class MemoryService:
                 ]
                 s.add_all(rows)
                 s.flush()
-                s.add_all([_history_row(row, "created") for row in rows])
+                s.add_all([history_row(row, "created") for row in rows])
                 s.flush()
                 views = memory_views(s, rows)
             index.apply([to_doc(row) for row in rows], [], generation)
@@ -220,7 +220,7 @@ class MemoryService:
                 row.version += 1
                 row.change_seq = generation
                 row.updated_at = utcnow()
-                s.add(_history_row(row, "updated"))
+                s.add(history_row(row, "updated"))
                 s.flush()
                 (view,) = memory_views(s, [row])
             index.apply([to_doc(row)], [], generation)
@@ -236,7 +236,7 @@ class MemoryService:
                 row.version += 1
                 row.change_seq = generation
                 row.updated_at = row.deleted_at = utcnow()
-                s.add(_history_row(row, "deleted"))
+                s.add(history_row(row, "deleted"))
             index.apply([], [row.seq], generation)
 
     # -- reads ------------------------------------------------------------------------------

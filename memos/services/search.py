@@ -61,11 +61,15 @@ class SearchService:
         index = self.indexes.get(cube_id)
         vector = self.embedder.embed_one(query)
         config = self.indexes.retrieval
-        expand = mode == "hybrid" and config.link_from > 0 and any(config.link_weights.values())
-        pool = top_k + 2 * config.link_from if expand else top_k
+        hybrid = mode == "hybrid"
+        expand = hybrid and config.link_from > 0 and any(config.link_weights.values())
+        pool = top_k + 2 * config.link_from if hybrid else top_k
         scored = index.search(vector, query, pool, filters, mode=mode, exact=exact)
         if expand:
-            scored = self._expand(index, scored, filters, top_k)
+            scored = self._expand(index, scored, filters)
+        if hybrid:
+            scored = self._collapse_duplicates(scored)
+        scored = scored[:top_k]
         with self.db.read() as s:
             rows = s.scalars(
                 select(Memory).where(
@@ -80,14 +84,39 @@ class SearchService:
         ]
         return SearchResult(hits=hits, took_ms=(time.perf_counter() - started) * 1000)
 
+    def _collapse_duplicates(self, scored: list[ScoredSeq]) -> list[ScoredSeq]:
+        """Keep only the best-ranked note of each group joined by `duplicate` links, so one
+        thing said twice takes one place in the hits."""
+        seqs = [hit.seq for hit in scored]
+        with self.db.read() as s:
+            pairs = s.execute(
+                select(Link.src_seq, Link.dst_seq).where(
+                    Link.kind == "duplicate", Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)
+                )
+            ).all()
+        if not pairs:
+            return scored
+        partners: dict[int, set[int]] = {}
+        for src, dst in pairs:
+            partners.setdefault(src, set()).add(dst)
+        kept: list[ScoredSeq] = []
+        shown: set[int] = set()
+        for hit in scored:
+            if not partners.get(hit.seq, set()) & shown:
+                kept.append(hit)
+            shown.add(hit.seq)  # a dropped repeat still hides its own repeats
+        return kept
+
     def _expand(
-        self, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters, top_k: int
+        self, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters
     ) -> list[ScoredSeq]:
         """Link expansion: each of the top hits adds a share of its score to the notes it
         links to, so the turn after a strong hit, or a note about the same entity, can rise or
         enter. Shares are per link kind (`RetrievalConfig.link_weights`)."""
         config = self.indexes.retrieval
-        sources = {hit.seq: hit.score for hit in scored[: config.link_from]}
+        # Fused scores can be negative (z-scores below the candidates' mean): such a hit
+        # spreads nothing rather than pushing its neighbours down.
+        sources = {hit.seq: max(hit.score, 0.0) for hit in scored[: config.link_from]}
         weights = {kind: w for kind, w in config.link_weights.items() if w > 0}
         with self.db.read() as s:
             links = s.execute(
@@ -104,4 +133,4 @@ class SearchService:
             ScoredSeq(hit.seq, hit.score + gains.get(hit.seq, 0.0), hit.signals) for hit in scored
         ] + [ScoredSeq(seq, gains[seq], {"links": gains[seq]}) for seq in newcomers]
         merged.sort(key=lambda hit: (-hit.score, hit.seq))
-        return merged[:top_k]
+        return merged

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memcube.errors import InvalidArgument
-from memcube.fusion import ReciprocalRankFusion, make_fusion
+from memcube.fusion import ReciprocalRankFusion, Signal, ZScoreFusion, make_fusion
 from memcube.retrieval import CubeIndex, RetrievalConfig
 from memcube.types import IndexedDoc, SearchFilters
 from memcube.vector_index import HnswConfig
@@ -40,12 +40,27 @@ def make_index(items: list[IndexedDoc], exact_max_rows: int = 0) -> CubeIndex:
     return index
 
 
-def test_rrf_scores_are_exact():
-    fused = ReciprocalRankFusion(k=60, weights={"dense": 2.0}).fuse(
-        {"dense": [1, 2], "lexical": [2, 3]}
+def test_rrf_ranks_only_what_each_signal_matched():
+    signals = {
+        "dense": Signal(np.array([0.9, 0.8, 0.1]), np.array([True, True, False])),
+        "lexical": Signal(np.array([0.0, 3.0, 2.0]), np.array([False, True, True])),
+    }
+    fused = ReciprocalRankFusion(k=60, weights={"dense": 2.0}).fuse(signals)
+    assert fused.tolist() == pytest.approx([2 / 61, 2 / 62 + 1 / 61, 1 / 62])
+
+
+def test_zscore_fusion_is_a_weighted_sum_of_standardised_scores():
+    dense = np.array([0.9, 0.6, 0.3])  # mean 0.6, std sqrt(0.06)
+    lexical = np.array([0.0, 4.0, 4.0])  # a constant signal would add nothing
+    fused = ZScoreFusion(weights={"dense": 0.5, "lexical": 2.0}).fuse(
+        {"dense": Signal(dense, np.ones(3, bool)), "lexical": Signal(lexical, lexical > 0)}
     )
-    assert fused == pytest.approx({1: 2 / 61, 2: 2 / 62 + 1 / 61, 3: 1 / 62})
-    with pytest.raises(InvalidArgument, match="valid: \\['rrf'\\]"):
+    z_dense = (dense - 0.6) / np.sqrt(0.06)
+    z_lexical = (lexical - lexical.mean()) / lexical.std()
+    assert fused.tolist() == pytest.approx((0.5 * z_dense + 2.0 * z_lexical).tolist())
+    constant = ZScoreFusion().fuse({"dense": Signal(np.full(3, 0.5), np.ones(3, bool))})
+    assert constant.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(InvalidArgument, match="valid: \\['rrf', 'zscore'\\]"):
         make_fusion("borda", 60, {})
 
 

@@ -143,7 +143,7 @@ def test_a_failing_enricher_marks_notes_failed_and_moves_on(tmp_path, embedder):
     daemon.start()
     cube = daemon.cubes.create(ADMIN, "c", "")
     now = datetime.now(UTC)
-    daemon.memories.add(ADMIN, cube.id, [NewMemory(t, w, "s", now, {}) for w, t in TURNS])
+    daemon.memories.add(ADMIN, cube.id, [NewMemory(t, "s", w, now, {}) for w, t in TURNS])
     daemon.enrichment.enricher = BrokenEnricher()
     assert daemon.enrichment.run_once() == 4
     assert daemon.cubes.get(ADMIN, cube.id).stats.enrichment_pending == 0

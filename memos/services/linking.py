@@ -1,0 +1,176 @@
+"""Link planning for enriched notes, and the evolution of the neighbours they revise.
+
+The enrichment service (memos/services/enrichment.py) calls these inside its read and write
+transactions; the rules deciding `duplicate` and `updates` live in memcube/linking.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from memcube.enrichment import Enrichment
+from memcube.linking import Evolution, LinkingConfig, NoteFacts, evolve, near_duplicate, revises
+from memcube.types import ScoredSeq
+from memos.db.models import Link, Memory
+from memos.db.types import utcnow
+from memos.services.indexes import embedding_text, note_keywords, previous_in_session
+from memos.services.memories import drop_derived_links, history_row
+
+
+@dataclass(frozen=True)
+class PlannedLink:
+    src: int
+    dst: int
+    kind: str
+    score: float
+
+
+@dataclass
+class PlannedEvolution:
+    seq: int
+    version: int  # applied only if the note is still at this version
+    evolution: Evolution
+    text: str  # the evolved note's embedding text
+    vector: np.ndarray | None = None  # (dim,) float32, embedded before the commit
+
+
+def note_facts(row: Memory, enrichment: Enrichment | None = None) -> NoteFacts:
+    """The linking rules' view of a stored note, or of a new one with its fresh enrichment."""
+    keywords = enrichment.keywords if enrichment else note_keywords(row)
+    return NoteFacts(
+        seq=row.seq,
+        content=row.content,
+        speaker=row.speaker,
+        session_id=row.session_id,
+        timestamp=row.timestamp,
+        keywords=frozenset(keywords),
+        tags=tuple(enrichment.tags if enrichment else row.tags),
+        context=enrichment.context if enrichment else row.context,
+    )
+
+
+def judge(
+    s: Session,
+    rows: Sequence[Memory],
+    results: list[Enrichment],
+    neighbours: dict[int, list[ScoredSeq]],
+    config: LinkingConfig,
+) -> tuple[list[PlannedLink], dict[int, PlannedEvolution]]:
+    """`duplicate` and `updates` links from each note to its enriched neighbours, and the
+    evolutions of the neighbours it revises (memcube/linking.py has the rules)."""
+    batch = {r.seq for r in rows}
+    wanted = {hit.seq for hits in neighbours.values() for hit in hits} - batch
+    older = {
+        row.seq: row
+        for row in s.scalars(
+            select(Memory).where(
+                Memory.seq.in_(wanted),
+                Memory.deleted_at.is_(None),
+                Memory.enrichment == "done",
+            )
+        )
+    }
+    facts = {seq: note_facts(row) for seq, row in older.items()}
+    links: list[PlannedLink] = []
+    evolutions: dict[int, PlannedEvolution] = {}
+    for row, enrichment in zip(rows, results, strict=True):
+        new = note_facts(row, enrichment)
+        for hit in neighbours[row.seq]:
+            old = facts.get(hit.seq)
+            if old is None:
+                continue
+            similarity = near_duplicate(new, old, config)
+            if similarity is not None:
+                links.append(PlannedLink(row.seq, old.seq, "duplicate", similarity))
+            elif revises(new, old, hit.signals["dense"], config):
+                links.append(PlannedLink(row.seq, old.seq, "updates", hit.signals["dense"]))
+                evolution = evolve(old, new, row.id, config)
+                facts[old.seq] = replace(old, tags=evolution.tags, context=evolution.context)
+                target = older[old.seq]
+                before = previous_in_session(s, target)
+                evolutions[old.seq] = PlannedEvolution(
+                    seq=old.seq,
+                    version=target.version,
+                    evolution=evolution,
+                    text=embedding_text(
+                        target.content,
+                        target.keywords,
+                        evolution.tags,
+                        evolution.context,
+                        before.content if before else None,
+                    ),
+                )
+    return links, evolutions
+
+
+def plan_links(
+    s: Session,
+    row: Memory,
+    neighbours: Sequence[ScoredSeq],
+    keywords: dict[int, set[str]],
+    similar_threshold: float,
+) -> list[PlannedLink]:
+    """`follows`, `similar` and `same_entity` links of a freshly enriched note."""
+    planned: list[PlannedLink] = []
+    if row.session_id is not None:
+        same_session = (
+            Memory.cube_id == row.cube_id,
+            Memory.session_id == row.session_id,
+            Memory.deleted_at.is_(None),
+        )
+        before = s.scalar(select(func.max(Memory.seq)).where(*same_session, Memory.seq < row.seq))
+        after = s.scalar(select(func.min(Memory.seq)).where(*same_session, Memory.seq > row.seq))
+        planned += [PlannedLink(row.seq, seq, "follows", 1.0) for seq in (before, after) if seq]
+    mine = set(row.keywords)
+    for hit in neighbours:
+        if hit.seq == row.seq:
+            continue
+        cosine = hit.signals["dense"]
+        if cosine >= similar_threshold:
+            planned.append(PlannedLink(row.seq, hit.seq, "similar", cosine))
+        if mine & keywords.get(hit.seq, set()):
+            planned.append(PlannedLink(row.seq, hit.seq, "same_entity", cosine))
+    return planned
+
+
+def keywords_of(s: Session, seqs: Sequence[int]) -> dict[int, set[str]]:
+    if not seqs:
+        return {}
+    rows = s.execute(select(Memory.seq, Memory.keywords).where(Memory.seq.in_(set(seqs))))
+    return {seq: set(keywords or []) for seq, keywords in rows}
+
+
+def replace_links(s: Session, cube_id: str, seqs: list[int], links: list[PlannedLink]) -> None:
+    """Drop the notes' derived links (both directions) and write the new ones, mirrored."""
+    drop_derived_links(s, seqs)
+    unique: dict[tuple[int, int, str], float] = {}
+    for link in links:
+        for src, dst in ((link.src, link.dst), (link.dst, link.src)):
+            key = (src, dst, link.kind)
+            unique[key] = max(unique.get(key, link.score), link.score)
+    s.add_all(
+        Link(cube_id=cube_id, src_seq=src, dst_seq=dst, kind=kind, score=score)
+        for (src, dst, kind), score in unique.items()
+    )
+
+
+def apply_evolution(s: Session, planned: PlannedEvolution, generation: int) -> Memory | None:
+    """Apply an evolution: a new version with new tags and context, its old one in history
+    with the reason. None if the note changed since it was judged."""
+    row = s.get(Memory, planned.seq)
+    if row is None or row.deleted_at is not None or row.version != planned.version:
+        return None
+    assert planned.vector is not None, "evolved vectors are embedded before the commit"
+    row.tags = list(planned.evolution.tags)
+    row.context = planned.evolution.context
+    row.embedding = planned.vector.astype(np.float32).tobytes()
+    row.version += 1
+    row.change_seq = generation
+    row.updated_at = utcnow()
+    s.add(history_row(row, planned.evolution.reason))
+    return row
