@@ -48,6 +48,7 @@ class Daemon:
                 settings.enrichment.enricher,
                 self.embedder.embed_background,
                 settings.enrichment.local,
+                settings.enrichment.llm,
             ),
             settings.enrichment,
         )

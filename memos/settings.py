@@ -19,7 +19,7 @@ from pydantic_settings import (
 )
 
 from memcube.embedder import EmbedderConfig
-from memcube.enrichment import LocalEnricherConfig
+from memcube.enrichment import LlmEnricherConfig, LocalEnricherConfig
 from memcube.linking import LinkingConfig
 from memcube.retrieval import RetrievalConfig
 from memcube.vector_index import HnswConfig
@@ -54,6 +54,7 @@ class EnrichmentConfig(BaseModel):
     similar_threshold: float = Field(default=0.6, ge=-1, le=1)
     idle_poll_s: float = Field(default=2.0, gt=0, le=3600)
     local: LocalEnricherConfig = LocalEnricherConfig()
+    llm: LlmEnricherConfig = LlmEnricherConfig()
     linking: LinkingConfig = LinkingConfig()
 
 

@@ -47,28 +47,53 @@ class Enricher(Protocol):
 
 
 # Implementations import the seams above, so they are imported after them.
+from memcube.enrichment.llm import (  # noqa: E402
+    Complete,
+    LlmEnricher,
+    LlmEnricherConfig,
+    OpenAICompatible,
+)
 from memcube.enrichment.local import LocalEnricher, LocalEnricherConfig  # noqa: E402
 
-ENRICHERS: dict[str, Callable[[EmbedFn, LocalEnricherConfig | None], Enricher]] = {
-    "local": LocalEnricher,
-}
+ENRICHERS = ("local", "llm")
 
 
-def make_enricher(name: str, embed: EmbedFn, config: LocalEnricherConfig | None = None) -> Enricher:
-    try:
-        factory = ENRICHERS[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown enricher {name!r}; valid: {sorted(ENRICHERS)}") from None
-    return factory(embed, config)
+def make_enricher(
+    name: str,
+    embed: EmbedFn,
+    local: LocalEnricherConfig | None = None,
+    llm: LlmEnricherConfig | None = None,
+    runtime_complete: Complete | None = None,
+) -> Enricher:
+    """The enricher called `name`. `llm` falls back to `local` note by note; its `runtime`
+    backend needs `runtime_complete` (the daemon's local model), `openai` needs `llm.url`."""
+    if name not in ENRICHERS:
+        raise InvalidArgument(f"unknown enricher {name!r}; valid: {sorted(ENRICHERS)}")
+    fallback = LocalEnricher(embed, local)
+    if name == "local":
+        return fallback
+    llm = llm or LlmEnricherConfig()
+    if llm.backend == "openai":
+        return LlmEnricher(OpenAICompatible(llm), fallback)
+    if runtime_complete is None:
+        raise InvalidArgument(
+            "enricher 'llm' with backend 'runtime' needs the local runtime; "
+            "set enrichment.llm.backend='openai' and a url, or enable the runtime"
+        )
+    return LlmEnricher(runtime_complete, fallback)
 
 
 __all__ = [
     "ENRICHERS",
+    "Complete",
     "EmbedFn",
     "Enricher",
     "Enrichment",
+    "LlmEnricher",
+    "LlmEnricherConfig",
     "LocalEnricher",
     "LocalEnricherConfig",
     "NoteInput",
+    "OpenAICompatible",
     "make_enricher",
 ]

@@ -303,8 +303,8 @@ def test_batch_keeps_input_order_and_embeds_twice(embedder):
 def test_unknown_enricher_is_rejected_with_the_valid_names(embedder):
     with pytest.raises(InvalidArgument) as raised:
         make_enricher("gpt-4", embedder.embed)
-    assert raised.value.message == "unknown enricher 'gpt-4'; valid: ['local']"
-    assert sorted(ENRICHERS) == ["local"]
+    assert raised.value.message == "unknown enricher 'gpt-4'; valid: ['llm', 'local']"
+    assert sorted(ENRICHERS) == ["llm", "local"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,134 @@
+"""The `llm` enricher over real HTTP: valid answers are used, anything else falls back."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from memcube.enrichment import (
+    LlmEnricher,
+    LlmEnricherConfig,
+    NoteInput,
+    OpenAICompatible,
+    make_enricher,
+)
+from memcube.enrichment.llm import parse_reply
+from memcube.errors import InvalidArgument
+
+SAID = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+NOTE = NoteInput("I went to a pottery class yesterday with my kids.", "Melanie", "s1", SAID)
+GOOD = {"keywords": ["Pottery class", "kids"], "tags": ["hobbies", "family"],
+        "context": "Melanie tells Caroline about a pottery class with her kids."}  # fmt: skip
+
+
+class ScriptedEndpoint(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/chat/completions that answers from a script, in order."""
+
+    script: list[tuple[int, object]] = []
+    requests: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                    "body": body})  # fmt: skip
+        status, reply = type(self).script.pop(0)
+        if reply == "sleep":
+            time.sleep(1.0)
+            reply = GOOD
+        if isinstance(reply, dict):
+            reply = json.dumps(reply)
+        payload = (
+            {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+            if status == 200 and reply != "not a completion"
+            else {"error": "boom"}
+        )
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    ScriptedEndpoint.script, ScriptedEndpoint.requests = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedEndpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_parse_reply_accepts_one_valid_object_and_nothing_else():
+    fenced = "Sure! ```json\n" + json.dumps(GOOD) + "\n```"
+    assert parse_reply(fenced).tags == ["hobbies", "family"]
+    for bad in (
+        "I cannot help with that.",
+        "{not json}",
+        json.dumps({**GOOD, "tags": ["pottery"]}),  # not in the taxonomy
+        json.dumps({**GOOD, "keywords": []}),
+        json.dumps({**GOOD, "keywords": [f"k{i}" for i in range(9)]}),
+        json.dumps({**GOOD, "links": ["mem_1"]}),  # unknown field: never trusted
+        json.dumps({**GOOD, "context": "x" * 301}),
+    ):
+        with pytest.raises(ValueError):
+            parse_reply(bad)
+
+
+def test_valid_answers_are_used_and_every_failure_falls_back_per_note(endpoint, embedder):
+    ScriptedEndpoint.script = [
+        (200, GOOD),
+        (200, "no json here"),
+        (200, {**GOOD, "tags": ["astrology"]}),
+        (500, GOOD),
+        (200, "not a completion"),
+    ]
+    config = LlmEnricherConfig(backend="openai", url=endpoint, model="tiny", api_key="sk-test")
+    enricher = make_enricher("llm", embedder.embed, llm=config)
+    assert isinstance(enricher, LlmEnricher)
+    notes = [NOTE] + [
+        NoteInput(f"Note {i}: we adopted a puppy named Rex.", "Caroline", "s1", SAID)
+        for i in range(4)
+    ]
+    results = enricher.enrich(notes)
+    assert len(results) == 5
+    first = results[0]
+    assert first.keywords == ("pottery class", "kids")
+    assert first.tags == ("hobbies", "family")
+    assert first.context == GOOD["context"]
+    assert first.dates == (date(2023, 5, 7),)  # resolved by rules, not by the model
+    local = make_enricher("local", embedder.embed).enrich(notes[1:])
+    assert results[1:] == local  # each failed note got exactly the local enrichment
+    assert (enricher.answered, enricher.fell_back) == (1, 4)
+    sent = ScriptedEndpoint.requests[0]
+    assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-test"
+    assert sent["body"]["model"] == "tiny" and sent["body"]["temperature"] == 0
+    assert sent["body"]["messages"][1]["content"] == (
+        "Melanie said on 8 May 2023: I went to a pottery class yesterday with my kids."
+    )
+
+
+def test_a_slow_endpoint_times_out_into_the_fallback(endpoint, embedder):
+    ScriptedEndpoint.script = [(200, "sleep")]
+    config = LlmEnricherConfig(backend="openai", url=endpoint, timeout_s=0.2)
+    enricher = LlmEnricher(OpenAICompatible(config), make_enricher("local", embedder.embed))
+    (result,) = enricher.enrich([NOTE])
+    assert result == make_enricher("local", embedder.embed).enrich([NOTE])[0]
+    assert enricher.fell_back == 1
+
+
+def test_misconfigured_llm_enrichers_are_refused(embedder):
+    with pytest.raises(InvalidArgument, match="needs the local runtime"):
+        make_enricher("llm", embedder.embed)
+    with pytest.raises(InvalidArgument, match="url is empty"):
+        make_enricher("llm", embedder.embed, llm=LlmEnricherConfig(backend="openai"))
