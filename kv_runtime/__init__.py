@@ -1,4 +1,65 @@
-"""Local inference runtime: model loading, prefill, KV capture, compression, injection, generation.
+"""Local inference runtime: model loading, prefill, KV capture, compression, persistence, reuse.
 
-Arrives with the activation-memory issue; the package exists so the layout is fixed from day one.
+The facade is `Runtime` (kv_runtime.runtime); activations are stored and verified by
+`save_activation` / `load_activation` (kv_runtime.store). This package knows nothing of HTTP or
+SQL; its errors carry a `code` the API layer maps to a status.
+
+Modules, one concept each:
+    config      RuntimeConfig, CompressionConfig (frozen pydantic, ranges checked)
+    model       GGUF conversion cached as safetensors, Fingerprint
+    forward     ModelRunner: the model lock, forward passes, query capture
+    cache       KVCache: per-layer keys/values, token ids, original positions
+    prefill     chunked prefill with progress
+    eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
+    compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
+    store       safetensors + JSON manifest, checksums, atomic writes
+    sampling    greedy / temperature / top-p
+    generate    streaming generation on a copied cache
+    text        thread-safe tokenizer and chat template
 """
+
+from kv_runtime.cache import KVCache
+from kv_runtime.compress import CompressedKV
+from kv_runtime.config import NO_COMPRESSION, CompressionConfig, RuntimeConfig
+from kv_runtime.errors import (
+    ActivationCorrupt,
+    ActivationMismatch,
+    InvalidArgument,
+    KVRuntimeError,
+    ModelUnavailable,
+)
+from kv_runtime.eviction import SCORERS
+from kv_runtime.generate import Generation, GenerationResult
+from kv_runtime.model import Fingerprint
+from kv_runtime.runtime import ModelInfo, Runtime
+from kv_runtime.store import (
+    ActivationManifest,
+    delete_activation,
+    load_activation,
+    read_manifest,
+    save_activation,
+)
+
+__all__ = [
+    "NO_COMPRESSION",
+    "SCORERS",
+    "ActivationCorrupt",
+    "ActivationManifest",
+    "ActivationMismatch",
+    "CompressedKV",
+    "CompressionConfig",
+    "Fingerprint",
+    "Generation",
+    "GenerationResult",
+    "InvalidArgument",
+    "KVCache",
+    "KVRuntimeError",
+    "ModelInfo",
+    "ModelUnavailable",
+    "Runtime",
+    "RuntimeConfig",
+    "delete_activation",
+    "load_activation",
+    "read_manifest",
+    "save_activation",
+]

@@ -38,3 +38,9 @@ class TooLarge(DomainError):
 
 class Unauthorized(DomainError):
     code = "unauthorized"
+
+
+class Unavailable(DomainError):
+    """A part the request needs (e.g. the local model) cannot run now."""
+
+    code = "unavailable"

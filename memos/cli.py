@@ -26,7 +26,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
-from memos.client import DEFAULT_URL, MemoryInput, MemosClient, MemosError
+from memos.client import DEFAULT_URL, Activation, MemoryInput, MemosClient, MemosError
 
 MAX_BATCH = 1000  # the server refuses larger batches with 413
 
@@ -39,7 +39,11 @@ app = typer.Typer(
 user_app = typer.Typer(help="Manage users (admin key).", no_args_is_help=True)
 cube_app = typer.Typer(help="Manage memory cubes.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
+activation_app = typer.Typer(
+    help="Activation memory: KV caches of the daemon's model.", no_args_is_help=True
+)
 app.add_typer(cube_app, name="cube")
+app.add_typer(activation_app, name="activation")
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,102 @@ def search(
     ]  # fmt: skip
     _print_table(["SCORE", "ID", "TIMESTAMP", "SPEAKER", "CONTENT"], rows)
     typer.echo(f"{len(result.hits)} hits in {result.took_ms:.1f} ms", err=True)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _activation_row(a: Activation) -> list[str]:
+    state = f"{a.state} {a.progress:.0%}" if a.state == "building" else a.state
+    return [a.id, state, str(a.tokens), str(a.kept_tokens), str(a.bits), str(a.bytes),
+            _when(a.created_at)]  # fmt: skip
+
+
+ACTIVATION_HEADERS = ["ID", "STATE", "TOKENS", "KEPT", "BITS", "BYTES", "CREATED"]
+
+
+@activation_app.command("create")
+def activation_create(
+    ctx: typer.Context,
+    cube_id: str,
+    text: Annotated[str | None, typer.Option(help="Build from this text.")] = None,
+    memory_id: Annotated[
+        list[str] | None, typer.Option("--memory-id", help="Build from memories (repeat).")
+    ] = None,
+    session_id: SessionOpt = None,
+    bits: Annotated[int, typer.Option(help="16 (none), 8, 4 or 2.")] = 16,
+    budget_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Keep at most this many tokens.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for a background build.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill a context once and store its KV cache (from --text, --memory-id or --session-id)."""
+    with _client(ctx) as client:
+        act = client.create_activation(
+            cube_id, text, memory_id, session_id, bits=bits, budget_tokens=budget_tokens
+        )
+        if wait and act.state == "building":
+            act = client.wait_activation(cube_id, act.id)
+    if as_json:
+        _print_json(act)
+    else:
+        _print_table(ACTIVATION_HEADERS, [_activation_row(act)])
+
+
+@activation_app.command("list")
+def activation_list(ctx: typer.Context, cube_id: str, as_json: JsonOpt = False) -> None:
+    """The cube's activations, oldest first."""
+    with _client(ctx) as client:
+        items = client.list_activations(cube_id)
+    if as_json:
+        _print_json(items)
+    else:
+        _print_table(ACTIVATION_HEADERS, [_activation_row(a) for a in items])
+
+
+@activation_app.command("get")
+def activation_get(
+    ctx: typer.Context, cube_id: str, activation_id: str, as_json: JsonOpt = False
+) -> None:
+    with _client(ctx) as client:
+        act = client.get_activation(cube_id, activation_id)
+    if as_json:
+        _print_json(act)
+    else:
+        _print_table(ACTIVATION_HEADERS, [_activation_row(act)])
+
+
+@activation_app.command("delete")
+def activation_delete(ctx: typer.Context, cube_id: str, activation_id: str) -> None:
+    with _client(ctx) as client:
+        client.delete_activation(cube_id, activation_id)
+    typer.echo(f"deleted {activation_id}")
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    cube_id: str,
+    prompt: str,
+    activation_id: Annotated[
+        str | None, typer.Option("--activation", help="Reuse this activation's KV cache.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a prompt with the daemon's model; prints the text, then the timings on stderr."""
+    with _client(ctx) as client:
+        result = client.generate(cube_id, prompt, activation_id, max_tokens)
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(result.text)
+    typer.echo(
+        f"ttft {result.ttft_ms:.1f} ms, prompt {result.prompt_tokens} tokens, "
+        f"reused {result.reused_tokens}",
+        err=True,
+    )
 
 
 @app.command("import")

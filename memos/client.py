@@ -16,9 +16,11 @@ Datetimes are sent as ISO 8601 with a time zone. A naive datetime is taken to be
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -147,9 +149,11 @@ class Activation(_Model):
     kept_tokens: int
     bits: int
     bytes: int
-    state: str
+    state: str  # "building", "ready", "failed" or "corrupt"
     created_at: datetime
     last_used_at: datetime | None = None
+    progress: float = 1.0  # of a build in the background, 0..1
+    error: str | None = None
 
 
 class Generation(_Model):
@@ -158,6 +162,7 @@ class Generation(_Model):
     prompt_tokens: int
     reused_tokens: int
     activation_id: str | None = None
+    finish_reason: str | None = None  # "stop" or "length"
 
 
 class Job(_Model):
@@ -663,6 +668,17 @@ class MemosClient(_Api):
     def list_activations(self, cube_id: str) -> list[Activation]:
         return list(self._walk(lambda c: _Routes.list_activations(cube_id, c)))
 
+    def wait_activation(
+        self, cube_id: str, activation_id: str, timeout: float = 600.0, poll: float = 0.5
+    ) -> Activation:
+        """Poll a background build until it leaves "building" (or raise TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while (act := self.get_activation(cube_id, activation_id)).state == "building":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"activation {activation_id} still building after {timeout}s")
+            time.sleep(poll)
+        return act
+
     def list_jobs(self) -> list[Job]:
         """Admin only."""
         return list(self._walk(_Routes.list_jobs))
@@ -718,6 +734,17 @@ class AsyncMemosClient(_Api):
 
     async def list_activations(self, cube_id: str) -> list[Activation]:
         return [a async for a in self._walk(lambda c: _Routes.list_activations(cube_id, c))]
+
+    async def wait_activation(
+        self, cube_id: str, activation_id: str, timeout: float = 600.0, poll: float = 0.5
+    ) -> Activation:
+        """Poll a background build until it leaves "building" (or raise TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while (act := await self.get_activation(cube_id, activation_id)).state == "building":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"activation {activation_id} still building after {timeout}s")
+            await asyncio.sleep(poll)
+        return act
 
     async def list_jobs(self) -> list[Job]:
         return [job async for job in self._walk(_Routes.list_jobs)]

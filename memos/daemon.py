@@ -12,11 +12,13 @@ from memos.db.engine import Database
 from memos.db.migrate import upgrade
 from memos.scheduler import jobs
 from memos.scheduler.runner import JobRunner, JobSpec
+from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.memories import MemoryService
+from memos.services.runtime import RuntimeHolder
 from memos.services.search import SearchService
 from memos.settings import Settings
 
@@ -40,7 +42,11 @@ class Daemon:
             self.embedder.embed_background,
         )
         self.auth = AuthService(self.db)
-        self.cubes = CubeService(self.db, self.indexes.drop, self.indexes.disk_bytes)
+        self.runtime = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled)
+        self.cubes = CubeService(self.db, self._drop_cube, self._cube_bytes)
+        self.activations = ActivationService(
+            self.db, self.cubes, self.runtime, settings.activation_dir, settings.activations
+        )
         self.enrichment = EnrichmentService(
             self.db,
             self.indexes,
@@ -49,6 +55,7 @@ class Daemon:
                 self.embedder.embed_background,
                 settings.enrichment.local,
                 settings.enrichment.llm,
+                self.runtime.complete,
             ),
             settings.enrichment,
         )
@@ -80,6 +87,16 @@ class Daemon:
         self.healing = False
         self._heal_thread: threading.Thread | None = None
 
+    def _drop_cube(self, cube_id: str) -> None:
+        self.indexes.drop(cube_id)
+        self.activations.drop_cube(cube_id)
+
+    def _cube_bytes(self, cube_id: str) -> int:
+        """On-disk bytes of a cube's index files and activation blobs."""
+        activations = self.settings.activation_dir / cube_id
+        stored = sum(p.stat().st_size for p in activations.rglob("*") if p.is_file())
+        return self.indexes.disk_bytes(cube_id) + stored
+
     @property
     def admin_key_file(self) -> Path:
         return self.settings.data_dir / "admin.key"
@@ -90,6 +107,9 @@ class Daemon:
         if written:
             log.warning("generated an admin API key", extra={"fields": {"admin_key_file": written}})
             print(f"memosd: admin API key written to {written}", flush=True)
+        interrupted = self.activations.recover()
+        if interrupted:
+            log.warning("activation builds interrupted", extra={"fields": {"count": interrupted}})
         self.jobs.start()
         if self.settings.enrichment.enabled:
             self.enrichment_worker.start()

@@ -18,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from kv_runtime.config import RuntimeConfig
 from memcube.embedder import EmbedderConfig
 from memcube.enrichment import LlmEnricherConfig, LocalEnricherConfig
 from memcube.linking import LinkingConfig
@@ -58,6 +59,18 @@ class EnrichmentConfig(BaseModel):
     linking: LinkingConfig = LinkingConfig()
 
 
+class ActivationsConfig(BaseModel):
+    """Activation memory: KV caches of the local runtime, built, stored and reused."""
+
+    enabled: bool = Field(True, description="serve the activation and generate routes")
+    inline_max_tokens: int = Field(
+        1024, ge=0, le=1_048_576, description="larger builds run as a background job"
+    )
+    max_text_bytes: int = Field(1 << 20, ge=1, le=64 << 20)
+    max_generate_tokens: int = Field(1024, ge=1, le=65_536)
+    loaded_cache: int = Field(4, ge=0, le=1024, description="loaded activations kept in memory")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMOS_",
@@ -79,6 +92,8 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     enrichment: EnrichmentConfig = EnrichmentConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    activations: ActivationsConfig = ActivationsConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -100,6 +115,8 @@ class Settings(BaseSettings):
     def _derived_paths(self) -> Settings:
         if self.embedder.cache_dir is None:
             self.embedder.cache_dir = self.data_dir / "models"
+        if self.runtime.cache_dir is None:  # frozen: replaced, not mutated
+            self.runtime = self.runtime.model_copy(update={"cache_dir": self.data_dir / "models"})
         return self
 
     @property
@@ -109,6 +126,10 @@ class Settings(BaseSettings):
     @property
     def index_dir(self) -> Path:
         return self.data_dir / "indexes"
+
+    @property
+    def activation_dir(self) -> Path:
+        return self.data_dir / "activations"
 
     def public_summary(self) -> dict[str, Any]:
         """What `/healthz` and the start-up log may show: no secrets."""

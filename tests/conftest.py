@@ -55,9 +55,11 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
-    """One ONNX export of the embedder for every daemon this session starts."""
+    """One ONNX export of the embedder and one conversion of the local model (GGUF to
+    safetensors, ~20 s) for every daemon this session starts."""
     path = tmp_path_factory.mktemp("models")
     os.environ["MEMOS_EMBEDDER__CACHE_DIR"] = str(path)  # inherited by daemon subprocesses
+    os.environ["MEMOS_RUNTIME__CACHE_DIR"] = str(path)
     return path
 
 

@@ -17,6 +17,7 @@ from memcube.errors import (
     NotFound,
     TooLarge,
     Unauthorized,
+    Unavailable,
 )
 
 log = logging.getLogger("memos.api")
@@ -28,6 +29,7 @@ STATUS = {
     NotFound: 404,
     Conflict: 409,
     TooLarge: 413,
+    Unavailable: 503,
 }
 
 HTTP_CODES = {

@@ -6,7 +6,15 @@ import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    model_validator,
+)
 
 
 def _clean_text(value: str) -> str:
@@ -233,6 +241,66 @@ class RunOut(Out):
     finished_at: datetime | None
     result: dict[str, Any]
     error: str | None
+
+
+# -- activations --------------------------------------------------------------------------
+
+
+class CompressionIn(Strict):
+    bits: Literal[16, 8, 4, 2] = 16
+    budget_tokens: int | None = Field(None, ge=1, le=1_048_576)
+
+
+class ActivationCreate(Strict):
+    """Exactly one of `text`, `memory_ids` and `session_id`."""
+
+    text: Text | None = None
+    memory_ids: list[StrictStr] | None = Field(None, min_length=1, max_length=10_000)
+    session_id: Text | None = Field(None, max_length=200)
+    compression: CompressionIn = Field(default_factory=CompressionIn)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ActivationCreate:
+        given = [n for n in ("text", "memory_ids", "session_id") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of text, memory_ids, session_id (got {given or 'none'})"
+            )
+        return self
+
+
+class ActivationOut(Out):
+    id: str
+    cube_id: str
+    model: str
+    tokens: int
+    kept_tokens: int
+    bits: int
+    bytes: int
+    state: str
+    progress: float
+    error: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class ActivationList(BaseModel):
+    items: list[ActivationOut]
+
+
+class GenerateRequest(Strict):
+    prompt: Text
+    activation_id: StrictStr | None = None
+    max_tokens: int = Field(64, ge=1)
+
+
+class GenerateResponse(Out):
+    text: str
+    ttft_ms: float
+    prompt_tokens: int
+    reused_tokens: int
+    activation_id: str | None
+    finish_reason: str
 
 
 class ErrorDetail(BaseModel):

@@ -166,3 +166,28 @@ class SchedulerJob(Base):
     id: Mapped[str] = mapped_column(String(191), primary_key=True)
     next_run_time: Mapped[float | None] = mapped_column(Float, index=True, nullable=True)
     job_state: Mapped[str] = mapped_column(Text)
+
+
+class Activation(Base):
+    """A stored KV cache of the local model (activation memory); the tensors live on disk
+    under `<data_dir>/activations/<id>/` (kv_runtime.store), this row is its catalogue entry."""
+
+    __tablename__ = "activations"
+    __table_args__ = (Index("ix_activations_cube_created", "cube_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    cube_id: Mapped[str] = mapped_column(ForeignKey("cubes.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    # What it was built from: {"text_chars": n} | {"memory_ids": [...]} | {"session_id": s}.
+    source: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    compression: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    tokens: Mapped[int] = mapped_column(Integer)
+    kept_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    bits: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # "building" (with `progress` 0..1), "ready", "failed" (with `error`), "corrupt".
+    state: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from memcube.errors import Conflict, Forbidden, InvalidArgument, NotFound
 from memos.db.engine import Database
-from memos.db.models import Cube, Grant, Memory, User
+from memos.db.models import Activation, Cube, Grant, Memory, User
 from memos.services.ids import decode_cursor, encode_cursor, new_id
 from memos.services.views import CubeStats, CubeView, Page, Principal, Role
 
@@ -130,9 +130,12 @@ class CubeService:
                     func.coalesce(func.sum(func.length(Memory.embedding)), 0),
                 ).where(Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
             ).one()
+            activations = s.scalar(
+                select(func.count(Activation.id)).where(Activation.cube_id == cube_id)
+            )
         stats = CubeStats(
             memories=int(count),
-            activations=0,
+            activations=int(activations or 0),
             bytes=int(text_bytes) + int(vector_bytes) + self._index_bytes(cube_id),
             enrichment_pending=int(pending),
         )

@@ -110,3 +110,29 @@ class NewMemory:
     speaker: str | None
     timestamp: datetime
     metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ActivationView:
+    id: str
+    cube_id: str
+    model: str
+    tokens: int
+    kept_tokens: int
+    bits: int
+    bytes: int
+    state: str  # "building", "ready", "failed", "corrupt"
+    progress: float
+    error: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class GenerationView:
+    text: str
+    ttft_ms: float
+    prompt_tokens: int
+    reused_tokens: int
+    activation_id: str | None
+    finish_reason: str

@@ -155,6 +155,26 @@ def test_add(memos: Any, client: MemosClient, cube: Cube) -> None:
     assert client.get_memory(cube.id, as_json["id"]).version == as_json["version"] == 1
 
 
+def test_activation_commands_and_generate(memos: Any, client: MemosClient, cube: Cube) -> None:
+    made = json.loads(
+        _ok(memos("activation", "create", cube.id, "--text", "Melanie paints sunrises.",
+                  "--bits", "8", "--json"))
+    )  # fmt: skip
+    assert (made["state"], made["bits"]) == ("ready", 8)
+    assert client.get_activation(cube.id, made["id"]).kept_tokens == made["kept_tokens"]
+    listed = _ok(memos("activation", "list", cube.id))
+    assert made["id"] in listed and "ready" in listed
+    result = memos("generate", cube.id, "What does Melanie paint?", "--activation", made["id"],
+                   "--max-tokens", "3")  # fmt: skip
+    assert result.exit_code == 0 and f"reused {made['kept_tokens']}" in result.stderr
+    answer = json.loads(_ok(memos("generate", cube.id, "Hi", "--max-tokens", "2", "--json")))
+    assert answer["reused_tokens"] == 0 and answer["activation_id"] is None
+    assert f"deleted {made['id']}" in _ok(memos("activation", "delete", cube.id, made["id"]))
+    assert client.list_activations(cube.id) == []
+    missing = memos("activation", "get", cube.id, made["id"])
+    assert missing.exit_code != 0 and "activation_not_found" in missing.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

@@ -1,0 +1,124 @@
+"""`ModelRunner`: every forward pass of the shared model goes through here, under one lock.
+
+Why a lock: on CPU one forward already uses every core, so running two at once only slows both;
+on CUDA a single stream serialises them anyway. Requests therefore interleave step by step
+(a decode step is a few milliseconds to a few hundred), each with its own transformers cache, and
+nothing a forward touches is shared between requests except the (read-only) weights.
+
+Query capture for SnapKV: the attention queries of an observation window are read where the model
+itself hands them to its attention function, through a capturing implementation registered in
+transformers' `AttentionInterface`. The queries are therefore exactly the model's, after any
+q-norm and RoPE, for every architecture that dispatches attention through that interface.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import Cache
+
+_CAPTURE = "memosd_capture_queries"
+_captured = threading.local()  # the dict the capturing attention writes into, per thread
+
+
+def _capturing_attention(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Record `query` (batch, heads, q_len, head_dim) by layer, then run SDPA as usual.
+
+    The query is recorded rescaled so that q.k / sqrt(head_dim) is the model's attention logit
+    whatever scaling the model uses (a no-op for the usual head_dim ** -0.5).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sink = getattr(_captured, "queries", None)
+    if sink is not None:
+        head_dim = query.shape[-1]
+        scaling = kwargs.get("scaling") or head_dim**-0.5
+        sink[int(module.layer_idx)] = (
+            query.detach() * (scaling * math.sqrt(head_dim))
+        ).contiguous()
+    return sdpa_attention_forward(module, query, *args, **kwargs)
+
+
+def _register_capture() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_CAPTURE, _capturing_attention)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+
+
+class ModelRunner:
+    """A causal LM in eval mode on one device, with the lock its forward passes share."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.lock = threading.Lock()
+        _register_capture()
+
+    def forward(
+        self,
+        token_ids: Sequence[int],
+        cache: Cache,
+        start: int,
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run `token_ids` at positions start.. on top of `cache` (which grows by them).
+
+        returns: (vocab,) float32 logits of the last token, or (tokens, vocab) for every token
+        when `all_logits`. The positions are RoPE positions; the cache may hold fewer entries
+        than `start` (evicted tokens), the causal mask only depends on how many it holds.
+        """
+        with self.lock:
+            logits = self._run(token_ids, cache, start, all_logits)
+        return logits if all_logits else logits[-1]
+
+    def capture_queries(
+        self, token_ids: Sequence[int], cache: Cache, start: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Like `forward`, but return each layer's attention queries for these tokens.
+
+        returns: per layer (1, attention_heads, len(token_ids), head_dim), model dtype.
+        """
+        config = self.model.config
+        queries: dict[int, torch.Tensor] = {}
+        with self.lock:
+            previous = config._attn_implementation
+            config._attn_implementation = _CAPTURE
+            _captured.queries = queries
+            try:
+                self._run(token_ids, cache, start)
+            finally:
+                _captured.queries = None
+                config._attn_implementation = previous
+        layers = int(config.num_hidden_layers)
+        assert sorted(queries) == list(range(layers)), (
+            f"captured queries for layers {sorted(queries)}; the model did not dispatch "
+            "attention through transformers' AttentionInterface"
+        )
+        return tuple(queries[i] for i in range(layers))
+
+    def _run(
+        self, token_ids: Sequence[int], cache: Cache, start: int, all_logits: bool = False
+    ) -> torch.Tensor:
+        """(tokens or 1, vocab) float32 logits; the caller holds the lock."""
+        assert len(token_ids) > 0, "nothing to run"
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
+        return out.logits[0].float()
+
+
+ProgressCallback = Callable[[int, int], None]

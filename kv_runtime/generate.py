@@ -1,0 +1,157 @@
+"""Generation: continue a prompt, optionally on top of a reused KV cache, streaming text pieces.
+
+Copy-on-read: the reused cache is copied into a fresh transformers cache for this request only,
+so a stored activation is never written to and many requests can share one. The prompt after the
+cached context gets position ids from the context's original length on, whatever was evicted
+(as kvpress and EpiCache do), so RoPE sees the same positions as a full prefill would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import DynamicCache
+
+from kv_runtime.cache import KVCache
+from kv_runtime.errors import InvalidArgument
+from kv_runtime.forward import ModelRunner
+from kv_runtime.sampling import SamplingParams, next_token
+from kv_runtime.text import TextCodec
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The whole answer and what it cost. ttft_ms runs from the call to the first token."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    reused_tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+def _stop_hit(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still become a stop string (or finish a character)."""
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+        return len(text) - len(text.rstrip("\ufffd"))
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-size:]):
+                longest = size
+                break
+    return longest
+
+
+class Generation(Iterator[str]):
+    """Iterate for text pieces as they are decoded; `result` is set once it is exhausted."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        codec: TextCodec,
+        prompt_ids: Sequence[int],
+        kv: KVCache | None,
+        params: SamplingParams,
+        *,
+        chunk_tokens: int,
+        max_positions: int,
+        started: float | None = None,
+    ) -> None:
+        """`started`: the time.perf_counter() the request began (TTFT counts from it)."""
+        if not prompt_ids and kv is None:
+            raise InvalidArgument("nothing to continue: the prompt is empty and no kv was given")
+        end = (kv.length if kv else 0) + len(prompt_ids) + params.max_tokens
+        if end > max_positions:
+            raise InvalidArgument(
+                f"context {kv.length if kv else 0} + prompt {len(prompt_ids)} + max_tokens "
+                f"{params.max_tokens} = {end} exceeds the model's {max_positions} positions"
+            )
+        self._runner, self._codec, self._params = runner, codec, params
+        self._prompt_ids, self._kv = list(prompt_ids), kv
+        self._chunk = chunk_tokens
+        self._started = time.perf_counter() if started is None else started
+        self._pieces = self._run()
+        self.result: GenerationResult | None = None
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def collect(self) -> GenerationResult:
+        """Drain the stream; return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def _prepare(self) -> tuple[DynamicCache, list[int], int]:
+        """(request cache, tokens still to run, position of the first of them)."""
+        kv, prompt = self._kv, self._prompt_ids
+        if kv is None:
+            return DynamicCache(), prompt, 0
+        cache = kv.to_transformers()  # copy-on-read
+        if prompt:
+            return cache, prompt, kv.length
+        # No prompt: the last context token is run again to get its logits; it is always kept
+        # (recent window, or residual), so drop its entry and re-feed it at its own position.
+        cache.crop(-1)
+        return cache, [kv.token_ids[-1]], kv.length - 1
+
+    def _run(self) -> Iterator[str]:
+        params, codec, runner = self._params, self._codec, self._runner
+        cache, todo, position = self._prepare()
+        for start in range(0, len(todo), self._chunk):
+            piece = todo[start : start + self._chunk]
+            logits = runner.forward(piece, cache, position)
+            position += len(piece)
+        generator = params.generator()
+        generated: list[int] = []
+        emitted, ttft_ms = 0, None
+        finish: FinishReason = "length"
+        text = ""
+        while True:
+            token = next_token(logits, params, generator)
+            if ttft_ms is None:
+                ttft_ms = (time.perf_counter() - self._started) * 1000
+            if token in codec.eos_token_ids or token in params.stop_token_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            text = codec.decode(generated)
+            cut = _stop_hit(text, params.stop)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            ready = len(text) - _held_back(text, params.stop)
+            if ready > emitted:
+                yield text[emitted:ready]
+                emitted = ready
+            if len(generated) >= params.max_tokens:
+                break
+            logits = runner.forward([token], cache, position)
+            position += 1
+        text = text.rstrip("\ufffd") if finish == "length" else text
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.result = GenerationResult(
+            text=text,
+            token_ids=tuple(generated),
+            finish_reason=finish,
+            prompt_tokens=len(self._prompt_ids),
+            reused_tokens=self._kv.length if self._kv is not None else 0,
+            ttft_ms=ttft_ms or 0.0,
+            total_ms=(time.perf_counter() - self._started) * 1000,
+        )

@@ -1,0 +1,283 @@
+"""`Runtime`: the facade the daemon uses. One loaded model, shared by every request.
+
+    runtime = Runtime.load(RuntimeConfig(cache_dir=data_dir / "models"))
+    kv = runtime.prefill(runtime.tokenize(text), on_progress=report)
+    compressed = runtime.compress(kv, CompressionConfig(bits=4))
+    manifest = save_activation(directory, compressed, runtime.fingerprint)
+    ...
+    compressed = load_activation(directory, runtime.fingerprint)  # refuses other models
+    result = runtime.generate("Question: ...", kv=compressed).collect()
+
+Thread-safety: every method may be called from many threads. Forward passes are serialised by
+one lock (see `kv_runtime.forward`), tokenizer calls by another; caches are never shared
+mutably (copy-on-read), so concurrent generations on one activation are safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from kv_runtime import model as loading
+from kv_runtime.cache import KVCache
+from kv_runtime.compress import CompressedKV, compress, decompress
+from kv_runtime.config import CompressionConfig, RuntimeConfig
+from kv_runtime.errors import InvalidArgument, ModelUnavailable
+from kv_runtime.eviction import evict, make_scorer
+from kv_runtime.forward import ModelRunner, ProgressCallback
+from kv_runtime.generate import Generation
+from kv_runtime.model import Fingerprint
+from kv_runtime.prefill import prefill
+from kv_runtime.sampling import SamplingParams
+from kv_runtime.store import ActivationManifest, load_activation, save_activation
+from kv_runtime.text import TextCodec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for logs and the API."""
+
+    name: str
+    directory: Path
+    device: str
+    dtype: str
+    max_positions: int
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return loading.hash_text(backend.to_str())
+    return loading.hash_text(json.dumps(sorted(tokenizer.get_vocab().items())))
+
+
+class Runtime:
+    """A loaded causal LM with KV capture, compression and reuse. Build with `Runtime.load`."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        runner: ModelRunner,
+        codec: TextCodec,
+        fingerprint: Fingerprint,
+        info: ModelInfo,
+    ) -> None:
+        self.config = config
+        self.fingerprint = fingerprint
+        self.info = info
+        self._runner = runner
+        self._codec = codec
+
+    @classmethod
+    def load(cls, config: RuntimeConfig) -> Runtime:
+        """Load (converting a GGUF model once into `config.cache_dir`) and warm up the model."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or disk
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = loading.resolve_device(config.device)
+        dtype = loading.resolve_dtype(config.dtype, device)
+        source, directory, gguf = loading.load_directory(config)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=gguf, dtype=dtype, attn_implementation="sdpa"
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot load model {source.name!r}: {exc}") from exc
+        model = model.to(device).eval()
+        text_config = model.config.get_text_config(decoder=True)
+        layer_kinds = {type(layer).__name__ for layer in DynamicCache(config=text_config).layers}
+        if layer_kinds != {"DynamicLayer"}:
+            raise ModelUnavailable(
+                f"model {source.name!r} has {sorted(layer_kinds)} cache layers; only "
+                "full-attention models (DynamicLayer) are supported"
+            )
+        heads = int(text_config.num_attention_heads)
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        fingerprint = Fingerprint(
+            model=source.name,
+            weights_hash=loading.cached_weights_hash(
+                directory, loading.weight_files(directory, gguf), config.cache_dir
+            ),
+            tokenizer_hash=_tokenizer_hash(tokenizer),
+            chat_template_hash=loading.hash_text(getattr(tokenizer, "chat_template", None)),
+            dtype=str(dtype).removeprefix("torch."),
+            layers=int(text_config.num_hidden_layers),
+            kv_heads=int(getattr(text_config, "num_key_value_heads", heads)),
+            head_dim=int(head_dim),
+        )
+        info = ModelInfo(
+            name=source.name,
+            directory=directory,
+            device=str(device),
+            dtype=fingerprint.dtype,
+            max_positions=min(
+                config.max_context, int(getattr(text_config, "max_position_embeddings", 1 << 20))
+            ),
+        )
+        runner = ModelRunner(model, device)
+        runner.forward([int(tokenizer.eos_token_id or 0)], DynamicCache(), 0)  # warm-up
+        return cls(
+            config, runner, TextCodec(tokenizer, _eos_ids(model, tokenizer)), fingerprint, info
+        )
+
+    # -- text -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+        return self._codec.encode(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self._codec.decode(token_ids)
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The model's chat template applied to [{"role", "content"}, ...]."""
+        return self._codec.render_chat(messages, add_generation_prompt)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._codec.eos_token_ids
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The model and its lock, for evaluation code that drives transformers caches itself."""
+        return self._runner
+
+    # -- KV capture and compression ---------------------------------------------------------
+
+    def prefill(
+        self, token_ids: Sequence[int], on_progress: ProgressCallback | None = None
+    ) -> KVCache:
+        """Run the context and capture its cache: (1, kv_heads, n, head_dim) per layer.
+
+        `on_progress(done_tokens, total_tokens)` is called after each chunk of
+        `config.prefill_chunk` tokens; raising from it aborts the prefill.
+        """
+        if len(token_ids) > self.info.max_positions:
+            raise InvalidArgument(
+                f"context of {len(token_ids)} tokens exceeds {self.info.max_positions} positions"
+            )
+        return prefill(
+            self._runner, token_ids, chunk_tokens=self.config.prefill_chunk, on_progress=on_progress
+        )
+
+    def compress(self, kv: KVCache, settings: CompressionConfig) -> CompressedKV:
+        """Evict down to `settings.budget_tokens` (if set), then quantize (if bits < 16)."""
+        if settings.budget_tokens is not None and kv.length > settings.budget_tokens:
+            scorer = make_scorer(settings.scorer)
+            queries = (
+                self.window_queries(kv, settings.window_tokens) if scorer.needs_queries else None
+            )
+            kv = evict(
+                kv,
+                scorer,
+                budget=settings.budget_tokens,
+                sink_tokens=settings.sink_tokens,
+                window_tokens=settings.window_tokens,
+                queries=queries,
+            )
+        return compress(kv, settings)
+
+    def decompress(self, compressed: CompressedKV) -> KVCache:
+        """Fresh full-precision tensors on the runtime's device."""
+        return decompress(compressed, self._runner.device)
+
+    def window_queries(self, kv: KVCache, window: int) -> tuple[torch.Tensor, ...]:
+        """Per layer (1, heads, window, head_dim): the queries of the last `window` tokens,
+        recomputed on a copy of the cache without them (their keys come out identical)."""
+        if kv.positions is not None:
+            raise InvalidArgument("this cache was already evicted; compress the original prefill")
+        cut = kv.length - window
+        assert cut > 0, "the window must leave a prefix (budget >= window < length)"
+        cache = kv.head(cut).to_transformers()
+        return self._runner.capture_queries(kv.token_ids[cut:], cache, cut)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        kv: KVCache | CompressedKV | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+    ) -> Generation:
+        """Continue `kv`'s context (if any) with `prompt`; iterate the result for text pieces.
+
+        prompt: text (tokenized without special tokens) or token ids; may be empty with a kv.
+        kv: a captured or a loaded/compressed cache; it is copied for this request, never changed.
+        Stops at an end-of-sequence token or one of `stop_token_ids` (neither is returned), at
+        the first `stop` string (cut from the text) or after `max_tokens`. Sampling with a
+        `seed` is reproducible; temperature 0 is greedy. `.collect()` returns the result.
+        """
+        started = time.perf_counter()  # TTFT includes dequantizing the cache
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop),
+            stop_token_ids=frozenset(int(t) for t in stop_token_ids),
+        )
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(kv, CompressedKV):
+            kv = self.decompress(kv)
+        elif kv is not None:
+            kv = kv.to(self._runner.device)
+        return Generation(
+            self._runner,
+            self._codec,
+            prompt_ids,
+            kv,
+            params,
+            chunk_tokens=self.config.prefill_chunk,
+            max_positions=self.info.max_positions,
+            started=started,
+        )
+
+    def logits(
+        self, token_ids: Sequence[int], kv: KVCache | CompressedKV | None = None
+    ) -> torch.Tensor:
+        """(len(token_ids), vocab) float32 logits of `token_ids` run after `kv`'s context
+        (teacher forcing; for evaluation). The positions continue from `kv.length`."""
+        if isinstance(kv, CompressedKV):
+            kv = self.decompress(kv)
+        cache = kv.to(self._runner.device).to_transformers() if kv is not None else DynamicCache()
+        start = kv.length if kv is not None else 0
+        return self._runner.forward(token_ids, cache, start, all_logits=True)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save_activation(self, directory: Path, compressed: CompressedKV) -> ActivationManifest:
+        """Store atomically under `directory` (see `kv_runtime.store`)."""
+        return save_activation(directory, compressed, self.fingerprint)
+
+    def load_activation(self, directory: Path) -> CompressedKV:
+        """Load and verify; ActivationMismatch / ActivationCorrupt when it cannot be used."""
+        return load_activation(directory, self.fingerprint)

@@ -1,0 +1,273 @@
+"""Persisting activations: one safetensors blob plus a JSON manifest per directory. No pickle.
+
+    <dir>/manifest.json            fingerprint, token ids, spans, compression, sizes, checksums
+    <dir>/kv-<blake2b>.safetensors the tensors (codes, scales, minimums, unquantized spans,
+                                   positions when tokens were evicted)
+
+Writes are atomic: the blob is written under a temporary name, fsynced, renamed, then the
+manifest the same way, and the directory is fsynced after each rename. The manifest names its
+blob, so until the new manifest is renamed into place the old manifest and its blob are intact:
+a crash leaves either the old activation or the new one. Older blobs are removed afterwards.
+
+Loading checks, in order: the manifest parses and matches its own checksum, its fingerprint
+equals the runtime's (else `ActivationMismatch`), the blob's size and blake2b match the manifest
+(else `ActivationCorrupt`); only then are the tensors parsed, from the very bytes that were hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+import kernels
+from kv_runtime.compress import CompressedKV, CompressedLayer
+from kv_runtime.config import CompressionConfig
+from kv_runtime.errors import ActivationCorrupt, ActivationMismatch
+from kv_runtime.model import Fingerprint
+
+FORMAT = "memosd-activation/1"
+MANIFEST = "manifest.json"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+_SPANS = ("sink_keys", "sink_values", "residual_keys", "residual_values")
+
+
+@dataclass(frozen=True)
+class ActivationManifest:
+    """What a stored activation is, without its tensors."""
+
+    fingerprint: Fingerprint
+    token_ids: tuple[int, ...]
+    kept_tokens: int
+    compression: CompressionConfig
+    bytes: int  # blob + manifest on disk
+    kv_bytes: int  # the tensors themselves
+    fp16_bytes: int  # the kept keys and values in float16, for comparison
+    blob: str
+    blob_blake2b: str
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _blake2b(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a unique temporary sibling, fsync, rename over `path`, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _tensors(compressed: CompressedKV) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(compressed.layers):
+        for name, tensor in layer.stored().items():
+            out[f"layers.{i}.{name}"] = tensor.detach().cpu().contiguous()
+    if compressed.positions is not None:
+        out["positions"] = compressed.positions.to(torch.int32).contiguous()
+    return out
+
+
+def _manifest_body(body: dict[str, Any]) -> bytes:
+    """The manifest with a checksum over the rest of it (canonical JSON)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({**body, "manifest_blake2b": _blake2b(canonical)}, indent=1).encode()
+
+
+def save_activation(
+    directory: Path, compressed: CompressedKV, fingerprint: Fingerprint
+) -> ActivationManifest:
+    """Store `compressed` in `directory` atomically, replacing what was there."""
+    assert fingerprint.dtype == str(compressed.dtype).removeprefix("torch."), "dtype mismatch"
+    directory.mkdir(parents=True, exist_ok=True)
+    blob_bytes = save_tensors(_tensors(compressed))
+    checksum = _blake2b(blob_bytes)
+    blob = f"kv-{checksum}.safetensors"
+    _atomic_write(directory / blob, blob_bytes)
+    sink, span, residual = compressed.spans
+    body = {
+        "format": FORMAT,
+        "fingerprint": fingerprint.to_dict(),
+        "token_ids": list(compressed.token_ids),
+        "kept_tokens": compressed.kept,
+        "spans": {"sink": sink, "quantized": span, "residual": residual},
+        "compression": compressed.settings.model_dump(),
+        "dtype": fingerprint.dtype,
+        "evicted": compressed.positions is not None,
+        "kv_bytes": compressed.nbytes(),
+        "fp16_bytes": compressed.fp16_nbytes(),
+        "blob": blob,
+        "blob_bytes": len(blob_bytes),
+        "blob_blake2b": checksum,
+    }
+    manifest_bytes = _manifest_body(body)
+    previous = _current_blob(directory)
+    try:
+        _atomic_write(directory / MANIFEST, manifest_bytes)
+    except BaseException:
+        if blob != previous:  # the old manifest still names the old blob; drop the new one
+            (directory / blob).unlink(missing_ok=True)
+        raise
+    for stale in directory.glob("kv-*.safetensors"):
+        if stale.name != blob:
+            stale.unlink(missing_ok=True)
+    return _to_manifest(body, len(blob_bytes) + len(manifest_bytes))
+
+
+def _current_blob(directory: Path) -> str | None:
+    """The blob the manifest in `directory` names now, if it can be read."""
+    try:
+        return str(json.loads((directory / MANIFEST).read_bytes())["blob"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def delete_activation(directory: Path) -> None:
+    """Remove an activation: the manifest first (it stops existing atomically), then the rest."""
+    if not directory.is_dir():
+        return
+    (directory / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(directory)
+    for path in directory.iterdir():
+        path.unlink(missing_ok=True)
+    directory.rmdir()
+
+
+def _read_body(directory: Path) -> tuple[dict[str, Any], int]:
+    path = directory / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ActivationCorrupt(f"no activation in {directory}: {MANIFEST} is missing") from None
+    try:
+        body = json.loads(raw)
+        claimed = body.pop("manifest_blake2b")
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise ActivationCorrupt(f"{path} is not a readable manifest: {exc}") from exc
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    if _blake2b(canonical) != claimed:
+        raise ActivationCorrupt(f"{path} does not match its checksum")
+    if body.get("format") != FORMAT:
+        raise ActivationCorrupt(f"{path} has format {body.get('format')!r}; expected {FORMAT!r}")
+    return body, len(raw)
+
+
+def _to_manifest(body: dict[str, Any], total_bytes: int) -> ActivationManifest:
+    try:
+        return ActivationManifest(
+            fingerprint=Fingerprint.from_dict(body["fingerprint"]),
+            token_ids=tuple(int(t) for t in body["token_ids"]),
+            kept_tokens=int(body["kept_tokens"]),
+            compression=CompressionConfig.model_validate(body["compression"]),
+            bytes=total_bytes,
+            kv_bytes=int(body["kv_bytes"]),
+            fp16_bytes=int(body["fp16_bytes"]),
+            blob=str(body["blob"]),
+            blob_blake2b=str(body["blob_blake2b"]),
+        )
+    except (KeyError, TypeError, ValueError, ValidationError) as exc:
+        raise ActivationCorrupt(f"manifest is missing or has a bad field: {exc}") from exc
+
+
+def read_manifest(directory: Path) -> ActivationManifest:
+    """The manifest of the activation in `directory` (checked against its own checksum)."""
+    body, size = _read_body(directory)
+    blob = directory / str(body.get("blob", ""))
+    return _to_manifest(body, size + (blob.stat().st_size if blob.is_file() else 0))
+
+
+def load_activation(directory: Path, expected: Fingerprint) -> CompressedKV:
+    """Load and verify the activation in `directory` for a runtime with fingerprint `expected`.
+
+    Raises ActivationMismatch when it was built for another model/tokenizer/template/dtype,
+    ActivationCorrupt when the manifest or blob is missing, truncated or altered.
+    """
+    body, _ = _read_body(directory)
+    manifest = _to_manifest(body, 0)
+    differences = manifest.fingerprint.differences(expected)
+    if differences:
+        raise ActivationMismatch(differences)
+    path = directory / manifest.blob
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ActivationCorrupt(f"blob {path} named by the manifest is missing") from None
+    if len(data) != body.get("blob_bytes") or _blake2b(data) != manifest.blob_blake2b:
+        raise ActivationCorrupt(
+            f"blob {path} is corrupt: {len(data)} bytes, expected {body.get('blob_bytes')}, "
+            "or its checksum differs"
+        )
+    try:
+        return _rebuild(load_tensors(data), body, manifest)
+    except (KeyError, ValueError, kernels.QuantizationError) as exc:
+        raise ActivationCorrupt(f"blob {path} does not hold what its manifest says: {exc}") from exc
+
+
+def _rebuild(
+    tensors: dict[str, torch.Tensor], body: dict[str, Any], manifest: ActivationManifest
+) -> CompressedKV:
+    settings = manifest.compression
+    fp = manifest.fingerprint
+    dtype = _DTYPES[fp.dtype]
+    value_group = min(settings.value_group_size, fp.head_dim)
+    quantized = int(body["spans"]["quantized"])
+    layers = []
+    for i in range(fp.layers):
+        spans = {name: tensors[f"layers.{i}.{name}"] for name in _SPANS}
+        q: dict[str, kernels.Quantized | None] = {"keys": None, "values": None}
+        if quantized:
+            shape = (1, fp.kv_heads, quantized, fp.head_dim)
+            for name, axis, group in (("keys", "channel", settings.group_size),
+                                      ("values", "token", value_group)):  # fmt: skip
+                q[name] = kernels.Quantized(
+                    packed=tensors[f"layers.{i}.{name}.packed"],
+                    scale=tensors[f"layers.{i}.{name}.scale"].float(),
+                    minimum=tensors[f"layers.{i}.{name}.minimum"].float(),
+                    bits=settings.bits,
+                    group_size=group,
+                    axis=axis,  # type: ignore[arg-type]
+                    shape=shape,
+                    dtype=dtype,
+                )
+        layers.append(CompressedLayer(keys=q["keys"], values=q["values"], **spans))
+    positions = tensors["positions"].to(torch.int64) if body["evicted"] else None
+    compressed = CompressedKV(
+        layers=tuple(layers),
+        token_ids=manifest.token_ids,
+        positions=positions,
+        settings=settings,
+        dtype=dtype,
+        kv_heads=fp.kv_heads,
+        head_dim=fp.head_dim,
+    )
+    if compressed.kept != manifest.kept_tokens:
+        raise ValueError(f"{compressed.kept} entries stored, manifest says {manifest.kept_tokens}")
+    return compressed

@@ -1,0 +1,68 @@
+"""Activation memory routes: build, list, get and delete KV caches; generate with one."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.schemas import (
+    ActivationCreate,
+    ActivationList,
+    ActivationOut,
+    GenerateRequest,
+    GenerateResponse,
+)
+from memos.services.activations import ActivationSource
+
+router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["activations"])
+
+
+@router.post("/activations", status_code=201, response_model=ActivationOut)
+def create_activation(
+    cube_id: str, body: ActivationCreate, daemon: DaemonDep, principal: PrincipalDep
+) -> ActivationOut:
+    """Prefill the context once and store its (compressed) KV cache. A context longer than
+    `activations.inline_max_tokens` is built in the background: the answer then has
+    `state: "building"` and `progress`; poll GET until `"ready"`."""
+    source = ActivationSource(
+        text=body.text,
+        memory_ids=tuple(body.memory_ids) if body.memory_ids is not None else None,
+        session_id=body.session_id,
+    )
+    view = daemon.activations.create(
+        principal, cube_id, source, body.compression.bits, body.compression.budget_tokens
+    )
+    return ActivationOut.model_validate(view)
+
+
+@router.get("/activations", response_model=ActivationList)
+def list_activations(cube_id: str, daemon: DaemonDep, principal: PrincipalDep) -> ActivationList:
+    views = daemon.activations.list_activations(principal, cube_id)
+    return ActivationList(items=[ActivationOut.model_validate(v) for v in views])
+
+
+@router.get("/activations/{activation_id}", response_model=ActivationOut)
+def get_activation(
+    cube_id: str, activation_id: str, daemon: DaemonDep, principal: PrincipalDep
+) -> ActivationOut:
+    return ActivationOut.model_validate(daemon.activations.get(principal, cube_id, activation_id))
+
+
+@router.delete("/activations/{activation_id}", status_code=204)
+def delete_activation(
+    cube_id: str, activation_id: str, daemon: DaemonDep, principal: PrincipalDep
+) -> Response:
+    daemon.activations.delete(principal, cube_id, activation_id)
+    return Response(status_code=204)
+
+
+@router.post("/generate", response_model=GenerateResponse)
+def generate(
+    cube_id: str, body: GenerateRequest, daemon: DaemonDep, principal: PrincipalDep
+) -> GenerateResponse:
+    """Answer `prompt` with the local model, continuing the activation's context when given
+    (its KV cache is reused: `reused_tokens` were not prefilled again)."""
+    view = daemon.activations.generate(
+        principal, cube_id, body.prompt, body.activation_id, body.max_tokens
+    )
+    return GenerateResponse.model_validate(view)

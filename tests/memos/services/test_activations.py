@@ -1,0 +1,103 @@
+"""Activation builds as jobs, restarts, and models that do not match, in process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from memcube.enrichment import LlmEnricher, NoteInput, make_enricher
+from memcube.errors import Conflict
+from memos.daemon import Daemon
+from memos.db.models import Activation
+from memos.db.types import utcnow
+from memos.services.activations import ActivationSource
+from memos.services.auth import ADMIN_USER_ID
+from memos.services.views import Principal
+from memos.settings import Settings
+
+ADMIN = Principal(ADMIN_USER_ID, True)
+TEXT = " ".join(
+    f"On day {i} Caroline walked to the lake and Melanie painted the sunrise." for i in range(12)
+)
+
+
+def make_daemon(data_dir, embedder, **runtime) -> Daemon:
+    daemon = Daemon(
+        Settings(
+            data_dir=data_dir,
+            admin_key="k" * 20,
+            enrichment={"enabled": False},
+            activations={"inline_max_tokens": 32},
+            runtime=runtime,
+        ),
+        embedder=embedder,
+    )
+    daemon.start()
+    return daemon
+
+
+@pytest.fixture
+def daemon(tmp_path, embedder):
+    daemon = make_daemon(tmp_path, embedder)
+    yield daemon
+    daemon.stop()
+
+
+def test_a_large_build_runs_in_the_background_with_progress(daemon):
+    cube = daemon.cubes.create(ADMIN, "c", "")
+    act = daemon.activations.create(ADMIN, cube.id, ActivationSource(text=TEXT), 8, None)
+    assert act.tokens > 32 and act.state == "building" and act.bytes == 0
+    deadline = time.time() + 120
+    while (seen := daemon.activations.get(ADMIN, cube.id, act.id)).state == "building":
+        assert time.time() < deadline, "the build did not finish"
+        assert 0.0 <= seen.progress < 1.0
+        time.sleep(0.05)
+    assert (seen.state, seen.progress, seen.kept_tokens) == ("ready", 1.0, act.tokens)
+    assert seen.bytes > 0
+    answer = daemon.activations.generate(ADMIN, cube.id, "Who painted?", act.id, 3)
+    assert answer.reused_tokens == act.tokens
+
+
+def test_a_build_interrupted_by_a_restart_is_failed_at_start(tmp_path, embedder):
+    daemon = make_daemon(tmp_path, embedder)
+    cube = daemon.cubes.create(ADMIN, "c", "")
+    with daemon.db.write() as s:  # what a kill -9 mid-build leaves behind
+        s.add(Activation(id="act_cut", cube_id=cube.id, model="m", source={}, compression={},
+                         tokens=900, bits=4, state="building", progress=0.4,
+                         created_at=utcnow()))  # fmt: skip
+    daemon.stop()
+    daemon = make_daemon(tmp_path, embedder)
+    seen = daemon.activations.get(ADMIN, cube.id, "act_cut")
+    assert seen.state == "failed" and seen.error == "interrupted by a restart; build it again"
+    with pytest.raises(Conflict) as refused:
+        daemon.activations.generate(ADMIN, cube.id, "hi", "act_cut", 2)
+    assert refused.value.code == "activation_not_ready"
+    daemon.stop()
+
+
+def test_an_activation_of_another_dtype_is_refused_with_a_mismatch(tmp_path, embedder):
+    daemon = make_daemon(tmp_path, embedder)
+    cube = daemon.cubes.create(ADMIN, "c", "")
+    act = daemon.activations.create(ADMIN, cube.id, ActivationSource(text="Hello there."), 16, None)
+    assert act.state == "ready"
+    daemon.stop()
+    other = make_daemon(tmp_path, embedder, dtype="bfloat16")  # same data, another model dtype
+    with pytest.raises(Conflict) as refused:
+        other.activations.generate(ADMIN, cube.id, "Hi", act.id, 2)
+    assert refused.value.code == "activation_mismatch"
+    assert "dtype" in refused.value.message
+    assert other.activations.get(ADMIN, cube.id, act.id).state == "ready"  # kept, not corrupt
+    other.stop()
+
+
+def test_the_llm_enricher_runs_on_the_local_runtime_and_never_loses_a_note(daemon, embedder):
+    enricher = make_enricher("llm", embedder.embed, runtime_complete=daemon.runtime.complete)
+    assert isinstance(enricher, LlmEnricher)
+    notes = [
+        NoteInput(text, "Caroline", "s1", utcnow())
+        for text in ("I adopted a greyhound named Bolt.", "We went camping by the lake.")
+    ]
+    results = enricher.enrich(notes)
+    assert len(results) == 2 and all(r.keywords and r.tags and r.context for r in results)
+    assert enricher.answered + enricher.fell_back == 2
