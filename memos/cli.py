@@ -357,18 +357,22 @@ def generate(
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     as_json: JsonOpt = False,
 ) -> None:
-    """Answer a prompt with the daemon's model; prints the text, then the timings on stderr."""
+    """Answer a prompt with the daemon's model: the text as it is decoded, then the timings
+    on stderr."""
     with _client(ctx) as client:
-        result = client.generate(cube_id, prompt, activation_id, max_tokens)
-    if as_json:
-        _print_json(result)
-        return
-    typer.echo(result.text)
-    typer.echo(
-        f"ttft {result.ttft_ms:.1f} ms, prompt {result.prompt_tokens} tokens, "
-        f"reused {result.reused_tokens}",
-        err=True,
-    )
+        if as_json:
+            _print_json(client.generate(cube_id, prompt, activation_id, max_tokens))
+            return
+        for part in client.generate_stream(cube_id, prompt, activation_id, max_tokens):
+            if isinstance(part, str):
+                typer.echo(part, nl=False)
+            else:
+                typer.echo()
+                typer.echo(
+                    f"ttft {part.ttft_ms:.1f} ms, prompt {part.prompt_tokens} tokens, "
+                    f"reused {part.reused_tokens}",
+                    err=True,
+                )
 
 
 @app.command("import")

@@ -561,6 +561,33 @@ class _Endpoint(Generic[P, T]):
         return method
 
 
+class _ServerSentEvents:
+    """Feed it the lines of a `text/event-stream`; it returns each complete (event, data)."""
+
+    def __init__(self) -> None:
+        self.event, self.data = "message", ""
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data += line[5:].strip()
+        elif not line and self.data:
+            done = (self.event, json.loads(self.data))
+            self.event, self.data = "message", ""
+            return done
+        return None
+
+
+def _piece_or_result(event: str, data: Any) -> str | Generation:
+    return str(data["text"]) if event == "piece" else Generation.model_validate(data)
+
+
+def _stream_body(prompt: str, activation_id: str | None, max_tokens: int | None) -> dict[str, Any]:
+    return {**_drop_none(prompt=prompt, activation_id=activation_id, max_tokens=max_tokens),
+            "stream": True}  # fmt: skip
+
+
 class _Api:
     """The routes both clients share, plus what the two have in common: URL, headers, parsing."""
 
@@ -668,6 +695,25 @@ class MemosClient(_Api):
     def list_activations(self, cube_id: str) -> list[Activation]:
         return list(self._walk(lambda c: _Routes.list_activations(cube_id, c)))
 
+    def generate_stream(
+        self,
+        cube_id: str,
+        prompt: str,
+        activation_id: str | None = None,
+        max_tokens: int | None = None,
+    ) -> Iterator[str | Generation]:
+        """`generate`, streamed: text pieces as they are decoded, then the `Generation`."""
+        path = _path("cubes", cube_id, "generate")
+        body = _stream_body(prompt, activation_id, max_tokens)
+        with self._http.stream("POST", path, json=body) as response:
+            if not response.is_success:
+                response.read()
+                raise error_from_response(response)
+            events = _ServerSentEvents()
+            for line in response.iter_lines():
+                if (complete := events.feed(line)) is not None:
+                    yield _piece_or_result(*complete)
+
     def wait_activation(
         self, cube_id: str, activation_id: str, timeout: float = 600.0, poll: float = 0.5
     ) -> Activation:
@@ -734,6 +780,25 @@ class AsyncMemosClient(_Api):
 
     async def list_activations(self, cube_id: str) -> list[Activation]:
         return [a async for a in self._walk(lambda c: _Routes.list_activations(cube_id, c))]
+
+    async def generate_stream(
+        self,
+        cube_id: str,
+        prompt: str,
+        activation_id: str | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[str | Generation]:
+        """`generate`, streamed: text pieces as they are decoded, then the `Generation`."""
+        path = _path("cubes", cube_id, "generate")
+        body = _stream_body(prompt, activation_id, max_tokens)
+        async with self._http.stream("POST", path, json=body) as response:
+            if not response.is_success:
+                await response.aread()
+                raise error_from_response(response)
+            events = _ServerSentEvents()
+            async for line in response.aiter_lines():
+                if (complete := events.feed(line)) is not None:
+                    yield _piece_or_result(*complete)
 
     async def wait_activation(
         self, cube_id: str, activation_id: str, timeout: float = 600.0, poll: float = 0.5

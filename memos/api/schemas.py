@@ -292,6 +292,9 @@ class GenerateRequest(Strict):
     prompt: Text
     activation_id: StrictStr | None = None
     max_tokens: int = Field(64, ge=1)
+    stream: bool = Field(
+        False, description="server-sent events: `piece` events with text, then one `done`"
+    )
 
 
 class GenerateResponse(Out):

@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,20 @@ class ActivationSource:
     text: str | None = None
     memory_ids: tuple[str, ...] | None = None
     session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationStream:
+    """Text pieces as they are decoded; `finish()` gives the totals once they are consumed."""
+
+    pieces: Iterator[str]
+    finish: Callable[[], GenerationView]
+
+    def collect(self) -> GenerationView:
+        """Decode to the end without looking at the pieces; the totals."""
+        for _ in self.pieces:
+            pass
+        return self.finish()
 
 
 def compression_for(bits: int, budget_tokens: int | None) -> CompressionConfig:
@@ -325,6 +340,19 @@ class ActivationService:
         activation_id: str | None,
         max_tokens: int,
     ) -> GenerationView:
+        """`stream`, decoded to the end."""
+        return self.stream(principal, cube_id, prompt, activation_id, max_tokens).collect()
+
+    def stream(
+        self,
+        principal: Principal,
+        cube_id: str,
+        prompt: str,
+        activation_id: str | None,
+        max_tokens: int,
+    ) -> GenerationStream:
+        """Check the request, load the activation and start decoding: every refusal is raised
+        here, before the first piece of text; iterate `pieces`, then call `finish()`."""
         started = time.perf_counter()
         self.cubes.require(principal, cube_id, Role.READER)
         if not prompt.strip():
@@ -357,16 +385,22 @@ class ActivationService:
             turn = full[len(head) :]
         loaded_ms = (time.perf_counter() - started) * 1000
         try:
-            result = runtime.generate(turn, kv=compressed, max_tokens=max_tokens).collect()
+            generation = runtime.generate(turn, kv=compressed, max_tokens=max_tokens)
         except kv_runtime.InvalidArgument as exc:
             raise InvalidArgument(exc.message) from exc
-        if activation_id is not None:
-            self._set(activation_id, last_used_at=utcnow())
-        return GenerationView(
-            text=result.text,
-            ttft_ms=round(loaded_ms + result.ttft_ms, 3),
-            prompt_tokens=result.prompt_tokens,
-            reused_tokens=reused,
-            activation_id=activation_id,
-            finish_reason=result.finish_reason,
-        )
+
+        def finish() -> GenerationView:
+            result = generation.result
+            assert result is not None, "finish() after the pieces are consumed"
+            if activation_id is not None:
+                self._set(activation_id, last_used_at=utcnow())
+            return GenerationView(
+                text=result.text,
+                ttft_ms=round(loaded_ms + result.ttft_ms, 3),
+                prompt_tokens=result.prompt_tokens,
+                reused_tokens=reused,
+                activation_id=activation_id,
+                finish_reason=result.finish_reason,
+            )
+
+        return GenerationStream(pieces=generation, finish=finish)

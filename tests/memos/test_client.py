@@ -21,6 +21,7 @@ from memos.client import (
     Conflict,
     Cube,
     Forbidden,
+    Generation,
     Memory,
     MemoryInput,
     MemosClient,
@@ -370,6 +371,11 @@ def test_activation_lifecycle(client: MemosClient, cube: Cube) -> None:
     assert gen.reused_tokens == act.kept_tokens
     assert gen.prompt_tokens > 0 and gen.ttft_ms > 0
 
+    parts = list(client.generate_stream(cube.id, "What does Melanie paint?", act.id, 4))
+    *pieces, final = parts
+    assert isinstance(final, Generation) and all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == final.text == gen.text and final.reused_tokens == act.kept_tokens
+
     small = client.create_activation(cube.id, text=text, bits=4, budget_tokens=8)
     assert small.bits == 4 and small.kept_tokens <= 8 and small.bytes < act.bytes
 
@@ -504,6 +510,13 @@ async def test_async_client(aclient: AsyncMemosClient, client: MemosClient, user
         await aclient.get_memory(cube.id, one.id)
     with pytest.raises(Forbidden):
         await aclient.list_jobs()
+    act = await aclient.create_activation(cube.id, text="The cello is in the car.", bits=8)
+    assert (await aclient.wait_activation(cube.id, act.id)).state == "ready"
+    parts = [p async for p in aclient.generate_stream(cube.id, "Where is the cello?", act.id, 3)]
+    *pieces, final = parts
+    assert isinstance(final, Generation) and "".join(str(p) for p in pieces) == final.text
+    with pytest.raises(NotFound):
+        [p async for p in aclient.generate_stream(cube.id, "hi", "act_nope")]
     await aclient.delete_cube(cube.id)
     assert await aclient.list_cubes() == []
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
 from fastapi import APIRouter, Response
+from fastapi.responses import StreamingResponse
 
 from memos.api.deps import DaemonDep, PrincipalDep
 from memos.api.schemas import (
@@ -59,10 +63,23 @@ def delete_activation(
 @router.post("/generate", response_model=GenerateResponse)
 def generate(
     cube_id: str, body: GenerateRequest, daemon: DaemonDep, principal: PrincipalDep
-) -> GenerateResponse:
+) -> GenerateResponse | StreamingResponse:
     """Answer `prompt` with the local model, continuing the activation's context when given
-    (its KV cache is reused: `reused_tokens` were not prefilled again)."""
-    view = daemon.activations.generate(
+    (its KV cache is reused: `reused_tokens` were not prefilled again).
+
+    With `"stream": true` the answer is `text/event-stream`: one `piece` event per piece of text
+    (`{"text": ...}`) as it is decoded, then one `done` event with the response body. Refusals
+    (404, 409, 422, ...) still come as ordinary error responses, before any event."""
+    stream = daemon.activations.stream(
         principal, cube_id, body.prompt, body.activation_id, body.max_tokens
     )
-    return GenerateResponse.model_validate(view)
+    if not body.stream:
+        return GenerateResponse.model_validate(stream.collect())
+
+    def events() -> Iterator[str]:
+        for piece in stream.pieces:
+            yield f"event: piece\ndata: {json.dumps({'text': piece})}\n\n"
+        done = GenerateResponse.model_validate(stream.finish()).model_dump_json()
+        yield f"event: done\ndata: {done}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

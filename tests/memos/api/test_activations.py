@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 ACTIVATION_FIELDS = {"id", "cube_id", "model", "tokens", "kept_tokens", "bits", "bytes", "state",
@@ -176,3 +178,31 @@ def test_a_corrupt_blob_is_detected_reported_and_never_loaded(server, tenant):
         json={"prompt": "Who paints?", "activation_id": act["id"], "max_tokens": 2},
     )
     assert r.status_code == 409 and r.json()["error"]["code"] == "activation_not_ready"
+
+
+def test_generate_streams_pieces_then_the_totals(tenant):
+    client, cube_id = tenant
+    act = client.post(f"/v1/cubes/{cube_id}/activations", json={"text": CONTEXT}).json()
+    body = {"prompt": "Who volunteers on Tuesdays?", "activation_id": act["id"], "max_tokens": 12}
+    whole = client.post(f"/v1/cubes/{cube_id}/generate", json=body).json()
+    events = []
+    with client.stream("POST", f"/v1/cubes/{cube_id}/generate", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[6:])))
+    pieces = [data["text"] for kind, data in events if kind == "piece"]
+    assert len(pieces) >= 2 and [kind for kind, _ in events[-1:]] == ["done"]
+    done = events[-1][1]
+    assert "".join(pieces) == done["text"] == whole["text"]  # greedy: the same answer
+    assert done["reused_tokens"] == act["kept_tokens"]
+    # A refusal is an ordinary error response, before any event.
+    r = client.post(
+        f"/v1/cubes/{cube_id}/generate",
+        json={"prompt": "hi", "activation_id": "act_nope", "stream": True},
+    )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "activation_not_found"
