@@ -61,6 +61,14 @@ def test_build_reuse_and_delete_an_activation(server, tenant):
     assert r.status_code == 404 and r.json()["error"]["code"] == "activation_not_found"
 
 
+def test_deleting_a_cube_deletes_its_activations_files(server, tenant):
+    client, cube_id = tenant
+    act = client.post(f"/v1/cubes/{cube_id}/activations", json={"text": CONTEXT}).json()
+    assert activation_dir(server, cube_id, act["id"]).is_dir()
+    assert client.delete(f"/v1/cubes/{cube_id}").status_code == 204
+    assert not (server.daemon.settings.activation_dir / cube_id).exists()
+
+
 def test_compressed_activations_are_smaller_and_keep_their_budget(tenant):
     client, cube_id = tenant
     full = client.post(f"/v1/cubes/{cube_id}/activations", json={"text": CONTEXT}).json()
