@@ -33,7 +33,10 @@ class RetrievalConfig(BaseModel):
     dense_weight: float = Field(0.55, ge=0)
     lexical_weight: float = Field(0.45, ge=0)
     temporal_weight: float = Field(
-        1.0, ge=0, description="bonus for notes in a time the query names (memcube/temporal.py)"
+        1.0,
+        ge=0,
+        description="bonus for notes in a time the query names (memcube/temporal.py), in units "
+        "of the fused score: 1.0 is one standard deviation under zscore; far less suits rrf",
     )
     candidates: int = Field(50, ge=1, le=10_000, description="depth of each ranked list fused")
     exact_max_rows: int = Field(

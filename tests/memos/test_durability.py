@@ -187,3 +187,43 @@ def test_restart_keeps_data_generated_admin_key_and_schedules(tmp_path):
         # The schedule lives in the database: a restart does not reset the job's clock.
         assert admin.get("/v1/jobs").json()["items"][0]["next_run_at"] == next_run
     daemon.stop()
+
+
+def test_kill_9_during_activation_builds_leaves_ready_ones_intact(tmp_path):
+    """A ready activation survives a crash bit for bit; a build cut short by kill -9 is
+    reported `failed` after the restart, never half-loaded."""
+    daemon = make_daemon_process(tmp_path, MEMOS_ACTIVATIONS__INLINE_MAX_TOKENS="64")
+    daemon.start()
+    text = " ".join(f"Day {i}: Caroline walked to the lake; Melanie painted." for i in range(150))
+    question = {"prompt": "Who painted?", "max_tokens": 6}
+    with daemon.client() as client:
+        cube_id = client.post("/v1/cubes", json={"name": "acts"}).json()["id"]
+        ready = client.post(f"/v1/cubes/{cube_id}/activations", json={"text": "Hello, Melanie."})
+        ready = ready.json()
+        assert ready["state"] == "ready"
+        before = client.post(
+            f"/v1/cubes/{cube_id}/generate", json={**question, "activation_id": ready["id"]}
+        ).json()
+        big = client.post(
+            f"/v1/cubes/{cube_id}/activations", json={"text": text, "compression": {"bits": 4}}
+        ).json()
+        assert big["state"] == "building" and big["tokens"] > 1000
+        deadline = time.time() + 120
+        while client.get(f"/v1/cubes/{cube_id}/activations/{big['id']}").json()["progress"] == 0:
+            assert time.time() < deadline, "the build never reported progress"
+            time.sleep(0.05)
+    daemon.kill()  # mid-build: prefill has started, nothing is stored yet
+    daemon.start()
+    with daemon.client() as client:
+        cut = client.get(f"/v1/cubes/{cube_id}/activations/{big['id']}").json()
+        assert cut["state"] == "failed"
+        assert cut["error"] == "interrupted by a restart; build it again"
+        r = client.post(
+            f"/v1/cubes/{cube_id}/generate", json={**question, "activation_id": big["id"]}
+        )
+        assert r.status_code == 409 and r.json()["error"]["code"] == "activation_not_ready"
+        after = client.post(
+            f"/v1/cubes/{cube_id}/generate", json={**question, "activation_id": ready["id"]}
+        ).json()
+        assert after["text"] == before["text"] and after["reused_tokens"] == ready["kept_tokens"]
+    daemon.stop()
