@@ -21,13 +21,16 @@ from pydantic import BaseModel, Field
 
 from memcube.enrichment.dates import human_date, reference_date
 
+# Wording that revises an earlier statement. Deliberately narrow: "new", a bare "now" and
+# "actually" are in every other chat line ("Anything new?"), and a question revises nothing.
 _REVISION_CUE = re.compile(
-    r"\b(now|no longer|not anymore|anymore|actually|changed|switched|moved|instead|"
-    r"turns out|these days|from now on|used to|quit|stopped|started|new)\b",
+    r"\b(no longer|anymore|any more|changed|switched|moved|instead|turns out|these days|"
+    r"from now on|used to|quit|stopped|gave up|(?:i|we)(?: a|')?(?:m|re)? now)\b",
     re.IGNORECASE,
 )
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"[^\W\d_]+")
+_SENTENCE = re.compile(r"[^.!?]+[.!?]*")
 
 
 class LinkingConfig(BaseModel):
@@ -88,7 +91,15 @@ def revises(new: NoteFacts, old: NoteFacts, cosine: float, config: LinkingConfig
         and old.timestamp <= new.timestamp
         and cosine >= config.updates_threshold
         and bool(_words(new.keywords) & _words(old.keywords))
-        and _REVISION_CUE.search(new.content) is not None
+        and _states_a_revision(new.content)
+    )
+
+
+def _states_a_revision(text: str) -> bool:
+    """A revising cue in a sentence that is not a question."""
+    return any(
+        _REVISION_CUE.search(sentence) and not sentence.rstrip().endswith("?")
+        for sentence in _SENTENCE.findall(text)
     )
 
 

@@ -52,7 +52,10 @@ class EnrichmentConfig(BaseModel):
     enricher: str = "local"
     batch_size: int = Field(default=64, ge=1, le=4096)
     neighbours: int = Field(default=8, ge=0, le=100, description="dense neighbours considered")
-    similar_threshold: float = Field(default=0.6, ge=-1, le=1)
+    # Cosine between enriched vectors (content, context and keywords), which run higher than
+    # between raw contents: on LoCoMo the median of a note's 8 nearest is 0.69, 0.6 linked
+    # nearly all of them, 0.75 links about a quarter.
+    similar_threshold: float = Field(default=0.75, ge=-1, le=1)
     idle_poll_s: float = Field(default=2.0, gt=0, le=3600)
     local: LocalEnricherConfig = LocalEnricherConfig()
     llm: LlmEnricherConfig = LlmEnricherConfig()
