@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import LargeBinary, cast, delete, func, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from memcube.errors import Conflict, Forbidden, InvalidArgument, NotFound
 from memos.db.engine import Database
 from memos.db.models import Activation, Cube, Grant, Memory, User
+from memos.db.types import utcnow
 from memos.services.ids import decode_cursor, encode_cursor, new_id
 from memos.services.views import CubeStats, CubeView, Page, Principal, Role
 
@@ -160,9 +163,14 @@ class CubeService:
                 raise NotFound(f"user {user_id!r} not found", code="user_not_found")
             if user_id == cube.owner_id:
                 raise InvalidArgument(f"user {user_id!r} owns cube {cube_id!r} already")
-            existing = s.get(Grant, (cube_id, user_id))
-            if existing is None:
-                s.add(Grant(cube_id=cube_id, user_id=user_id, role=role))
-            else:
-                existing.role = role
+            # One statement, so two concurrent grants of the same user cannot both insert.
+            insert = pg_insert if self.db.dialect == "postgresql" else sqlite_insert
+            upsert = insert(Grant).values(
+                cube_id=cube_id, user_id=user_id, role=role, created_at=utcnow()
+            )
+            s.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[Grant.cube_id, Grant.user_id], set_={"role": role}
+                )
+            )
         return {"cube_id": cube_id, "user_id": user_id, "role": role}

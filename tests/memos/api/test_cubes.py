@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 def test_admin_creates_user_whose_key_works(server):
     user_id, key = server.new_user()
@@ -137,6 +139,30 @@ def test_grant_to_unknown_user_is_404_and_bad_role_422(server):
         assert (r.status_code, r.json()["error"]["code"]) == (404, "user_not_found")
         r = client.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": other_id, "role": "admin"})
         assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")
+
+
+def test_concurrent_grants_of_one_user_all_succeed_and_leave_one_grant(server):
+    _, key = server.new_user()
+    other_id, other_key = server.new_user()
+    with server.client(key) as client:
+        cube_id = client.post("/v1/cubes", json={"name": "race"}).json()["id"]
+    roles = ["reader", "writer"] * 6
+    statuses: list[int] = []
+
+    def grant(role: str) -> None:
+        with server.client(key) as c:
+            r = c.post(f"/v1/cubes/{cube_id}/grants", json={"user_id": other_id, "role": role})
+            statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=grant, args=(role,)) for role in roles]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [201] * len(roles)
+    with server.client(other_key) as other:
+        (cube,) = other.get("/v1/cubes").json()["items"]
+        assert cube["id"] == cube_id and cube["role"] in ("reader", "writer")
 
 
 def test_cube_list_pages(server):
