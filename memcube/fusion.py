@@ -44,9 +44,12 @@ class Fusion(Protocol):
 
 @dataclass(frozen=True)
 class ZScoreFusion:
-    """sum_s w_s * (x_s - mean_s) / std_s over the candidates (a constant signal adds 0)."""
+    """sum_s w_s * max(floor, (x_s - mean_s) / std_s) over the candidates (a constant signal
+    adds 0). The floor keeps one retriever's indifference from cancelling another's strong
+    match: a unique exact-token hit that only BM25 found must not sink for its low cosine."""
 
     weights: Mapping[str, float] = field(default_factory=dict)
+    floor: float = -1.0
 
     def fuse(self, signals: Mapping[str, Signal]) -> np.ndarray:
         fused = np.zeros(len(next(iter(signals.values())).scores), dtype=np.float64)
@@ -54,7 +57,8 @@ class ZScoreFusion:
             scores = signal.scores.astype(np.float64)
             std = scores.std()
             if std > 0:
-                fused += self.weights.get(name, 1.0) * (scores - scores.mean()) / std
+                z = np.maximum((scores - scores.mean()) / std, self.floor)
+                fused += self.weights.get(name, 1.0) * z
         return fused
 
 

@@ -55,13 +55,27 @@ def test_zscore_fusion_is_a_weighted_sum_of_standardised_scores():
     fused = ZScoreFusion(weights={"dense": 0.5, "lexical": 2.0}).fuse(
         {"dense": Signal(dense, np.ones(3, bool)), "lexical": Signal(lexical, lexical > 0)}
     )
-    z_dense = (dense - 0.6) / np.sqrt(0.06)
-    z_lexical = (lexical - lexical.mean()) / lexical.std()
+    z_dense = np.maximum((dense - 0.6) / np.sqrt(0.06), -1.0)  # floored at -1 by default
+    z_lexical = np.maximum((lexical - lexical.mean()) / lexical.std(), -1.0)
+    assert z_dense[2] == z_lexical[0] == -1.0  # the floor did apply
     assert fused.tolist() == pytest.approx((0.5 * z_dense + 2.0 * z_lexical).tolist())
     constant = ZScoreFusion().fuse({"dense": Signal(np.full(3, 0.5), np.ones(3, bool))})
     assert constant.tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(InvalidArgument, match="valid: \\['rrf', 'zscore'\\]"):
         make_fusion("borda", 60, {})
+
+
+def test_a_unique_exact_token_wins_even_with_a_low_cosine():
+    rng = np.random.default_rng(7)
+    centre = unit(rng.normal(size=16))
+    items = [
+        IndexedDoc(i, f"note about topic {i}", unit(centre + 0.5 * rng.normal(size=16)), None, T0)
+        for i in range(60)
+    ]
+    items.append(IndexedDoc(60, "order code zq81x7", unit(-centre), None, T0))  # cosine ~ -1
+    index = make_index(items, exact_max_rows=4096)
+    hits = index.search(centre, "zq81x7", top_k=3)
+    assert hits[0].seq == 60 and hits[0].signals["dense"] < 0 < hits[0].signals["lexical"]
 
 
 def test_hybrid_prefers_a_doc_strong_on_both_signals():
