@@ -37,8 +37,7 @@ from memos.db.models import Memory, MemoryHistory
 from memos.db.types import utcnow
 from memos.services.indexes import (
     IndexRegistry,
-    embedding_text,
-    previous_in_session,
+    enriched_text,
     to_doc,
 )
 from memos.services.linking import (
@@ -106,20 +105,12 @@ class EnrichmentService:
         )
         assert len(results) == len(rows), "an enricher returns one result per note"
         with self.db.read() as s:
-            previous = {r.seq: previous_in_session(s, r) for r in rows}
-        # The enriched vectors (see `embedding_text`), embedded outside any transaction.
-        vectors = self.indexes.embed(
-            [
-                embedding_text(
-                    r.content,
-                    e.keywords,
-                    e.tags,
-                    e.context,
-                    p.content if (p := previous[r.seq]) is not None else None,
-                )
+            texts = [
+                enriched_text(s, r, e.keywords, e.tags, e.context)
                 for r, e in zip(rows, results, strict=True)
             ]
-        )
+        # The enriched vectors (see `embedding_text`), embedded outside any transaction.
+        vectors = self.indexes.embed(texts)
         # Neighbours are found with the enriched vector, so like is compared with like: the
         # index holds enriched vectors for every enriched note.
         neighbours = {

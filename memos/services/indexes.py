@@ -79,14 +79,21 @@ def previous_in_session(s: Session, row: Memory) -> Memory | None:
     )
 
 
+def enriched_text(
+    s: Session, row: Memory, keywords: Sequence[str], tags: Sequence[str], context: str
+) -> str:
+    """`embedding_text` of a stored note with this enrichment, after the turn it answers."""
+    previous = previous_in_session(s, row)
+    return embedding_text(
+        row.content, keywords, tags, context, previous.content if previous else None
+    )
+
+
 def note_embedding_text(s: Session, row: Memory) -> str:
     """`embedding_text` for a stored note, as its enrichment state calls for."""
     if row.enrichment != "done":
         return embedding_text(row.content)
-    previous = previous_in_session(s, row)
-    return embedding_text(
-        row.content, row.keywords, row.tags, row.context, previous.content if previous else None
-    )
+    return enriched_text(s, row, row.keywords, row.tags, row.context)
 
 
 def vector_space(embedder_fingerprint: str) -> str:

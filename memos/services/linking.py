@@ -18,7 +18,7 @@ from memcube.linking import Evolution, LinkingConfig, NoteFacts, evolve, near_du
 from memcube.types import ScoredSeq
 from memos.db.models import Link, Memory
 from memos.db.types import utcnow
-from memos.services.indexes import embedding_text, note_keywords, previous_in_session
+from memos.services.indexes import enriched_text, note_keywords
 from memos.services.memories import drop_derived_links, history_row
 
 
@@ -92,17 +92,12 @@ def judge(
                 evolution = evolve(old, new, row.id, config)
                 facts[old.seq] = replace(old, tags=evolution.tags, context=evolution.context)
                 target = older[old.seq]
-                before = previous_in_session(s, target)
                 evolutions[old.seq] = PlannedEvolution(
                     seq=old.seq,
                     version=target.version,
                     evolution=evolution,
-                    text=embedding_text(
-                        target.content,
-                        target.keywords,
-                        evolution.tags,
-                        evolution.context,
-                        before.content if before else None,
+                    text=enriched_text(
+                        s, target, target.keywords, evolution.tags, evolution.context
                     ),
                 )
     return links, evolutions
