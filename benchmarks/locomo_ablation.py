@@ -37,10 +37,10 @@ from memcube.enrichment import NoteInput, make_enricher  # noqa: E402
 from memcube.enrichment.dates import reference_date  # noqa: E402
 from memcube.fusion import Fusion, ReciprocalRankFusion, Signal, ZScoreFusion  # noqa: E402
 from memcube.lexical import BM25Index  # noqa: E402
+from memcube.notes import embedding_text  # noqa: E402
 from memcube.retrieval import RetrievalConfig  # noqa: E402
 from memcube.temporal import parse_time_query  # noqa: E402
 from memos.locomo import Conversation, load_locomo  # noqa: E402
-from memos.services.indexes import embedding_text  # noqa: E402
 
 DEFAULTS = RetrievalConfig()
 TOP_K = max(KS)

@@ -25,6 +25,7 @@ import torch
 
 from kv_runtime.config import PACKAGED_GGUF, PACKAGED_MODEL, RuntimeConfig
 from kv_runtime.errors import InvalidArgument, ModelUnavailable
+from memcube.atomic import fsync_dir, fsync_file, write_atomic
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -143,10 +144,7 @@ def cached_weights_hash(directory: Path, files: list[Path], memo_dir: Path | Non
     if memo.is_file():
         return memo.read_text().strip()
     value = hash_files(files)
-    memo_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(value)
-    os.replace(tmp, memo)
+    write_atomic(memo, value.encode())
     return value
 
 
@@ -182,8 +180,7 @@ def convert_gguf(source: ModelSource, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(path)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -191,11 +188,7 @@ def convert_gguf(source: ModelSource, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 def load_directory(config: RuntimeConfig) -> tuple[ModelSource, Path, str | None]:

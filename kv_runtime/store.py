@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from kv_runtime.compress import CompressedKV, CompressedLayer
 from kv_runtime.config import CompressionConfig
 from kv_runtime.errors import ActivationCorrupt, ActivationMismatch
 from kv_runtime.model import Fingerprint
+from memcube.atomic import fsync_dir, write_atomic
 
 FORMAT = "memosd-activation/1"
 MANIFEST = "manifest.json"
@@ -64,28 +63,6 @@ def _blake2b(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a unique temporary sibling, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _tensors(compressed: CompressedKV) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(compressed.layers):
@@ -111,7 +88,7 @@ def save_activation(
     blob_bytes = save_tensors(_tensors(compressed))
     checksum = _blake2b(blob_bytes)
     blob = f"kv-{checksum}.safetensors"
-    _atomic_write(directory / blob, blob_bytes)
+    write_atomic(directory / blob, blob_bytes)
     sink, span, residual = compressed.spans
     body = {
         "format": FORMAT,
@@ -131,7 +108,7 @@ def save_activation(
     manifest_bytes = _manifest_body(body)
     previous = _current_blob(directory)
     try:
-        _atomic_write(directory / MANIFEST, manifest_bytes)
+        write_atomic(directory / MANIFEST, manifest_bytes)
     except BaseException:
         if blob != previous:  # the old manifest still names the old blob; drop the new one
             (directory / blob).unlink(missing_ok=True)
@@ -155,7 +132,7 @@ def delete_activation(directory: Path) -> None:
     if not directory.is_dir():
         return
     (directory / MANIFEST).unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for path in directory.iterdir():
         path.unlink(missing_ok=True)
     directory.rmdir()

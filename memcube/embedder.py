@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from memcube.atomic import atomic_path
 from memcube.errors import InvalidArgument
 
 PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -121,9 +122,7 @@ def export_onnx(path: str, target: Path) -> Path:
     names = ["input_ids", "attention_mask", "token_type_ids"]
     sample = tokenizer(["a padded example", "and a longer one to pad against"], padding=True,
                        return_tensors="pt")  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(target) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter deprecation notices
         torch.onnx.export(
             LastHidden().eval(),
@@ -136,7 +135,6 @@ def export_onnx(path: str, target: Path) -> Path:
             do_constant_folding=True,
             dynamo=False,
         )
-    os.replace(tmp, target)
     return target
 
 

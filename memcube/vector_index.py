@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ import hnswlib
 import numpy as np
 from pydantic import BaseModel, Field
 from safetensors.numpy import load_file, save_file
+
+from memcube.atomic import atomic_path, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -41,15 +42,6 @@ class IndexManifest:
     live: int
     index_bytes: int
     index_blake2b: str
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _hash_file(path: Path) -> str:
@@ -139,14 +131,11 @@ class HnswIndex:
     def save(self, directory: Path, embedder: str, generation: int) -> IndexManifest:
         directory.mkdir(parents=True, exist_ok=True)
         index_path = directory / "hnsw.bin"
-        tmp = directory / "hnsw.bin.tmp"
-        self._index.save_index(str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, index_path)
+        with atomic_path(index_path) as tmp:
+            self._index.save_index(str(tmp))
         deleted = np.array(sorted(self._deleted), dtype=np.int64)
-        save_file({"deleted": deleted}, str(directory / "deleted.safetensors.tmp"))
-        os.replace(directory / "deleted.safetensors.tmp", directory / "deleted.safetensors")
+        with atomic_path(directory / "deleted.safetensors") as tmp:
+            save_file({"deleted": deleted}, str(tmp))
         manifest = IndexManifest(
             embedder=embedder,
             dim=self.dim,
@@ -156,7 +145,7 @@ class HnswIndex:
             index_blake2b=_hash_file(index_path),
         )
         body = {"format": FORMAT_VERSION, **manifest.__dict__}
-        _fsync_write(directory / "manifest.json", json.dumps(body, indent=1).encode())
+        write_atomic(directory / "manifest.json", json.dumps(body, indent=1).encode())
         return manifest
 
     @classmethod

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from memcube.atomic import write_atomic
 from memcube.errors import Unauthorized
 from memos.db.engine import Database
 from memos.db.models import ApiKey, User
@@ -87,11 +87,7 @@ class AuthService:
             if not self._admin_key_active(s, key):
                 s.add(ApiKey(user_id=ADMIN_USER_ID, key_hash=digest, prefix=key[:8]))
         if generated:
-            key_file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(key + "\n")
-            os.chmod(key_file, 0o600)
+            write_atomic(key_file, (key + "\n").encode(), mode=0o600)
             return str(key_file)
         return None
 

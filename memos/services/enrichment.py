@@ -2,7 +2,7 @@
 
 An add commits raw notes with `enrichment = "pending"` and returns. A worker thread then takes
 pending notes in `seq` order, a batch at a time: the enricher plug-in gives each its keywords,
-tags and context, its vector is re-embedded from all of them (`indexes.embedding_text`), and
+tags and context, its vector is re-embedded from all of them (`memcube.notes.embedding_text`), and
 it is linked, in both directions, to
 - `follows`: the previous and the next note of the same session,
 - `similar`: dense neighbours above a cosine threshold,
@@ -31,15 +31,12 @@ from sqlalchemy.orm import Session
 
 from memcube.enrichment import Enricher, Enrichment, NoteInput
 from memcube.errors import NotFound
+from memcube.notes import to_doc
 from memcube.types import ScoredSeq
 from memos.db.engine import Database
 from memos.db.models import Memory, MemoryHistory
 from memos.db.types import utcnow
-from memos.services.indexes import (
-    IndexRegistry,
-    enriched_text,
-    to_doc,
-)
+from memos.services.indexes import IndexRegistry
 from memos.services.linking import (
     PlannedEvolution,
     PlannedLink,
@@ -49,7 +46,7 @@ from memos.services.linking import (
     plan_links,
     replace_links,
 )
-from memos.services.memories import bump_generation
+from memos.services.repository import bump_generation, enriched_text
 from memos.settings import EnrichmentConfig
 
 log = logging.getLogger("memos.enrichment")

@@ -10,127 +10,30 @@ rows whose `change_seq` is newer than what the index reflects.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
+from memcube.notes import EMBEDDING_TEXT_FORMAT, to_doc
 from memcube.retrieval import CubeIndex, RetrievalConfig
-from memcube.types import IndexedDoc
 from memcube.vector_index import HnswConfig, read_manifest
 from memos.db.engine import Database
 from memos.db.models import Cube, Memory
 from memos.services.cubes import cube_not_found
+from memos.services.repository import note_embedding_text
 
 log = logging.getLogger("memos.indexes")
-
-
-# Bump when `embedding_text` changes: stored vectors of the old format are then re-embedded.
-EMBEDDING_TEXT_FORMAT = "t2"
-
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-
-def embedding_text(
-    content: str,
-    keywords: Sequence[str] = (),
-    tags: Sequence[str] = (),
-    context: str = "",
-    previous: str | None = None,
-) -> str:
-    """What the dense vector of a note encodes.
-
-    A raw note: its content. An enriched note (A-MEM): the content of the turn it answers
-    (`previous`, the note before it in its session), its content, keywords, tags and context.
-    Measured on LoCoMo recall@10 with the same fusion (docs/benchmarks.md): content alone
-    0.648, + keywords, tags and context 0.664, + the previous turn as well 0.696. A reply such
-    as "Yes, it was amazing!" means little without what it replies to. Prefixing the speaker
-    instead lowered recall@10 (adversarial questions name the wrong person).
-    """
-    text = f"{previous}\n{content}" if previous else content
-    words = [k for k in keywords if not _ISO_DATE.fullmatch(k)]  # dates are in the context
-    if words or tags or context:
-        text += f"\nKeywords: {', '.join(words)}\nTags: {', '.join(tags)}\n{context}"
-    return text
-
-
-def previous_in_session(s: Session, row: Memory) -> Memory | None:
-    """The live note just before `row` in its session (by seq), if any."""
-    if row.session_id is None:
-        return None
-    return s.scalar(
-        select(Memory)
-        .where(
-            Memory.cube_id == row.cube_id,
-            Memory.session_id == row.session_id,
-            Memory.deleted_at.is_(None),
-            Memory.seq < row.seq,
-        )
-        .order_by(Memory.seq.desc())
-        .limit(1)
-    )
-
-
-def enriched_text(
-    s: Session, row: Memory, keywords: Sequence[str], tags: Sequence[str], context: str
-) -> str:
-    """`embedding_text` of a stored note with this enrichment, after the turn it answers."""
-    previous = previous_in_session(s, row)
-    return embedding_text(
-        row.content, keywords, tags, context, previous.content if previous else None
-    )
-
-
-def note_embedding_text(s: Session, row: Memory) -> str:
-    """`embedding_text` for a stored note, as its enrichment state calls for."""
-    if row.enrichment != "done":
-        return embedding_text(row.content)
-    return enriched_text(s, row, row.keywords, row.tags, row.context)
 
 
 def vector_space(embedder_fingerprint: str) -> str:
     """The tag stored with a cube's vectors: the embedder's space and the text format."""
     return f"{embedder_fingerprint}/{EMBEDDING_TEXT_FORMAT}"
-
-
-def lexical_text(row: Memory) -> str:
-    """What BM25 indexes for a memory: who said it and its content.
-
-    Not its keywords and tags, measured: adding them as plain tokens lowered LoCoMo recall@10
-    (0.6005 -> 0.5556 with rank fusion, 0.750 -> 0.741 with z-score fusion); taxonomy tags such
-    as "family" match far too broadly. They reach retrieval through the dense vector instead.
-    """
-    return f"{row.speaker}: {row.content}" if row.speaker else row.content
-
-
-def note_keywords(row: Memory) -> list[str]:
-    """The note's keyphrases, without the resolved dates kept among them."""
-    return [k for k in row.keywords or () if not _ISO_DATE.fullmatch(k)]
-
-
-def note_dates(row: Memory) -> tuple[date, ...]:
-    """The absolute dates enrichment resolved in the note (kept among its keywords)."""
-    return tuple(date.fromisoformat(k) for k in row.keywords or () if _ISO_DATE.fullmatch(k))
-
-
-def to_doc(row: Memory) -> IndexedDoc:
-    return IndexedDoc(
-        seq=row.seq,
-        text=lexical_text(row),
-        embedding=np.frombuffer(row.embedding, dtype=np.float32),
-        session_id=row.session_id,
-        timestamp=row.timestamp,
-        metadata=row.metadata_ or {},
-        dates=note_dates(row),
-    )
 
 
 @dataclass(frozen=True)

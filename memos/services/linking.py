@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 
 from memcube.enrichment import Enrichment
 from memcube.linking import Evolution, LinkingConfig, NoteFacts, evolve, near_duplicate, revises
+from memcube.notes import note_keywords
 from memcube.types import ScoredSeq
 from memos.db.models import Link, Memory
 from memos.db.types import utcnow
-from memos.services.indexes import enriched_text, note_keywords
-from memos.services.memories import drop_derived_links, history_row
+from memos.services.repository import drop_derived_links, enriched_text, history_row
 
 
 @dataclass(frozen=True)

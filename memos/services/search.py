@@ -15,7 +15,7 @@ from memos.db.engine import Database
 from memos.db.models import Link, Memory
 from memos.services.cubes import CubeService
 from memos.services.indexes import IndexRegistry
-from memos.services.memories import memory_views
+from memos.services.repository import memory_views
 from memos.services.views import HitView, Principal, Role
 
 

@@ -22,7 +22,6 @@ from kv_runtime import (
     read_manifest,
     save_activation,
 )
-from kv_runtime import store as store_module
 
 SETTINGS = {
     "4-bit evicted": CompressionConfig(
@@ -145,7 +144,7 @@ def test_a_failed_save_leaves_the_previous_activation_intact(
             raise OSError("disk full")  # after the temporary file was written and fsynced
         real_replace(src, dst)
 
-    monkeypatch.setattr(store_module.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         save_activation(tmp_path, replacement, runtime.fingerprint)
     monkeypatch.undo()

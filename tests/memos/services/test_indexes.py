@@ -12,7 +12,8 @@ from memcube.types import SearchFilters
 from memos.daemon import Daemon
 from memos.db.models import Cube, Memory
 from memos.services.auth import ADMIN_USER_ID
-from memos.services.indexes import note_embedding_text, vector_space
+from memos.services.indexes import vector_space
+from memos.services.repository import note_embedding_text
 from memos.services.views import NewMemory, Principal
 from memos.settings import Settings
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from memcube.notes import embedding_text
 from memos.daemon import Daemon
 from memos.db.models import Memory
 from memos.services.auth import ADMIN_USER_ID
-from memos.services.indexes import embedding_text
 from memos.services.views import NewMemory, Principal
 from memos.settings import Settings
 

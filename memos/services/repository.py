@@ -1,0 +1,128 @@
+"""Row helpers every service shares: history rows, cube generations, derived links, views.
+
+Services import these instead of each other, so `memories.py` stays memory CRUD only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from memcube.errors import NotFound
+from memcube.notes import embedding_text
+from memos.db.models import Cube, Link, Memory, MemoryHistory
+from memos.services.cubes import cube_not_found
+from memos.services.views import LinkView, MemoryView
+
+# Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
+DERIVED_LINK_KINDS = ("follows", "similar", "same_entity", "duplicate", "updates")
+
+
+def drop_derived_links(s: Session, seqs: Sequence[int]) -> None:
+    """Delete the derived links of these notes, in both directions."""
+    s.execute(
+        delete(Link).where(
+            Link.kind.in_(DERIVED_LINK_KINDS),
+            or_(Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)),
+        )
+    )
+
+
+def memory_not_found(memory_id: str) -> NotFound:
+    return NotFound(f"memory {memory_id!r} not found", code="memory_not_found")
+
+
+def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
+    """Rows -> views, with every row's links fetched in one query."""
+    links: dict[int, list[LinkView]] = {row.seq: [] for row in rows}
+    if rows:
+        query = (
+            select(Link.src_seq, Memory.id, Link.kind, Link.score)
+            .join(Memory, Memory.seq == Link.dst_seq)
+            .where(Link.src_seq.in_(list(links)), Memory.deleted_at.is_(None))
+            .order_by(Link.src_seq, Link.score.desc())
+        )
+        for src, dst_id, kind, score in s.execute(query):
+            links[src].append(LinkView(id=dst_id, kind=kind, score=float(score)))
+    return [
+        MemoryView(
+            id=row.id,
+            cube_id=row.cube_id,
+            content=row.content,
+            session_id=row.session_id,
+            speaker=row.speaker,
+            timestamp=row.timestamp,
+            metadata=row.metadata_ or {},
+            keywords=list(row.keywords or []),
+            tags=list(row.tags or []),
+            context=row.context or "",
+            links=links[row.seq],
+            version=row.version,
+            enrichment=row.enrichment or "pending",
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def history_row(row: Memory, reason: str) -> MemoryHistory:
+    return MemoryHistory(
+        memory_seq=row.seq,
+        version=row.version,
+        content=row.content,
+        metadata_=row.metadata_,
+        keywords=row.keywords,
+        tags=row.tags,
+        context=row.context,
+        changed_at=row.updated_at,
+        reason=reason,
+    )
+
+
+def bump_generation(s: Session, cube_id: str) -> int:
+    generation = s.scalar(
+        update(Cube)
+        .where(Cube.id == cube_id)
+        .values(generation=Cube.generation + 1)
+        .returning(Cube.generation)
+    )
+    if generation is None:  # the cube was deleted while this request was in flight
+        raise cube_not_found(cube_id)
+    return int(generation)
+
+
+def previous_in_session(s: Session, row: Memory) -> Memory | None:
+    """The live note just before `row` in its session (by seq), if any."""
+    if row.session_id is None:
+        return None
+    return s.scalar(
+        select(Memory)
+        .where(
+            Memory.cube_id == row.cube_id,
+            Memory.session_id == row.session_id,
+            Memory.deleted_at.is_(None),
+            Memory.seq < row.seq,
+        )
+        .order_by(Memory.seq.desc())
+        .limit(1)
+    )
+
+
+def enriched_text(
+    s: Session, row: Memory, keywords: Sequence[str], tags: Sequence[str], context: str
+) -> str:
+    """`embedding_text` of a stored note with this enrichment, after the turn it answers."""
+    previous = previous_in_session(s, row)
+    return embedding_text(
+        row.content, keywords, tags, context, previous.content if previous else None
+    )
+
+
+def note_embedding_text(s: Session, row: Memory) -> str:
+    """`embedding_text` for a stored note, as its enrichment state calls for."""
+    if row.enrichment != "done":
+        return embedding_text(row.content)
+    return enriched_text(s, row, row.keywords, row.tags, row.context)
