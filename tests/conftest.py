@@ -37,6 +37,17 @@ def free_port() -> int:
 
 # -- databases ------------------------------------------------------------------------------
 
+# Every test that needs PostgreSQL carries the `postgres` marker, so `pytest -m "not postgres"`
+# runs the rest without a server: the postgres params of parametrized fixtures are marked where
+# they are declared (`pytest.param(..., marks=pytest.mark.postgres)`), and tests that ask for
+# `postgres_url` by name are marked here.
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
@@ -112,7 +123,9 @@ def _start_live_server(settings, embedder, backend: str) -> Iterator[LiveServer]
     thread.join(timeout=30)
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def server(request, tmp_path_factory, embedder) -> Iterator[LiveServer]:
     """A daemon (in this process, on a real port) on SQLite and then on PostgreSQL."""
     from memos.settings import Settings

@@ -10,7 +10,7 @@ from memos.db.migrate import current_revision, head_revision, upgrade
 from memos.db.models import Base
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def empty_db(request, tmp_path):
     if request.param == "sqlite":
         db = Database(f"sqlite:///{tmp_path / 'm.db'}")

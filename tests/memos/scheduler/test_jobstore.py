@@ -17,7 +17,7 @@ from memos.db.models import SchedulerJob
 from memos.scheduler.jobstore import JsonJobStore, decode_job, encode_job
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request, tmp_path):
     url = (
         f"sqlite:///{tmp_path / 'jobs.db'}"
