@@ -22,7 +22,7 @@ def _run_together(jobs: list) -> list[GenerationResult]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=600)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,14 +31,17 @@ class ScriptedEndpoint(BaseHTTPRequestHandler):
 
     script: list[tuple[int, object]] = []
     requests: list[dict] = []
+    # A "hold" reply answers only once the test is over: a client timeout always fires first,
+    # however slow or fast the machine.
+    released = threading.Event()
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                     "body": body})  # fmt: skip
         status, reply = type(self).script.pop(0)
-        if reply == "sleep":
-            time.sleep(1.0)
+        if reply == "hold":
+            type(self).released.wait(timeout=120)
             reply = GOOD
         if isinstance(reply, dict):
             reply = json.dumps(reply)
@@ -62,10 +64,12 @@ class ScriptedEndpoint(BaseHTTPRequestHandler):
 @pytest.fixture
 def endpoint() -> Iterator[str]:
     ScriptedEndpoint.script, ScriptedEndpoint.requests = [], []
+    ScriptedEndpoint.released = threading.Event()
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedEndpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    ScriptedEndpoint.released.set()
     server.shutdown()
 
 
@@ -119,7 +123,7 @@ def test_valid_answers_are_used_and_every_failure_falls_back_per_note(endpoint, 
 
 
 def test_a_slow_endpoint_times_out_into_the_fallback(endpoint, embedder):
-    ScriptedEndpoint.script = [(200, "sleep")]
+    ScriptedEndpoint.script = [(200, "hold")]
     config = LlmEnricherConfig(backend="openai", url=endpoint, timeout_s=0.2)
     enricher = LlmEnricher(OpenAICompatible(config), make_enricher("local", embedder.embed))
     (result,) = enricher.enrich([NOTE])

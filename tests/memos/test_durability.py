@@ -15,7 +15,7 @@ from tests.conftest import make_daemon_process
 BATCH = 16
 
 
-def _wait_healed(daemon, timeout=60.0):
+def _wait_healed(daemon, timeout=300.0):
     deadline = time.time() + timeout
     while httpx.get(f"{daemon.url}/healthz").json()["healing"]:
         assert time.time() < deadline, "index healing did not finish"
@@ -35,7 +35,7 @@ def _all_memories(client, cube_id):
 
 def _run_job(client, name="index_maintenance"):
     run_id = client.post(f"/v1/jobs/{name}/run").json()["run_id"]
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while (run := client.get(f"/v1/jobs/runs/{run_id}").json())["status"] == "running":
         assert time.time() < deadline
         time.sleep(0.05)
@@ -109,7 +109,9 @@ def test_acknowledged_adds_survive_kill_9(tmp_path):
 
 
 def test_index_replays_changes_newer_than_its_save(tmp_path):
-    daemon = make_daemon_process(tmp_path)
+    # No scheduled maintenance: the test counts exactly what its own runs find, however long
+    # the machine takes to get there.
+    daemon = make_daemon_process(tmp_path, MEMOS_SCHEDULER__ENABLED="false")
     daemon.start()
     with daemon.client() as admin:
         cube_id = admin.post("/v1/cubes", json={"name": "heal"}).json()["id"]
@@ -192,9 +194,14 @@ def test_restart_keeps_data_generated_admin_key_and_schedules(tmp_path):
 def test_kill_9_during_activation_builds_leaves_ready_ones_intact(tmp_path):
     """A ready activation survives a crash bit for bit; a build cut short by kill -9 is
     reported `failed` after the restart, never half-loaded."""
-    daemon = make_daemon_process(tmp_path, MEMOS_ACTIVATIONS__INLINE_MAX_TOKENS="64")
+    # Close to the model's 8,192 positions, prefilled 16 tokens a forward pass (some 450 passes),
+    # and killed as soon as the build is acknowledged: the build is still far from stored on
+    # any machine, a fast GPU included, with no waiting on the machine being slow.
+    daemon = make_daemon_process(
+        tmp_path, MEMOS_ACTIVATIONS__INLINE_MAX_TOKENS="64", MEMOS_RUNTIME__PREFILL_CHUNK="16"
+    )
     daemon.start()
-    text = " ".join(f"Day {i}: Caroline walked to the lake; Melanie painted." for i in range(150))
+    text = " ".join(f"Day {i}: Caroline walked to the lake; Melanie painted." for i in range(450))
     question = {"prompt": "Who painted?", "max_tokens": 6}
     with daemon.client() as client:
         cube_id = client.post("/v1/cubes", json={"name": "acts"}).json()["id"]
@@ -207,16 +214,13 @@ def test_kill_9_during_activation_builds_leaves_ready_ones_intact(tmp_path):
         big = client.post(
             f"/v1/cubes/{cube_id}/activations", json={"text": text, "compression": {"bits": 4}}
         ).json()
-        assert big["state"] == "building" and big["tokens"] > 1000
-        deadline = time.time() + 120
-        while client.get(f"/v1/cubes/{cube_id}/activations/{big['id']}").json()["progress"] == 0:
-            assert time.time() < deadline, "the build never reported progress"
-            time.sleep(0.05)
-    daemon.kill()  # mid-build: prefill has started, nothing is stored yet
+        assert big["state"] == "building" and big["tokens"] > 7000
+    daemon.kill()  # mid-build, nothing stored yet (no waiting for progress: a fast machine
+    # could finish the build in the wait)
     daemon.start()
     with daemon.client() as client:
         cut = client.get(f"/v1/cubes/{cube_id}/activations/{big['id']}").json()
-        assert cut["state"] == "failed"
+        assert (cut["state"], cut["bytes"]) == ("failed", 0), cut
         assert cut["error"] == "interrupted by a restart; build it again"
         r = client.post(
             f"/v1/cubes/{cube_id}/generate", json={**question, "activation_id": big["id"]}
