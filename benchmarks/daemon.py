@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def start_daemon(
-    data_dir: Path, admin_key: str, extra_env: dict[str, str]
+    data_dir: Path, admin_key: str, extra_env: dict[str, str], timeout: float = 120
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
@@ -37,8 +37,8 @@ def start_daemon(
             [*command, "--data-dir", str(data_dir)], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return proc, url
