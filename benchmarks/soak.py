@@ -125,32 +125,37 @@ def route_rows(recorder: Recorder) -> list[dict[str, Any]]:
     return rows
 
 
-def memory_summary(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
-    if not samples:
+def memory_summary(
+    samples: list[dict[str, float]], warmup_s: float, load_s: float
+) -> dict[str, Any]:
+    """RSS at the end of the warm-up and of the load, and its slope in between (least squares);
+    samples after the load (clients finishing their last request) are left out."""
+    load = [s for s in samples if s["t_s"] <= load_s] or samples[:1]
+    if not load:
         return {}
-    after = [s for s in samples if s["t_s"] >= warmup_s] or samples[-1:]
+    after = [s for s in load if s["t_s"] >= warmup_s] or load[-1:]
     t = np.array([s["t_s"] for s in after]) / 60
     rss = np.array([s["rss_mib"] for s in after])
     slope = float(np.polyfit(t, rss, 1)[0]) if len(after) >= 3 and np.ptp(t) > 0 else None
     return {
         "warmup_s": warmup_s,
-        "rss_start_mib": samples[0]["rss_mib"],
+        "rss_start_mib": load[0]["rss_mib"],
         "rss_at_warmup_mib": after[0]["rss_mib"],
-        "rss_end_mib": samples[-1]["rss_mib"],
-        "rss_max_mib": max(s["rss_mib"] for s in samples),
-        "rss_growth_after_warmup_mib": round(samples[-1]["rss_mib"] - after[0]["rss_mib"], 1),
+        "rss_end_mib": load[-1]["rss_mib"],
+        "rss_max_mib": max(s["rss_mib"] for s in load),
+        "rss_growth_after_warmup_mib": round(load[-1]["rss_mib"] - after[0]["rss_mib"], 1),
         "rss_slope_after_warmup_mib_per_min": None if slope is None else round(slope, 2),
         "threads_at_warmup": after[0]["threads"],
-        "threads_end": samples[-1]["threads"],
+        "threads_end": load[-1]["threads"],
         "fds_at_warmup": after[0]["fds"],
-        "fds_end": samples[-1]["fds"],
+        "fds_end": load[-1]["fds"],
     }
 
 
-def log_errors(path: Path) -> dict[str, Any]:
-    """Error records in the daemon's JSON log (and stray tracebacks)."""
+def log_errors(lines: list[str]) -> dict[str, Any]:
+    """Error records in (part of) the daemon's JSON log, and stray tracebacks."""
     errors, tracebacks, last = 0, 0, []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in lines:
         if line.startswith("Traceback"):
             tracebacks += 1
         if line.startswith("{"):
@@ -162,6 +167,10 @@ def log_errors(path: Path) -> dict[str, Any]:
                 errors += 1
                 last = [*last[-4:], f"{record.get('logger')}: {record.get('msg')}"]
     return {"error_records": errors, "stray_tracebacks": tracebacks, "last_errors": last}
+
+
+def log_lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines()
 
 
 def setup(url: str, admin_key: str, tenants: int) -> tuple[list[Tenant], str]:
@@ -216,10 +225,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         stop_at = time.monotonic() + args.seconds
         clients = [
             Client(i, tenants[i % len(tenants)], shared, url, recorder, stop_at, args.timeout,
-                   seed=args.seed * 1000 + i)
+                   seed=args.seed * 1000 + i, max_live=args.max_live)
             for i in range(args.clients)
         ]  # fmt: skip
-        threads = [threading.Thread(target=c.run, name=f"soak-{c.index}") for c in clients]
+        threads = [  # daemon threads: a stuck one cannot keep this program alive
+            threading.Thread(target=c.run, name=f"soak-{c.index}", daemon=True) for c in clients
+        ]
         sampler.start()
         for thread in threads:
             thread.start()
@@ -246,6 +257,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             if daemon_alive and not stuck
             else {"ok": False, "problems": ["not audited: the daemon died or a client is stuck"]}
         )
+        before_stop = len(log_lines(data_dir / "daemon.log"))
     finally:
         stop(proc)
     warmup = args.warmup if args.warmup is not None else min(120.0, args.seconds / 5)
@@ -281,10 +293,13 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         },
         "totals": totals,
         "routes": routes,
-        "memory": memory_summary(sampler.samples, warmup),
+        "memory": memory_summary(sampler.samples, warmup, args.seconds),
         "samples": sampler.samples,
         "audit": audit,
-        "daemon_log": log_errors(data_dir / "daemon.log"),
+        "daemon_log": {  # the shutdown apart: it cancels what is still running
+            "during_run": log_errors(log_lines(data_dir / "daemon.log")[:before_stop]),
+            "at_shutdown": log_errors(log_lines(data_dir / "daemon.log")[before_stop:]),
+        },
         "daemon_alive_at_end": daemon_alive,
         "stuck_clients": stuck,
         "soak_errors": dict(soak_errors),
@@ -318,8 +333,20 @@ def print_report(report: dict[str, Any]) -> None:
         ],
         [*report["routes"], {"route": "total", **report["totals"]}],
     )
-    memory = report["memory"]
-    print("\nDaemon memory:", json.dumps(memory))
+    samples = report["samples"]
+    step = max(1, -(-len(samples) // 12))  # about 12 rows
+    print_table(
+        "The daemon over time (RSS from /proc, /healthz latency)",
+        [
+            ("t (s)", "t_s", ">.0f"),
+            ("RSS MiB", "rss_mib", ">.1f"),
+            ("threads", "threads", ">d"),
+            ("open fds", "fds", ">d"),
+            ("healthz ms", "healthz_ms", ">.1f"),
+        ],
+        samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else []),
+    )
+    print("\nDaemon memory:", json.dumps(report["memory"]))
     print("Audit:", json.dumps({k: v for k, v in report["audit"].items() if k != "problems"}))
     for problem in report["audit"].get("problems", [])[:10]:
         print("  problem:", problem)
@@ -340,6 +367,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, help="default: a fifth of the run, at most 120 s")
     parser.add_argument("--sample-s", type=float, default=5, help="RSS sampling interval")
     parser.add_argument("--maintenance-s", type=int, default=60, help="index maintenance period")
+    parser.add_argument(
+        "--max-live",
+        type=int,
+        default=250,
+        help="live memories per client; past it a client deletes instead of adding",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, help="default: a fresh temporary directory")
     parser.add_argument("--models-dir", type=Path, help="reuse converted models from here")
