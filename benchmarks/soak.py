@@ -8,14 +8,15 @@ mixes adds (1-8 items; about 1% of them carry a ~50 KB note), searches (some wit
 for one of its own notes' unique token), reads, edits, deletes, lists, cube stats, activation
 builds (small inline texts, sessions, and ~1,400-token texts built in the background; at most
 two live per client, the oldest deleted) and generations (2-8 tokens, some streamed), 30% of its
-writes in the shared cube. A 429 is counted as back-pressure and honoured (`Retry-After`, at
-most 5 s); anything without an answer is counted by kind.
+writes in the shared cube; past `--max-live` live memories a client deletes instead of adding,
+so the data reaches a steady size. A 429 is counted as back-pressure and honoured
+(`Retry-After`, at most 5 s); anything without an answer is counted by kind.
 
 Reported: requests and statuses per route template with p50/p95/p99 latency; the daemon's RSS,
-threads and open files sampled from /proc every `--sample-s` (and `/healthz` latency), with the
-RSS at the end of the warm-up, at the end, and the least-squares slope after the warm-up; and
-the audit (`soak_verify`): every acknowledged write present exactly once in its last
-acknowledged state, every acknowledged delete gone. Exits 1 on any 5xx, request without an
+threads and open files sampled from /proc every `--sample-s` (and `/healthz`, `/metrics`
+latency), with the RSS at the end of the warm-up, at the end, and the least-squares slope after
+the warm-up; and the audit (`soak_verify`): every acknowledged write present exactly once in its
+last acknowledged state, every acknowledged delete gone. Exits 1 on any 5xx, request without an
 answer, audit problem or stuck client.
 
     python benchmarks/soak.py --json soak.json                 # 10 minutes
@@ -51,8 +52,8 @@ from benchmarks.soak_verify import verify  # noqa: E402
 
 
 class Sampler(threading.Thread):
-    """The daemon's RSS, threads and open files from /proc, and `/healthz` latency, every
-    `every` seconds; notices a daemon that died."""
+    """The daemon's RSS, threads and open files from /proc, and `/healthz` and `/metrics`
+    latency, every `every` seconds; notices a daemon that died."""
 
     def __init__(self, pid: int, url: str, every: float, recorder: Recorder) -> None:
         super().__init__(name="soak-sampler", daemon=True)
@@ -75,6 +76,12 @@ class Sampler(threading.Thread):
             health = type(exc).__name__
         took = time.perf_counter() - started
         self.recorder.record("GET /healthz", health, took)
+        started = time.perf_counter()
+        try:
+            metrics: int | str = httpx.get(f"{self.url}/metrics", timeout=30).status_code
+        except httpx.HTTPError as exc:
+            metrics = type(exc).__name__
+        self.recorder.record("GET /metrics", metrics, time.perf_counter() - started)
         return {
             "t_s": round(time.monotonic() - self.started_at, 1),
             "rss_mib": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
@@ -379,8 +386,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the daemon")
     parser.add_argument("--json", type=Path, help="write the whole report here")
     args = parser.parse_args()
-    if args.clients < 1 or args.tenants < 1 or args.seconds <= 0:
-        parser.error("--clients, --tenants and --seconds must be positive")
+    if min(args.clients, args.tenants, args.max_live) < 1 or args.seconds <= 0:
+        parser.error("--clients, --tenants, --max-live and --seconds must be positive")
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         report = run(args, args.data_dir)
