@@ -11,21 +11,17 @@ import pytest
 from sqlalchemy import select
 
 from memcube.enrichment import LlmEnricher, NoteInput, make_enricher
-from memos.daemon import Daemon
 from memos.db.models import Memory
 from memos.db.types import utcnow
-from memos.services.auth import ADMIN_USER_ID
-from memos.services.views import NewMemory, Principal
-from memos.settings import Settings
 from tests.conftest import make_daemon_process
-
-ADMIN = Principal(ADMIN_USER_ID, True)
-TURNS = [
-    ("Caroline", "I went to the LGBTQ support group yesterday and it was so powerful."),
-    ("Melanie", "That's great! I painted a sunrise over the lake last weekend."),
-    ("Caroline", "I'm researching adoption agencies; I want to give a kid a loving home."),
-    ("Melanie", "My kids love pottery, we made a bowl together at the art studio."),
-]
+from tests.memos.services.factories import (
+    ADMIN,
+    TURNS,
+    BrokenEnricher,
+    add_turns,
+    make_daemon,
+    states,
+)
 
 
 def wait_enriched(client, cube_id, timeout=120):
@@ -132,15 +128,6 @@ def test_a_crash_mid_enrichment_resumes_at_restart(tmp_path):
     daemon.stop()
 
 
-class BrokenEnricher:
-    """A plug-in that always fails, to show a failure never wedges the queue."""
-
-    name = "broken"
-
-    def enrich(self, notes):
-        raise RuntimeError("model server unreachable")
-
-
 class PoisonedEnricher:
     """`local`, except that any batch holding a note with "POISON" raises: one bad note."""
 
@@ -155,29 +142,6 @@ class PoisonedEnricher:
         if any("POISON" in note.content for note in notes):
             raise MemoryError("out of memory on a poisoned note")
         return self.local.enrich(notes)
-
-
-def make_daemon(data_dir, embedder, **settings) -> Daemon:
-    """An in-process daemon whose enrichment runs only when a test calls it."""
-    enrichment = {"enabled": False, **settings.pop("enrichment", {})}
-    daemon = Daemon(
-        Settings(data_dir=data_dir, admin_key="k" * 20, enrichment=enrichment,
-                 scheduler={"enabled": False}, **settings),
-        embedder=embedder,
-    )  # fmt: skip
-    daemon.start()
-    return daemon
-
-
-def add_turns(daemon, turns=TURNS, when=datetime(2023, 5, 8, 13, 56, tzinfo=UTC)):
-    cube = daemon.cubes.create(ADMIN, secrets.token_hex(3), "")
-    added = daemon.memories.add(ADMIN, cube.id, [NewMemory(t, "s", w, when, {}) for w, t in turns])
-    return cube.id, [m.id for m in added]
-
-
-def states(daemon, cube_id):
-    page = daemon.memories.page(ADMIN, cube_id, None, 100, None)
-    return [(m.enrichment, m.enrichment_attempts, m.enrichment_error) for m in page.items]
 
 
 def test_a_failing_enricher_records_the_attempt_and_moves_on(tmp_path, embedder):
