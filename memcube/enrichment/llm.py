@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints,
 from memcube.enrichment import Enricher, Enrichment, NoteInput
 from memcube.enrichment.dates import human_date, reference_date, resolve_dates
 from memcube.enrichment.taxonomy import LABELS
-from memcube.errors import InvalidArgument, Unavailable
+from memcube.errors import InvalidArgument, Unavailable, describe
 
 log = logging.getLogger("memcube.enrichment.llm")
 
@@ -98,8 +98,7 @@ def fallback_reason(exc: Exception) -> str:
         where = ".".join(str(part) for part in first["loc"]) or "reply"
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         return f"schema: {where}: {first['msg']}{more}"
-    message = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {message}"[:300]
+    return describe(exc)
 
 
 class LlmEnricher:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from memcube.errors import describe
 from memos.db.models import Memory
 from memos.settings import EnrichmentConfig
 
@@ -41,8 +42,7 @@ class RetryPolicy:
 
 def error_text(exc: BaseException) -> str:
     """One line for the row: "<ExceptionType>: <first line of its message>"."""
-    message = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {message}"[:MAX_ERROR_CHARS]
+    return describe(exc, MAX_ERROR_CHARS)
 
 
 def record_failures(

@@ -48,7 +48,7 @@ def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
             select(Link.cube_id, Link.src_seq, Memory.id, Link.kind, Link.score)
             .join(Memory, (Memory.seq == Link.dst_seq) & (Memory.cube_id == Link.cube_id))
             .where(
-                Link.cube_id.in_({cube_id for cube_id, _ in links}),
+                Link.cube_id.in_(sorted({cube_id for cube_id, _ in links})),
                 Link.src_seq.in_([seq for _, seq in links]),
                 Memory.deleted_at.is_(None),
             )

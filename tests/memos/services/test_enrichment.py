@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import Counter
@@ -157,16 +158,30 @@ def test_a_failing_enricher_records_the_attempt_and_moves_on(tmp_path, embedder)
     daemon.stop()
 
 
-def test_the_llm_enricher_on_a_disabled_runtime_falls_back_to_local_for_each_note(
-    tmp_path, embedder
+@pytest.mark.parametrize("runtime_state", ["disabled", "missing_model"])
+def test_the_llm_enricher_on_a_runtime_that_cannot_run_falls_back_to_local_for_each_note(
+    tmp_path, embedder, runtime_state, caplog
 ):
     """Today's code let the runtime's Unavailable fail the whole batch: all four "failed"."""
-    daemon = make_daemon(
-        tmp_path, embedder, enrichment={"enricher": "llm"}, activations={"enabled": False}
-    )
+    if runtime_state == "disabled":
+        broken = {"activations": {"enabled": False}}
+        reason = "Unavailable: the local runtime is disabled (activations.enabled=false)"
+    else:  # a model directory with no weights in it: the runtime cannot load
+        (tmp_path / "no-model").mkdir()
+        broken = {"runtime": {"model": str(tmp_path / "no-model")}}
+        reason = (
+            f"Unavailable: cannot load model '{tmp_path / 'no-model'}': "
+            "Couldn't instantiate the backend tokenizer from one of:"
+        )  # the first line of what the runtime raised
+    daemon = make_daemon(tmp_path, embedder, enrichment={"enricher": "llm"}, **broken)
     assert isinstance(daemon.enrichment.enricher, LlmEnricher)
     cube_id, ids = add_turns(daemon)
-    assert daemon.enrichment.run_once() == 4
+    with caplog.at_level(logging.INFO, logger="memcube.enrichment.llm"):
+        assert daemon.enrichment.run_once() == 4
+    # Asked once: the runtime said it cannot run, so the rest of the batch went to local too.
+    assert [r.getMessage() for r in caplog.records if r.name == "memcube.enrichment.llm"] == [
+        f"llm enrichment fell back to local: {reason}"
+    ]
     notes = daemon.memories.page(ADMIN, cube_id, None, 10, None).items
     assert [m.enrichment for m in notes] == ["done"] * 4
     assert [(m.enrichment, m.enrichment_attempts, m.enrichment_error) for m in notes] == [
