@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from memcube.enrichment import LlmEnricher, NoteInput, make_enricher
+from memcube.types import SearchFilters
 from memos.db.models import Memory
 from memos.db.types import utcnow
 from tests.conftest import make_daemon_process
@@ -274,6 +275,11 @@ def test_two_notes_sharing_only_a_date_are_not_linked_as_the_same_entity(tmp_pat
         ["paris", "conference", "flew"], ["sister baked sourdough", "bread"]
     )  # fmt: skip
     assert paris.dates == bread.dates == [date(2023, 5, 7)]
+    # The temporal signal reads `dates`: both were said on 8 May and speak of the 7th.
+    found = daemon.search.search(ADMIN, cube_id, "What happened on 7 May 2023?", 2,
+                                 SearchFilters())  # fmt: skip
+    assert sorted(hit.memory.id for hit in found.hits) == sorted(ids)
+    assert [hit.signals["temporal"] for hit in found.hits] == [1.0, 1.0]
     assert [link.kind for link in paris.links] == ["follows"]  # same session, nothing else
     assert [link.kind for link in bread.links] == ["follows"]
     daemon.stop()
