@@ -44,3 +44,9 @@ class Unavailable(DomainError):
     """A part the request needs (e.g. the local model) cannot run now."""
 
     code = "unavailable"
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """An exception in one line, for logs and stored error fields: "<Type>: <first line>"."""
+    message = (str(exc).splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {message}"[:limit]

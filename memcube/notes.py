@@ -4,7 +4,6 @@ document the cube index holds. Pure: a stored row is read through the `NoteRow` 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -23,14 +22,13 @@ class NoteRow(Protocol):
     session_id: str | None
     timestamp: datetime
     embedding: bytes
-    keywords: Any
+    keywords: Any  # JSON list of keyphrases
+    dates: Any  # JSON list of ISO dates ("2023-05-07") enrichment resolved, or None
     metadata_: Any
 
 
 # Bump when `embedding_text` changes: stored vectors of the old format are then re-embedded.
 EMBEDDING_TEXT_FORMAT = "t2"
-
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def embedding_text(
@@ -47,12 +45,12 @@ def embedding_text(
     Measured on LoCoMo recall@10 with the same fusion (docs/benchmarks.md): content alone
     0.648, + keywords, tags and context 0.664, + the previous turn as well 0.696. A reply such
     as "Yes, it was amazing!" means little without what it replies to. Prefixing the speaker
-    instead lowered recall@10 (adversarial questions name the wrong person).
+    instead lowered recall@10 (adversarial questions name the wrong person). Resolved dates are
+    not embedded as such: the context sentence names them in words ("8 May 2023").
     """
     text = f"{previous}\n{content}" if previous else content
-    words = [k for k in keywords if not _ISO_DATE.fullmatch(k)]  # dates are in the context
-    if words or tags or context:
-        text += f"\nKeywords: {', '.join(words)}\nTags: {', '.join(tags)}\n{context}"
+    if keywords or tags or context:
+        text += f"\nKeywords: {', '.join(keywords)}\nTags: {', '.join(tags)}\n{context}"
     return text
 
 
@@ -67,13 +65,13 @@ def lexical_text(row: NoteRow) -> str:
 
 
 def note_keywords(row: NoteRow) -> list[str]:
-    """The note's keyphrases, without the resolved dates kept among them."""
-    return [k for k in row.keywords or () if not _ISO_DATE.fullmatch(k)]
+    """The note's keyphrases (dates have a field of their own, `note_dates`)."""
+    return list(row.keywords or ())
 
 
 def note_dates(row: NoteRow) -> tuple[date, ...]:
-    """The absolute dates enrichment resolved in the note (kept among its keywords)."""
-    return tuple(date.fromisoformat(k) for k in row.keywords or () if _ISO_DATE.fullmatch(k))
+    """The absolute dates enrichment resolved in the note, in order of mention."""
+    return tuple(date.fromisoformat(d) for d in row.dates or ())
 
 
 def to_doc(row: NoteRow) -> IndexedDoc:

@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
 from urllib.parse import quote
 
@@ -93,6 +93,7 @@ class Memory(_Model):
     timestamp: datetime  # when the remembered thing was said or happened
     metadata: dict[str, Any] = Field(default_factory=dict)
     keywords: list[str] = Field(default_factory=list)
+    dates: list[date] = Field(default_factory=list)  # resolved by enrichment ("yesterday")
     tags: list[str] = Field(default_factory=list)
     context: str = ""
     links: list[Link] = Field(default_factory=list)
@@ -120,6 +121,7 @@ class HistoryEntry(_Model):
     version: int
     content: str
     keywords: list[str] = Field(default_factory=list)
+    dates: list[date] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     context: str = ""
     changed_at: datetime

@@ -11,7 +11,7 @@ from memcube.enrichment import make_enricher
 from memos.db.engine import Database
 from memos.db.migrate import upgrade
 from memos.scheduler import jobs
-from memos.scheduler.runner import JobRunner, JobSpec
+from memos.scheduler.runner import JobRunner
 from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
 from memos.services.cubes import CubeService
@@ -20,6 +20,7 @@ from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.memories import MemoryService
 from memos.services.runtime import RuntimeHolder
 from memos.services.search import SearchService
+from memos.services.system import SystemService
 from memos.settings import Settings
 
 log = logging.getLogger("memos.daemon")
@@ -71,17 +72,13 @@ class Daemon:
         self.search = SearchService(
             self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
         )
+        # What the daemon does on its own behalf; the scheduler's jobs go through it.
+        self.system = SystemService(
+            self.db, self.indexes, self.enrichment, settings.enrichment.enabled
+        )
         self.jobs = JobRunner(
             self.db,
-            [
-                JobSpec(
-                    name="index_maintenance",
-                    description="verify each cube's vector index against the database; "
-                    "replay, rebuild and save what drifted",
-                    interval_s=settings.scheduler.index_maintenance_interval_s,
-                    run=lambda: jobs.index_maintenance(self.db, self.indexes),
-                )
-            ],
+            jobs.job_specs(self.system, settings.scheduler),
             enabled=settings.scheduler.enabled,
         )
         self.healing = False

@@ -43,6 +43,9 @@ class LimitsConfig(BaseModel):
 class SchedulerConfig(BaseModel):
     enabled: bool = True
     index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
+    enrichment_retry_interval_s: int = Field(
+        60, ge=5, le=7 * 86_400, description="how often notes whose enrichment failed are retried"
+    )
 
 
 class EnrichmentConfig(BaseModel):
@@ -57,6 +60,15 @@ class EnrichmentConfig(BaseModel):
     # nearly all of them, 0.75 links about a quarter.
     similar_threshold: float = Field(default=0.75, ge=-1, le=1)
     idle_poll_s: float = Field(default=2.0, gt=0, le=3600)
+    # A note whose enrichment failed (even `local` raised) is retried by the `enrichment_retry`
+    # job after retry_base_s, then 2x, 4x, ... (at most retry_max_s), and parked as "failed"
+    # after max_attempts failed attempts.
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_base_s: float = Field(default=60.0, ge=0, le=86_400)
+    retry_max_s: float = Field(default=6 * 3600.0, ge=0, le=30 * 86_400)
+    retry_max_notes: int = Field(
+        default=1024, ge=1, le=100_000, description="notes one retry run takes at most"
+    )
     local: LocalEnricherConfig = LocalEnricherConfig()
     llm: LlmEnricherConfig = LlmEnricherConfig()
     linking: LinkingConfig = LinkingConfig()

@@ -36,13 +36,18 @@ class Enrichment:
     tags: tuple[str, ...]  # 1-3 labels from `taxonomy.LABELS`, best first
     context: str  # one sentence: who, where, when, about what, which dates
     dates: tuple[date, ...]  # absolute dates of the content's time expressions, in order
+    enricher: str = "local"  # the plug-in that wrote it
+    # Why the configured enricher did not (its error, "<Type>: <message>"), when another
+    # wrote it instead: `llm` hands a note it fails to `local` and says why here.
+    fallback: str | None = None
 
 
 class Enricher(Protocol):
     name: str
 
     def enrich(self, notes: Sequence[NoteInput]) -> list[Enrichment]:
-        """One enrichment per note, in input order."""
+        """One enrichment per note, in input order. May raise: the caller then retries the
+        notes one by one, so one note that breaks an enricher never fails its batch."""
         ...
 
 

@@ -3,10 +3,14 @@
 The model is reached through one callable, `Complete` (chat messages -> reply text), so the
 same enricher runs on the daemon's local runtime (kv_runtime) or on any OpenAI-compatible
 endpoint (`OpenAICompatible`). Its reply must be one JSON object that passes `LlmNote`
-(keywords, tags from the fixed taxonomy, a one-sentence context); anything else (no JSON,
-a wrong field, an unknown tag, a timeout, an HTTP error) sends that note to the `local`
-enricher instead. A bad answer never loses or blocks a write: the note is enriched either way.
-Dates are always resolved by rules (`dates.resolve_dates`), never taken from the model.
+(keywords, tags from the fixed taxonomy, a one-sentence context); anything else sends that
+note to the `local` enricher instead: no JSON, a wrong field, an unknown tag, a timeout, an
+HTTP error, and any exception of the model path (a runtime error, out of memory, the local
+runtime disabled or unable to load). The result says why (`Enrichment.fallback`). A bad answer
+never loses or blocks a write, nor fails the other notes of its batch. When the backend says it
+cannot run at all (`Unavailable`), the rest of the batch goes straight to the fallback.
+Dates are always resolved by rules (`dates.resolve_dates`), never taken from the model, and
+keywords that are ISO dates are dropped (dates have a field of their own).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Annotated, Literal
 
 import httpx
@@ -23,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints,
 from memcube.enrichment import Enricher, Enrichment, NoteInput
 from memcube.enrichment.dates import human_date, reference_date, resolve_dates
 from memcube.enrichment.taxonomy import LABELS
-from memcube.errors import InvalidArgument
+from memcube.errors import InvalidArgument, Unavailable, describe
 
 log = logging.getLogger("memcube.enrichment.llm")
 
@@ -65,6 +70,7 @@ SYSTEM_PROMPT = (
 )
 
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def messages_for(note: NoteInput) -> list[dict[str, str]]:
@@ -84,6 +90,17 @@ def parse_reply(reply: str) -> LlmNote:
     return LlmNote.model_validate(json.loads(found.group(0)))
 
 
+def fallback_reason(exc: Exception) -> str:
+    """Why a note left the model path, in one line: "schema: tags.0: Input should be ..." for
+    a reply that failed `LlmNote`, "<ExceptionType>: <first line of its message>" otherwise."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "reply"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"schema: {where}: {first['msg']}{more}"
+    return describe(exc)
+
+
 class LlmEnricher:
     name = "llm"
 
@@ -95,29 +112,38 @@ class LlmEnricher:
 
     def enrich(self, notes: Sequence[NoteInput]) -> list[Enrichment]:
         out: list[Enrichment | None] = []
-        for note in notes:
-            try:
-                parsed = parse_reply(self._complete(messages_for(note)))
-            except (ValueError, ValidationError, httpx.HTTPError) as exc:
-                log.info("llm enrichment fell back to %s: %s", self._fallback.name, exc)
+        reasons: dict[int, str] = {}  # note index -> why it goes to the fallback
+        down: str | None = None  # the backend cannot run: the rest of the batch skips it
+        for i, note in enumerate(notes):
+            if down is not None:
+                reasons[i] = down
                 out.append(None)
                 continue
-            keywords = list(dict.fromkeys(k.lower() for k in parsed.keywords))
+            try:
+                parsed = parse_reply(self._complete(messages_for(note)))
+            except Exception as exc:  # any failure of the model path: this note only
+                reasons[i] = fallback_reason(exc)
+                if isinstance(exc, Unavailable):
+                    down = reasons[i]
+                log.info("llm enrichment fell back to %s: %s", self._fallback.name, reasons[i])
+                out.append(None)
+                continue
+            keywords = dict.fromkeys(k.lower() for k in parsed.keywords)
             out.append(
                 Enrichment(
-                    keywords=tuple(keywords),
+                    keywords=tuple(k for k in keywords if not _ISO_DATE.fullmatch(k)),
                     tags=tuple(dict.fromkeys(parsed.tags)),
                     context=parsed.context,
                     dates=resolve_dates(note.content, note.timestamp),
+                    enricher=self.name,
                 )
             )
-        missing = [i for i, e in enumerate(out) if e is None]
-        if missing:
-            fallback = self._fallback.enrich([notes[i] for i in missing])
-            for i, enrichment in zip(missing, fallback, strict=True):
-                out[i] = enrichment
-        self.answered += len(notes) - len(missing)
-        self.fell_back += len(missing)
+        if reasons:
+            fallback = self._fallback.enrich([notes[i] for i in reasons])
+            for (i, reason), enrichment in zip(reasons.items(), fallback, strict=True):
+                out[i] = replace(enrichment, fallback=reason)
+        self.answered += len(notes) - len(reasons)
+        self.fell_back += len(reasons)
         return [e for e in out if e is not None]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -156,7 +156,18 @@ class MemoryOut(Out):
     created_at: datetime
     updated_at: datetime
     enrichment: str = Field(
-        "pending", description="extension: pending, done or failed (keywords, tags, links)"
+        "pending",
+        description="extension: pending, retrying, done or failed (keywords, tags, dates, links)",
+    )
+    dates: list[date] = Field(
+        default_factory=list,
+        description="extension: absolute dates the content speaks of, resolved by enrichment",
+    )
+    enrichment_attempts: int = Field(
+        0, description="extension: failed enrichment attempts of the current content"
+    )
+    enrichment_error: str | None = Field(
+        None, description="extension: why the last attempt failed (retrying or failed)"
     )
 
 
@@ -169,6 +180,7 @@ class HistoryOut(Out):
     version: int
     content: str
     keywords: list[str]
+    dates: list[date] = Field(default_factory=list, description="extension")
     tags: list[str]
     context: str
     metadata: dict[str, Any]

@@ -96,6 +96,8 @@ class Memory(Base):
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonValue, default=dict)
     keywords: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    # ISO dates ("2023-05-07") enrichment resolved in the content, in order of mention.
+    dates: Mapped[list[str]] = mapped_column(JsonValue, default=list)
     tags: Mapped[list[str]] = mapped_column(JsonValue, default=list)
     context: Mapped[str] = mapped_column(Text, default="")
     # float32 little-endian unit vector; the ANN index is rebuilt from these.
@@ -106,9 +108,14 @@ class Memory(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # "pending" until the enrichment worker has added keywords, tags, context and links;
-    # "done" after; a user edit of the content makes it "pending" again.
+    # "done" after; a user edit of the content makes it "pending" again. An attempt that
+    # failed makes it "retrying" (the `enrichment_retry` job tries again at
+    # `enrichment_next_at`, with exponential backoff), and "failed" after the last attempt.
     enrichment: Mapped[str] = mapped_column(String(16), default="pending")
     enriched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    enrichment_attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed ones
+    enrichment_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    enrichment_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the last one
 
 
 class MemoryHistory(Base):
@@ -125,6 +132,7 @@ class MemoryHistory(Base):
     content: Mapped[str] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonValue, default=dict)
     keywords: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    dates: Mapped[list[str]] = mapped_column(JsonValue, default=list)
     tags: Mapped[list[str]] = mapped_column(JsonValue, default=list)
     context: Mapped[str] = mapped_column(Text, default="")
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

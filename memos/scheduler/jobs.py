@@ -1,34 +1,44 @@
-"""The jobs memosd runs. Each is a plain function over services; the runner schedules them."""
+"""The jobs memosd runs: each a name, an interval and one call into the system service.
+
+Jobs act as the daemon itself (memos/services/system.py), never as a user; the runner records
+each run's result, the report the service returned, as JSON.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import select
-
-from memcube.errors import NotFound
-from memos.db.engine import Database
-from memos.db.models import Cube
-from memos.services.indexes import IndexRegistry
+from memos.scheduler.runner import JobSpec
+from memos.services.system import SystemService
+from memos.settings import SchedulerConfig
 
 
-def index_maintenance(db: Database, indexes: IndexRegistry) -> dict[str, Any]:
-    """Verify every cube's ANN index against the database; replay, rebuild and save what drifted.
+def index_maintenance(system: SystemService) -> dict[str, Any]:
+    return asdict(system.maintain_indexes())
 
-    Loaded cubes are checked in memory (ids, a sample of vectors, generation); cubes not
-    loaded are healed if their saved index lags the database.
-    """
-    with db.read() as s:
-        cube_ids = list(s.scalars(select(Cube.id)))
-    actions: Counter[str] = Counter()
-    loaded = set(indexes.loaded())
-    for cube_id in cube_ids:
-        if cube_id in loaded:
-            try:
-                actions[indexes.maintain(cube_id).action] += 1
-            except NotFound:
-                actions["deleted"] += 1  # deleted while the job ran
-    for report in indexes.heal_all():
-        actions[report.action] += 1
-    return {"cubes": len(cube_ids), "actions": dict(actions)}
+
+def enrichment_retry(system: SystemService) -> dict[str, Any]:
+    report = system.retry_enrichment()
+    if report is None:
+        return {"skipped": "enrichment is disabled (enrichment.enabled=false)"}
+    return asdict(report)
+
+
+def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
+    return [
+        JobSpec(
+            name="index_maintenance",
+            description="verify each cube's vector index against the database; "
+            "replay, rebuild and save what drifted",
+            interval_s=config.index_maintenance_interval_s,
+            run=lambda: index_maintenance(system),
+        ),
+        JobSpec(
+            name="enrichment_retry",
+            description="enrich again the notes whose enrichment failed, once their backoff "
+            "is over; park them as failed after the last attempt",
+            interval_s=config.enrichment_retry_interval_s,
+            run=lambda: enrichment_retry(system),
+        ),
+    ]

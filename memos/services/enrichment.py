@@ -6,7 +6,8 @@ tags and context, its vector is re-embedded from all of them (`memcube.notes.emb
 it is linked, in both directions, to
 - `follows`: the previous and the next note of the same session,
 - `similar`: dense neighbours above a cosine threshold,
-- `same_entity`: dense neighbours that share a keyword with it,
+- `same_entity`: dense neighbours that share a keyphrase with it (resolved dates are kept in
+  `dates`, not among the keywords: sharing a day makes no entity),
 - `duplicate`: an enriched neighbour it repeats (same speaker and session, near-same text),
 - `updates`: an enriched neighbour whose fact it revises; that neighbour evolves at once (new
   tags and context, re-embedded, version + 1, the old version in history with the reason).
@@ -14,6 +15,12 @@ The rules for the last two are in memcube/linking.py. A note's links are rebuilt
 each time it is enriched, so a crash mid-batch (the batch stays pending) or a re-enrichment
 after an edit never duplicates a link; an evolution applies only to the version it was planned
 for.
+
+Failures stay with the notes they hit. The `llm` enricher hands any note it fails to `local`
+itself; a batch the enricher raises on is enriched again note by note; a note that still fails
+(or whose batch fails past the enricher: embedding, linking, the commit) records the attempt on
+its row, at the version it was read at, and is retried with backoff by the `enrichment_retry`
+job (memos/services/enrichment_retries.py) until it is parked as "failed".
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import contextlib
 import logging
 import os
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -36,6 +46,12 @@ from memcube.types import ScoredSeq
 from memos.db.engine import Database
 from memos.db.models import Memory, MemoryHistory
 from memos.db.types import utcnow
+from memos.services.enrichment_retries import (
+    RetryPolicy,
+    due_for_retry,
+    error_text,
+    record_failures,
+)
 from memos.services.indexes import IndexRegistry
 from memos.services.linking import (
     PlannedEvolution,
@@ -52,6 +68,18 @@ from memos.settings import EnrichmentConfig
 log = logging.getLogger("memos.enrichment")
 
 
+@dataclass(frozen=True)
+class RetryReport:
+    """What one retry run did: notes due, then enriched, failing again, parked, or changed
+    meanwhile (edited, deleted, or their cube deleted)."""
+
+    due: int
+    done: int
+    retrying: int
+    failed: int
+    stale: int
+
+
 class EnrichmentService:
     def __init__(
         self,
@@ -64,6 +92,7 @@ class EnrichmentService:
         self.indexes = indexes
         self.enricher = enricher
         self.config = config
+        self.policy = RetryPolicy.of(config)
 
     def run_once(self) -> int:
         """Enrich up to one batch of pending notes; returns how many were taken."""
@@ -74,33 +103,90 @@ class EnrichmentService:
                 .order_by(Memory.seq)
                 .limit(self.config.batch_size)
             ).all()
-        by_cube: dict[str, list[int]] = defaultdict(list)
-        for seq, cube_id in taken:
-            by_cube[cube_id].append(seq)
-        for cube_id, seqs in by_cube.items():
-            try:
-                self._enrich(cube_id, seqs)
-            except NotFound:
-                continue  # the cube was deleted meanwhile
-            except Exception:
-                # One bad batch must not stop enrichment for every cube: park it as failed.
-                log.exception("enrichment failed", extra={"fields": {"cube_id": cube_id}})
-                self._mark_failed(seqs)
+        for cube_id, seqs in _by_cube(taken).items():
+            self._run(cube_id, seqs, "pending", utcnow())
         return len(taken)
 
-    def _enrich(self, cube_id: str, seqs: list[int]) -> None:
-        index = self.indexes.get(cube_id)
+    def retry_due(self, now: datetime | None = None) -> RetryReport:
+        """Try again the notes whose next attempt is due at `now` (default: the present),
+        at most `retry_max_notes` of them, a batch at a time."""
+        now = now or utcnow()
+        with self.db.read() as s:
+            due = due_for_retry(s, now, self.config.retry_max_notes)
+        outcome: Counter[str] = Counter()
+        for cube_id, seqs in _by_cube(due).items():
+            for i in range(0, len(seqs), self.config.batch_size):
+                outcome += self._run(cube_id, seqs[i : i + self.config.batch_size], "retrying", now)
+        return RetryReport(
+            due=len(due),
+            done=outcome["done"],
+            retrying=outcome["retrying"],
+            failed=outcome["failed"],
+            stale=len(due) - outcome["done"] - outcome["retrying"] - outcome["failed"],
+        )
+
+    def _run(self, cube_id: str, seqs: list[int], state: str, now: datetime) -> Counter[str]:
+        """Enrich these notes of the cube that are still in `state`; a failure is recorded on
+        the notes it hit, at the version they were read at. Returns notes by outcome."""
         with self.db.read() as s:
             rows = s.scalars(
-                select(Memory).where(Memory.seq.in_(seqs), Memory.deleted_at.is_(None))
+                select(Memory).where(
+                    Memory.cube_id == cube_id,
+                    Memory.seq.in_(seqs),
+                    Memory.enrichment == state,
+                    Memory.deleted_at.is_(None),
+                )
             ).all()
+        tried = {row.seq: row.version for row in rows}
+        outcome: Counter[str] = Counter()
         if not rows:
-            return
-        # A raising enricher is handled by `run_once`: the batch is parked as failed.
-        results = self.enricher.enrich(
-            [NoteInput(r.content, r.speaker, r.session_id, r.timestamp) for r in rows]
-        )
-        assert len(results) == len(rows), "an enricher returns one result per note"
+            return outcome
+        results, errors = self._enrich_each(rows)
+        enriched = [row for row in rows if row.seq in results]
+        try:
+            if enriched:
+                outcome["done"] = self._link_and_commit(cube_id, enriched, results)
+        except NotFound:
+            return outcome  # the cube was deleted meanwhile
+        except Exception as exc:
+            # Past the enricher (embedding, linking, the commit), a failure hits the batch.
+            log.exception("enrichment failed", extra={"fields": {"cube_id": cube_id}})
+            errors.update((row.seq, error_text(exc)) for row in enriched)
+        if errors:
+            with self.db.write() as s:
+                outcome += record_failures(s, cube_id, tried, errors, self.policy, now)
+        return outcome
+
+    def _enrich_each(self, rows: Sequence[Memory]) -> tuple[dict[int, Enrichment], dict[int, str]]:
+        """Enrichments by seq, and errors by seq for the notes the enricher failed on. A batch
+        that raises is enriched again note by note, so only the notes that break it fail."""
+        notes = [NoteInput(r.content, r.speaker, r.session_id, r.timestamp) for r in rows]
+        try:
+            results = self.enricher.enrich(notes)
+        except Exception as exc:
+            if len(rows) == 1:
+                return {}, {rows[0].seq: error_text(exc)}
+            log.warning("enrichment batch failed; enriching its notes one by one: %s", exc)
+        else:
+            assert len(results) == len(rows), "an enricher returns one result per note"
+            return {r.seq: e for r, e in zip(rows, results, strict=True)}, {}
+        enriched: dict[int, Enrichment] = {}
+        errors: dict[int, str] = {}
+        for row, note in zip(rows, notes, strict=True):
+            try:
+                (enriched[row.seq],) = self.enricher.enrich([note])
+            except Exception as exc:
+                log.warning("enrichment of one note failed: %s", exc)
+                errors[row.seq] = error_text(exc)
+        return enriched, errors
+
+    def _link_and_commit(
+        self, cube_id: str, rows: Sequence[Memory], enrichments: dict[int, Enrichment]
+    ) -> int:
+        """Re-embed, link and commit enriched notes; returns how many were committed (notes
+        edited or deleted meanwhile are not)."""
+        index = self.indexes.get(cube_id)
+        results = [enrichments[r.seq] for r in rows]
         with self.db.read() as s:
             texts = [
                 enriched_text(s, r, e.keywords, e.tags, e.context)
@@ -115,7 +201,7 @@ class EnrichmentService:
             for r, vector in zip(rows, vectors, strict=True)
         }
         with self.db.read() as s:
-            judged, evolutions = judge(s, rows, results, neighbours, self.config.linking)
+            judged, evolutions = judge(s, cube_id, rows, results, neighbours, self.config.linking)
         if evolutions:
             evolved = self.indexes.embed([evolution.text for evolution in evolutions.values()])
             for evolution, vector in zip(evolutions.values(), evolved, strict=True):
@@ -124,9 +210,11 @@ class EnrichmentService:
             committed = self._commit(
                 cube_id, rows, results, vectors, neighbours, judged, evolutions
             )
-            if committed is not None:
-                generation, changed = committed
-                index.apply([to_doc(row) for row in changed], [], generation)
+            if committed is None:
+                return 0
+            generation, fresh, changed = committed
+            index.apply([to_doc(row) for row in changed], [], generation)
+            return fresh
 
     def _commit(
         self,
@@ -137,14 +225,16 @@ class EnrichmentService:
         neighbours: dict[int, list[ScoredSeq]],
         judged: list[PlannedLink],
         evolutions: dict[int, PlannedEvolution],
-    ) -> tuple[int, list[Memory]] | None:
+    ) -> tuple[int, int, list[Memory]] | None:
         """One transaction: enrichments, vectors, history, links, evolutions. Returns the new
-        generation and the rows it changed."""
+        generation, how many of `rows` it enriched and the rows it changed."""
         versions = {r.seq: r.version for r in rows}
         with self.db.write() as s:
             fresh = [
                 row
-                for row in s.scalars(select(Memory).where(Memory.seq.in_(list(versions)))).all()
+                for row in s.scalars(
+                    select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(list(versions)))
+                ).all()
                 # An edit or delete that landed meanwhile makes this enrichment stale.
                 if row.deleted_at is None and row.version == versions[row.seq]
             ]
@@ -154,10 +244,12 @@ class EnrichmentService:
             by_seq = dict(
                 zip((r.seq for r in rows), zip(results, vectors, strict=True), strict=True)
             )
-            keywords = keywords_of(s, [n.seq for hits in neighbours.values() for n in hits])
+            keywords = keywords_of(
+                s, cube_id, [n.seq for hits in neighbours.values() for n in hits]
+            )
             for row in fresh:
                 enrichment, vector = by_seq[row.seq]
-                self._apply(s, row, enrichment, generation)
+                self._apply(s, cube_id, row, enrichment, generation)
                 row.embedding = vector.astype(np.float32).tobytes()
                 keywords[row.seq] = set(row.keywords)
             kept = {row.seq for row in fresh}
@@ -173,32 +265,44 @@ class EnrichmentService:
                 note
                 for planned in evolutions.values()
                 if any(link.dst == planned.seq and link.kind == "updates" for link in links)
-                and (note := apply_evolution(s, planned, generation)) is not None
+                and (note := apply_evolution(s, cube_id, planned, generation)) is not None
             ]
             s.flush()
-            return generation, fresh + evolved
-
-    def _mark_failed(self, seqs: list[int]) -> None:
-        with self.db.write() as s:
-            for row in s.scalars(select(Memory).where(Memory.seq.in_(seqs))):
-                row.enrichment = "failed"
+            return generation, len(fresh), fresh + evolved
 
     @staticmethod
-    def _apply(s: Session, row: Memory, enrichment: Enrichment, generation: int) -> None:
-        row.keywords = [*enrichment.keywords, *(d.isoformat() for d in enrichment.dates)]
+    def _apply(
+        s: Session, cube_id: str, row: Memory, enrichment: Enrichment, generation: int
+    ) -> None:
+        row.keywords = list(enrichment.keywords)
+        row.dates = [d.isoformat() for d in enrichment.dates]
         row.tags = list(enrichment.tags)
         row.context = enrichment.context
         row.enrichment = "done"
         row.enriched_at = utcnow()
+        row.enrichment_next_at = row.enrichment_error = None  # attempts stay on record
         row.change_seq = generation
         # Enrichment completes the current version rather than making a new one.
         history = s.scalar(
-            select(MemoryHistory).where(
-                MemoryHistory.memory_seq == row.seq, MemoryHistory.version == row.version
+            select(MemoryHistory)
+            .join(Memory, Memory.seq == MemoryHistory.memory_seq)
+            .where(
+                Memory.cube_id == cube_id,
+                MemoryHistory.memory_seq == row.seq,
+                MemoryHistory.version == row.version,
             )
         )
         if history is not None:
-            history.keywords, history.tags, history.context = row.keywords, row.tags, row.context
+            history.keywords, history.dates = row.keywords, row.dates
+            history.tags, history.context = row.tags, row.context
+
+
+def _by_cube(taken: Sequence[Any]) -> dict[str, list[int]]:
+    """(seq, cube_id) pairs -> seqs by cube, in the order given."""
+    by_cube: dict[str, list[int]] = defaultdict(list)
+    for seq, cube_id in taken:
+        by_cube[cube_id].append(seq)
+    return by_cube
 
 
 class EnrichmentWorker:

@@ -56,6 +56,7 @@ def note_facts(row: Memory, enrichment: Enrichment | None = None) -> NoteFacts:
 
 def judge(
     s: Session,
+    cube_id: str,
     rows: Sequence[Memory],
     results: list[Enrichment],
     neighbours: dict[int, list[ScoredSeq]],
@@ -69,6 +70,7 @@ def judge(
         row.seq: row
         for row in s.scalars(
             select(Memory).where(
+                Memory.cube_id == cube_id,
                 Memory.seq.in_(wanted),
                 Memory.deleted_at.is_(None),
                 Memory.enrichment == "done",
@@ -121,7 +123,7 @@ def plan_links(
         before = s.scalar(select(func.max(Memory.seq)).where(*same_session, Memory.seq < row.seq))
         after = s.scalar(select(func.min(Memory.seq)).where(*same_session, Memory.seq > row.seq))
         planned += [PlannedLink(row.seq, seq, "follows", 1.0) for seq in (before, after) if seq]
-    mine = set(row.keywords)
+    mine = set(note_keywords(row))  # keyphrases only: a shared date is no shared entity
     for hit in neighbours:
         if hit.seq == row.seq:
             continue
@@ -133,16 +135,21 @@ def plan_links(
     return planned
 
 
-def keywords_of(s: Session, seqs: Sequence[int]) -> dict[int, set[str]]:
+def keywords_of(s: Session, cube_id: str, seqs: Sequence[int]) -> dict[int, set[str]]:
+    """The keyphrases of these notes of the cube, by seq."""
     if not seqs:
         return {}
-    rows = s.execute(select(Memory.seq, Memory.keywords).where(Memory.seq.in_(set(seqs))))
+    rows = s.execute(
+        select(Memory.seq, Memory.keywords).where(
+            Memory.cube_id == cube_id, Memory.seq.in_(set(seqs))
+        )
+    )
     return {seq: set(keywords or []) for seq, keywords in rows}
 
 
 def replace_links(s: Session, cube_id: str, seqs: list[int], links: list[PlannedLink]) -> None:
     """Drop the notes' derived links (both directions) and write the new ones, mirrored."""
-    drop_derived_links(s, seqs)
+    drop_derived_links(s, cube_id, seqs)
     unique: dict[tuple[int, int, str], float] = {}
     for link in links:
         for src, dst in ((link.src, link.dst), (link.dst, link.src)):
@@ -154,10 +161,12 @@ def replace_links(s: Session, cube_id: str, seqs: list[int], links: list[Planned
     )
 
 
-def apply_evolution(s: Session, planned: PlannedEvolution, generation: int) -> Memory | None:
+def apply_evolution(
+    s: Session, cube_id: str, planned: PlannedEvolution, generation: int
+) -> Memory | None:
     """Apply an evolution: a new version with new tags and context, its old one in history
     with the reason. None if the note changed since it was judged."""
-    row = s.get(Memory, planned.seq)
+    row = s.scalar(select(Memory).where(Memory.cube_id == cube_id, Memory.seq == planned.seq))
     if row is None or row.deleted_at is not None or row.version != planned.version:
         return None
     assert planned.vector is not None, "evolved vectors are embedded before the commit"

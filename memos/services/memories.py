@@ -9,6 +9,7 @@ healed from the rows at the next start.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import date
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,7 @@ class MemoryService:
                         timestamp=item.timestamp,
                         metadata_=item.metadata,
                         keywords=[],
+                        dates=[],
                         tags=[],
                         context="",
                         embedding=vector.astype(np.float32).tobytes(),
@@ -142,9 +144,11 @@ class MemoryService:
                     row.content = content
                     row.embedding = vector.astype(np.float32).tobytes()
                     # New content: old keywords, tags, context and links no longer apply.
-                    row.keywords, row.tags, row.context = [], [], ""
+                    row.keywords, row.dates, row.tags, row.context = [], [], [], ""
                     row.enrichment = "pending"
-                    drop_derived_links(s, [row.seq])
+                    row.enrichment_attempts, row.enrichment_error = 0, None
+                    row.enrichment_next_at = None
+                    drop_derived_links(s, cube_id, [row.seq])
                 if metadata is not None:
                     row.metadata_ = metadata
                 row.version += 1
@@ -229,6 +233,7 @@ class MemoryService:
                 version=h.version,
                 content=h.content,
                 keywords=list(h.keywords or []),
+                dates=[date.fromisoformat(d) for d in h.dates or []],
                 tags=list(h.tags or []),
                 context=h.context or "",
                 metadata=h.metadata_ or {},

@@ -6,6 +6,7 @@ Services import these instead of each other, so `memories.py` stays memory CRUD 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
@@ -20,10 +21,11 @@ from memos.services.views import LinkView, MemoryView
 DERIVED_LINK_KINDS = ("follows", "similar", "same_entity", "duplicate", "updates")
 
 
-def drop_derived_links(s: Session, seqs: Sequence[int]) -> None:
-    """Delete the derived links of these notes, in both directions."""
+def drop_derived_links(s: Session, cube_id: str, seqs: Sequence[int]) -> None:
+    """Delete the derived links of these notes of the cube, in both directions."""
     s.execute(
         delete(Link).where(
+            Link.cube_id == cube_id,
             Link.kind.in_(DERIVED_LINK_KINDS),
             or_(Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)),
         )
@@ -35,17 +37,27 @@ def memory_not_found(memory_id: str) -> NotFound:
 
 
 def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
-    """Rows -> views, with every row's links fetched in one query."""
-    links: dict[int, list[LinkView]] = {row.seq: [] for row in rows}
+    """Rows -> views, with every row's links fetched in one query.
+
+    A link counts only within its own cube, at both ends: keyed by (cube, seq), never by seq
+    alone, so a stray row can never show one cube's note in another cube's links.
+    """
+    links: dict[tuple[str, int], list[LinkView]] = {(row.cube_id, row.seq): [] for row in rows}
     if rows:
         query = (
-            select(Link.src_seq, Memory.id, Link.kind, Link.score)
-            .join(Memory, Memory.seq == Link.dst_seq)
-            .where(Link.src_seq.in_(list(links)), Memory.deleted_at.is_(None))
+            select(Link.cube_id, Link.src_seq, Memory.id, Link.kind, Link.score)
+            .join(Memory, (Memory.seq == Link.dst_seq) & (Memory.cube_id == Link.cube_id))
+            .where(
+                Link.cube_id.in_(sorted({cube_id for cube_id, _ in links})),
+                Link.src_seq.in_([seq for _, seq in links]),
+                Memory.deleted_at.is_(None),
+            )
             .order_by(Link.src_seq, Link.score.desc())
         )
-        for src, dst_id, kind, score in s.execute(query):
-            links[src].append(LinkView(id=dst_id, kind=kind, score=float(score)))
+        for cube_id, src, dst_id, kind, score in s.execute(query):
+            found = links.get((cube_id, src))
+            if found is not None:
+                found.append(LinkView(id=dst_id, kind=kind, score=float(score)))
     return [
         MemoryView(
             id=row.id,
@@ -58,9 +70,12 @@ def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
             keywords=list(row.keywords or []),
             tags=list(row.tags or []),
             context=row.context or "",
-            links=links[row.seq],
+            links=links[(row.cube_id, row.seq)],
             version=row.version,
             enrichment=row.enrichment or "pending",
+            dates=[date.fromisoformat(d) for d in row.dates or []],
+            enrichment_attempts=row.enrichment_attempts or 0,
+            enrichment_error=row.enrichment_error,
             created_at=row.created_at,
             updated_at=row.updated_at,
         )
@@ -75,6 +90,7 @@ def history_row(row: Memory, reason: str) -> MemoryHistory:
         content=row.content,
         metadata_=row.metadata_,
         keywords=row.keywords,
+        dates=row.dates,
         tags=row.tags,
         context=row.context,
         changed_at=row.updated_at,

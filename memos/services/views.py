@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
@@ -73,7 +73,10 @@ class MemoryView:
     version: int
     created_at: datetime
     updated_at: datetime
-    enrichment: str = "pending"
+    enrichment: str = "pending"  # "pending", "retrying", "done" or "failed"
+    dates: list[date] = field(default_factory=list)  # resolved by enrichment, in mention order
+    enrichment_attempts: int = 0  # failed enrichment attempts of this content
+    enrichment_error: str | None = None  # the last attempt's error, while retrying or failed
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class HistoryView:
     version: int
     content: str
     keywords: list[str]
+    dates: list[date]
     tags: list[str]
     context: str
     metadata: dict[str, Any]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from memcube.enrichment import (
     LlmEnricher,
@@ -18,7 +20,8 @@ from memcube.enrichment import (
     make_enricher,
 )
 from memcube.enrichment.llm import parse_reply
-from memcube.errors import InvalidArgument
+from memcube.enrichment.taxonomy import LABELS
+from memcube.errors import InvalidArgument, Unavailable
 
 SAID = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
 NOTE = NoteInput("I went to a pottery class yesterday with my kids.", "Melanie", "s1", SAID)
@@ -111,8 +114,18 @@ def test_valid_answers_are_used_and_every_failure_falls_back_per_note(endpoint, 
     assert first.tags == ("hobbies", "family")
     assert first.context == GOOD["context"]
     assert first.dates == (date(2023, 5, 7),)  # resolved by rules, not by the model
+    assert (first.enricher, first.fallback) == ("llm", None)
     local = make_enricher("local", embedder.embed).enrich(notes[1:])
-    assert results[1:] == local  # each failed note got exactly the local enrichment
+    labels = ", ".join(repr(label) for label in LABELS[:-1]) + f" or {LABELS[-1]!r}"
+    reasons = [
+        "ValueError: no JSON object in the reply",
+        f"schema: tags.0: Input should be {labels}",
+        f"HTTPStatusError: Server error '500 Internal Server Error' for url "
+        f"'{endpoint}/chat/completions'",
+        "ValueError: not a chat completion: KeyError('choices')",
+    ]
+    # Each failed note got exactly the local enrichment, and says why.
+    assert results[1:] == [replace(e, fallback=r) for e, r in zip(local, reasons, strict=True)]
     assert (enricher.answered, enricher.fell_back) == (1, 4)
     sent = ScriptedEndpoint.requests[0]
     assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-test"
@@ -127,8 +140,58 @@ def test_a_slow_endpoint_times_out_into_the_fallback(endpoint, embedder):
     config = LlmEnricherConfig(backend="openai", url=endpoint, timeout_s=0.2)
     enricher = LlmEnricher(OpenAICompatible(config), make_enricher("local", embedder.embed))
     (result,) = enricher.enrich([NOTE])
-    assert result == make_enricher("local", embedder.embed).enrich([NOTE])[0]
+    local = make_enricher("local", embedder.embed).enrich([NOTE])[0]
+    assert result == replace(local, fallback="ReadTimeout: timed out")
     assert enricher.fell_back == 1
+
+
+class Flaky:
+    """`Complete` over the scripted endpoint, except for notes that name an exception: those
+    raise it, as a model path can (out of memory mid-generation, the runtime turned off)."""
+
+    def __init__(self, endpoint: OpenAICompatible) -> None:
+        self.endpoint = endpoint
+        self.asked: list[str] = []
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        said = messages[-1]["content"]
+        self.asked.append(said)
+        if "OOM" in said:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if "OFF" in said:
+            raise Unavailable("the local runtime is disabled (activations.enabled=false)")
+        return self.endpoint(messages)
+
+
+def test_any_exception_of_the_model_path_falls_back_for_that_note_alone(endpoint, embedder):
+    """Before, only ValueError and HTTP errors fell back: an out-of-memory or a disabled
+    runtime raised out of `enrich` and failed the whole batch."""
+    ScriptedEndpoint.script = [(200, GOOD), (200, GOOD)]
+    flaky = Flaky(OpenAICompatible(LlmEnricherConfig(backend="openai", url=endpoint)))
+    enricher = LlmEnricher(flaky, make_enricher("local", embedder.embed))
+    texts = ["We went camping.", "OOM: a long story.", "I adopted a greyhound.", "OFF: hi.",
+             "My sister baked bread."]  # fmt: skip
+    notes = [NoteInput(text, "Caroline", "s1", SAID) for text in texts]
+    results = enricher.enrich(notes)
+    assert [(r.enricher, r.fallback) for r in results] == [
+        ("llm", None),
+        ("local", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ("llm", None),
+        ("local", "Unavailable: the local runtime is disabled (activations.enabled=false)"),
+        # The backend said it cannot run: the rest of the batch is not asked again.
+        ("local", "Unavailable: the local runtime is disabled (activations.enabled=false)"),
+    ]
+    assert len(flaky.asked) == 4 and len(ScriptedEndpoint.requests) == 2
+    local = make_enricher("local", embedder.embed).enrich([notes[i] for i in (1, 3, 4)])
+    assert [replace(results[i], fallback=None) for i in (1, 3, 4)] == local
+    assert (enricher.answered, enricher.fell_back) == (2, 3)
+
+
+def test_keywords_that_are_iso_dates_are_dropped(endpoint, embedder):
+    ScriptedEndpoint.script = [(200, {**GOOD, "keywords": ["2023-05-07", "Pottery class"]})]
+    config = LlmEnricherConfig(backend="openai", url=endpoint)
+    (result,) = make_enricher("llm", embedder.embed, llm=config).enrich([NOTE])
+    assert (result.keywords, result.dates) == (("pottery class",), (date(2023, 5, 7),))
 
 
 def test_misconfigured_llm_enrichers_are_refused(embedder):

@@ -20,7 +20,9 @@ MEMORY_FIELDS = {
 }
 
 
-EXTENSION_FIELDS = {"enrichment"}  # beyond the contract: pending, done or failed
+# Beyond the contract: the enrichment state (pending, retrying, done or failed), its failed
+# attempts and last error, and the dates enrichment resolved.
+EXTENSION_FIELDS = {"enrichment", "enrichment_attempts", "enrichment_error", "dates"}
 
 
 def test_add_returns_full_memories_in_order(tenant):
@@ -49,6 +51,10 @@ def test_add_returns_full_memories_in_order(tenant):
     assert first["timestamp"] == "2023-05-08T11:56:00Z"  # normalised to UTC
     assert first["metadata"] == {"dia_id": "D1:3", "n": 3}
     assert first["version"] == 1 and first["links"] == []
+    assert (first["enrichment"], first["enrichment_attempts"], first["enrichment_error"]) == (
+        "pending", 0, None
+    )  # fmt: skip
+    assert first["dates"] == []  # resolved by enrichment, later
     assert second["content"] == "Melanie painted a lake."
     assert second["timestamp"].endswith("Z")  # defaults to now
     got = client.get(f"/v1/cubes/{cube_id}/memories/{first['id']}").json()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 import time
+from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from memos.db.migrate import head_revision
+from memos.settings import Settings
+from tests.conftest import LiveServer, _start_live_server, free_port
 
 
 def test_healthz_is_public(server):
@@ -29,6 +34,16 @@ def test_openapi_and_docs_are_served(server):
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
+def wait_run(client: httpx.Client, name: str) -> dict:
+    r = client.post(f"/v1/jobs/{name}/run")
+    assert r.status_code == 202
+    deadline = time.time() + 60
+    while (run := client.get(f"/v1/jobs/runs/{r.json()['run_id']}").json())["status"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return run
+
+
 def test_jobs_are_admin_only_and_run_records_status(server):
     _, key = server.new_user()
     with server.client(key) as user:
@@ -36,19 +51,40 @@ def test_jobs_are_admin_only_and_run_records_status(server):
         assert user.post("/v1/jobs/index_maintenance/run").status_code == 403
     with server.client() as admin:
         jobs = admin.get("/v1/jobs").json()["items"]
-        assert [j["name"] for j in jobs] == ["index_maintenance"]
-        assert set(jobs[0]) >= {"name", "next_run_at", "last_run_at", "last_status"}
-        assert jobs[0]["next_run_at"] is not None
-        r = admin.post("/v1/jobs/index_maintenance/run")
-        assert r.status_code == 202
-        run_id = r.json()["run_id"]
-        deadline = time.time() + 300
-        while (run := admin.get(f"/v1/jobs/runs/{run_id}").json())["status"] == "running":
-            assert time.time() < deadline
-            time.sleep(0.05)
-        assert run["status"] == "ok", run
-        assert run["result"]["cubes"] >= 0
+        assert [j["name"] for j in jobs] == ["enrichment_retry", "index_maintenance"]
+        assert set(jobs[1]) >= {"name", "next_run_at", "last_run_at", "last_status"}
+        assert all(job["next_run_at"] is not None for job in jobs)
+        run = wait_run(admin, "enrichment_retry")
+        assert (run["name"], run["trigger"], run["status"], run["error"]) == (
+            "enrichment_retry", "manual", "ok", None
+        )  # fmt: skip
+        # This daemon does not enrich: the run says so rather than claim it retried.
+        assert run["result"] == {"skipped": "enrichment is disabled (enrichment.enabled=false)"}
         job = admin.get("/v1/jobs").json()["items"][0]
-        assert job["last_status"] == "ok" and job["last_run_at"] is not None
+        assert job["last_status"] == "ok" and job["last_run_at"] == run["started_at"]
         r = admin.post("/v1/jobs/no_such_job/run")
         assert (r.status_code, r.json()["error"]["code"]) == (404, "job_not_found")
+
+
+@pytest.fixture
+def own_server(tmp_path, embedder) -> Iterator[LiveServer]:
+    """A daemon of this test's own, so a job's result over every cube is known exactly."""
+    settings = Settings(data_dir=tmp_path, admin_key=f"admin-{secrets.token_hex(8)}",
+                        port=free_port(), enrichment={"enabled": False},
+                        scheduler={"enabled": False})  # fmt: skip
+    yield from _start_live_server(settings, embedder, "sqlite")
+
+
+def test_a_job_run_records_exactly_what_the_job_did(own_server):
+    with own_server.client() as admin:
+        for name in ("a", "b"):
+            cube_id = admin.post("/v1/cubes", json={"name": name}).json()["id"]
+            added = admin.post(f"/v1/cubes/{cube_id}/memories",
+                               json={"items": [{"content": f"note in {name}"}]})  # fmt: skip
+            assert added.status_code == 201
+        # Both cubes' indexes are loaded with unsaved changes: the first run saves both...
+        first = wait_run(admin, "index_maintenance")
+        assert (first["status"], first["result"]) == ("ok", {"cubes": 2, "actions": {"saved": 2}})
+        # ... and the next finds them clean.
+        second = wait_run(admin, "index_maintenance")
+        assert second["result"] == {"cubes": 2, "actions": {"clean": 2}}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 
-from memcube.enrichment import LlmEnricher, NoteInput, make_enricher
+from memcube.enrichment import Enrichment, LlmEnricher, NoteInput, make_enricher
+from memcube.enrichment.dates import resolve_dates
+from memcube.enrichment.llm import fallback_reason, parse_reply
 from memcube.errors import Conflict
 from memos.daemon import Daemon
 from memos.db.models import Activation
@@ -92,12 +96,42 @@ def test_an_activation_of_another_dtype_is_refused_with_a_mismatch(tmp_path, emb
 
 
 def test_the_llm_enricher_runs_on_the_local_runtime_and_never_loses_a_note(daemon, embedder):
-    enricher = make_enricher("llm", embedder.embed, runtime_complete=daemon.runtime.complete)
+    replies: list[str] = []  # what the real model answered, note by note
+
+    def complete(messages: list[dict[str, str]]) -> str:
+        replies.append(daemon.runtime.complete(messages))
+        return replies[-1]
+
+    enricher = make_enricher("llm", embedder.embed, runtime_complete=complete)
     assert isinstance(enricher, LlmEnricher)
+    said = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
     notes = [
-        NoteInput(text, "Caroline", "s1", utcnow())
+        NoteInput(text, "Caroline", "s1", said)
         for text in ("I adopted a greyhound named Bolt.", "We went camping by the lake.")
     ]
     results = enricher.enrich(notes)
-    assert len(results) == 2 and all(r.keywords and r.tags and r.context for r in results)
-    assert enricher.answered + enricher.fell_back == 2
+    local = make_enricher("local", embedder.embed).enrich(notes)
+    assert len(replies) == 2  # the model was asked about each note
+    # Each note took exactly the path its reply calls for: the model's enrichment when the
+    # reply passes the schema, else local's, with the reason.
+    for note, reply, result, fallback in zip(notes, replies, results, local, strict=True):
+        try:
+            parsed = parse_reply(reply)
+        except ValueError as exc:
+            assert result == replace(fallback, fallback=fallback_reason(exc))
+        else:
+            assert result == Enrichment(
+                keywords=tuple(dict.fromkeys(k.lower() for k in parsed.keywords)),
+                tags=tuple(dict.fromkeys(parsed.tags)),
+                context=parsed.context,
+                dates=resolve_dates(note.content, note.timestamp),
+                enricher="llm",
+            )
+    if daemon.runtime.get().info.device == "cpu":  # greedy float32: the same text every time
+        # SmolLM2-135M echoes the prompt, then starts a JSON object it never closes.
+        assert [(r.enricher, r.fallback) for r in results] == [
+            ("local", "ValueError: no JSON object in the reply")
+        ] * 2
+    assert (enricher.answered, enricher.fell_back) == (
+        sum(r.enricher == "llm" for r in results), sum(r.enricher == "local" for r in results)
+    )  # fmt: skip

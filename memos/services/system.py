@@ -1,0 +1,67 @@
+"""The daemon acting on its own behalf: the work scheduler jobs do, with no user behind it.
+
+Routes act for a caller: a `Principal`, checked against the cube's owner and grants. The
+daemon's own work (verifying indexes, retrying failed enrichments, later lifecycle jobs) spans
+every cube and answers to no user, so it goes through this service, whose methods take no
+principal at all. A job never builds a fake principal to pass a user's access check; a new job
+adds a method here over the same services and row helpers the routes use.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+
+from memcube.errors import NotFound
+from memos.db.engine import Database
+from memos.db.models import Cube
+from memos.services.enrichment import EnrichmentService, RetryReport
+from memos.services.indexes import IndexRegistry
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    cubes: int  # cubes in the database
+    actions: dict[str, int] = field(default_factory=dict)  # e.g. {"clean": 3, "healed": 1}
+
+
+class SystemService:
+    def __init__(
+        self,
+        db: Database,
+        indexes: IndexRegistry,
+        enrichment: EnrichmentService,
+        enrichment_enabled: bool,
+    ) -> None:
+        self.db = db
+        self.indexes = indexes
+        self.enrichment = enrichment
+        self.enrichment_enabled = enrichment_enabled
+
+    def maintain_indexes(self) -> MaintenanceReport:
+        """Verify every cube's ANN index against the database; replay, rebuild and save what
+        drifted. Loaded cubes are checked in memory (ids, a sample of vectors, generation);
+        cubes not loaded are healed if their saved index lags the database."""
+        with self.db.read() as s:
+            cube_ids = list(s.scalars(select(Cube.id)))
+        actions: Counter[str] = Counter()
+        loaded = set(self.indexes.loaded())
+        for cube_id in cube_ids:
+            if cube_id in loaded:
+                try:
+                    actions[self.indexes.maintain(cube_id).action] += 1
+                except NotFound:
+                    actions["deleted"] += 1  # deleted while the job ran
+        for report in self.indexes.heal_all():
+            actions[report.action] += 1
+        return MaintenanceReport(cubes=len(cube_ids), actions=dict(actions))
+
+    def retry_enrichment(self, now: datetime | None = None) -> RetryReport | None:
+        """Enrich again the notes whose retry is due; None when enrichment is disabled (notes
+        then wait, as pending ones do, for a daemon that enriches)."""
+        if not self.enrichment_enabled:
+            return None
+        return self.enrichment.retry_due(now)
