@@ -200,7 +200,10 @@ def _confirm_delete(cube: Cube) -> None:
     stats = cube.stats
     held = f" with {stats.memories} memories and {stats.activations} activations" if stats else ""
     typer.echo(f"Delete cube {cube.name!r} ({cube.id}){held}? [y/N]: ", nl=False, err=True)
-    answer = sys.stdin.readline()
+    try:
+        answer = sys.stdin.readline() if sys.stdin is not None else ""
+    except (OSError, ValueError):  # stdin closed (`<&-`) or unreadable
+        answer = ""
     if not answer:  # end of input (closed, empty, /dev/null): nobody can answer
         typer.echo(err=True)
         _fail(

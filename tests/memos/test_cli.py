@@ -168,7 +168,7 @@ def test_cube_show(memos: Any, client: MemosClient, user: User) -> None:
     )
 
 
-def test_cube_delete_asks_first(memos: Any, client: MemosClient) -> None:
+def test_cube_delete_asks_first(memos: Any, daemon: Any, user: User, client: MemosClient) -> None:
     cube = client.create_cube("doomed")
     client.add_memories(cube.id, [{"content": "one"}])
     question = f"Delete cube 'doomed' ({cube.id}) with 1 memories and 0 activations? [y/N]: "
@@ -179,6 +179,15 @@ def test_cube_delete_asks_first(memos: Any, client: MemosClient) -> None:
         f"{question}\nerror: confirmation_required: no answer on stdin, so cube {cube.id} was not "
         "deleted; pass --yes to delete without asking\n"
     )
+    # The same from a real process with stdin on /dev/null, and with stdin closed (`<&-`).
+    env = {**os.environ, "MEMOS_URL": daemon.url, "MEMOS_API_KEY": str(user.api_key)}
+    command = f"{sys.executable} -m memos cube delete {cube.id}"
+    for redirect in ("</dev/null", "<&-"):
+        done = subprocess.run(
+            ["bash", "-c", f"{command} {redirect}"], cwd=ROOT, env=env, capture_output=True,
+            text=True, check=False,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", no_stdin.stderr)
     declined = memos("cube", "delete", cube.id, input="n\n")
     assert (declined.exit_code, declined.stdout) == (1, "")
     assert declined.stderr == f"{question}not deleted: {cube.id}\n"

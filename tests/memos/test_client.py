@@ -53,9 +53,14 @@ def user(admin: MemosClient) -> User:
     return admin.create_user(_name("user"))
 
 
+# The first activation loads the model in the shared daemon: on a busy host that takes longer
+# than the SDK's default 30 s per request, and the test is not about speed.
+SLOW_REQUEST_S = 300
+
+
 @pytest.fixture
 def client(daemon: Any, user: User) -> Iterator[MemosClient]:
-    with MemosClient(daemon.url, api_key=user.api_key) as c:
+    with MemosClient(daemon.url, api_key=user.api_key, timeout=SLOW_REQUEST_S) as c:
         yield c
 
 
@@ -540,7 +545,7 @@ def test_models_accept_unknown_fields() -> None:
 
 @pytest.fixture
 async def aclient(daemon: Any, user: User) -> AsyncIterator[AsyncMemosClient]:
-    async with AsyncMemosClient(daemon.url, api_key=user.api_key) as c:
+    async with AsyncMemosClient(daemon.url, api_key=user.api_key, timeout=SLOW_REQUEST_S) as c:
         yield c
 
 
