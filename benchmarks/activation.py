@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.locomo import Conversation, load_locomo  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from kv_runtime import (  # noqa: E402
     CompressionConfig,
@@ -45,7 +46,6 @@ from kv_runtime import (  # noqa: E402
     RuntimeConfig,
     load_activation,
 )
-from memos.locomo import Conversation, load_locomo  # noqa: E402
 
 CONTINUATION = 257  # tokens fed after the context: 256 next-token predictions
 

@@ -24,9 +24,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.locomo import load_locomo  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from memcube.embedder import BACKENDS, Embedder, EmbedderConfig  # noqa: E402
-from memos.locomo import load_locomo  # noqa: E402
 
 
 def evidence_recall(ranked: list[str], evidence: tuple[str, ...]) -> float:

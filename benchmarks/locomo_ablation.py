@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.locomo import Conversation, load_locomo  # noqa: E402
 from benchmarks.locomo_recall import KS, summarise  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from memcube.embedder import Embedder, EmbedderConfig  # noqa: E402
@@ -40,7 +41,6 @@ from memcube.lexical import BM25Index  # noqa: E402
 from memcube.notes import embedding_text  # noqa: E402
 from memcube.retrieval import RetrievalConfig  # noqa: E402
 from memcube.temporal import parse_time_query  # noqa: E402
-from memos.locomo import Conversation, load_locomo  # noqa: E402
 
 DEFAULTS = RetrievalConfig()
 TOP_K = max(KS)

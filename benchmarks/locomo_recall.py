@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.daemon import start_daemon  # noqa: E402
+from benchmarks.locomo import Conversation, load_locomo  # noqa: E402
+from benchmarks.locomo_jsonl import memory_record  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from memcube.embedder import Embedder, EmbedderConfig  # noqa: E402
 from memcube.lexical import BM25Index  # noqa: E402
 from memos.client import MemosClient  # noqa: E402
-from memos.locomo import Conversation, load_locomo  # noqa: E402
 
 KS = (5, 10, 25)
 CATEGORIES = ("1", "2", "3", "4", "5")
@@ -111,16 +112,7 @@ def run_daemon(
             started = time.perf_counter()
             cube = client.create_cube(f"{conv.sample_id}-{secrets.token_hex(2)}")
             cubes[conv.sample_id] = cube.id
-            items = [
-                {
-                    "content": t.render(),
-                    "speaker": t.speaker,
-                    "session_id": f"session_{t.session}",
-                    "timestamp": t.timestamp.isoformat(),
-                    "metadata": {"dia_id": t.dia_id},
-                }
-                for t in conv.turns
-            ]
+            items = [memory_record(t) for t in conv.turns]
             for start in range(0, len(items), 256):
                 client.add_memories(cube.id, items[start : start + 256])
             wait_enriched(client, cube.id)

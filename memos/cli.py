@@ -3,32 +3,38 @@
 `memos serve` builds `Settings` from the flags actually given (env `MEMOS_*` fills the rest) and
 runs the daemon in the foreground. Every other command is a thin shell over `memos.client`:
 `memos [--url URL] [--api-key KEY] <command> ...`, with `MEMOS_URL` / `MEMOS_API_KEY` as env
-defaults and, failing a key, the admin key the daemon wrote to `<data dir>/admin.key`, so that
-on the daemon's own machine `memos user create alice` just works.
+defaults. Without a URL the daemon is found where `memos serve` would bind with the same
+environment (`MEMOS_HOST`, `MEMOS_PORT`, or the TOML file `MEMOS_CONFIG_FILE` names), and without
+a key the CLI uses the admin key the daemon wrote to `<data dir>/admin.key`, so that on the
+daemon's own machine `memos user create alice` just works.
 
 Heavy imports (the daemon, settings and through them torch) happen inside the commands that need
 them, so `memos --help` and the client commands start fast. SDK errors print
-`error: <code>: <message>` on stderr and exit 1, without a traceback.
+`error: <code>: <message>` on stderr and exit 1, without a traceback. What the commands share
+is in `memos.cli_support` (imported under the short private names the commands use); `import`
+and `export` are in `memos.cli_jsonl`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
+import sys
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ValidationError
-from tqdm import tqdm
+from pydantic import ValidationError
 
-from memos.client import DEFAULT_URL, Activation, MemoryInput, MemosClient, MemosError
-
-MAX_BATCH = 1000  # the server refuses larger batches with 413
+from memos.cli_jsonl import export, import_
+from memos.cli_support import DEFAULT_TIMEOUT_S, CliTarget, DateOpt, JsonOpt, SessionOpt
+from memos.cli_support import fail as _fail
+from memos.cli_support import parse_metadata as _parse_metadata
+from memos.cli_support import print_json as _print_json
+from memos.cli_support import print_table as _print_table
+from memos.cli_support import sdk_client as _client
+from memos.cli_support import short as _short
+from memos.cli_support import when as _when
+from memos.client import Activation, Cube, MemoryInput
 
 app = typer.Typer(
     help="memosd: a memory daemon for LLM apps.",
@@ -46,50 +52,18 @@ app.add_typer(cube_app, name="cube")
 app.add_typer(activation_app, name="activation")
 
 
-@dataclass(frozen=True)
-class _Target:
-    url: str
-    api_key: str | None
-
-
-def _parse_datetime(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not an ISO 8601 datetime") from None
-
-
-def _parse_metadata(value: str | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not JSON: {exc.msg}") from None
-    if not isinstance(parsed, dict):
-        raise typer.BadParameter("must be a JSON object")
-    return parsed
-
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-SessionOpt = Annotated[str | None, typer.Option("--session-id", help="Session id.")]
-DateOpt = Annotated[
-    datetime | None,
-    typer.Option(parser=_parse_datetime, metavar="ISO8601", help="Naive means UTC."),
-]
-BatchOpt = Annotated[
-    int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Memories per request.")
-]
-
-
 @app.callback()
 def main(
     ctx: typer.Context,
     url: Annotated[
-        str, typer.Option("--url", envvar="MEMOS_URL", help="Daemon base URL.")
-    ] = DEFAULT_URL,
+        str | None,
+        typer.Option(
+            "--url",
+            envvar="MEMOS_URL",
+            help="Daemon base URL; default: http://$MEMOS_HOST:$MEMOS_PORT (127.0.0.1:8765), "
+            "where `memos serve` binds.",
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -98,59 +72,12 @@ def main(
             help="API key; default: the admin key in $MEMOS_DATA_DIR/admin.key if readable.",
         ),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(envvar="MEMOS_TIMEOUT", min=1, help="Seconds to wait for each request."),
+    ] = DEFAULT_TIMEOUT_S,
 ) -> None:
-    ctx.obj = _Target(url=url, api_key=api_key)
-
-
-def _admin_key() -> str | None:
-    """The key in `<data dir>/admin.key`, data dir from `MEMOS_DATA_DIR` or the default."""
-    data_dir = os.environ.get("MEMOS_DATA_DIR")
-    if not data_dir:
-        from memos.settings import default_data_dir  # lazy: settings pulls in the embedder config
-
-        data_dir = str(default_data_dir())
-    try:
-        return (Path(data_dir) / "admin.key").read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
-def _fail(code: str, message: str) -> NoReturn:
-    typer.echo(f"error: {code}: {message}", err=True)
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _client(ctx: typer.Context) -> Iterator[MemosClient]:
-    """An SDK client for the command; turns SDK errors into `error: code: message`, exit 1."""
-    target: _Target = ctx.obj
-    try:
-        with MemosClient(target.url, api_key=target.api_key or _admin_key()) as client:
-            yield client
-    except MemosError as exc:
-        _fail(exc.code, exc.message)
-
-
-def _print_json(value: BaseModel | Sequence[BaseModel]) -> None:
-    if isinstance(value, BaseModel):
-        typer.echo(value.model_dump_json(indent=2))
-    else:
-        typer.echo(json.dumps([v.model_dump(mode="json") for v in value], indent=2))
-
-
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    for row in [headers, *rows]:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _short(text: str | None, width: int = 80) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def _when(value: datetime | None) -> str:
-    return value.isoformat(timespec="minutes") if value else ""
+    ctx.obj = CliTarget(url=url, api_key=api_key, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- daemon
@@ -217,6 +144,100 @@ def cube_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     rows = [[c.id, c.name, _when(c.created_at), _short(c.description, 50)] for c in cubes]
     _print_table(["ID", "NAME", "CREATED", "DESCRIPTION"], rows)
+
+
+def _cube_fields(cube: Cube) -> list[tuple[str, object]]:
+    fields: list[tuple[str, object]] = [
+        ("id", cube.id), ("name", cube.name), ("description", cube.description or ""),
+        ("owner_id", cube.owner_id), ("role", cube.role or ""), ("created", _when(cube.created_at)),
+    ]  # fmt: skip
+    if (stats := cube.stats) is not None:
+        fields += [
+            ("memories", stats.memories),
+            ("activations", stats.activations),
+            ("bytes", stats.bytes),
+            ("enrichment_pending", stats.enrichment_pending),
+        ]
+    return fields
+
+
+@cube_app.command("show")
+def cube_show(ctx: typer.Context, cube_id: str, as_json: JsonOpt = False) -> None:
+    """A cube and its stats: memories, activations, bytes stored, notes awaiting enrichment."""
+    with _client(ctx) as client:
+        cube = client.get_cube(cube_id)
+    if as_json:
+        _print_json(cube)
+    else:
+        typer.echo("\n".join(f"{key}: {value}" for key, value in _cube_fields(cube)))
+
+
+@cube_app.command("delete")
+def cube_delete(
+    ctx: typer.Context,
+    cube_id: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a cube with its memories and activations (owner only; cannot be undone).
+
+    Asks first, on stderr, and reads the answer from stdin; without an answer (stdin closed or
+    empty, as in a script) nothing is deleted unless `--yes` is given.
+    """
+    with _client(ctx) as client:
+        cube = client.get_cube(cube_id)
+        if cube.role not in (None, "owner"):  # the server would refuse too, after the question
+            _fail(
+                "forbidden", f"your role on cube {cube.id!r} is {cube.role}; deleting needs owner"
+            )
+        if not yes:
+            _confirm_delete(cube)
+        client.delete_cube(cube.id)
+    typer.echo(f"deleted {cube.id}")
+
+
+def _confirm_delete(cube: Cube) -> None:
+    """Ask on stderr, read the answer from stdin: stdout stays for the result alone."""
+    stats = cube.stats
+    held = f" with {stats.memories} memories and {stats.activations} activations" if stats else ""
+    typer.echo(f"Delete cube {cube.name!r} ({cube.id}){held}? [y/N]: ", nl=False, err=True)
+    try:
+        answer = sys.stdin.readline() if sys.stdin is not None else ""
+    except (OSError, ValueError):  # stdin closed (`<&-`) or unreadable
+        answer = ""
+    if not answer:  # end of input (closed, empty, /dev/null): nobody can answer
+        typer.echo(err=True)
+        _fail(
+            "confirmation_required",
+            f"no answer on stdin, so cube {cube.id} was not deleted; pass --yes to delete "
+            "without asking",
+        )
+    if answer.strip().lower() not in ("y", "yes"):
+        typer.echo(f"not deleted: {cube.id}", err=True)
+        raise typer.Exit(1)
+
+
+class GrantRole(StrEnum):
+    reader = "reader"
+    writer = "writer"
+
+
+@cube_app.command("grant")
+def cube_grant(
+    ctx: typer.Context,
+    cube_id: str,
+    user_id: str,
+    role: Annotated[
+        GrantRole, typer.Option("--role", help="reader: read and search; writer: also write.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Let another user read (or write) a cube you own; granting again changes the role."""
+    with _client(ctx) as client:
+        grant = client.grant(cube_id, user_id, role.value)
+    if as_json:
+        _print_json(grant)
+    else:
+        typer.echo(f"granted {grant.role} on {grant.cube_id} to {grant.user_id}")
 
 
 # --------------------------------------------------------------------------- memories
@@ -375,125 +396,7 @@ def generate(
                 )
 
 
-@app.command("import")
-def import_(
-    ctx: typer.Context,
-    cube_id: Annotated[str | None, typer.Argument(help="Target cube (not with --locomo).")] = None,
-    file: Annotated[
-        Path | None, typer.Argument(exists=True, dir_okay=False, help="JSONL of memories.")
-    ] = None,
-    locomo: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help="A LoCoMo JSON file: one cube each."),
-    ] = None,
-    batch_size: BatchOpt = 256,
-) -> None:
-    """Import memories: `import CUBE_ID FILE.jsonl`, or `import --locomo FILE`.
+# --------------------------------------------------------------------------- import, export
 
-    A JSONL line is a memory object as the API returns it (e.g. from `memos export`): only
-    content, session_id, speaker, timestamp and metadata are used; ids, versions and derived
-    fields are assigned anew. The whole file is checked before anything is sent. Batches are
-    atomic on the server, the import as a whole is not.
-    """
-    if locomo is not None:
-        if cube_id is not None or file is not None:
-            raise typer.BadParameter("--locomo takes no CUBE_ID or FILE: it creates the cubes")
-        with _client(ctx) as client:
-            _import_locomo(client, locomo, batch_size)
-        return
-    if cube_id is None or file is None:
-        raise typer.BadParameter("give CUBE_ID and FILE, or --locomo FILE")
-    items = _read_jsonl(file)
-    with _client(ctx) as client:
-        _upload(client, cube_id, items, batch_size, desc=cube_id)
-    typer.echo(f"imported {len(items)} memories into {cube_id}")
-
-
-def _read_jsonl(path: Path) -> list[MemoryInput]:
-    fields = set(MemoryInput.model_fields)
-    items: list[MemoryInput] = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                items.append(MemoryInput.model_validate({k: obj[k] for k in fields & obj.keys()}))
-            except ValidationError as exc:
-                errors = exc.errors(include_url=False)
-                why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
-                _fail("invalid_input", f"{path}:{lineno}: {why}")
-            except ValueError as exc:  # includes json.JSONDecodeError
-                _fail("invalid_input", f"{path}:{lineno}: {exc}")
-    return items
-
-
-def _upload(
-    client: MemosClient, cube_id: str, items: Sequence[MemoryInput], batch_size: int, desc: str
-) -> None:
-    done = 0
-    with tqdm(total=len(items), unit="mem", desc=desc) as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            try:
-                client.add_memories(cube_id, batch)
-            except MemosError:
-                bar.close()
-                typer.echo(f"{done} of {len(items)} memories were stored before this", err=True)
-                raise
-            done += len(batch)
-            bar.update(len(batch))
-
-
-def _import_locomo(client: MemosClient, path: Path, batch_size: int) -> None:
-    from memos.locomo import load_locomo
-
-    try:
-        conversations = load_locomo(path)
-    except ValueError as exc:
-        _fail("invalid_input", str(exc))
-    for conv in conversations:
-        a, b = conv.speakers
-        cube = client.create_cube(conv.sample_id, f"LoCoMo conversation {conv.sample_id}: {a}, {b}")
-        items = [
-            MemoryInput(
-                content=turn.render(),
-                speaker=turn.speaker,
-                session_id=f"session_{turn.session}",
-                timestamp=turn.timestamp,
-                metadata={"dia_id": turn.dia_id},
-            )
-            for turn in conv.turns
-        ]
-        _upload(client, cube.id, items, batch_size, desc=conv.sample_id)
-        typer.echo(f"{conv.sample_id}\t{cube.id}\t{len(items)} turns")
-
-
-@app.command()
-def export(
-    ctx: typer.Context,
-    cube_id: str,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", dir_okay=False, help="Default: stdout.")
-    ] = None,
-) -> None:
-    """Write every memory of a cube as JSONL (the input of `memos import`)."""
-    with _client(ctx) as client:
-        if output is None:
-            for memory in client.iter_memories(cube_id):
-                typer.echo(memory.model_dump_json())
-            return
-        # Written aside and renamed, so a failure half-way leaves no truncated export behind.
-        partial = output.with_name(output.name + ".part")
-        count = 0
-        try:
-            with partial.open("w", encoding="utf-8") as out:
-                for memory in client.iter_memories(cube_id):
-                    out.write(memory.model_dump_json() + "\n")
-                    count += 1
-            partial.replace(output)
-        finally:
-            partial.unlink(missing_ok=True)
-    typer.echo(f"exported {count} memories to {output}", err=True)
+app.command("import")(import_)
+app.command()(export)

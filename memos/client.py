@@ -61,6 +61,10 @@ class CubeStats(_Model):
     memories: int
     activations: int
     bytes: int
+    enrichment_pending: int = 0  # server extension: notes not yet enriched
+
+
+OWNER = "owner"
 
 
 class Cube(_Model):
@@ -69,6 +73,7 @@ class Cube(_Model):
     description: str | None = None
     owner_id: str
     created_at: datetime
+    role: str | None = None  # server extension: "owner", "writer" or "reader" for this key
     stats: CubeStats | None = None  # only `get_cube` fills it
 
 
@@ -335,6 +340,20 @@ def _page(cls: type[M]) -> Callable[[Any], Page[M]]:
 
 def _nothing(body: Any) -> None:
     return None
+
+
+def _owned_named(cubes: Sequence[Cube], name: str) -> Cube | None:
+    """The cube called `name` that this key owns (names are unique per owner), if any."""
+    return next((c for c in cubes if c.name == name and c.role == OWNER), None)
+
+
+def _cube_exists(exc: Conflict) -> bool:
+    return exc.code == "cube_exists"
+
+
+# Lookup and create can only keep missing each other while the cube is created and deleted
+# concurrently; after this many rounds the caller gets the last 409.
+GET_OR_CREATE_TRIES = 3
 
 
 def _memory_input(item: MemoryInput | Mapping[str, Any]) -> dict[str, Any]:
@@ -694,6 +713,23 @@ class MemosClient(_Api):
         """Cubes this key owns or was granted."""
         return list(self._walk(_Routes.list_cubes))
 
+    def get_or_create_cube(self, name: str, description: str | None = None) -> Cube:
+        """The cube named `name` that this key owns, created (with `description`) if absent.
+
+        Race-safe: when another client creates it first, the create's 409 `cube_exists` is
+        answered by fetching that cube. An existing cube is returned as it is: its description
+        is not changed. Cubes only granted to this key never match (they have another owner).
+        """
+        for attempt in range(1, GET_OR_CREATE_TRIES + 1):
+            if (found := _owned_named(self.list_cubes(), name)) is not None:
+                return found
+            try:
+                return self.create_cube(name, description)
+            except Conflict as exc:
+                if not _cube_exists(exc) or attempt == GET_OR_CREATE_TRIES:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def list_activations(self, cube_id: str) -> list[Activation]:
         return list(self._walk(lambda c: _Routes.list_activations(cube_id, c)))
 
@@ -779,6 +815,22 @@ class AsyncMemosClient(_Api):
 
     async def list_cubes(self) -> list[Cube]:
         return [cube async for cube in self._walk(_Routes.list_cubes)]
+
+    async def get_or_create_cube(self, name: str, description: str | None = None) -> Cube:
+        """The cube named `name` that this key owns, created (with `description`) if absent.
+
+        Race-safe: when another client creates it first, the create's 409 `cube_exists` is
+        answered by fetching that cube. An existing cube is returned as it is.
+        """
+        for attempt in range(1, GET_OR_CREATE_TRIES + 1):
+            if (found := _owned_named(await self.list_cubes(), name)) is not None:
+                return found
+            try:
+                return await self.create_cube(name, description)
+            except Conflict as exc:
+                if not _cube_exists(exc) or attempt == GET_OR_CREATE_TRIES:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def list_activations(self, cube_id: str) -> list[Activation]:
         return [a async for a in self._walk(lambda c: _Routes.list_activations(cube_id, c))]

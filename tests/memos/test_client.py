@@ -5,6 +5,7 @@ Each test makes its own user and cube; only the daemon is shared.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -52,9 +53,14 @@ def user(admin: MemosClient) -> User:
     return admin.create_user(_name("user"))
 
 
+# The first activation loads the model in the shared daemon: on a busy host that takes longer
+# than the SDK's default 30 s per request, and the test is not about speed.
+SLOW_REQUEST_S = 300
+
+
 @pytest.fixture
 def client(daemon: Any, user: User) -> Iterator[MemosClient]:
-    with MemosClient(daemon.url, api_key=user.api_key) as c:
+    with MemosClient(daemon.url, api_key=user.api_key, timeout=SLOW_REQUEST_S) as c:
         yield c
 
 
@@ -158,6 +164,65 @@ def test_tenancy_and_grants(
     with pytest.raises(ValidationFailed) as bad_role:
         client.grant(cube.id, someone.id, "admin")
     assert bad_role.value.status == 422
+
+
+def test_get_or_create_cube(
+    client: MemosClient, user: User, other: tuple[User, MemosClient]
+) -> None:
+    made = client.get_or_create_cube("journal", description="first")
+    assert (made.name, made.description, made.owner_id, made.role) == (
+        "journal",
+        "first",
+        user.id,
+        "owner",
+    )
+    again = client.get_or_create_cube("journal", description="ignored for an existing cube")
+    assert (again.id, again.description) == (made.id, "first")
+    assert [c.id for c in client.list_cubes()] == [made.id]
+
+    # A cube of the same name that is only granted to this key is someone else's: never matched.
+    someone, their = other
+    theirs = their.create_cube("shared")
+    their.grant(theirs.id, user.id, "writer")
+    mine = client.get_or_create_cube("shared")
+    assert mine.id != theirs.id and (mine.owner_id, mine.role) == (user.id, "owner")
+    assert {(c.id, c.role) for c in client.list_cubes()} == {
+        (made.id, "owner"),
+        (theirs.id, "writer"),
+        (mine.id, "owner"),
+    }
+
+
+class _LosesTheRace(MemosClient):
+    """After its first lookup, another client (same key, real HTTP) creates the cube: the
+    interleaving that makes `create_cube` answer 409 `cube_exists`."""
+
+    def __init__(self, url: str, api_key: str, rival: MemosClient) -> None:
+        super().__init__(url, api_key=api_key)
+        self.rival, self.rival_cube, self.lookups = rival, None, 0
+
+    def list_cubes(self) -> list[Cube]:
+        cubes = super().list_cubes()
+        self.lookups += 1
+        if self.lookups == 1:
+            self.rival_cube = self.rival.create_cube("raced", description="the rival's")
+        return cubes
+
+
+def test_get_or_create_cube_answers_cube_exists_by_fetching(
+    daemon: Any, client: MemosClient, user: User
+) -> None:
+    assert user.api_key is not None
+    with _LosesTheRace(daemon.url, user.api_key, client) as racer:
+        cube = racer.get_or_create_cube("raced", description="mine")
+        assert racer.rival_cube is not None and racer.lookups == 2
+        assert (cube.id, cube.description) == (racer.rival_cube.id, "the rival's")
+    assert [c.id for c in client.list_cubes()] == [cube.id]
+
+
+def test_get_or_create_cube_other_errors_propagate(client: MemosClient) -> None:
+    with pytest.raises(ValidationFailed):
+        client.get_or_create_cube("")  # a 422 is not a race: raised as it is
 
 
 # --------------------------------------------------------------------------- memories
@@ -480,7 +545,7 @@ def test_models_accept_unknown_fields() -> None:
 
 @pytest.fixture
 async def aclient(daemon: Any, user: User) -> AsyncIterator[AsyncMemosClient]:
-    async with AsyncMemosClient(daemon.url, api_key=user.api_key) as c:
+    async with AsyncMemosClient(daemon.url, api_key=user.api_key, timeout=SLOW_REQUEST_S) as c:
         yield c
 
 
@@ -519,6 +584,20 @@ async def test_async_client(aclient: AsyncMemosClient, client: MemosClient, user
         [p async for p in aclient.generate_stream(cube.id, "hi", "act_nope")]
     await aclient.delete_cube(cube.id)
     assert await aclient.list_cubes() == []
+
+
+async def test_async_get_or_create_cube(
+    aclient: AsyncMemosClient, client: MemosClient, user: User
+) -> None:
+    # Eight concurrent calls for one name: each lookup can miss the others' create, so the
+    # losers get 409 `cube_exists` and fetch; all end with the one cube.
+    cubes = await asyncio.gather(*(aclient.get_or_create_cube("inbox") for _ in range(8)))
+    assert len({c.id for c in cubes}) == 1
+    (only,) = client.list_cubes()
+    assert (only.id, only.name, only.owner_id) == (cubes[0].id, "inbox", user.id)
+    assert (await aclient.get_or_create_cube("inbox", description="x")).id == only.id
+    other = await aclient.get_or_create_cube("outbox", description="new")
+    assert (other.name, other.description) == ("outbox", "new") and other.id != only.id
 
 
 async def test_async_connection_error() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memos.locomo import (
+from benchmarks.locomo import (
     Conversation,
     Turn,
     load_locomo,
