@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from memcube.atomic import tree_bytes
 from memcube.embedder import Embedder
 from memcube.enrichment import make_enricher
 from memos.db.engine import Database
@@ -93,8 +94,7 @@ class Daemon:
 
     def _cube_bytes(self, cube_id: str) -> int:
         """On-disk bytes of a cube's index files and activation blobs."""
-        activations = self.settings.activation_dir / cube_id
-        stored = sum(p.stat().st_size for p in activations.rglob("*") if p.is_file())
+        stored = tree_bytes(self.settings.activation_dir / cube_id)
         return self.indexes.disk_bytes(cube_id) + stored
 
     @property

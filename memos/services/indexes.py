@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select, update
 
+from memcube.atomic import tree_bytes
 from memcube.notes import EMBEDDING_TEXT_FORMAT, to_doc
 from memcube.retrieval import CubeIndex, RetrievalConfig
 from memcube.vector_index import HnswConfig, read_manifest
@@ -104,10 +105,8 @@ class IndexRegistry:
             shutil.rmtree(self.directory(cube_id), ignore_errors=True)
 
     def disk_bytes(self, cube_id: str) -> int:
-        directory = self.directory(cube_id)
-        if not directory.exists():
-            return 0
-        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        """Bytes of the cube's saved index files (a save may be renaming them meanwhile)."""
+        return tree_bytes(self.directory(cube_id))
 
     # -- loading and healing ----------------------------------------------------------------
 
@@ -162,12 +161,13 @@ class IndexRegistry:
             for start in range(0, len(seqs), chunk):
                 part = seqs[start : start + chunk]
                 with self.db.read() as s:
-                    query = select(Memory).where(Memory.seq.in_(part))
+                    query = select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(part))
                     texts = {row.seq: note_embedding_text(s, row) for row in s.scalars(query)}
                 # Embedded outside any transaction: SQLite's write lock is global.
                 vectors = self.embed([texts[seq] for seq in part])
                 with self.db.write() as s:
-                    for row in s.scalars(select(Memory).where(Memory.seq.in_(part))):
+                    rows = select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(part))
+                    for row in s.scalars(rows):
                         row.embedding = vectors[part.index(row.seq)].astype(np.float32).tobytes()
                 count += len(part)
         with self.db.write() as s:

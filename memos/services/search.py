@@ -66,14 +66,16 @@ class SearchService:
         pool = top_k + 2 * config.link_from if hybrid else top_k
         scored = index.search(vector, query, pool, filters, mode=mode, exact=exact)
         if expand:
-            scored = self._expand(index, scored, filters)
+            scored = self._expand(cube_id, index, scored, filters)
         if hybrid:
-            scored = self._collapse_duplicates(scored)
+            scored = self._collapse_duplicates(cube_id, scored)
         scored = scored[:top_k]
         with self.db.read() as s:
             rows = s.scalars(
                 select(Memory).where(
-                    Memory.seq.in_([hit.seq for hit in scored]), Memory.deleted_at.is_(None)
+                    Memory.cube_id == cube_id,  # seqs come from this cube's index; never trust
+                    Memory.seq.in_([hit.seq for hit in scored]),  # them alone
+                    Memory.deleted_at.is_(None),
                 )
             ).all()
             views = {row.seq: view for row, view in zip(rows, memory_views(s, rows), strict=True)}
@@ -84,14 +86,17 @@ class SearchService:
         ]
         return SearchResult(hits=hits, took_ms=(time.perf_counter() - started) * 1000)
 
-    def _collapse_duplicates(self, scored: list[ScoredSeq]) -> list[ScoredSeq]:
+    def _collapse_duplicates(self, cube_id: str, scored: list[ScoredSeq]) -> list[ScoredSeq]:
         """Keep only the best-ranked note of each group joined by `duplicate` links, so one
         thing said twice takes one place in the hits."""
         seqs = [hit.seq for hit in scored]
         with self.db.read() as s:
             pairs = s.execute(
                 select(Link.src_seq, Link.dst_seq).where(
-                    Link.kind == "duplicate", Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)
+                    Link.cube_id == cube_id,
+                    Link.kind == "duplicate",
+                    Link.src_seq.in_(seqs),
+                    Link.dst_seq.in_(seqs),
                 )
             ).all()
         if not pairs:
@@ -108,7 +113,7 @@ class SearchService:
         return kept
 
     def _expand(
-        self, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters
+        self, cube_id: str, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters
     ) -> list[ScoredSeq]:
         """Link expansion: each of the top hits adds a share of its score to the notes it
         links to, so the turn after a strong hit, or a note about the same entity, can rise or
@@ -121,7 +126,9 @@ class SearchService:
         with self.db.read() as s:
             links = s.execute(
                 select(Link.src_seq, Link.dst_seq, Link.kind).where(
-                    Link.src_seq.in_(list(sources)), Link.kind.in_(list(weights))
+                    Link.cube_id == cube_id,
+                    Link.src_seq.in_(list(sources)),
+                    Link.kind.in_(list(weights)),
                 )
             ).all()
         gains: dict[int, float] = {}

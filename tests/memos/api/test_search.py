@@ -107,3 +107,29 @@ def test_filters_session_time_metadata(tenant):
 def test_empty_cube_returns_no_hits(tenant):
     client, cube_id = tenant
     assert _search(client, cube_id, query="anything")["hits"] == []
+
+
+def test_a_foreign_seq_in_a_cube_index_never_leaks_another_cube(server):
+    """Defence in depth: the rows behind a cube's hits are fetched by cube and seq, so even an
+    index that holds another tenant's seq (a bug, a corrupt file) cannot show that memory."""
+    from sqlalchemy import select
+
+    from memcube.notes import to_doc
+    from memos.db.models import Memory
+
+    owners = []
+    for content in ("Alice keeps bees on the roof.", "Bob's bank PIN is 4921, keep it secret."):
+        _, key = server.new_user()
+        client = server.client(key)
+        cube_id = client.post("/v1/cubes", json={"name": "c"}).json()["id"]
+        item = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": content}]})
+        owners.append((client, cube_id, item.json()["items"][0]["id"]))
+    (alice, alice_cube, alice_id), (bob, _, bob_id) = owners
+    with server.daemon.db.read() as s:
+        bobs_row = s.scalar(select(Memory).where(Memory.id == bob_id))
+        index = server.daemon.indexes.get(alice_cube)
+        index.apply([to_doc(bobs_row)], [], index.generation)
+    hits = _search(alice, alice_cube, query="Bob's bank PIN secret", top_k=5)["hits"]
+    assert [h["memory"]["id"] for h in hits] == [alice_id]
+    alice.close()
+    bob.close()
