@@ -32,6 +32,7 @@ class Daemon:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.resolved_database_url)
         self.schema_revision = upgrade(self.db)
+        self._owns_embedder = embedder is None  # a shared one (tests) outlives this daemon
         self.embedder = embedder or Embedder(settings.embedder)
         self.indexes = IndexRegistry(
             self.db,
@@ -135,6 +136,8 @@ class Daemon:
             self._heal_thread.join(timeout=60)
         self.indexes.save_all()
         self.db.dispose()
+        if self._owns_embedder:
+            self.embedder.close()
 
 
 def serve(settings: Settings) -> None:

@@ -36,7 +36,9 @@ class LimitsConfig(BaseModel):
 
     max_batch_items: int = Field(1000, ge=1, le=100_000)
     max_content_bytes: int = Field(1 << 20, ge=1, le=64 << 20)
-    max_body_bytes: int = Field(256 << 20, ge=1 << 20, le=4 << 30)
+    # A request body is read whole before it is parsed; 32 MiB is 1000 memories of ~32 KB or
+    # ~30 at the content limit (max_batch_items x max_content_bytes would be 1 GiB).
+    max_body_bytes: int = Field(32 << 20, ge=1 << 20, le=4 << 30)
     max_top_k: int = Field(500, ge=1, le=10_000)
 
 

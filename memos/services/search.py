@@ -59,7 +59,7 @@ class SearchService:
             raise InvalidArgument("filters.since must be earlier than filters.until")
         self.cubes.require(principal, cube_id, Role.READER)
         index = self.indexes.get(cube_id)
-        vector = self.embedder.embed_one(query)
+        vector = self.embedder.embed_query(query)
         config = self.indexes.retrieval
         hybrid = mode == "hybrid"
         expand = hybrid and config.link_from > 0 and any(config.link_weights.values())
