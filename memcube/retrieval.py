@@ -51,6 +51,13 @@ class RetrievalConfig(BaseModel):
         default_factory=lambda: {"follows": 0.5, "similar": 0.0, "same_entity": 0.0},
         description="share of a top hit's score each linked note gains, by link kind",
     )
+    compact_min_dead: int = Field(
+        1024,
+        ge=1,
+        le=1 << 30,
+        description="compact a cube's index once its dead rows (edited, deleted) outnumber the "
+        "live ones and are at least this many",
+    )
     bm25_k1: float = Field(1.2, gt=0)
     bm25_b: float = Field(0.75, ge=0, le=1)
 
@@ -64,6 +71,26 @@ class DriftReport:
     @property
     def clean(self) -> bool:
         return self.missing == self.stale == self.extra == 0
+
+
+@dataclass(frozen=True)
+class IndexFootprint:
+    """What one cube's index holds: element counts, and the bytes its arrays allocate (the
+    ANN graph's as hnswlib lays it out; Python containers add roughly `PER_ROW_OVERHEAD` per
+    row on top, which `bytes` includes as an estimate)."""
+
+    live: int  # memories searchable
+    rows: int  # row slots used, live and dead (an edit masks one row and appends another)
+    postings: int  # BM25 postings entries, live and dead rows'
+    terms: int  # distinct BM25 terms
+    ann_elements: int  # HNSW elements, deleted ones included
+    ann_deleted: int
+    bytes: int
+
+
+# dicts, tuples and date objects per row (row_of, BM25 doc terms, days), measured roughly
+# with tracemalloc on synthetic notes: an estimate, for the memory budget only.
+PER_ROW_OVERHEAD = 400
 
 
 class CubeIndex:
@@ -83,6 +110,9 @@ class CubeIndex:
             {"dense": config.dense_weight, "lexical": config.lexical_weight},
         )
         self._lock = threading.RLock()
+        # While an ANN compaction builds a fresh graph outside the lock, the changes applied
+        # meanwhile, to replay onto it before the swap.
+        self._ann_backlog: list[tuple[list[IndexedDoc], list[int]]] | None = None
 
     # -- building ---------------------------------------------------------------------------
 
@@ -132,18 +162,74 @@ class CubeIndex:
             if self._ann is not None:
                 self._ann.delete(deleted)
                 self._upsert_ann(docs)
+                if self._ann_backlog is not None:
+                    self._ann_backlog.append((docs, deleted))
             self.generation = max(self.generation, generation)
+            if self._rows.dead_count > max(self._rows.live_count, self.config.compact_min_dead):
+                self._bm25.compact(self._rows.compact())
 
     def _remove(self, seq: int) -> None:
         row = self._rows.remove(seq)
         if row is not None:
             self._bm25.remove(row)
 
-    def _upsert_ann(self, docs: list[IndexedDoc]) -> None:
-        assert self._ann is not None
+    def _upsert_ann(self, docs: list[IndexedDoc], ann: HnswIndex | None = None) -> None:
+        target = ann or self._ann
+        assert target is not None
         if docs:
             seqs = np.fromiter((d.seq for d in docs), dtype=np.int64, count=len(docs))
-            self._ann.upsert(seqs, np.stack([d.embedding for d in docs]))
+            target.upsert(seqs, np.stack([d.embedding for d in docs]))
+
+    # -- compaction -------------------------------------------------------------------------
+
+    @property
+    def ann_needs_compaction(self) -> bool:
+        """Deleted HNSW elements outnumber live ones (edits replace in place; deletes only
+        mark), and are at least `compact_min_dead`."""
+        ann = self._ann
+        if ann is None or self._ann_backlog is not None:
+            return False
+        return ann.deleted_count > max(ann.live_count, self.config.compact_min_dead)
+
+    def compact_ann(self) -> bool:
+        """Rebuild the ANN graph from the live rows without its deleted elements. The graph is
+        built outside the lock (searches and writes go on against the old one); the changes
+        applied meanwhile are replayed onto it before the swap. Returns whether it ran."""
+        with self._lock:
+            if not self.ann_needs_compaction:
+                return False
+            live = np.flatnonzero(self._rows.live[: self._rows.size])
+            seqs, vectors = self._rows.seqs[live].copy(), self._rows.vectors[live].copy()
+            self._ann_backlog = []
+        try:
+            fresh = HnswIndex(self.dim, self.hnsw_config)
+            fresh.upsert(seqs, vectors)
+            with self._lock:
+                for docs, deleted in self._ann_backlog:
+                    fresh.delete(deleted)
+                    self._upsert_ann(docs, fresh)
+                self._ann = fresh
+                self.saved_generation = -1
+        finally:
+            self._ann_backlog = None
+        return True
+
+    def footprint(self) -> IndexFootprint:
+        with self._lock:
+            ann = self._ann
+            rows = self._rows
+            return IndexFootprint(
+                live=rows.live_count,
+                rows=rows.size,
+                postings=self._bm25.postings_count,
+                terms=self._bm25.term_count,
+                ann_elements=0 if ann is None else ann.element_count,
+                ann_deleted=0 if ann is None else ann.deleted_count,
+                bytes=rows.nbytes
+                + self._bm25.nbytes
+                + (0 if ann is None else ann.nbytes)
+                + PER_ROW_OVERHEAD * rows.size,
+            )
 
     # -- persistence and checks -------------------------------------------------------------
 

@@ -42,6 +42,7 @@ class Daemon:
             settings.hnsw,
             settings.retrieval,
             self.embedder.embed_background,
+            settings.indexes.max_loaded_bytes,
         )
         self.auth = AuthService(self.db)
         self.runtime = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled)

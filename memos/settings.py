@@ -42,6 +42,13 @@ class LimitsConfig(BaseModel):
     max_top_k: int = Field(500, ge=1, le=10_000)
 
 
+class IndexCacheConfig(BaseModel):
+    """Loaded cube indexes (rows, BM25, HNSW graph) stay in memory up to this budget; past it
+    the least recently used are unloaded (saved first) and load again on their next use."""
+
+    max_loaded_bytes: int = Field(2 << 30, ge=1 << 20, le=1 << 40)
+
+
 class SchedulerConfig(BaseModel):
     enabled: bool = True
     index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
@@ -94,6 +101,7 @@ class Settings(BaseSettings):
     embedder: EmbedderConfig = EmbedderConfig()
     hnsw: HnswConfig = HnswConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    indexes: IndexCacheConfig = IndexCacheConfig()
     limits: LimitsConfig = LimitsConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     enrichment: EnrichmentConfig = EnrichmentConfig()
