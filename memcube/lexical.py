@@ -159,6 +159,20 @@ class BM25Index:
         lengths[remap[live]] = self._lengths[live]
         self._lengths = lengths
 
+    def coverage(self, query: str, row: int) -> float:
+        """The idf-weighted share of the query's distinct terms that `row` contains, in [0, 1]:
+        1.0 when it holds every term, whatever their frequencies; 0.0 for a query of stopwords."""
+        terms = set(tokenize(query))
+        present = set(self._doc_terms.get(row, ()))
+        n_docs = self.doc_count
+        total = got = 0.0
+        for term in terms:
+            df = self._df.get(term, 0)
+            idf = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+            total += idf
+            got += idf if term in present else 0.0
+        return got / total if total > 0 else 0.0
+
     def scores(self, query: str, n_rows: int, mask: np.ndarray) -> np.ndarray:
         """query -> (n_rows,) float32 BM25 scores, zero where `mask` (n_rows,) bool is False."""
         out = np.zeros(n_rows, dtype=np.float32)

@@ -2,95 +2,31 @@
 
 The database is the source of truth; a `CubeIndex` is rebuilt from it (rows, BM25) and from the
 saved ANN graph (replaying changes newer than the graph's generation). All methods are
-thread-safe.
+thread-safe. Its configuration is `memcube/retrieval_config.py`; what it reports about itself
+(drift, footprint) is `memcube/index_reports.py`; what a hit's shown score means is
+`memcube/scores.py`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from memcube.errors import InvalidArgument
 from memcube.fusion import Signal, make_fusion
+from memcube.index_reports import PER_ROW_OVERHEAD, DriftReport, IndexFootprint
 from memcube.lexical import BM25Index
+from memcube.retrieval_config import SEARCH_MODES, RetrievalConfig
 from memcube.rows import RowTable
+from memcube.scores import relevance
 from memcube.temporal import parse_time_query
 from memcube.types import IndexedDoc, ScoredSeq, SearchFilters
 from memcube.vector_index import HnswConfig, HnswIndex
 
-SEARCH_MODES = ("hybrid", "dense", "lexical")
-
-
-class RetrievalConfig(BaseModel):
-    # Defaults measured on LoCoMo (docs/benchmarks.md); see memcube/fusion.py.
-    fusion: str = "zscore"
-    rrf_k: float = Field(60.0, gt=0, description="k of the rrf fusion")
-    dense_weight: float = Field(0.55, ge=0)
-    lexical_weight: float = Field(0.45, ge=0)
-    temporal_weight: float = Field(
-        1.0,
-        ge=0,
-        description="bonus for notes in a time the query names (memcube/temporal.py), in units "
-        "of the fused score: 1.0 is one standard deviation under zscore; far less suits rrf",
-    )
-    candidates: int = Field(50, ge=1, le=10_000, description="depth of each ranked list fused")
-    exact_max_rows: int = Field(
-        4096, ge=0, description="search exactly when at most this many rows pass the filters"
-    )
-    link_from: int = Field(
-        5, ge=0, le=100, description="link expansion: how many top hits spread score to links"
-    )
-    link_weights: dict[str, float] = Field(
-        # Measured on LoCoMo (docs/benchmarks.md): follows 0.5 lifts recall@10 0.6005 -> 0.6475;
-        # similar or same_entity at 0.3 on top lower it to ~0.55, so they stay off.
-        default_factory=lambda: {"follows": 0.5, "similar": 0.0, "same_entity": 0.0},
-        description="share of a top hit's score each linked note gains, by link kind",
-    )
-    compact_min_dead: int = Field(
-        1024,
-        ge=1,
-        le=1 << 30,
-        description="compact a cube's index once its dead rows (edited, deleted) outnumber the "
-        "live ones and are at least this many",
-    )
-    bm25_k1: float = Field(1.2, gt=0)
-    bm25_b: float = Field(0.75, ge=0, le=1)
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    missing: int  # live in the database, absent from the ANN index
-    stale: int  # present but its vector differs from the database's
-    extra: int  # live in the ANN index, deleted or unknown in the database
-
-    @property
-    def clean(self) -> bool:
-        return self.missing == self.stale == self.extra == 0
-
-
-@dataclass(frozen=True)
-class IndexFootprint:
-    """What one cube's index holds: element counts, and the bytes its arrays allocate (the
-    ANN graph's as hnswlib lays it out; Python containers add roughly `PER_ROW_OVERHEAD` per
-    row on top, which `bytes` includes as an estimate)."""
-
-    live: int  # memories searchable
-    rows: int  # row slots used, live and dead (an edit masks one row and appends another)
-    postings: int  # BM25 postings entries, live and dead rows'
-    terms: int  # distinct BM25 terms
-    ann_elements: int  # HNSW elements, deleted ones included
-    ann_deleted: int
-    bytes: int
-
-
-# dicts, tuples and date objects per row (row_of, BM25 doc terms, days), measured roughly
-# with tracemalloc on synthetic notes: an estimate, for the memory budget only.
-PER_ROW_OVERHEAD = 400
+__all__ = ["SEARCH_MODES", "CubeIndex", "DriftReport", "IndexFootprint", "RetrievalConfig"]
 
 
 class CubeIndex:
@@ -282,6 +218,20 @@ class CubeIndex:
                 for seq in seqs
                 if (row := self._rows.row_of.get(seq)) is not None and bool(mask[row])
             }
+
+    def relevance(self, query_vector: np.ndarray, query_text: str, seqs: list[int]) -> list[float]:
+        """query_vector: (dim,) float32 unit vector. Each seq's absolute relevance to the query
+        (`memcube/scores.py`), 0.0 for one no longer live."""
+        with self._lock:
+            out = []
+            for seq in seqs:
+                row = self._rows.row_of.get(seq)
+                if row is None:
+                    out.append(0.0)
+                    continue
+                cosine = float(self._rows.vectors[row] @ query_vector)
+                out.append(relevance(cosine, self._bm25.coverage(query_text, row)))
+            return out
 
     def search(
         self,

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from memcube.embedder import Embedder
 from memcube.errors import InvalidArgument
 from memcube.retrieval import CubeIndex
+from memcube.scores import shown
 from memcube.types import ScoredSeq, SearchFilters
 from memos.db.engine import Database
 from memos.db.models import Link, Memory
@@ -79,10 +80,12 @@ class SearchService:
                 )
             ).all()
             views = {row.seq: view for row, view in zip(rows, memory_views(s, rows), strict=True)}
+        scored = [hit for hit in scored if hit.seq in views]  # deleted since the index lookup
+        # Ranked by fused score; shown with an absolute score in [0, 1] (memcube/scores.py).
+        scores = shown(index.relevance(vector, query, [hit.seq for hit in scored]))
         hits = [
-            HitView(memory=views[hit.seq], score=hit.score, signals=hit.signals)
-            for hit in scored
-            if hit.seq in views  # deleted between the index lookup and the row fetch
+            HitView(memory=views[hit.seq], score=score, signals={**hit.signals, "rank": hit.score})
+            for hit, score in zip(scored, scores, strict=True)
         ]
         return SearchResult(hits=hits, took_ms=(time.perf_counter() - started) * 1000)
 

@@ -94,3 +94,14 @@ def test_compaction_equals_a_fresh_index_of_the_live_rows():
         fresh.nbytes,
     )
     assert churned.doc_count == 4
+
+
+def test_coverage_is_the_idf_weighted_share_of_query_terms_present():
+    index = BM25Index()
+    for row, text in enumerate(DOCS):
+        index.add(row, text)
+    assert index.coverage("support group", 0) == 1.0
+    assert index.coverage("support group", 1) == 0.0
+    idf = {t: math.log(1 + (5 - df + 0.5) / (df + 0.5)) for t, df in (("caroline", 2), ("lake", 1))}
+    assert index.coverage("Caroline by the lake", 1) == idf["lake"] / sum(idf.values())
+    assert index.coverage("the and of", 0) == 0.0  # stopwords only
