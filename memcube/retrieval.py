@@ -2,68 +2,31 @@
 
 The database is the source of truth; a `CubeIndex` is rebuilt from it (rows, BM25) and from the
 saved ANN graph (replaying changes newer than the graph's generation). All methods are
-thread-safe.
+thread-safe. Its configuration is `memcube/retrieval_config.py`; what it reports about itself
+(drift, footprint) is `memcube/index_reports.py`; what a hit's shown score means is
+`memcube/scores.py`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from memcube.errors import InvalidArgument
 from memcube.fusion import Signal, make_fusion
+from memcube.index_reports import PER_ROW_OVERHEAD, DriftReport, IndexFootprint
 from memcube.lexical import BM25Index
+from memcube.retrieval_config import SEARCH_MODES, RetrievalConfig
 from memcube.rows import RowTable
+from memcube.scores import relevance
 from memcube.temporal import parse_time_query
 from memcube.types import IndexedDoc, ScoredSeq, SearchFilters
 from memcube.vector_index import HnswConfig, HnswIndex
 
-SEARCH_MODES = ("hybrid", "dense", "lexical")
-
-
-class RetrievalConfig(BaseModel):
-    # Defaults measured on LoCoMo (docs/benchmarks.md); see memcube/fusion.py.
-    fusion: str = "zscore"
-    rrf_k: float = Field(60.0, gt=0, description="k of the rrf fusion")
-    dense_weight: float = Field(0.55, ge=0)
-    lexical_weight: float = Field(0.45, ge=0)
-    temporal_weight: float = Field(
-        1.0,
-        ge=0,
-        description="bonus for notes in a time the query names (memcube/temporal.py), in units "
-        "of the fused score: 1.0 is one standard deviation under zscore; far less suits rrf",
-    )
-    candidates: int = Field(50, ge=1, le=10_000, description="depth of each ranked list fused")
-    exact_max_rows: int = Field(
-        4096, ge=0, description="search exactly when at most this many rows pass the filters"
-    )
-    link_from: int = Field(
-        5, ge=0, le=100, description="link expansion: how many top hits spread score to links"
-    )
-    link_weights: dict[str, float] = Field(
-        # Measured on LoCoMo (docs/benchmarks.md): follows 0.5 lifts recall@10 0.6005 -> 0.6475;
-        # similar or same_entity at 0.3 on top lower it to ~0.55, so they stay off.
-        default_factory=lambda: {"follows": 0.5, "similar": 0.0, "same_entity": 0.0},
-        description="share of a top hit's score each linked note gains, by link kind",
-    )
-    bm25_k1: float = Field(1.2, gt=0)
-    bm25_b: float = Field(0.75, ge=0, le=1)
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    missing: int  # live in the database, absent from the ANN index
-    stale: int  # present but its vector differs from the database's
-    extra: int  # live in the ANN index, deleted or unknown in the database
-
-    @property
-    def clean(self) -> bool:
-        return self.missing == self.stale == self.extra == 0
+__all__ = ["SEARCH_MODES", "CubeIndex", "DriftReport", "IndexFootprint", "RetrievalConfig"]
 
 
 class CubeIndex:
@@ -83,6 +46,9 @@ class CubeIndex:
             {"dense": config.dense_weight, "lexical": config.lexical_weight},
         )
         self._lock = threading.RLock()
+        # While an ANN compaction builds a fresh graph outside the lock, the changes applied
+        # meanwhile, to replay onto it before the swap.
+        self._ann_backlog: list[tuple[list[IndexedDoc], list[int]]] | None = None
 
     # -- building ---------------------------------------------------------------------------
 
@@ -132,18 +98,74 @@ class CubeIndex:
             if self._ann is not None:
                 self._ann.delete(deleted)
                 self._upsert_ann(docs)
+                if self._ann_backlog is not None:
+                    self._ann_backlog.append((docs, deleted))
             self.generation = max(self.generation, generation)
+            if self._rows.dead_count > max(self._rows.live_count, self.config.compact_min_dead):
+                self._bm25.compact(self._rows.compact())
 
     def _remove(self, seq: int) -> None:
         row = self._rows.remove(seq)
         if row is not None:
             self._bm25.remove(row)
 
-    def _upsert_ann(self, docs: list[IndexedDoc]) -> None:
-        assert self._ann is not None
+    def _upsert_ann(self, docs: list[IndexedDoc], ann: HnswIndex | None = None) -> None:
+        target = ann or self._ann
+        assert target is not None
         if docs:
             seqs = np.fromiter((d.seq for d in docs), dtype=np.int64, count=len(docs))
-            self._ann.upsert(seqs, np.stack([d.embedding for d in docs]))
+            target.upsert(seqs, np.stack([d.embedding for d in docs]))
+
+    # -- compaction -------------------------------------------------------------------------
+
+    @property
+    def ann_needs_compaction(self) -> bool:
+        """Deleted HNSW elements outnumber live ones (edits replace in place; deletes only
+        mark), and are at least `compact_min_dead`."""
+        ann = self._ann
+        if ann is None or self._ann_backlog is not None:
+            return False
+        return ann.deleted_count > max(ann.live_count, self.config.compact_min_dead)
+
+    def compact_ann(self) -> bool:
+        """Rebuild the ANN graph from the live rows without its deleted elements. The graph is
+        built outside the lock (searches and writes go on against the old one); the changes
+        applied meanwhile are replayed onto it before the swap. Returns whether it ran."""
+        with self._lock:
+            if not self.ann_needs_compaction:
+                return False
+            live = np.flatnonzero(self._rows.live[: self._rows.size])
+            seqs, vectors = self._rows.seqs[live].copy(), self._rows.vectors[live].copy()
+            self._ann_backlog = []
+        try:
+            fresh = HnswIndex(self.dim, self.hnsw_config)
+            fresh.upsert(seqs, vectors)
+            with self._lock:
+                for docs, deleted in self._ann_backlog:
+                    fresh.delete(deleted)
+                    self._upsert_ann(docs, fresh)
+                self._ann = fresh
+                self.saved_generation = -1
+        finally:
+            self._ann_backlog = None
+        return True
+
+    def footprint(self) -> IndexFootprint:
+        with self._lock:
+            ann = self._ann
+            rows = self._rows
+            return IndexFootprint(
+                live=rows.live_count,
+                rows=rows.size,
+                postings=self._bm25.postings_count,
+                terms=self._bm25.term_count,
+                ann_elements=0 if ann is None else ann.element_count,
+                ann_deleted=0 if ann is None else ann.deleted_count,
+                bytes=rows.nbytes
+                + self._bm25.nbytes
+                + (0 if ann is None else ann.nbytes)
+                + PER_ROW_OVERHEAD * rows.size,
+            )
 
     # -- persistence and checks -------------------------------------------------------------
 
@@ -196,6 +218,20 @@ class CubeIndex:
                 for seq in seqs
                 if (row := self._rows.row_of.get(seq)) is not None and bool(mask[row])
             }
+
+    def relevance(self, query_vector: np.ndarray, query_text: str, seqs: list[int]) -> list[float]:
+        """query_vector: (dim,) float32 unit vector. Each seq's absolute relevance to the query
+        (`memcube/scores.py`), 0.0 for one no longer live."""
+        with self._lock:
+            out = []
+            for seq in seqs:
+                row = self._rows.row_of.get(seq)
+                if row is None:
+                    out.append(0.0)
+                    continue
+                cosine = float(self._rows.vectors[row] @ query_vector)
+                out.append(relevance(cosine, self._bm25.coverage(query_text, row)))
+            return out
 
     def search(
         self,

@@ -77,6 +77,52 @@ class RowTable:
         self.row_of[doc.seq] = row
         return row
 
+    @property
+    def dead_count(self) -> int:
+        return self.size - len(self.row_of)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the row arrays (allocated capacity), not counting Python containers."""
+        arrays = (self.vectors, self.live, self.seqs, self.times, self.sessions)
+        return sum(a.nbytes for a in arrays)
+
+    def compact(self) -> np.ndarray:
+        """Drop dead rows and shrink the arrays to fit the live ones.
+
+        Returns (old size,) int64: each old row's new number, -1 for a dropped row, so the
+        structures keyed by row (BM25 postings) can follow.
+        """
+        keep = np.flatnonzero(self.live[: self.size])
+        remap = np.full(self.size, -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        cap = 256  # the capacity appends would have grown to, as in a fresh table
+        while cap < len(keep):
+            cap *= 2
+        for name in ("vectors", "live", "seqs", "times", "sessions"):
+            old = getattr(self, name)
+            new = np.zeros((cap, *old.shape[1:]), dtype=old.dtype)
+            new[: len(keep)] = old[keep]
+            setattr(self, name, new)
+        self.size = len(keep)
+        self.days = [self.days[r] for r in keep.tolist()]
+        self.row_of = {int(seq): row for row, seq in enumerate(self.seqs[: self.size].tolist())}
+        # Session codes of dropped rows go too: renumber from the live rows.
+        names = {code: name for name, code in self._session_codes.items()}
+        codes: dict[str, int] = {}
+        for row in range(self.size):
+            old_code = int(self.sessions[row])
+            if old_code >= 0:
+                self.sessions[row] = codes.setdefault(names[old_code], len(codes))
+        self._session_codes = codes
+        facets = {}
+        for key, rows in self._facets.items():
+            kept = [int(r) for r in remap[rows].tolist() if r >= 0]
+            if kept:
+                facets[key] = kept
+        self._facets = facets
+        return remap
+
     def remove(self, seq: int) -> int | None:
         row = self.row_of.pop(seq, None)
         if row is not None:

@@ -99,6 +99,23 @@ class HnswIndex:
     def live_count(self) -> int:
         return self._index.element_count - len(self._deleted)
 
+    @property
+    def element_count(self) -> int:
+        return int(self._index.element_count)
+
+    @property
+    def deleted_count(self) -> int:
+        return len(self._deleted)
+
+    @property
+    def nbytes(self) -> int:
+        """The graph's allocation as hnswlib lays it out: per element slot of capacity, the
+        vector, a level-0 link list (2M links and a count), a label and a link-list pointer;
+        upper levels (about 1 element in M) add M links each."""
+        m = self.config.m
+        per_slot = self.dim * 4 + (2 * m + 1) * 4 + 8 + 8 + (m + 1) * 4 // m
+        return int(self._index.get_max_elements()) * per_slot
+
     def labels(self) -> set[int]:
         """Labels of live (not deleted) vectors."""
         return set(int(x) for x in self._index.get_ids_list()) - self._deleted

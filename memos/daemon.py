@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from memcube.atomic import tree_bytes
 from memcube.embedder import Embedder
 from memcube.enrichment import make_enricher
 from memos.db.engine import Database
@@ -32,6 +33,7 @@ class Daemon:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.resolved_database_url)
         self.schema_revision = upgrade(self.db)
+        self._owns_embedder = embedder is None  # a shared one (tests) outlives this daemon
         self.embedder = embedder or Embedder(settings.embedder)
         self.indexes = IndexRegistry(
             self.db,
@@ -41,6 +43,7 @@ class Daemon:
             settings.hnsw,
             settings.retrieval,
             self.embedder.embed_background,
+            settings.indexes.max_loaded_bytes,
         )
         self.auth = AuthService(self.db)
         self.runtime = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled)
@@ -90,8 +93,7 @@ class Daemon:
 
     def _cube_bytes(self, cube_id: str) -> int:
         """On-disk bytes of a cube's index files and activation blobs."""
-        activations = self.settings.activation_dir / cube_id
-        stored = sum(p.stat().st_size for p in activations.rglob("*") if p.is_file())
+        stored = tree_bytes(self.settings.activation_dir / cube_id)
         return self.indexes.disk_bytes(cube_id) + stored
 
     @property
@@ -132,6 +134,8 @@ class Daemon:
             self._heal_thread.join(timeout=60)
         self.indexes.save_all()
         self.db.dispose()
+        if self._owns_embedder:
+            self.embedder.close()
 
 
 def serve(settings: Settings) -> None:

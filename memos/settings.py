@@ -36,8 +36,17 @@ class LimitsConfig(BaseModel):
 
     max_batch_items: int = Field(1000, ge=1, le=100_000)
     max_content_bytes: int = Field(1 << 20, ge=1, le=64 << 20)
-    max_body_bytes: int = Field(256 << 20, ge=1 << 20, le=4 << 30)
+    # A request body is read whole before it is parsed; 32 MiB is 1000 memories of ~32 KB or
+    # ~30 at the content limit (max_batch_items x max_content_bytes would be 1 GiB).
+    max_body_bytes: int = Field(32 << 20, ge=1 << 20, le=4 << 30)
     max_top_k: int = Field(500, ge=1, le=10_000)
+
+
+class IndexCacheConfig(BaseModel):
+    """Loaded cube indexes (rows, BM25, HNSW graph) stay in memory up to this budget; past it
+    the least recently used are unloaded (saved first) and load again on their next use."""
+
+    max_loaded_bytes: int = Field(2 << 30, ge=1 << 20, le=1 << 40)
 
 
 class SchedulerConfig(BaseModel):
@@ -104,6 +113,7 @@ class Settings(BaseSettings):
     embedder: EmbedderConfig = EmbedderConfig()
     hnsw: HnswConfig = HnswConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    indexes: IndexCacheConfig = IndexCacheConfig()
     limits: LimitsConfig = LimitsConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     enrichment: EnrichmentConfig = EnrichmentConfig()

@@ -214,9 +214,17 @@ class SearchRequest(Strict):
 
 class HitOut(Out):
     memory: MemoryOut
-    score: float
+    score: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="relevance in [0, 1]: the better of the hit's cosine similarity to the query "
+        "and the idf-weighted share of the query's terms it contains, capped by the score of the "
+        "hit ranked above it (1.0: every term, or the same meaning)",
+    )
     signals: dict[str, float] = Field(
-        default_factory=dict, description="raw score of each retriever that found the hit"
+        default_factory=dict,
+        description="raw score of each retriever that found the hit (`dense`: cosine, "
+        "`lexical`: BM25, `temporal`, `links`), and `rank`: the fused score hits are ordered by",
     )
 
 

@@ -5,6 +5,11 @@ cube's write lock is released. Writers hold that lock across "commit, then apply
 so the index never misses or reorders a change made through this daemon. Anything else (a crash
 between commit and save, a foreign writer) is caught by comparing generations and replaying the
 rows whose `change_seq` is newer than what the index reflects.
+
+Loaded indexes share a memory budget (`max_loaded_bytes`, measured by each index's footprint):
+past it the least recently used are unloaded (saved first when dirty) and load again on their
+next use. An index compacts its dead rows as it goes (`CubeIndex.apply`); its ANN graph's
+deleted elements are compacted right after the write that tipped them over, outside the lock.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select, update
 
+from memcube.atomic import tree_bytes
 from memcube.notes import EMBEDDING_TEXT_FORMAT, to_doc
 from memcube.retrieval import CubeIndex, RetrievalConfig
 from memcube.vector_index import HnswConfig, read_manifest
@@ -54,15 +61,18 @@ class IndexRegistry:
         hnsw: HnswConfig,
         retrieval: RetrievalConfig,
         embed: Callable[[Sequence[str]], np.ndarray],
+        max_loaded_bytes: int = 2 << 30,
     ) -> None:
         self.db = db
+        self.max_loaded_bytes = max_loaded_bytes
         self.embed = embed
         self.root = root
         self.dim = dim
         self.embedder = embedder
         self.hnsw = hnsw
         self.retrieval = retrieval
-        self._indexes: dict[str, CubeIndex] = {}
+        self._indexes: OrderedDict[str, CubeIndex] = OrderedDict()  # least recently used first
+        self._sizes: dict[str, int] = {}  # footprint bytes of each loaded index
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
 
@@ -76,16 +86,24 @@ class IndexRegistry:
     # -- access -----------------------------------------------------------------------------
 
     def get(self, cube_id: str) -> CubeIndex:
-        index = self._indexes.get(cube_id)
-        if index is not None:
-            return index
-        with self._lock(cube_id):
+        """The cube's index, loaded (and healed) on first use or after an eviction."""
+        with self._guard:
             index = self._indexes.get(cube_id)
-            if index is None:
-                index, report = self._load(cube_id)
+            if index is not None:
+                self._indexes.move_to_end(cube_id)
+                return index
+        with self._lock(cube_id):
+            with self._guard:
+                index = self._indexes.get(cube_id)
+            if index is not None:
+                return index
+            index, report = self._load(cube_id)
+            with self._guard:
                 self._indexes[cube_id] = index
-                log.info("index loaded", extra={"fields": report.__dict__})
-            return index
+                self._sizes[cube_id] = index.footprint().bytes
+            log.info("index loaded", extra={"fields": report.__dict__})
+        self.evict_over_budget(keep=cube_id)
+        return index
 
     @contextmanager
     def writing(self, cube_id: str) -> Iterator[CubeIndex]:
@@ -93,21 +111,74 @@ class IndexRegistry:
         self.get(cube_id)
         with self._lock(cube_id):
             # Looked up again under the lock: maintenance may have swapped in a fresh index.
-            yield self.get(cube_id)
+            index = self.get(cube_id)
+            yield index
+        # After the lock: other writers go on while deleted graph elements are compacted away.
+        index.compact_ann()
+        with self._guard:
+            if self._indexes.get(cube_id) is index:
+                self._sizes[cube_id] = index.footprint().bytes
+        self.evict_over_budget(keep=cube_id)
 
     def loaded(self) -> list[str]:
-        return list(self._indexes)
+        """Loaded cubes, least recently used first."""
+        with self._guard:
+            return list(self._indexes)
+
+    def loaded_bytes(self) -> int:
+        """The loaded indexes' footprints, as of their load or last write."""
+        with self._guard:
+            return sum(self._sizes.values())
+
+    def evict_over_budget(self, keep: str | None = None) -> list[str]:
+        """Unload least recently used cubes (saving a dirty one first) until the loaded ones fit
+        in `max_loaded_bytes`. `keep` (the cube in use) and cubes whose lock is held (a write
+        or a load in progress) stay; an unloaded cube loads again on its next use."""
+        evicted: list[str] = []
+        while self.loaded_bytes() > self.max_loaded_bytes:
+            for cube_id in self.loaded():
+                if cube_id != keep and self._unload(cube_id):
+                    evicted.append(cube_id)
+                    break
+            else:
+                break  # everything left is in use
+        return evicted
+
+    def _unload(self, cube_id: str) -> bool:
+        lock = self._lock(cube_id)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            with self._guard:
+                index = self._indexes.get(cube_id)
+            if index is None:
+                return False
+            if index.dirty:
+                try:
+                    index.save(self.directory(cube_id))
+                except OSError:  # the database has it all: the next load replays or rebuilds
+                    log.exception(
+                        "index save before eviction failed", extra={"fields": {"cube_id": cube_id}}
+                    )
+            with self._guard:
+                self._indexes.pop(cube_id, None)
+                self._sizes.pop(cube_id, None)
+            fields = {"cube_id": cube_id, "bytes": index.footprint().bytes}
+            log.info("index evicted", extra={"fields": fields})
+            return True
+        finally:
+            lock.release()
 
     def drop(self, cube_id: str) -> None:
         with self._lock(cube_id):
-            self._indexes.pop(cube_id, None)
+            with self._guard:
+                self._indexes.pop(cube_id, None)
+                self._sizes.pop(cube_id, None)
             shutil.rmtree(self.directory(cube_id), ignore_errors=True)
 
     def disk_bytes(self, cube_id: str) -> int:
-        directory = self.directory(cube_id)
-        if not directory.exists():
-            return 0
-        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        """Bytes of the cube's saved index files (a save may be renaming them meanwhile)."""
+        return tree_bytes(self.directory(cube_id))
 
     # -- loading and healing ----------------------------------------------------------------
 
@@ -162,12 +233,13 @@ class IndexRegistry:
             for start in range(0, len(seqs), chunk):
                 part = seqs[start : start + chunk]
                 with self.db.read() as s:
-                    query = select(Memory).where(Memory.seq.in_(part))
+                    query = select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(part))
                     texts = {row.seq: note_embedding_text(s, row) for row in s.scalars(query)}
                 # Embedded outside any transaction: SQLite's write lock is global.
                 vectors = self.embed([texts[seq] for seq in part])
                 with self.db.write() as s:
-                    for row in s.scalars(select(Memory).where(Memory.seq.in_(part))):
+                    rows = select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(part))
+                    for row in s.scalars(rows):
                         row.embedding = vectors[part.index(row.seq)].astype(np.float32).tobytes()
                 count += len(part)
         with self.db.write() as s:
@@ -209,13 +281,13 @@ class IndexRegistry:
                 or manifest.generation != generation
                 or manifest.embedder != self.embedder  # another vector space: re-embed now
             )
-            if lagging and cube_id not in self._indexes:
+            if lagging and cube_id not in self.loaded():
                 try:
-                    self.get(cube_id)
+                    index = self.get(cube_id)
                 except Exception:  # a cube deleted meanwhile, or a broken row: keep going
                     log.exception("heal failed", extra={"fields": {"cube_id": cube_id}})
                     continue
-                reports.append(HealReport(cube_id, "healed", 0, self._indexes[cube_id].live_count))
+                reports.append(HealReport(cube_id, "healed", 0, index.live_count))
         return reports
 
     def maintain(self, cube_id: str) -> HealReport:
@@ -228,7 +300,9 @@ class IndexRegistry:
             if generation != index.generation:
                 # Changed behind our back (another process): reload from the database.
                 fresh, report = self._load(cube_id)
-                self._indexes[cube_id] = fresh
+                with self._guard:
+                    self._indexes[cube_id] = fresh
+                    self._sizes[cube_id] = fresh.footprint().bytes
                 return HealReport(cube_id, "reloaded", report.replayed, fresh.live_count)
             drift = index.verify_ann(sample=256)
             action = "clean"

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from memcube.embedder import Embedder
 from memcube.errors import InvalidArgument
 from memcube.retrieval import CubeIndex
+from memcube.scores import shown
 from memcube.types import ScoredSeq, SearchFilters
 from memos.db.engine import Database
 from memos.db.models import Link, Memory
@@ -59,39 +60,46 @@ class SearchService:
             raise InvalidArgument("filters.since must be earlier than filters.until")
         self.cubes.require(principal, cube_id, Role.READER)
         index = self.indexes.get(cube_id)
-        vector = self.embedder.embed_one(query)
+        vector = self.embedder.embed_query(query)
         config = self.indexes.retrieval
         hybrid = mode == "hybrid"
         expand = hybrid and config.link_from > 0 and any(config.link_weights.values())
         pool = top_k + 2 * config.link_from if hybrid else top_k
         scored = index.search(vector, query, pool, filters, mode=mode, exact=exact)
         if expand:
-            scored = self._expand(index, scored, filters)
+            scored = self._expand(cube_id, index, scored, filters)
         if hybrid:
-            scored = self._collapse_duplicates(scored)
+            scored = self._collapse_duplicates(cube_id, scored)
         scored = scored[:top_k]
         with self.db.read() as s:
             rows = s.scalars(
                 select(Memory).where(
-                    Memory.seq.in_([hit.seq for hit in scored]), Memory.deleted_at.is_(None)
+                    Memory.cube_id == cube_id,  # seqs come from this cube's index; never trust
+                    Memory.seq.in_([hit.seq for hit in scored]),  # them alone
+                    Memory.deleted_at.is_(None),
                 )
             ).all()
             views = {row.seq: view for row, view in zip(rows, memory_views(s, rows), strict=True)}
+        scored = [hit for hit in scored if hit.seq in views]  # deleted since the index lookup
+        # Ranked by fused score; shown with an absolute score in [0, 1] (memcube/scores.py).
+        scores = shown(index.relevance(vector, query, [hit.seq for hit in scored]))
         hits = [
-            HitView(memory=views[hit.seq], score=hit.score, signals=hit.signals)
-            for hit in scored
-            if hit.seq in views  # deleted between the index lookup and the row fetch
+            HitView(memory=views[hit.seq], score=score, signals={**hit.signals, "rank": hit.score})
+            for hit, score in zip(scored, scores, strict=True)
         ]
         return SearchResult(hits=hits, took_ms=(time.perf_counter() - started) * 1000)
 
-    def _collapse_duplicates(self, scored: list[ScoredSeq]) -> list[ScoredSeq]:
+    def _collapse_duplicates(self, cube_id: str, scored: list[ScoredSeq]) -> list[ScoredSeq]:
         """Keep only the best-ranked note of each group joined by `duplicate` links, so one
         thing said twice takes one place in the hits."""
         seqs = [hit.seq for hit in scored]
         with self.db.read() as s:
             pairs = s.execute(
                 select(Link.src_seq, Link.dst_seq).where(
-                    Link.kind == "duplicate", Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)
+                    Link.cube_id == cube_id,
+                    Link.kind == "duplicate",
+                    Link.src_seq.in_(seqs),
+                    Link.dst_seq.in_(seqs),
                 )
             ).all()
         if not pairs:
@@ -108,7 +116,7 @@ class SearchService:
         return kept
 
     def _expand(
-        self, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters
+        self, cube_id: str, index: CubeIndex, scored: list[ScoredSeq], filters: SearchFilters
     ) -> list[ScoredSeq]:
         """Link expansion: each of the top hits adds a share of its score to the notes it
         links to, so the turn after a strong hit, or a note about the same entity, can rise or
@@ -121,7 +129,9 @@ class SearchService:
         with self.db.read() as s:
             links = s.execute(
                 select(Link.src_seq, Link.dst_seq, Link.kind).where(
-                    Link.src_seq.in_(list(sources)), Link.kind.in_(list(weights))
+                    Link.cube_id == cube_id,
+                    Link.src_seq.in_(list(sources)),
+                    Link.kind.in_(list(weights)),
                 )
             ).all()
         gains: dict[int, float] = {}

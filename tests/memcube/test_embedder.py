@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
@@ -41,3 +44,88 @@ def test_batch_order_and_single_query_agree(embedder):
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
     assert embedder.embed([]).shape == (0, 384)
     assert embedder.fingerprint == "all-MiniLM-L6-v2:fp32:384"
+
+
+def test_long_text_is_cut_before_tokenizing(embedder):
+    limit = embedder.config.max_chars
+    assert limit == 256 * 8
+    huge = "".join(f"word{i} and " for i in range(120_000))[: 1 << 20]  # 1 MiB
+    before = embedder.stats()
+    vector = embedder.embed([huge, "short"])[0]
+    after = embedder.stats()
+    # Exactly the cut text and the short one reached the tokenizer.
+    assert after.chars_tokenized - before.chars_tokenized == limit + len("short")
+    assert after.texts_cut - before.texts_cut == 1
+    # The cut loses nothing the model reads: its first 256 tokens lie inside the cut.
+    assert len(embedder._bulk_tokenizer([huge[:limit]])["input_ids"][0]) == 256
+    np.testing.assert_array_equal(vector, embedder.embed([huge[:limit]])[0])
+
+
+def test_query_lane_matches_the_bulk_lane(embedder):
+    batch = embedder.embed(TEXTS)
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(embedder.embed_query(text), batch[i], atol=1e-5)
+
+
+def _background(embedder, count: int, threads: int) -> tuple[list[threading.Thread], int]:
+    """Start `threads` background batches of `count` texts; return once each is inside its
+    batch, with the number of background forwards served by then."""
+    texts = [f"note {i}: we talked about hiking, dogs and the weather in May" for i in range(count)]
+    start = embedder.stats().forwards.get("background", 0)
+    workers = [
+        threading.Thread(target=embedder.embed_background, args=(texts,), daemon=True)
+        for _ in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    while (served := embedder.stats().forwards.get("background", 0) - start) < threads:
+        time.sleep(0.005)
+    return workers, served
+
+
+def _background_before(embedder, lane: str, kind: str, since: int) -> int:
+    """Background forwards served from serial `since` until the last `kind` forward on `lane`."""
+    served = embedder.stats().served
+    last = max(serial for serial, *entry in served if entry == [lane, kind])
+    return sum(1 for serial, _, k in served if since <= serial < last and k == "background")
+
+
+def _next_serial(embedder) -> int:
+    return sum(embedder.stats().forwards.values())
+
+
+@pytest.fixture(scope="module")
+def one_lane(model_cache):
+    """Queries share the bulk lane; background work goes one text per forward."""
+    shared = Embedder(EmbedderConfig(cache_dir=model_cache, query_threads=0, background_chunk=1))
+    yield shared
+    shared.close()
+
+
+@pytest.mark.parametrize("kind", ["query", "write"])
+def test_urgent_work_overtakes_queued_background_chunks(one_lane, kind):
+    """Three enrichment-sized batches are in progress on the one lane; a query (or an add)
+    submitted now is served right after the forward in flight, ahead of every queued chunk."""
+    since = _next_serial(one_lane)
+    workers, served = _background(one_lane, count=60, threads=3)
+    if kind == "query":
+        one_lane.embed_query("what did we talk about in May?")
+    else:
+        one_lane.embed(["a new note someone is waiting to store"])
+    assert _background_before(one_lane, "bulk", kind, since) <= served + 1  # + the one in flight
+    for worker in workers:
+        worker.join()
+
+
+def test_queries_have_their_own_lane(embedder):
+    """With a query lane (the default), a search's query never enters the bulk lane's queue:
+    it is served while a large background batch is still in progress."""
+    since = _next_serial(embedder)
+    workers, _ = _background(embedder, count=512, threads=1)
+    embedder.embed_query("what did we talk about in May?")
+    served = [entry for serial, *entry in embedder.stats().served if serial >= since]
+    assert ["bulk", "query"] not in served and ["query", "query"] in served
+    # Served before the batch's remaining chunks: 512 texts are 64 forwards of 8.
+    assert _background_before(embedder, "query", "query", since) < 64
+    for worker in workers:
+        worker.join()

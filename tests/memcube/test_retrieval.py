@@ -151,3 +151,72 @@ def test_ann_agrees_with_exact_search():
         exact = {h.seq for h in index.search(q, "", 10, mode="dense", exact=True)}
         overlap.append(len(ann & exact) / 10)
     assert np.mean(overlap) >= 0.98
+
+
+# -- no unbounded growth ------------------------------------------------------------------
+
+OTHERS = [
+    "Sven repaired the old bicycle in the garage",
+    "Olga sailed a dinghy across the bay at dawn",
+    "Priya planted tomatoes and basil on the balcony",
+]
+QUERY = "who baked bread?"
+
+
+def _note(seq: int, text: str, vector: np.ndarray) -> IndexedDoc:
+    return IndexedDoc(seq, text, vector, "s1", T0 + timedelta(minutes=seq), {"k": seq % 2})
+
+
+def _real_index(embedder, first: str) -> tuple[CubeIndex, np.ndarray]:
+    """Four real notes (seq 0 is `first`), ANN searched whatever the size."""
+    vectors = embedder.embed([first, *OTHERS])
+    index = CubeIndex(384, "test:1", HnswConfig(), RetrievalConfig(exact_max_rows=0))
+    texts = [first, *OTHERS]
+    index.load_rows([_note(s, texts[s], vectors[s]) for s in range(4)], generation=1)
+    index.rebuild_ann()
+    return index, embedder.embed_query(QUERY)
+
+
+def test_one_note_edited_20000_times_keeps_the_index_flat(embedder):
+    variants = [f"Noor baked a {bread} loaf this morning" for bread in
+                ("sourdough", "rye", "brioche", "spelt", "focaccia")]  # fmt: skip
+    vectors = embedder.embed(variants)
+    index, query = _real_index(embedder, variants[0])
+    initial = index.footprint()
+    baseline = index.search(query, QUERY, 4)
+    assert [hit.seq for hit in baseline][0] == 0
+    period = index.config.compact_min_dead + 1  # dead rows that outnumber 1024, then compacted
+    assert period % len(variants) == 0  # each period ends on the first variant again
+    for n in range(1, 20 * period + 1):
+        k = n % len(variants)
+        index.apply([_note(0, variants[k], vectors[k])], [], generation=1 + n)
+        index.compact_ann()  # as the registry does after each write: nothing to do for edits
+        if n % 1000 == 0:
+            assert index.footprint().rows == 4 + n % period
+        if n % period == 0:
+            # The same four notes: every count and byte, and every hit and score, as at first.
+            assert index.footprint() == initial
+            assert index.search(query, QUERY, 4) == baseline
+    assert (initial.live, initial.rows, initial.ann_elements, initial.ann_deleted) == (4, 4, 4, 0)
+
+
+def test_add_delete_churn_compacts_rows_and_the_graph(embedder):
+    index, query = _real_index(embedder, "Noor baked a sourdough loaf this morning")
+    initial = index.footprint()
+    baseline = index.search(query, QUERY, 4)
+    passing = embedder.embed(["a passing note about kites"])[0]
+    period = index.config.compact_min_dead + 1
+    generation = 1
+    for cycle in range(1, 2 * period + 1):
+        seq = 100 + cycle
+        index.apply([_note(seq, "a passing note about kites", passing)], [], generation + 1)
+        index.apply([], [seq], generation + 2)
+        generation += 2
+        assert index.compact_ann() == (cycle % period == 0)  # deleted graph elements > 1024
+        if cycle % 500 == 0:
+            footprint = index.footprint()
+            assert (footprint.rows, footprint.ann_elements) == (4 + cycle % period,) * 2
+            assert footprint.ann_deleted == cycle % period
+        if cycle % period == 0:
+            assert index.footprint() == initial
+            assert index.search(query, QUERY, 4) == baseline

@@ -278,3 +278,20 @@ def test_oversize_body_is_413_declared_or_chunked(small_server):
         r = client.post(path, content=iter([small[:10], small[10:]]))  # chunked, under the limit
         assert r.status_code == 201
         assert client.get(f"/v1/cubes/{cube_id}").json()["stats"]["memories"] == 1
+
+
+def test_default_body_limit_is_32_mib(server):
+    """1000 items of 33 KB each pass the item and content limits but not the body limit."""
+    with server.client() as client:
+        cube_id = client.post("/v1/cubes", json={"name": "big-body"}).json()["id"]
+        item = b'{"content": "' + b"y" * (33 * 1024) + b'"}'
+        body = b'{"items": [' + b",".join([item] * 1000) + b"]}"
+        assert (32 << 20) < len(body) < (33 << 20)
+        r = client.post(
+            f"/v1/cubes/{cube_id}/memories",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
+        assert r.json()["error"]["message"] == f"request body over {32 << 20} bytes"
+        assert client.get(f"/v1/cubes/{cube_id}").json()["stats"]["memories"] == 0

@@ -178,3 +178,60 @@ def test_cube_list_pages(server):
             if cursor is None:
                 break
         assert seen == ids
+
+
+def test_stats_skip_files_an_atomic_rename_removes_while_they_are_counted(server, monkeypatch):
+    """An atomic write renames its temporary file over the target while stats walk the cube's
+    files. Both windows are made deterministic by hooking the real calls: the temporary file is
+    removed right after the directory listing, or right after its first stat."""
+    import os
+    from pathlib import Path
+
+    _, key = server.new_user()
+    with server.client(key) as client:
+        cube_id = client.post("/v1/cubes", json={"name": "renamed"}).json()["id"]
+        client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "abc"}]})
+        daemon = server.daemon
+        index_dir = daemon.indexes.directory(cube_id)
+        blob_dir = daemon.settings.activation_dir / cube_id / "act_x"
+        index_dir.mkdir(parents=True, exist_ok=True)
+        blob_dir.mkdir(parents=True)
+        (index_dir / "kept.bin").write_bytes(b"1234567")
+        (blob_dir / "blob.safetensors").write_bytes(b"12345")
+        victims = [index_dir / ".hnsw.bin.0a1b.tmp", blob_dir / ".blob.0a1b.tmp"]
+        # 3 bytes of content, one 384-d float32 vector, and the two files that stay.
+        base = 3 + 384 * 4 + 7 + 5
+
+        def stats_bytes() -> int:
+            for victim in victims:
+                victim.write_bytes(b"x" * 1000)
+            got = client.get(f"/v1/cubes/{cube_id}")
+            monkeypatch.undo()
+            assert got.status_code == 200, got.text
+            assert not any(victim.exists() for victim in victims)
+            return int(got.json()["stats"]["bytes"])
+
+        def after_listing(listing):
+            def listed(*args, **kwargs):
+                entries = list(listing(*args, **kwargs))  # the real listing, taken first
+                for victim in victims:
+                    victim.unlink(missing_ok=True)  # then the rename removes the temp name
+                return iter(entries)
+
+            return listed
+
+        for name in ("iterdir", "rglob"):
+            monkeypatch.setattr(Path, name, after_listing(getattr(Path, name)))
+        monkeypatch.setattr(os, "walk", after_listing(os.walk))
+        assert stats_bytes() == base  # listed, gone by the time they are looked at
+
+        real_stat = os.stat
+
+        def stat_then_renamed(path, *args, **kwargs):
+            result = real_stat(path, *args, **kwargs)
+            if Path(path) in victims:
+                Path(path).unlink()  # the rename lands right after this stat
+            return result
+
+        monkeypatch.setattr(os, "stat", stat_then_renamed)
+        assert stats_bytes() == base + 2 * 1000  # seen once, counted with the size it had

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 DOCS = [
     {
         "content": "Caroline adopted a golden retriever puppy named Max.",
@@ -107,3 +109,58 @@ def test_filters_session_time_metadata(tenant):
 def test_empty_cube_returns_no_hits(tenant):
     client, cube_id = tenant
     assert _search(client, cube_id, query="anything")["hits"] == []
+
+
+def test_a_foreign_seq_in_a_cube_index_never_leaks_another_cube(server):
+    """Defence in depth: the rows behind a cube's hits are fetched by cube and seq, so even an
+    index that holds another tenant's seq (a bug, a corrupt file) cannot show that memory."""
+    from sqlalchemy import select
+
+    from memcube.notes import to_doc
+    from memos.db.models import Memory
+
+    owners = []
+    for content in ("Alice keeps bees on the roof.", "Bob's bank PIN is 4921, keep it secret."):
+        _, key = server.new_user()
+        client = server.client(key)
+        cube_id = client.post("/v1/cubes", json={"name": "c"}).json()["id"]
+        item = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": content}]})
+        owners.append((client, cube_id, item.json()["items"][0]["id"]))
+    (alice, alice_cube, alice_id), (bob, _, bob_id) = owners
+    with server.daemon.db.read() as s:
+        bobs_row = s.scalar(select(Memory).where(Memory.id == bob_id))
+        index = server.daemon.indexes.get(alice_cube)
+        index.apply([to_doc(bobs_row)], [], index.generation)
+    hits = _search(alice, alice_cube, query="Bob's bank PIN secret", top_k=5)["hits"]
+    assert [h["memory"]["id"] for h in hits] == [alice_id]
+    alice.close()
+    bob.close()
+
+
+def test_the_only_perfect_hit_scores_1(tenant):
+    client, cube_id = tenant
+    content = "Caroline adopted a golden retriever puppy named Max."
+    client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": content}]})
+    (hit,) = _search(client, cube_id, query=content, top_k=5)["hits"]
+    assert hit["score"] == 1.0  # every term present (and a cosine of ~1.0)
+    assert hit["signals"]["dense"] == pytest.approx(1.0, abs=1e-5)
+    assert hit["signals"]["rank"] == 0.0  # the fused z-score of a lone candidate, kept raw
+
+
+def test_scores_are_relevance_in_0_1_never_rising_down_the_ranking(tenant):
+    client, cube_id = tenant
+    _seed(client, cube_id)
+    for query in ("dog", "quarterly taxes", "xylophone zeppelin", "marshmallows by the lake"):
+        hits = _search(client, cube_id, query=query, top_k=5)["hits"]
+        assert len(hits) == 5
+        scores = [h["score"] for h in hits]
+        assert all(0.0 <= s <= 1.0 for s in scores), scores
+        assert scores == sorted(scores, reverse=True)
+        ranks = [h["signals"]["rank"] for h in hits]
+        assert ranks == sorted(ranks, reverse=True)  # the ranking is the fused order
+        # Each score is the running minimum of max(cosine, term coverage) down the list.
+        assert scores[0] >= max(hits[0]["signals"]["dense"], 0.0)
+    top = _search(client, cube_id, query="marshmallows", top_k=1)["hits"][0]
+    assert top["score"] == 1.0  # it holds every term of the query
+    unrelated = _search(client, cube_id, query="xylophone zeppelin", top_k=5)["hits"]
+    assert unrelated[0]["score"] < 0.3  # nothing matches: no term, a low cosine
