@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from memcube.errors import NotFound
+from memcube.errors import NotFound, PreconditionFailed
 from memcube.notes import embedding_text
 from memos.db.models import Cube, Link, Memory, MemoryHistory
 from memos.services.cubes import cube_not_found
@@ -32,6 +32,15 @@ def drop_derived_links(s: Session, seqs: Sequence[int]) -> None:
 
 def memory_not_found(memory_id: str) -> NotFound:
     return NotFound(f"memory {memory_id!r} not found", code="memory_not_found")
+
+
+def check_version(row: Memory, if_match: frozenset[int] | None) -> None:
+    """412 unless the row is at one of the versions the caller expects (None: any)."""
+    if if_match is not None and row.version not in if_match:
+        expected = ", ".join(f'"{v}"' for v in sorted(if_match)) or "none"
+        raise PreconditionFailed(
+            f"memory {row.id!r} is at version {row.version}; If-Match expected {expected}"
+        )
 
 
 def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
