@@ -64,6 +64,9 @@ class Cube(Base):
     # The embedder vector space of the stored embeddings (e.g. "all-MiniLM-L6-v2:fp32:384");
     # a daemon running another space re-embeds the cube before using it. NULL: not yet known.
     embedder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Live (not deleted) memories, kept by every write transaction (`bump_generation`), so the
+    # memory quota sums a few counters instead of counting rows.
+    live_memories: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Grant(Base):

@@ -87,7 +87,8 @@ class ErasureService:
                 if row is None:
                     raise memory_not_found(memory_id)
                 check_version(row, if_match)
-                generation = bump_generation(s, cube_id)
+                live = row.deleted_at is None
+                generation = bump_generation(s, cube_id, live_delta=-1 if live else 0)
                 seq, session_id = row.seq, row.session_id
                 links = s.execute(
                     delete(Link).where(or_(Link.src_seq == seq, Link.dst_seq == seq))

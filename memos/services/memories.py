@@ -95,7 +95,7 @@ class MemoryService:
             with self.db.write() as s:
                 if self.quotas is not None:  # in the transaction: concurrent adds queue here
                     self.quotas.check_memories(s, cube_id, len(items))
-                generation = bump_generation(s, cube_id)
+                generation = bump_generation(s, cube_id, live_delta=len(items))
                 rows = [
                     Memory(
                         id=new_id("mem"),
@@ -179,7 +179,7 @@ class MemoryService:
             with self.db.write() as s:
                 row = self._live_row(s, cube_id, memory_id, for_update=True)
                 check_version(row, if_match)
-                generation = bump_generation(s, cube_id)
+                generation = bump_generation(s, cube_id, live_delta=-1)
                 row.version += 1
                 row.change_seq = generation
                 row.updated_at = row.deleted_at = utcnow()

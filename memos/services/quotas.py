@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from memcube.errors import NotFound, QuotaExceeded
 from memos.db.engine import Database
-from memos.db.models import Activation, ApiKey, Cube, Memory, User
+from memos.db.models import Activation, ApiKey, Cube, User
 from memos.settings import QuotasConfig
 
 
@@ -41,10 +41,9 @@ class QuotaService:
             return
         owner_id = self._owner(s, cube_id)
         self.lock_user(s, owner_id)
+        # The per-cube counters kept by every write (`bump_generation`): O(cubes), not O(rows).
         used = s.scalar(
-            select(func.count(Memory.seq))
-            .join(Cube, Cube.id == Memory.cube_id)
-            .where(Cube.owner_id == owner_id, Memory.deleted_at.is_(None))
+            select(func.coalesce(func.sum(Cube.live_memories), 0)).where(Cube.owner_id == owner_id)
         )
         self._refuse_beyond(
             "max_memories_per_user", limit, int(used or 0), extra, owner_id, "memories"

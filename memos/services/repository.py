@@ -91,11 +91,14 @@ def history_row(row: Memory, reason: str) -> MemoryHistory:
     )
 
 
-def bump_generation(s: Session, cube_id: str) -> int:
+def bump_generation(s: Session, cube_id: str, live_delta: int = 0) -> int:
+    """Take the cube's next generation for this transaction's changes. `live_delta`: how many
+    live memories the transaction adds (or, negative, removes), kept in `cubes.live_memories`
+    for the memory quota: every insert, soft delete or erasure of a memory must pass it."""
     generation = s.scalar(
         update(Cube)
         .where(Cube.id == cube_id)
-        .values(generation=Cube.generation + 1)
+        .values(generation=Cube.generation + 1, live_memories=Cube.live_memories + live_delta)
         .returning(Cube.generation)
     )
     if generation is None:  # the cube was deleted while this request was in flight

@@ -118,3 +118,26 @@ def test_concurrent_adds_cannot_both_take_the_last_place(server, quotas):
             assert sorted(statuses) == [201, 429]
             total = sum(client.get(f"/v1/cubes/{c}").json()["stats"]["memories"] for c in cubes)
             assert total == round_ + 1
+
+
+def test_live_memory_counter_follows_every_write(tenant, server):
+    """The memory quota sums `cubes.live_memories`: adds, soft deletes and erasures keep it
+    equal to the live rows (edits and enrichment leave it alone)."""
+    from sqlalchemy import func, select
+
+    from memos.db.models import Cube, Memory
+
+    client, cube_id = tenant
+    path = f"/v1/cubes/{cube_id}/memories"
+    ids = [m["id"] for m in client.post(path, json=_items("a", "b", "c", "d")).json()["items"]]
+    client.patch(f"{path}/{ids[0]}", json={"content": "a2"})
+    client.delete(f"{path}/{ids[1]}")
+    client.delete(f"{path}/{ids[1]}", params={"erase": "true"})  # soft-deleted already
+    client.delete(f"{path}/{ids[2]}", params={"erase": "true"})  # live
+    client.post(path, json={"items": [{"content": "x"} for _ in range(5)]})
+    with server.daemon.db.read() as s:
+        counter = s.scalar(select(Cube.live_memories).where(Cube.id == cube_id))
+        live = s.scalar(
+            select(func.count()).where(Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
+        )
+    assert counter == live == 7
