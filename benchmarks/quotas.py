@@ -4,7 +4,8 @@ With `quotas.max_memories_per_user` set, every add locks the owner's user row an
 live-memory counters of the owner's cubes (`cubes.live_memories`, kept by every write). This
 measures that check: the median of `--runs` write transactions that bump the cube's generation
 (as every add does, so each commits a write) with and without it, at several sizes, on SQLite
-and on PostgreSQL (skipped when `--postgres` is not reachable).
+and on PostgreSQL (skipped when `--postgres` is not reachable). `row count` is the same without
+the counters: the owner's live rows counted, as the check was first written.
 
     python benchmarks/quotas.py --json docs/quotas.json
     python benchmarks/quotas.py --sizes 1000 --runs 20          # quick
@@ -80,6 +81,18 @@ def fill(db: Database, owner: str, size: int) -> str:
     return cubes[0]
 
 
+def count_rows(s: Any, cube_id: str) -> int:
+    """The check as first written: the owner's live rows counted (O(memories)), for comparison."""
+    owner = select(Cube.owner_id).where(Cube.id == cube_id).scalar_subquery()
+    return int(
+        s.scalar(
+            select(func.count(Memory.seq))
+            .join(Cube, Cube.id == Memory.cube_id)
+            .where(Cube.owner_id == owner, Memory.deleted_at.is_(None))
+        )
+    )
+
+
 def median_ms(db: Database, run: Any, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -100,6 +113,9 @@ def measure(db: Database, backend: str, sizes: list[int], runs: int) -> list[dic
         checked = median_ms(
             db, lambda s, c=cube_id: (quotas.check_memories(s, c, 1), bump_generation(s, c)), runs
         )
+        counted = median_ms(
+            db, lambda s, c=cube_id: (count_rows(s, c), bump_generation(s, c)), runs
+        )
         rows.append(
             {
                 "backend": backend,
@@ -107,6 +123,7 @@ def measure(db: Database, backend: str, sizes: list[int], runs: int) -> list[dic
                 "bump_tx_ms": round(bare, 3),
                 "with_check_ms": round(checked, 3),
                 "check_ms": round(checked - bare, 3),
+                "row_count_ms": round(counted - bare, 3),
             }
         )
     return rows
@@ -149,6 +166,7 @@ def main() -> None:
             ("bump tx ms", "bump_tx_ms", ">8.3f"),
             ("+check ms", "with_check_ms", ">8.3f"),
             ("check ms", "check_ms", ">8.3f"),
+            ("row count ms", "row_count_ms", ">8.3f"),
         ],
         rows,
     )
