@@ -173,6 +173,15 @@ class BM25Index:
             got += idf if term in present else 0.0
         return got / total if total > 0 else 0.0
 
+    def prune(self) -> int:
+        """Drop the postings of terms no live row has any more (an erasure must not leave its
+        words in the vocabulary); returns how many terms went."""
+        dead = [term for term, df in self._df.items() if df <= 0]
+        for term in dead:
+            del self._df[term]
+            self._postings.pop(term, None)
+        return len(dead)
+
     def scores(self, query: str, n_rows: int, mask: np.ndarray) -> np.ndarray:
         """query -> (n_rows,) float32 BM25 scores, zero where `mask` (n_rows,) bool is False."""
         out = np.zeros(n_rows, dtype=np.float32)

@@ -104,6 +104,19 @@ class CubeIndex:
             if self._rows.dead_count > max(self._rows.live_count, self.config.compact_min_dead):
                 self._bm25.compact(self._rows.compact())
 
+    def erase(self, seqs: list[int], generation: int) -> None:
+        """Apply an erasure: the notes leave rows, BM25 (their words too) and the ANN graph,
+        and every vector they had (any version) is overwritten, in memory and in the graph
+        that the next `save` writes."""
+        with self._lock:
+            for seq in seqs:
+                self._remove(seq)
+            self._rows.erase(seqs)
+            self._bm25.prune()
+            if self._ann is not None:
+                self._ann.erase(seqs)
+            self.generation = max(self.generation, generation)
+
     def _remove(self, seq: int) -> None:
         row = self._rows.remove(seq)
         if row is not None:

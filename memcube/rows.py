@@ -129,6 +129,27 @@ class RowTable:
             self.live[row] = False
         return row
 
+    def erase(self, seqs: list[int]) -> None:
+        """Forget these seqs' rows of every version: vectors, times, sessions, dates and metadata
+        facets cleared (the rows stay, masked, so row numbers elsewhere keep their meaning)."""
+        for seq in seqs:
+            self.remove(seq)
+        rows = np.flatnonzero(np.isin(self.seqs[: self.size], np.asarray(seqs, dtype=np.int64)))
+        if len(rows) == 0:
+            return
+        self.vectors[rows] = 0.0
+        self.times[rows] = 0
+        self.sessions[rows] = -1
+        gone = set(rows.tolist())
+        for row in gone:
+            self.days[row] = ()
+        for key in list(self._facets):
+            kept = [row for row in self._facets[key] if row not in gone]
+            if kept:
+                self._facets[key] = kept
+            else:
+                del self._facets[key]
+
     def mask(self, filters: SearchFilters) -> np.ndarray:
         """(size,) bool: live rows that pass every filter."""
         mask = self.live[: self.size].copy()

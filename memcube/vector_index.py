@@ -93,6 +93,20 @@ class HnswIndex:
                 continue  # label never indexed: nothing to delete
             self._deleted.add(seq)
 
+    def erase(self, seqs: Iterable[int]) -> None:
+        """Delete these labels for good: each stored vector is overwritten with zeros before it
+        is marked deleted (hnswlib keeps a deleted label's vector), so neither the graph in
+        memory nor a saved copy holds it any more."""
+        present = set(int(x) for x in self._index.get_ids_list())
+        zero = np.zeros((1, self.dim), dtype=np.float32)
+        for seq in seqs:
+            if seq not in present:
+                continue
+            # Re-adding a label (even a deleted one) overwrites its vector in place.
+            self._index.add_items(zero, np.array([seq], dtype=np.int64), num_threads=1)
+            self._index.mark_deleted(seq)
+            self._deleted.add(seq)
+
     # -- queries ----------------------------------------------------------------------------
 
     @property

@@ -44,7 +44,9 @@ app = typer.Typer(
 )
 user_app = typer.Typer(help="Manage users (admin key).", no_args_is_help=True)
 cube_app = typer.Typer(help="Manage memory cubes.", no_args_is_help=True)
+key_app = typer.Typer(help="Your own API keys.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
+app.add_typer(key_app, name="key")
 activation_app = typer.Typer(
     help="Activation memory: KV caches of the daemon's model.", no_args_is_help=True
 )
@@ -238,6 +240,74 @@ def cube_grant(
         _print_json(grant)
     else:
         typer.echo(f"granted {grant.role} on {grant.cube_id} to {grant.user_id}")
+
+
+@user_app.command("list")
+def user_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every user, oldest first (admin key)."""
+    with _client(ctx) as client:
+        users = client.list_users()
+    if as_json:
+        _print_json(users)
+        return
+    rows = [[u.id, u.name, "yes" if u.is_admin else "", _when(u.created_at)] for u in users]
+    _print_table(["ID", "NAME", "ADMIN", "CREATED"], rows)
+
+
+@cube_app.command("grants")
+def cube_grants(ctx: typer.Context, cube_id: str, as_json: JsonOpt = False) -> None:
+    """Who else may use the cube (owner only)."""
+    with _client(ctx) as client:
+        grants = client.list_grants(cube_id)
+    if as_json:
+        _print_json(grants)
+        return
+    _print_table(
+        ["USER", "ROLE", "SINCE"], [[g.user_id, g.role, _when(g.created_at)] for g in grants]
+    )
+
+
+@cube_app.command("revoke")
+def cube_revoke(ctx: typer.Context, cube_id: str, user_id: str) -> None:
+    """Take a user's grant on the cube away (owner only); they lose it at once."""
+    with _client(ctx) as client:
+        client.revoke_grant(cube_id, user_id)
+    typer.echo(f"revoked: {user_id} on {cube_id}")
+
+
+@key_app.command("list")
+def key_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Your API keys, revoked ones included (never their secrets)."""
+    with _client(ctx) as client:
+        keys = client.list_keys()
+    if as_json:
+        _print_json(keys)
+        return
+    rows = [[k.id, k.name, k.prefix + "…", _when(k.created_at), _when(k.revoked_at)] for k in keys]
+    _print_table(["ID", "NAME", "PREFIX", "CREATED", "REVOKED"], rows)
+
+
+@key_app.command("create")
+def key_create(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option(help="A label to tell keys apart.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key for yourself and print it (shown only once)."""
+    with _client(ctx) as client:
+        key = client.create_key(name)
+    if as_json:
+        _print_json(key)
+    else:
+        typer.echo(f"id: {key.id}\napi_key: {key.api_key}")
+
+
+@key_app.command("revoke")
+def key_revoke(ctx: typer.Context, key_id: str) -> None:
+    """Revoke one of your keys; it stops working at once. Your last key cannot be revoked."""
+    with _client(ctx) as client:
+        client.revoke_key(key_id)
+    typer.echo(f"revoked: {key_id}")
 
 
 # --------------------------------------------------------------------------- memories

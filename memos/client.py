@@ -55,6 +55,19 @@ class User(_Model):
     id: str
     name: str
     api_key: str | None = None  # shown only in the reply to `create_user`
+    is_admin: bool | None = None  # filled in by `list_users`
+    created_at: datetime | None = None  # filled in by `list_users`
+
+
+class ApiKey(_Model):
+    """One of the caller's API keys. `api_key` (the secret) only in the reply to `create_key`."""
+
+    id: str
+    name: str
+    prefix: str  # the key's first 8 characters
+    created_at: datetime
+    revoked_at: datetime | None = None
+    api_key: str | None = None
 
 
 class CubeStats(_Model):
@@ -81,6 +94,7 @@ class Grant(_Model):
     cube_id: str
     user_id: str
     role: str
+    created_at: datetime | None = None  # filled in by `list_grants`
 
 
 class Link(_Model):
@@ -234,8 +248,38 @@ class ActivationMismatch(Conflict):
     """409 `activation_mismatch`: the activation was built by another model, tokenizer or dtype."""
 
 
+class PreconditionFailed(MemosError):
+    """412: `if_match` named a version the memory is no longer at; nothing was changed."""
+
+
 class PayloadTooLarge(MemosError):
     """413: e.g. more than 1000 items in one batch."""
+
+
+class TooManyRequests(MemosError):
+    """429. `retry_after`: seconds the server asked to wait (its `Retry-After`), if it said."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str = "error",
+        details: Any = None,
+        retry_after: float | None = None,
+        limit: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, code=code, details=details)
+        self.retry_after = retry_after
+        self.limit = limit  # the quota's setting name, for `QuotaExceeded`
+
+
+class RateLimited(TooManyRequests):
+    """429 `rate_limited`: this key sent too many requests; retry after `retry_after` s."""
+
+
+class QuotaExceeded(TooManyRequests):
+    """429 `quota_exceeded`: the cube owner's quota named by `limit` is full; waiting won't help."""
 
 
 class ValidationFailed(MemosError):
@@ -252,8 +296,15 @@ _ERRORS: dict[int, tuple[type[MemosError], str]] = {
     403: (Forbidden, "forbidden"),
     404: (NotFound, "not_found"),
     409: (Conflict, "conflict"),
+    412: (PreconditionFailed, "precondition_failed"),
     413: (PayloadTooLarge, "payload_too_large"),
     422: (ValidationFailed, "validation_failed"),
+    429: (TooManyRequests, "too_many_requests"),
+}
+
+_TOO_MANY: dict[str, type[TooManyRequests]] = {
+    "rate_limited": RateLimited,
+    "quota_exceeded": QuotaExceeded,
 }
 
 
@@ -268,6 +319,7 @@ def error_from_response(response: httpx.Response) -> MemosError:
     code = code or ("server_error" if status >= 500 else f"http_{status}")
     message = response.reason_phrase or f"HTTP {status}"
     details = None
+    limit = None
     try:
         body = response.json()
     except ValueError:
@@ -280,6 +332,7 @@ def error_from_response(response: httpx.Response) -> MemosError:
             code = str(err.get("code") or code)
             message = str(err.get("message") or message)
             details = err.get("details")
+            limit = err.get("limit")
         elif isinstance(err, str):
             message = err
         elif "detail" in body:
@@ -287,7 +340,25 @@ def error_from_response(response: httpx.Response) -> MemosError:
             message = detail if isinstance(detail, str) else json.dumps(detail)
     if status == 409 and code == "activation_mismatch":
         cls = ActivationMismatch
+    if status == 429:
+        too_many = _TOO_MANY.get(code, TooManyRequests)
+        return too_many(
+            message,
+            status=status,
+            code=code,
+            details=details,
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+            limit=str(limit) if limit is not None else None,
+        )
     return cls(message, status=status, code=code, details=details)
+
+
+def _retry_after(header: str | None) -> float | None:
+    """`Retry-After` in seconds (this server sends whole seconds; dates are not used)."""
+    try:
+        return float(header) if header is not None else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- requests
@@ -302,6 +373,7 @@ class _Call(Generic[T]):
     parse: Callable[[Any], T]
     params: dict[str, Any] | None = None
     body: Any = None
+    headers: dict[str, str] | None = None
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -354,6 +426,13 @@ def _cube_exists(exc: Conflict) -> bool:
 # Lookup and create can only keep missing each other while the cube is created and deleted
 # concurrently; after this many rounds the caller gets the last 409.
 GET_OR_CREATE_TRIES = 3
+
+
+def _if_match(version: int | str | None) -> dict[str, str] | None:
+    """An `If-Match` header: a version number becomes its ETag (`"3"`); a string goes as is."""
+    if version is None:
+        return None
+    return {"If-Match": f'"{version}"' if isinstance(version, int) else version}
 
 
 def _memory_input(item: MemoryInput | Mapping[str, Any]) -> dict[str, Any]:
@@ -437,16 +516,27 @@ class _Routes:
         memory_id: str,
         content: str | None = None,
         metadata: dict[str, Any] | None = None,
+        if_match: int | str | None = None,
     ) -> _Call[Memory]:
-        """Change content and/or metadata; the returned memory has `version` + 1."""
+        """Change content and/or metadata; the returned memory has `version` + 1.
+
+        `if_match`: the version you read (e.g. `memory.version`), or `"*"`: `PreconditionFailed`
+        if the memory has changed since, and nothing is written.
+        """
         body = _drop_none(content=content, metadata=metadata)
         path = _path("cubes", cube_id, "memories", memory_id)
-        return _Call("PATCH", path, _one(Memory), body=body)
+        return _Call("PATCH", path, _one(Memory), body=body, headers=_if_match(if_match))
 
     @staticmethod
-    def delete_memory(cube_id: str, memory_id: str) -> _Call[None]:
-        """Soft delete: gone from reads and search, kept in history."""
-        return _Call("DELETE", _path("cubes", cube_id, "memories", memory_id), _nothing)
+    def delete_memory(
+        cube_id: str, memory_id: str, erase: bool = False, if_match: int | str | None = None
+    ) -> _Call[None]:
+        """Soft delete: gone from reads and search, kept in history. `erase=True` (owner only)
+        removes it for good: content, history, links, vectors, and activations built from it.
+        `if_match` as for `update_memory`."""
+        path = _path("cubes", cube_id, "memories", memory_id)
+        params = {"erase": "true"} if erase else None
+        return _Call("DELETE", path, _nothing, params=params, headers=_if_match(if_match))
 
     @staticmethod
     def memory_history(cube_id: str, memory_id: str) -> _Call[list[HistoryEntry]]:
@@ -528,6 +618,23 @@ class _Routes:
         """Admin only. Status of a run started by `run_job` (a route beyond the spec's floor)."""
         return _Call("GET", _path("jobs", "runs", run_id), _one(JobRun))
 
+    @staticmethod
+    def create_key(name: str | None = None) -> _Call[ApiKey]:
+        """A new API key for the caller; its secret `api_key` is shown by the server this once."""
+        return _Call("POST", _path("keys"), _one(ApiKey), body=_drop_none(name=name))
+
+    @staticmethod
+    def revoke_key(key_id: str) -> _Call[None]:
+        """Revoke one of your keys (401 from its next request on). `NotFound` for another
+        user's key; `Conflict` (`last_key`) for your last active one: create another first."""
+        return _Call("DELETE", _path("keys", key_id), _nothing)
+
+    @staticmethod
+    def revoke_grant(cube_id: str, user_id: str) -> _Call[None]:
+        """Owner only: the user loses the cube at once. `NotFound` (`grant_not_found`) if the
+        user has no grant."""
+        return _Call("DELETE", _path("cubes", cube_id, "grants", user_id), _nothing)
+
     # Lists that the clients walk to the end themselves (see `_walk`).
 
     @staticmethod
@@ -542,6 +649,19 @@ class _Routes:
     @staticmethod
     def list_jobs(cursor: str | None) -> _Call[Page[Job]]:
         return _Call("GET", _path("jobs"), _page(Job), params=_drop_none(cursor=cursor))
+
+    @staticmethod
+    def list_keys(cursor: str | None) -> _Call[Page[ApiKey]]:
+        return _Call("GET", _path("keys"), _page(ApiKey), params=_drop_none(cursor=cursor))
+
+    @staticmethod
+    def list_users(cursor: str | None) -> _Call[Page[User]]:
+        return _Call("GET", _path("users"), _page(User), params=_drop_none(cursor=cursor))
+
+    @staticmethod
+    def list_grants(cube_id: str, cursor: str | None) -> _Call[Page[Grant]]:
+        path = _path("cubes", cube_id, "grants")
+        return _Call("GET", path, _page(Grant), params=_drop_none(cursor=cursor))
 
 
 # --------------------------------------------------------------------------- clients
@@ -632,6 +752,9 @@ class _Api:
     generate = _Endpoint(_Routes.generate)
     run_job = _Endpoint(_Routes.run_job)
     get_job_run = _Endpoint(_Routes.get_job_run)
+    create_key = _Endpoint(_Routes.create_key)
+    revoke_key = _Endpoint(_Routes.revoke_key)
+    revoke_grant = _Endpoint(_Routes.revoke_grant)
 
     def __init__(self, base_url: str, api_key: str | None) -> None:
         self.base_url = base_url.rstrip("/")
@@ -691,7 +814,7 @@ class MemosClient(_Api):
     def _send(self, call: _Call[T]) -> T:
         try:
             response = self._http.request(
-                call.method, call.path, params=call.params, json=call.body
+                call.method, call.path, params=call.params, json=call.body, headers=call.headers
             )
         except httpx.TransportError as exc:
             raise self._unreachable(call, exc) from exc
@@ -767,6 +890,18 @@ class MemosClient(_Api):
         """Admin only."""
         return list(self._walk(_Routes.list_jobs))
 
+    def list_keys(self) -> list[ApiKey]:
+        """The caller's API keys, revoked ones included, oldest first; never their secrets."""
+        return list(self._walk(_Routes.list_keys))
+
+    def list_users(self) -> list[User]:
+        """Admin only: every user, oldest first."""
+        return list(self._walk(_Routes.list_users))
+
+    def list_grants(self, cube_id: str) -> list[Grant]:
+        """Owner only: who else may use the cube."""
+        return list(self._walk(lambda c: _Routes.list_grants(cube_id, c)))
+
 
 class AsyncMemosClient(_Api):
     """`MemosClient` with awaitable methods; `iter_memories` is an async generator.
@@ -794,7 +929,7 @@ class AsyncMemosClient(_Api):
     async def _send(self, call: _Call[T]) -> T:
         try:
             response = await self._http.request(
-                call.method, call.path, params=call.params, json=call.body
+                call.method, call.path, params=call.params, json=call.body, headers=call.headers
             )
         except httpx.TransportError as exc:
             raise self._unreachable(call, exc) from exc
@@ -867,3 +1002,12 @@ class AsyncMemosClient(_Api):
 
     async def list_jobs(self) -> list[Job]:
         return [job async for job in self._walk(_Routes.list_jobs)]
+
+    async def list_keys(self) -> list[ApiKey]:
+        return [key async for key in self._walk(_Routes.list_keys)]
+
+    async def list_users(self) -> list[User]:
+        return [user async for user in self._walk(_Routes.list_users)]
+
+    async def list_grants(self, cube_id: str) -> list[Grant]:
+        return [g async for g in self._walk(lambda c: _Routes.list_grants(cube_id, c))]

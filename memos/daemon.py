@@ -17,8 +17,12 @@ from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
+from memos.services.erasure import ErasureService
 from memos.services.indexes import IndexRegistry, vector_space
+from memos.services.keys import KeyService
 from memos.services.memories import MemoryService
+from memos.services.quotas import QuotaService
+from memos.services.ratelimit import RateLimiter
 from memos.services.runtime import RuntimeHolder
 from memos.services.search import SearchService
 from memos.services.system import SystemService
@@ -46,8 +50,11 @@ class Daemon:
             settings.indexes.max_loaded_bytes,
         )
         self.auth = AuthService(self.db)
+        self.quotas = QuotaService(self.db, settings.quotas)
+        self.keys = KeyService(self.db, self.quotas)
+        self.rate_limiter = RateLimiter(settings.rate_limit)
         self.runtime = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled)
-        self.cubes = CubeService(self.db, self._drop_cube, self._cube_bytes)
+        self.cubes = CubeService(self.db, self._drop_cube, self._cube_bytes, self.quotas)
         self.activations = ActivationService(
             self.db, self.cubes, self.runtime, settings.activation_dir, settings.activations
         )
@@ -71,7 +78,9 @@ class Daemon:
             self.embedder,
             settings.limits,
             on_write=self.enrichment_worker.wake,
+            quotas=self.quotas,
         )
+        self.erasure = ErasureService(self.db, self.cubes, self.indexes, settings.activation_dir)
         self.search = SearchService(
             self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
         )

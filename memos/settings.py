@@ -49,6 +49,25 @@ class IndexCacheConfig(BaseModel):
     max_loaded_bytes: int = Field(2 << 30, ge=1 << 20, le=1 << 40)
 
 
+class QuotasConfig(BaseModel):
+    """Per-user limits, counted against the owner of the cube written to; 0 = unlimited.
+    Beyond one: 429 `quota_exceeded` naming the limit, and nothing is written."""
+
+    max_cubes_per_user: int = Field(0, ge=0, le=1_000_000_000)
+    max_memories_per_user: int = Field(0, ge=0, le=1_000_000_000_000)
+    max_activation_bytes_per_user: int = Field(0, ge=0, le=1 << 50)
+    max_keys_per_user: int = Field(100, ge=1, le=100_000, description="active API keys")
+
+
+class RateLimitConfig(BaseModel):
+    """A token bucket per API key on the /v1 routes: `requests_per_s` refill, `burst` size.
+    Beyond it: 429 `rate_limited` with `Retry-After`. 0 requests per second turns it off."""
+
+    requests_per_s: float = Field(0.0, ge=0, le=1_000_000)
+    burst: int = Field(50, ge=1, le=1_000_000)
+    max_keys: int = Field(100_000, ge=1, le=10_000_000, description="buckets kept (LRU)")
+
+
 class SchedulerConfig(BaseModel):
     enabled: bool = True
     index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
@@ -115,6 +134,8 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = RetrievalConfig()
     indexes: IndexCacheConfig = IndexCacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    quotas: QuotasConfig = QuotasConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     enrichment: EnrichmentConfig = EnrichmentConfig()
     runtime: RuntimeConfig = RuntimeConfig()

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from memos import __version__
 from memos.api import errors
 from memos.api.middleware import Metrics, RequestMiddleware
-from memos.api.routes import activations, cubes, memories, ops, users
+from memos.api.routes import activations, cubes, keys, memories, ops, users
 from memos.daemon import Daemon
 
 
@@ -32,7 +32,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.daemon = daemon
     app.state.metrics = Metrics()
     errors.install(app)
-    for module in (ops, users, cubes, memories, activations):
+    for module in (ops, users, keys, cubes, memories, activations):
         app.include_router(module.router)
     app.add_middleware(
         RequestMiddleware,

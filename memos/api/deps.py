@@ -9,6 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from memcube.errors import Forbidden
 from memos.daemon import Daemon
+from memos.services.auth import hash_key
 from memos.services.views import Principal
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
@@ -26,7 +27,16 @@ def get_principal(
     daemon: DaemonDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    return daemon.auth.authenticate(credentials.credentials if credentials else None)
+    """The caller, once its key is known and within its rate limit (429 `rate_limited`).
+
+    Every /v1 route depends on this; /healthz and /metrics do not, so they are never limited.
+    Unknown keys get 401 before any bucket is made for them.
+    """
+    key = credentials.credentials if credentials else None
+    principal = daemon.auth.authenticate(key)
+    if key is not None and daemon.rate_limiter.enabled:
+        daemon.rate_limiter.check(hash_key(key))
+    return principal
 
 
 def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +16,10 @@ from memcube.errors import (
     Forbidden,
     InvalidArgument,
     NotFound,
+    PreconditionFailed,
+    QuotaExceeded,
     TooLarge,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
 )
@@ -29,6 +33,8 @@ STATUS = {
     NotFound: 404,
     Conflict: 409,
     TooLarge: 413,
+    PreconditionFailed: 412,
+    TooManyRequests: 429,
     Unavailable: 503,
 }
 
@@ -39,17 +45,30 @@ HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    412: "precondition_failed",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
+    429: "too_many_requests",
 }
 
 
-def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> JSONResponse:
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
     return JSONResponse(
         {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
     )
+
+
+def retry_after_header(seconds: float | None) -> dict[str, str]:
+    """`Retry-After` in whole seconds (the header takes no fractions), at least 1."""
+    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _location(loc: tuple[object, ...]) -> str:
@@ -64,6 +83,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+        if isinstance(exc, QuotaExceeded):
+            return error_response(status, exc.code, exc.message, limit=exc.limit)
+        if isinstance(exc, TooManyRequests):
+            headers = retry_after_header(exc.retry_after)
+            return error_response(status, exc.code, exc.message, headers=headers)
         return error_response(status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)

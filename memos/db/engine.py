@@ -4,6 +4,9 @@ SQLite runs in WAL mode with `synchronous=FULL`, so a committed transaction surv
 of the daemon (and of the machine). Write transactions on SQLite start with `BEGIN IMMEDIATE`
 on a separate engine: a deferred transaction that reads and then writes can fail at once with
 "database is locked" when another writer got in between, while an immediate one waits.
+Every SQLite connection runs with `secure_delete=ON`: deleted rows are overwritten with zeros
+in the pages that held them, so an erased memory's bytes leave the database file once the WAL
+is checkpointed (`Database.checkpoint`). PostgreSQL keeps dead tuples until VACUUM.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -71,6 +75,23 @@ class Database:
         """A transaction that commits on success and rolls back on any exception."""
         with self._writer() as session, session.begin():
             yield session
+
+    def checkpoint(self) -> bool:
+        """SQLite: copy the WAL into the database file and truncate the WAL to zero bytes, so
+        no older copy of a page survives in it. True when done; False when a reader kept it
+        busy (the next checkpoint finishes the job). PostgreSQL: nothing to do here."""
+        if self.dialect != "sqlite":
+            return True
+        # On the raw (autocommit) connection: inside a transaction the connection's own
+        # snapshot would keep the checkpoint from finishing.
+        raw = self.read_engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            busy = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            cursor.close()
+        finally:
+            raw.close()
+        return int(busy) == 0
 
     def dispose(self) -> None:
         self.read_engine.dispose()

@@ -44,6 +44,7 @@ class ApiKey(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
@@ -63,6 +64,9 @@ class Cube(Base):
     # The embedder vector space of the stored embeddings (e.g. "all-MiniLM-L6-v2:fp32:384");
     # a daemon running another space re-embeds the cube before using it. NULL: not yet known.
     embedder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Live (not deleted) memories, kept by every write transaction (`bump_generation`), so the
+    # memory quota sums a few counters instead of counting rows.
+    live_memories: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Grant(Base):

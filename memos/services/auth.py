@@ -14,8 +14,8 @@ from memcube.errors import Unauthorized
 from memos.db.engine import Database
 from memos.db.models import ApiKey, User
 from memos.db.types import utcnow
-from memos.services.ids import new_id
-from memos.services.views import Principal, UserView
+from memos.services.ids import decode_cursor, encode_cursor, new_id
+from memos.services.views import Page, Principal, UserSummary, UserView
 
 ADMIN_USER_ID = "usr_admin"
 
@@ -28,6 +28,13 @@ def generate_key() -> str:
     return "msk_" + secrets.token_urlsafe(32)
 
 
+def _file_key(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 class AuthService:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -38,8 +45,19 @@ class AuthService:
             user = User(id=new_id("usr"), name=name, is_admin=is_admin)
             s.add(user)
             s.flush()
-            s.add(ApiKey(user_id=user.id, key_hash=hash_key(key), prefix=key[:8]))
+            s.add(ApiKey(user_id=user.id, key_hash=hash_key(key), prefix=key[:8], name="initial"))
         return UserView(id=user.id, name=user.name, api_key=key)
+
+    def users(self, limit: int, cursor: str | None) -> Page[UserSummary]:
+        """Every user, oldest first (for the admin)."""
+        start = decode_cursor(cursor) or 0
+        with self.db.read() as s:
+            rows = s.scalars(
+                select(User).order_by(User.created_at, User.id).offset(start).limit(limit + 1)
+            ).all()
+        items = [UserSummary(u.id, u.name, bool(u.is_admin), u.created_at) for u in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items=items, next_cursor=encode_cursor(start + limit) if more else None)
 
     def authenticate(self, key: str | None) -> Principal:
         if not key:
@@ -57,9 +75,11 @@ class AuthService:
     def ensure_admin(self, configured_key: str | None, key_file: Path) -> str | None:
         """Make sure the admin can log in. Returns the key file's path if a key was generated.
 
-        With a configured key (MEMOS_ADMIN_KEY) that key becomes the admin's only key. Without
-        one, the key in `key_file` is kept if it is valid; otherwise a new key is generated,
-        written there (mode 0600) and older admin keys are revoked.
+        With a configured key (MEMOS_ADMIN_KEY) that key becomes the admin's only key, and a
+        `key_file` holding another key (one generated before) is removed: it holds a revoked
+        key, which tools such as the CLI would otherwise keep sending. Without one, the key in
+        `key_file` is kept if it is valid; otherwise a new key is generated, written there
+        (mode 0600) and older admin keys are revoked.
         """
         with self.db.write() as s:
             if s.get(User, ADMIN_USER_ID) is None:
@@ -68,8 +88,8 @@ class AuthService:
             key = configured_key
             generated = False
             if key is None and key_file.exists():
-                candidate = key_file.read_text().strip()
-                if self._admin_key_active(s, candidate):
+                candidate = _file_key(key_file)
+                if candidate and self._admin_key_active(s, candidate):
                     return None
             if key is None:
                 key = generate_key()
@@ -85,7 +105,9 @@ class AuthService:
                 .values(revoked_at=utcnow())
             )
             if not self._admin_key_active(s, key):
-                s.add(ApiKey(user_id=ADMIN_USER_ID, key_hash=digest, prefix=key[:8]))
+                s.add(ApiKey(user_id=ADMIN_USER_ID, key_hash=digest, prefix=key[:8], name="admin"))
+        if not generated and key_file.exists() and _file_key(key_file) != key:
+            key_file.unlink(missing_ok=True)
         if generated:
             write_atomic(key_file, (key + "\n").encode(), mode=0o600)
             return str(key_file)

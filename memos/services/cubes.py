@@ -15,7 +15,8 @@ from memos.db.engine import Database
 from memos.db.models import Activation, Cube, Grant, Memory, User
 from memos.db.types import utcnow
 from memos.services.ids import decode_cursor, encode_cursor, new_id
-from memos.services.views import CubeStats, CubeView, Page, Principal, Role
+from memos.services.quotas import QuotaService
+from memos.services.views import CubeStats, CubeView, GrantView, Page, Principal, Role
 
 GRANTABLE = {"reader": Role.READER, "writer": Role.WRITER}
 
@@ -42,10 +43,12 @@ class CubeService:
         db: Database,
         on_delete: Callable[[str], None],
         index_bytes: Callable[[str], int],
+        quotas: QuotaService | None = None,
     ) -> None:
         self.db = db
         self._on_delete = on_delete
         self._index_bytes = index_bytes
+        self.quotas = quotas
 
     # -- access -----------------------------------------------------------------------------
 
@@ -77,6 +80,8 @@ class CubeService:
     def create(self, principal: Principal, name: str, description: str) -> CubeView:
         try:
             with self.db.write() as s:
+                if self.quotas is not None:
+                    self.quotas.check_cubes(s, principal.user_id)
                 cube = Cube(
                     id=new_id("cube"),
                     name=name,
@@ -174,3 +179,40 @@ class CubeService:
                 )
             )
         return {"cube_id": cube_id, "user_id": user_id, "role": role}
+
+    def _owned(self, s: Session, principal: Principal, cube_id: str, doing: str) -> Cube:
+        cube, role = self.role_of(s, principal, cube_id)
+        if role < Role.OWNER:
+            raise Forbidden(f"only the owner may {doing} cube {cube_id!r}")
+        return cube
+
+    def grants(
+        self, principal: Principal, cube_id: str, limit: int, cursor: str | None
+    ) -> Page[GrantView]:
+        """The cube's grants, oldest first (owner only)."""
+        start = decode_cursor(cursor) or 0
+        with self.db.read() as s:
+            self._owned(s, principal, cube_id, "list the grants of")
+            rows = s.scalars(
+                select(Grant)
+                .where(Grant.cube_id == cube_id)
+                .order_by(Grant.created_at, Grant.user_id)
+                .offset(start)
+                .limit(limit + 1)
+            ).all()
+        items = [GrantView(g.cube_id, g.user_id, g.role, g.created_at) for g in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items=items, next_cursor=encode_cursor(start + limit) if more else None)
+
+    def revoke(self, principal: Principal, cube_id: str, user_id: str) -> None:
+        """Remove a user's grant (owner only). Access checks read grants on every request,
+        so the user's next request on the cube already gets 404."""
+        with self.db.write() as s:
+            self._owned(s, principal, cube_id, "revoke grants on")
+            removed = s.execute(
+                delete(Grant).where(Grant.cube_id == cube_id, Grant.user_id == user_id)
+            )
+            if not removed.rowcount:  # type: ignore[attr-defined]
+                raise NotFound(
+                    f"user {user_id!r} has no grant on cube {cube_id!r}", code="grant_not_found"
+                )

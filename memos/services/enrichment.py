@@ -228,15 +228,16 @@ class EnrichmentService:
     ) -> tuple[int, int, list[Memory]] | None:
         """One transaction: enrichments, vectors, history, links, evolutions. Returns the new
         generation, how many of `rows` it enriched and the rows it changed."""
-        versions = {r.seq: r.version for r in rows}
+        # By id too: SQLite reuses the seq of an erased last row for the next memory added.
+        versions = {r.seq: (r.id, r.version) for r in rows}
         with self.db.write() as s:
             fresh = [
                 row
                 for row in s.scalars(
                     select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(list(versions)))
                 ).all()
-                # An edit or delete that landed meanwhile makes this enrichment stale.
-                if row.deleted_at is None and row.version == versions[row.seq]
+                # An edit, delete or erasure that landed meanwhile makes this enrichment stale.
+                if row.deleted_at is None and (row.id, row.version) == versions[row.seq]
             ]
             if not fresh:
                 return None

@@ -155,6 +155,10 @@ def replace_links(s: Session, cube_id: str, seqs: list[int], links: list[Planned
         for src, dst in ((link.src, link.dst), (link.dst, link.src)):
             key = (src, dst, link.kind)
             unique[key] = max(unique.get(key, link.score), link.score)
+    # A neighbour erased since it was found has no row to link to any more.
+    ends = {src for src, _, _ in unique} | {dst for _, dst, _ in unique}
+    present = set(s.scalars(select(Memory.seq).where(Memory.seq.in_(ends)))) if ends else set()
+    unique = {k: v for k, v in unique.items() if k[0] in present and k[1] in present}
     s.add_all(
         Link(cube_id=cube_id, src_seq=src, dst_seq=dst, kind=kind, score=score)
         for (src, dst, kind), score in unique.items()
@@ -167,7 +171,14 @@ def apply_evolution(
     """Apply an evolution: a new version with new tags and context, its old one in history
     with the reason. None if the note changed since it was judged."""
     row = s.scalar(select(Memory).where(Memory.cube_id == cube_id, Memory.seq == planned.seq))
-    if row is None or row.deleted_at is not None or row.version != planned.version:
+    # Targets were enriched when judged; a pending one at that seq is a new note that reused
+    # an erased note's seq (SQLite), not the target.
+    if (
+        row is None
+        or row.deleted_at is not None
+        or row.version != planned.version
+        or row.enrichment != "done"
+    ):
         return None
     assert planned.vector is not None, "evolved vectors are embedded before the commit"
     row.tags = list(planned.evolution.tags)

@@ -25,8 +25,10 @@ from memos.db.types import utcnow
 from memos.services.cubes import CubeService
 from memos.services.ids import decode_cursor, encode_cursor, new_id
 from memos.services.indexes import IndexRegistry
+from memos.services.quotas import QuotaService
 from memos.services.repository import (
     bump_generation,
+    check_version,
     drop_derived_links,
     history_row,
     memory_not_found,
@@ -52,8 +54,10 @@ class MemoryService:
         embedder: Embedder,
         limits: LimitsConfig,
         on_write: Callable[[], None] = lambda: None,
+        quotas: QuotaService | None = None,
     ) -> None:
         self.on_write = on_write  # wakes the enrichment worker
+        self.quotas = quotas
         self.db = db
         self.cubes = cubes
         self.indexes = indexes
@@ -90,7 +94,9 @@ class MemoryService:
         now = utcnow()
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
-                generation = bump_generation(s, cube_id)
+                if self.quotas is not None:  # in the transaction: concurrent adds queue here
+                    self.quotas.check_memories(s, cube_id, len(items))
+                generation = bump_generation(s, cube_id, live_delta=len(items))
                 rows = [
                     Memory(
                         id=new_id("mem"),
@@ -129,7 +135,10 @@ class MemoryService:
         memory_id: str,
         content: str | None,
         metadata: dict[str, Any] | None,
+        if_match: frozenset[int] | None = None,
     ) -> MemoryView:
+        """`if_match`: the versions the caller expects (from `If-Match`); another one is 412,
+        checked in the write transaction. None: no precondition."""
         if content is None and metadata is None:
             raise InvalidArgument("nothing to update: give content and/or metadata")
         if content is not None:
@@ -138,7 +147,8 @@ class MemoryService:
         vector = self.embedder.embed_one(embedding_text(content)) if content is not None else None
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
-                row = self._live_row(s, cube_id, memory_id)
+                row = self._live_row(s, cube_id, memory_id, for_update=True)
+                check_version(row, if_match)
                 generation = bump_generation(s, cube_id)
                 if content is not None and vector is not None:
                     row.content = content
@@ -161,12 +171,19 @@ class MemoryService:
         self.on_write()
         return view
 
-    def delete(self, principal: Principal, cube_id: str, memory_id: str) -> None:
+    def delete(
+        self,
+        principal: Principal,
+        cube_id: str,
+        memory_id: str,
+        if_match: frozenset[int] | None = None,
+    ) -> None:
         self.cubes.require(principal, cube_id, Role.WRITER)
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
-                row = self._live_row(s, cube_id, memory_id)
-                generation = bump_generation(s, cube_id)
+                row = self._live_row(s, cube_id, memory_id, for_update=True)
+                check_version(row, if_match)
+                generation = bump_generation(s, cube_id, live_delta=-1)
                 row.version += 1
                 row.change_seq = generation
                 row.updated_at = row.deleted_at = utcnow()
@@ -175,12 +192,14 @@ class MemoryService:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def _live_row(self, s: Session, cube_id: str, memory_id: str) -> Memory:
-        row = s.scalar(
-            select(Memory).where(
-                Memory.id == memory_id, Memory.cube_id == cube_id, Memory.deleted_at.is_(None)
-            )
+    def _live_row(
+        self, s: Session, cube_id: str, memory_id: str, for_update: bool = False
+    ) -> Memory:
+        query = select(Memory).where(
+            Memory.id == memory_id, Memory.cube_id == cube_id, Memory.deleted_at.is_(None)
         )
+        # In a write: lock the row (PostgreSQL), so a version check holds until the commit.
+        row = s.scalar(query.with_for_update() if for_update else query)
         if row is None:
             raise memory_not_found(memory_id)
         return row

@@ -11,7 +11,7 @@ from datetime import date
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from memcube.errors import NotFound
+from memcube.errors import NotFound, PreconditionFailed
 from memcube.notes import embedding_text
 from memos.db.models import Cube, Link, Memory, MemoryHistory
 from memos.services.cubes import cube_not_found
@@ -34,6 +34,15 @@ def drop_derived_links(s: Session, cube_id: str, seqs: Sequence[int]) -> None:
 
 def memory_not_found(memory_id: str) -> NotFound:
     return NotFound(f"memory {memory_id!r} not found", code="memory_not_found")
+
+
+def check_version(row: Memory, if_match: frozenset[int] | None) -> None:
+    """412 unless the row is at one of the versions the caller expects (None: any)."""
+    if if_match is not None and row.version not in if_match:
+        expected = ", ".join(f'"{v}"' for v in sorted(if_match)) or "none"
+        raise PreconditionFailed(
+            f"memory {row.id!r} is at version {row.version}; If-Match expected {expected}"
+        )
 
 
 def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
@@ -98,11 +107,14 @@ def history_row(row: Memory, reason: str) -> MemoryHistory:
     )
 
 
-def bump_generation(s: Session, cube_id: str) -> int:
+def bump_generation(s: Session, cube_id: str, live_delta: int = 0) -> int:
+    """Take the cube's next generation for this transaction's changes. `live_delta`: how many
+    live memories the transaction adds (or, negative, removes), kept in `cubes.live_memories`
+    for the memory quota: every insert, soft delete or erasure of a memory must pass it."""
     generation = s.scalar(
         update(Cube)
         .where(Cube.id == cube_id)
-        .values(generation=Cube.generation + 1)
+        .values(generation=Cube.generation + 1, live_memories=Cube.live_memories + live_delta)
         .returning(Cube.generation)
     )
     if generation is None:  # the cube was deleted while this request was in flight

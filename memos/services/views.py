@@ -51,6 +51,34 @@ class CubeView:
 
 
 @dataclass(frozen=True)
+class GrantView:
+    cube_id: str
+    user_id: str
+    role: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """An API key as its owner sees it: never the secret, except `api_key` once at creation."""
+
+    id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    id: str
+    name: str
+    is_admin: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class LinkView:
     id: str
     kind: str

@@ -278,6 +278,54 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+def test_key_create_list_revoke(memos: Any, daemon: Any, user: User) -> None:
+    made = _fields(_ok(memos("key", "create", "--name", "ci")))
+    assert set(made) == {"id", "api_key"} and made["api_key"].startswith("msk_")
+    table = _ok(memos("key", "list")).splitlines()
+    assert table[0].split() == ["ID", "NAME", "PREFIX", "CREATED", "REVOKED"]
+    assert [line.split()[1] for line in table[1:]] == ["initial", "ci"]
+    listed = json.loads(_ok(memos("key", "list", "--json")))
+    initial = listed[0]["id"]
+    assert [k["name"] for k in listed] == ["initial", "ci"]
+    assert all(k["api_key"] is None for k in listed)  # never a secret in a list
+    env = {"MEMOS_API_KEY": made["api_key"]}
+    assert _ok(memos("key", "revoke", initial, env=env)) == f"revoked: {initial}\n"
+    refused = memos("key", "list")  # as the revoked key
+    assert (refused.exit_code, refused.stderr) == (
+        1,
+        "error: unauthorized: unknown or revoked API key\n",
+    )
+    last = memos("key", "revoke", made["id"], env=env)
+    assert last.exit_code == 1 and last.stderr.startswith("error: last_key: ")
+
+
+def test_user_list_needs_admin(memos: Any, daemon: Any, user: User) -> None:
+    table = _ok(memos("user", "list", env={"MEMOS_API_KEY": daemon.admin_key})).splitlines()
+    assert table[0].split() == ["ID", "NAME", "ADMIN", "CREATED"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["usr_admin"][1:3] == ["admin", "yes"]
+    assert rows[user.id][1] == user.name and len(rows[user.id]) == 3  # not admin: blank
+    refused = memos("user", "list")
+    assert refused.exit_code == 1 and refused.stderr.startswith("error: forbidden: ")
+
+
+def test_cube_grants_and_revoke(memos: Any, daemon: Any, client: MemosClient, cube: Cube) -> None:
+    with MemosClient(daemon.url, api_key=daemon.admin_key) as admin:
+        friend = admin.create_user(f"friend-{uuid.uuid4().hex[:6]}")
+    client.grant(cube.id, friend.id, "reader")
+    table = _ok(memos("cube", "grants", cube.id)).splitlines()
+    assert table[0].split() == ["USER", "ROLE", "SINCE"]
+    assert [line.split()[:2] for line in table[1:]] == [[friend.id, "reader"]]
+    assert (
+        _ok(memos("cube", "revoke", cube.id, friend.id)) == f"revoked: {friend.id} on {cube.id}\n"
+    )
+    with MemosClient(daemon.url, api_key=friend.api_key) as theirs, pytest.raises(NotFound):
+        theirs.get_cube(cube.id)
+    again = memos("cube", "revoke", cube.id, friend.id)
+    assert again.exit_code == 1 and again.stderr.startswith("error: grant_not_found: ")
+    assert json.loads(_ok(memos("cube", "grants", cube.id, "--json"))) == []
+
+
 # --------------------------------------------------------------------------- add, search
 
 

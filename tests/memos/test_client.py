@@ -30,7 +30,11 @@ from memos.client import (
     MemosError,
     NotFound,
     PayloadTooLarge,
+    PreconditionFailed,
+    QuotaExceeded,
+    RateLimited,
     ServerError,
+    TooManyRequests,
     Unauthorized,
     User,
     ValidationFailed,
@@ -225,6 +229,55 @@ def test_get_or_create_cube_other_errors_propagate(client: MemosClient) -> None:
         client.get_or_create_cube("")  # a 422 is not a race: raised as it is
 
 
+def test_own_keys_create_list_revoke(daemon: Any, client: MemosClient, user: User) -> None:
+    (initial,) = client.list_keys()
+    assert (initial.prefix, initial.api_key, initial.revoked_at) == (user.api_key[:8], None, None)
+    made = client.create_key("laptop")
+    assert made.name == "laptop" and made.api_key and made.api_key.startswith("msk_")
+    with MemosClient(daemon.url, api_key=made.api_key) as second:
+        assert second.revoke_key(initial.id) is None
+        with pytest.raises(Unauthorized):  # the revoked key, at once
+            client.list_cubes()
+        listed = second.list_keys()
+        assert [(k.id, k.revoked_at is None) for k in listed] == [
+            (initial.id, False),
+            (made.id, True),
+        ]
+        assert all(k.api_key is None for k in listed)
+        with pytest.raises(Conflict) as last:
+            second.revoke_key(made.id)
+        assert last.value.code == "last_key"
+        with pytest.raises(NotFound) as missing:
+            second.revoke_key("key_999999999")
+        assert missing.value.code == "key_not_found"
+
+
+def test_admin_lists_users(admin: MemosClient, client: MemosClient, user: User) -> None:
+    users = {u.id: u for u in admin.list_users()}
+    assert (users[user.id].name, users[user.id].is_admin) == (user.name, False)
+    assert users["usr_admin"].is_admin is True and users[user.id].api_key is None
+    with pytest.raises(Forbidden):
+        client.list_users()
+
+
+def test_owner_lists_and_revokes_grants(
+    client: MemosClient, cube: Cube, other: tuple[User, MemosClient]
+) -> None:
+    someone, their = other
+    client.grant(cube.id, someone.id, "writer")
+    (grant,) = client.list_grants(cube.id)
+    assert (grant.cube_id, grant.user_id, grant.role) == (cube.id, someone.id, "writer")
+    assert grant.created_at is not None
+    assert their.get_cube(cube.id).id == cube.id
+    assert client.revoke_grant(cube.id, someone.id) is None
+    with pytest.raises(NotFound):
+        their.get_cube(cube.id)
+    assert client.list_grants(cube.id) == []
+    with pytest.raises(NotFound) as again:
+        client.revoke_grant(cube.id, someone.id)
+    assert again.value.code == "grant_not_found"
+
+
 # --------------------------------------------------------------------------- memories
 
 
@@ -340,6 +393,23 @@ def test_update_delete_and_history(client: MemosClient, cube: Cube) -> None:
     assert client.search(cube.id, "Lyon").hits == []
     # Soft delete: the history survives.
     assert [h.version for h in client.memory_history(cube.id, memory.id)][:3] == [1, 2, 3]
+
+
+def test_if_match_and_erase(client: MemosClient, cube: Cube) -> None:
+    memory = client.add_memory(cube.id, "the spare key is under the mat")
+    updated = client.update_memory(cube.id, memory.id, content="it moved", if_match=memory.version)
+    assert updated.version == 2
+    with pytest.raises(PreconditionFailed) as stale:
+        client.update_memory(cube.id, memory.id, content="lost update", if_match=memory.version)
+    assert (stale.value.status, stale.value.code) == (412, "precondition_failed")
+    with pytest.raises(PreconditionFailed):
+        client.delete_memory(cube.id, memory.id, erase=True, if_match=1)
+    assert client.get_memory(cube.id, memory.id).content == "it moved"
+    assert client.update_memory(cube.id, memory.id, metadata={}, if_match="*").version == 3
+    assert client.delete_memory(cube.id, memory.id, erase=True, if_match=3) is None
+    with pytest.raises(NotFound):
+        client.memory_history(cube.id, memory.id)  # erased: no history either
+    assert client.search(cube.id, "spare key under the mat").hits == []
 
 
 def test_search(client: MemosClient, cube: Cube) -> None:
@@ -462,10 +532,34 @@ def test_activation_from_memories(client: MemosClient, cube: Cube) -> None:
 # --------------------------------------------------------------------------- errors, transport
 
 
-def _response(status: int, body: Any = None, text: str | None = None) -> httpx.Response:
+def _response(
+    status: int, body: Any = None, text: str | None = None, headers: Any = None
+) -> httpx.Response:
     if text is not None:
-        return httpx.Response(status, text=text)
-    return httpx.Response(status, json=body)
+        return httpx.Response(status, text=text, headers=headers)
+    return httpx.Response(status, json=body, headers=headers)
+
+
+def test_too_many_requests_are_typed() -> None:
+    limited = error_from_response(
+        _response(
+            429,
+            {"error": {"code": "rate_limited", "message": "slow"}},
+            headers={"Retry-After": "3"},
+        )
+    )
+    assert type(limited) is RateLimited and isinstance(limited, TooManyRequests)
+    assert (limited.status, limited.code, limited.retry_after, limited.limit) == (
+        429, "rate_limited", 3.0, None,
+    )  # fmt: skip
+    body = {"error": {"code": "quota_exceeded", "message": "full", "limit": "max_cubes_per_user"}}
+    quota = error_from_response(_response(429, body))
+    assert type(quota) is QuotaExceeded
+    assert (quota.retry_after, quota.limit) == (None, "max_cubes_per_user")
+    other = error_from_response(
+        _response(429, {"error": {"code": "too_many_builds", "message": "x"}})
+    )
+    assert type(other) is TooManyRequests and other.code == "too_many_builds"
 
 
 @pytest.mark.parametrize(
@@ -567,7 +661,14 @@ async def test_async_client(aclient: AsyncMemosClient, client: MemosClient, user
     assert len(page.items) == 5 and page.next_cursor is not None
     updated = await aclient.update_memory(cube.id, one.id, content="the cello is in the car")
     assert updated.version == 2
+    with pytest.raises(PreconditionFailed):
+        await aclient.update_memory(cube.id, one.id, content="stale", if_match=1)
     assert [h.version for h in await aclient.memory_history(cube.id, one.id)] == [1, 2]
+    assert [k.prefix for k in await aclient.list_keys()] == [user.api_key[:8]]
+    key = await aclient.create_key("async")
+    assert key.api_key and [k.id for k in await aclient.list_keys()][-1] == key.id
+    assert await aclient.revoke_key(key.id) is None
+    assert await aclient.list_grants(cube.id) == []
     hits = (await aclient.search(cube.id, "where is the cello?", top_k=1)).hits
     assert [h.memory.id for h in hits] == [one.id]
     await aclient.delete_memory(cube.id, one.id)

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 
 from memcube.types import SearchFilters
 from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.etags import etag, parse_if_match
 from memos.api.schemas import (
     HistoryList,
     HistoryOut,
@@ -22,6 +23,14 @@ from memos.services.views import NewMemory
 router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["memories"])
 
 Limit = Annotated[int, Query(ge=1, le=500)]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description='extension: the version the write expects, as its ETag (`"3"`), or `*`; '
+        "another version is 412 `precondition_failed`",
+    ),
+]
 
 
 @router.post("/memories", status_code=201, response_model=MemoryList)
@@ -61,24 +70,54 @@ def list_memories(
 
 @router.get("/memories/{memory_id}", response_model=MemoryOut)
 def get_memory(
-    cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep
+    cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep, response: Response
 ) -> MemoryOut:
-    return MemoryOut.model_validate(daemon.memories.get(principal, cube_id, memory_id))
+    """The memory, with its version as `ETag` (for `If-Match` on PATCH and DELETE)."""
+    view = daemon.memories.get(principal, cube_id, memory_id)
+    response.headers["ETag"] = etag(view.version)
+    return MemoryOut.model_validate(view)
 
 
 @router.patch("/memories/{memory_id}", response_model=MemoryOut)
 def patch_memory(
-    cube_id: str, memory_id: str, body: MemoryPatch, daemon: DaemonDep, principal: PrincipalDep
+    cube_id: str,
+    memory_id: str,
+    body: MemoryPatch,
+    daemon: DaemonDep,
+    principal: PrincipalDep,
+    response: Response,
+    if_match: IfMatch = None,
 ) -> MemoryOut:
-    view = daemon.memories.update(principal, cube_id, memory_id, body.content, body.metadata)
+    """Change content and/or metadata (version + 1, the new `ETag`). With `If-Match`, only
+    if the memory is still at that version (412 otherwise, nothing changed)."""
+    view = daemon.memories.update(
+        principal, cube_id, memory_id, body.content, body.metadata, parse_if_match(if_match)
+    )
+    response.headers["ETag"] = etag(view.version)
     return MemoryOut.model_validate(view)
 
 
 @router.delete("/memories/{memory_id}", status_code=204)
 def delete_memory(
-    cube_id: str, memory_id: str, daemon: DaemonDep, principal: PrincipalDep
+    cube_id: str,
+    memory_id: str,
+    daemon: DaemonDep,
+    principal: PrincipalDep,
+    if_match: IfMatch = None,
+    erase: Annotated[
+        bool,
+        Query(
+            description="extension: erase for good (owner only): content, history, links, "
+            "vectors, index entries and the activations built from it; history is 404 after"
+        ),
+    ] = False,
 ) -> Response:
-    daemon.memories.delete(principal, cube_id, memory_id)
+    """Soft delete (kept in history), or with `?erase=true` erasure; `If-Match` as on PATCH."""
+    versions = parse_if_match(if_match)
+    if erase:
+        daemon.erasure.erase(principal, cube_id, memory_id, versions)
+    else:
+        daemon.memories.delete(principal, cube_id, memory_id, versions)
     return Response(status_code=204)
 
 

@@ -1,0 +1,110 @@
+"""Erasure: a memory removed for good, unlike the soft delete that keeps it in history.
+
+One transaction deletes the memory's row, every history row (each older version's content),
+every link to or from it, and the activations built from it (from its id, or from its session);
+then, still under the cube's write lock, the cube index forgets it (rows, BM25 terms, and the
+vectors of every version, overwritten in the HNSW graph) and is saved at once, so the index
+file on disk holds no copy either. After the commit the activations' files are removed and, on
+SQLite, the WAL is checkpointed and truncated: with `secure_delete` the freed pages were zeroed,
+so the database file keeps none of the erased bytes. On PostgreSQL the rows are deleted; their
+dead tuples stay in the table files until VACUUM runs (the operator's job, like backups).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.orm import Session
+
+import kv_runtime
+from memos.db.engine import Database
+from memos.db.models import Activation, Link, Memory, MemoryHistory
+from memos.services.cubes import CubeService
+from memos.services.indexes import IndexRegistry
+from memos.services.repository import bump_generation, check_version, memory_not_found
+from memos.services.views import Principal, Role
+
+log = logging.getLogger("memos.erasure")
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    memory_id: str
+    history_rows: int
+    links: int
+    activations: tuple[str, ...]  # ids of the activations dropped with it
+    wal_truncated: bool
+
+
+def drop_activations_built_from(
+    s: Session, cube_id: str, memory_id: str, session_id: str | None
+) -> list[str]:
+    """Delete the catalogue rows of the cube's activations built from this memory (their
+    `source` names it in `memory_ids`) or from its session; returns their ids. The caller
+    removes their files after the commit. A build still running for one finds its row gone."""
+    dropped = []
+    for activation_id, source in s.execute(
+        select(Activation.id, Activation.source).where(Activation.cube_id == cube_id)
+    ):
+        source = source or {}
+        from_memory = memory_id in (source.get("memory_ids") or [])
+        from_session = session_id is not None and source.get("session_id") == session_id
+        if from_memory or from_session:
+            dropped.append(activation_id)
+    if dropped:
+        s.execute(delete(Activation).where(Activation.id.in_(dropped)))
+    return dropped
+
+
+class ErasureService:
+    def __init__(
+        self, db: Database, cubes: CubeService, indexes: IndexRegistry, activation_dir: Path
+    ) -> None:
+        self.db = db
+        self.cubes = cubes
+        self.indexes = indexes
+        self.activation_dir = activation_dir
+
+    def erase(
+        self,
+        principal: Principal,
+        cube_id: str,
+        memory_id: str,
+        if_match: frozenset[int] | None = None,
+    ) -> ErasureReport:
+        """Erase a live or soft-deleted memory (owner only: it destroys the history too)."""
+        self.cubes.require(principal, cube_id, Role.OWNER)
+        with self.indexes.writing(cube_id) as index:
+            with self.db.write() as s:
+                row = s.scalar(
+                    select(Memory)
+                    .where(Memory.id == memory_id, Memory.cube_id == cube_id)
+                    .with_for_update()
+                )
+                if row is None:
+                    raise memory_not_found(memory_id)
+                check_version(row, if_match)
+                live = row.deleted_at is None
+                generation = bump_generation(s, cube_id, live_delta=-1 if live else 0)
+                seq, session_id = row.seq, row.session_id
+                links = s.execute(
+                    delete(Link).where(or_(Link.src_seq == seq, Link.dst_seq == seq))
+                ).rowcount  # type: ignore[attr-defined]
+                history = s.execute(
+                    delete(MemoryHistory).where(MemoryHistory.memory_seq == seq)
+                ).rowcount  # type: ignore[attr-defined]
+                s.execute(delete(Memory).where(Memory.seq == seq))
+                activations = drop_activations_built_from(s, cube_id, memory_id, session_id)
+            index.erase([seq], generation)
+            index.save(self.indexes.directory(cube_id))
+        for activation_id in activations:
+            kv_runtime.delete_activation(self.activation_dir / cube_id / activation_id)
+        truncated = self.db.checkpoint()
+        report = ErasureReport(memory_id, int(history), int(links), tuple(activations), truncated)
+        log.info("memory erased", extra={"fields": {"cube_id": cube_id, **report.__dict__}})
+        if not truncated:
+            log.warning("WAL still in use after an erasure; the next checkpoint truncates it")
+        return report
