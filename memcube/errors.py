@@ -44,3 +44,14 @@ class Unavailable(DomainError):
     """A part the request needs (e.g. the local model) cannot run now."""
 
     code = "unavailable"
+
+
+class TooManyRequests(DomainError):
+    """Capacity: a bounded queue or pool is full now. Nothing was done; the same request may
+    succeed after `retry_after` seconds (sent as the `Retry-After` header)."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, code: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after

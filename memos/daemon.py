@@ -77,9 +77,12 @@ class Daemon:
                 JobSpec(
                     name="index_maintenance",
                     description="verify each cube's vector index against the database; "
-                    "replay, rebuild and save what drifted",
+                    "replay, rebuild and save what drifted; sweep activation files without "
+                    "rows and fail rows without files",
                     interval_s=settings.scheduler.index_maintenance_interval_s,
-                    run=lambda: jobs.index_maintenance(self.db, self.indexes),
+                    run=lambda: jobs.index_maintenance(
+                        self.db, self.indexes, self.activations.sweep
+                    ),
                 )
             ],
             enabled=settings.scheduler.enabled,
@@ -107,9 +110,11 @@ class Daemon:
         if written:
             log.warning("generated an admin API key", extra={"fields": {"admin_key_file": written}})
             print(f"memosd: admin API key written to {written}", flush=True)
-        interrupted = self.activations.recover()
+        interrupted, swept = self.activations.start()
         if interrupted:
             log.warning("activation builds interrupted", extra={"fields": {"count": interrupted}})
+        if swept.removed or swept.failed or swept.cubes:
+            log.warning("activation files swept", extra={"fields": swept.as_dict()})
         self.jobs.start()
         if self.settings.enrichment.enabled:
             self.enrichment_worker.start()
@@ -131,6 +136,7 @@ class Daemon:
     def stop(self) -> None:
         self.enrichment_worker.stop()
         self.jobs.stop()
+        self.activations.stop()
         if self._heal_thread is not None:
             self._heal_thread.join(timeout=60)
         self.indexes.save_all()

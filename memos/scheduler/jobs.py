@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -13,11 +14,18 @@ from memos.db.models import Cube
 from memos.services.indexes import IndexRegistry
 
 
-def index_maintenance(db: Database, indexes: IndexRegistry) -> dict[str, Any]:
+class _Report(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+def index_maintenance(
+    db: Database, indexes: IndexRegistry, sweep: Callable[[], _Report] | None = None
+) -> dict[str, Any]:
     """Verify every cube's ANN index against the database; replay, rebuild and save what drifted.
 
     Loaded cubes are checked in memory (ids, a sample of vectors, generation); cubes not
-    loaded are healed if their saved index lags the database.
+    loaded are healed if their saved index lags the database. `sweep` (the activation
+    service's) then removes activation files without rows and fails rows without files.
     """
     with db.read() as s:
         cube_ids = list(s.scalars(select(Cube.id)))
@@ -31,4 +39,7 @@ def index_maintenance(db: Database, indexes: IndexRegistry) -> dict[str, Any]:
                 actions["deleted"] += 1  # deleted while the job ran
     for report in indexes.heal_all():
         actions[report.action] += 1
-    return {"cubes": len(cube_ids), "actions": dict(actions)}
+    result: dict[str, Any] = {"cubes": len(cube_ids), "actions": dict(actions)}
+    if sweep is not None:
+        result["activations"] = sweep().as_dict()
+    return result
