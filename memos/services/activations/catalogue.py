@@ -76,7 +76,7 @@ class Catalogue:
         with self.db.read() as s:
             return s.get(Activation, activation_id) is not None
 
-    def list(self, cube_id: str) -> list[ActivationView]:
+    def views(self, cube_id: str) -> list[ActivationView]:
         with self.db.read() as s:
             rows = s.scalars(
                 select(Activation)
@@ -124,15 +124,19 @@ class Catalogue:
     def touch(self, activation_id: str) -> None:
         self._update(activation_id, last_used_at=utcnow())
 
-    def recover(self) -> int:
-        """At start: builds that a restart interrupted are failed (their text is not kept)."""
+    def recover(self) -> list[tuple[str, str]]:
+        """Builds no thread will finish (a restart or shutdown cut them) are failed; their
+        (cube id, activation id), whose partial files the caller removes."""
         with self.db.write() as s:
-            result = s.execute(
+            cut = s.execute(
+                select(Activation.cube_id, Activation.id).where(Activation.state == "building")
+            ).all()
+            s.execute(
                 update(Activation)
                 .where(Activation.state == "building")
                 .values(state="failed", error=INTERRUPTED)
             )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return [(cube_id, activation_id) for cube_id, activation_id in cut]
 
     # -- files ------------------------------------------------------------------------------
 

@@ -115,12 +115,18 @@ class ActivationService:
 
     def start(self) -> tuple[int, SweepReport]:
         """Fail builds a restart interrupted, then sweep; (builds failed, sweep report)."""
-        return self.catalogue.recover(), self.sweeper.run()
+        return self._fail_unfinished(), self.sweeper.run()
 
     def stop(self) -> None:
         """Cancel every build; the rows of those that never ran are failed as interrupted."""
         self.builds.stop()
-        self.catalogue.recover()
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> int:
+        cut = self.catalogue.recover()
+        for cube_id, activation_id in cut:
+            self.catalogue.remove_files(cube_id, activation_id)
+        return len(cut)
 
     def sweep(self) -> SweepReport:
         return self.sweeper.run()
@@ -193,7 +199,7 @@ class ActivationService:
 
     def list_activations(self, principal: Principal, cube_id: str) -> list[ActivationView]:
         self.cubes.require(principal, cube_id, Role.READER)
-        return self.catalogue.list(cube_id)
+        return self.catalogue.views(cube_id)
 
     def delete(self, principal: Principal, cube_id: str, activation_id: str) -> None:
         """The row, then its build (cancelled), its loaded copy and its files."""

@@ -1,4 +1,5 @@
-"""The orphan sweep: activation files without a row are removed, rows without files are failed.
+"""The orphan sweep: activation files without a row (or of a failed build) are removed, rows
+without files are failed.
 
 Run at start and by the index-maintenance job. What it reads is taken in the order that makes
 it safe against builds and deletions running meanwhile: the folders on disk first, then the
@@ -27,7 +28,7 @@ MISSING = "its files are missing; build it again"
 
 @dataclass(frozen=True)
 class SweepReport:
-    removed: int  # activation folders with no row, removed
+    removed: int  # activation folders with no row or a failed one, removed
     failed: int  # building rows with no build, ready rows with no files: failed
     cubes: int  # folders of deleted cubes, removed
 
@@ -60,7 +61,8 @@ class ActivationSweep:
         removed = 0
         for cube_id, activation_id in folders:
             row = rows.get(activation_id)
-            if (row is None or row[0] != cube_id) and activation_id not in building:
+            leftover = row is None or row[0] != cube_id or row[1] == "failed"
+            if leftover and activation_id not in building:
                 self.catalogue.remove_files(cube_id, activation_id)
                 removed += 1
         gone = 0
