@@ -70,13 +70,18 @@ class GenerationRun:
             stream.close()
 
     async def next(self, request: Request) -> tuple[str, Any]:
-        """The next event, cancelling the run if the client leaves meanwhile."""
-        while True:
-            try:
-                return await asyncio.wait_for(self._events.get(), POLL_S)
-            except TimeoutError:
-                if not self.cancel.is_set() and await request.is_disconnected():
-                    self.cancel.set()  # the thread ends within a token and posts its last event
+        """The next event, cancelling the run if the client leaves meanwhile (or the route is
+        cancelled itself, as on shutdown)."""
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(self._events.get(), POLL_S)
+                except TimeoutError:
+                    if not self.cancel.is_set() and await request.is_disconnected():
+                        self.cancel.set()  # the thread ends within a token, posts its last event
+        except asyncio.CancelledError:
+            self.cancel.set()
+            raise
 
     async def started(self, request: Request) -> None:
         """Wait until decoding starts; raise the refusal if there is one."""
