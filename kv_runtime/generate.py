@@ -7,8 +7,9 @@ cached context gets position ids from the context's original length on, whatever
 
 Text is decoded incrementally (`kv_runtime.detokenize`) and stop strings are searched only where
 the new text could complete one, so a step costs the same at the 1,000th token as at the first.
-A `cancel` hook is checked between prefill chunks and before every decoding step: a request
-whose client has gone ends within one forward pass (finish reason "cancelled").
+A `cancel` hook is checked between prefill chunks and before every decoding step, also while
+waiting for the model behind other requests: a request whose client has gone ends within one
+forward pass, or 50 ms if it is waiting (finish reason "cancelled").
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 
 from kv_runtime.cache import KVCache
 from kv_runtime.detokenize import IncrementalDecoder
-from kv_runtime.errors import InvalidArgument
+from kv_runtime.errors import Cancelled, InvalidArgument
 from kv_runtime.forward import ModelRunner
 from kv_runtime.sampling import SamplingParams, next_token
 from kv_runtime.text import TextCodec
@@ -126,11 +127,12 @@ class Generation(Iterator[str]):
         text, emitted, ttft_ms = "", 0, 0.0
         finish: FinishReason = "length"
         for start in range(0, len(todo), self._chunk):
-            if self._cancel():
+            piece = todo[start : start + self._chunk]
+            try:
+                logits = runner.forward(piece, cache, position, cancel=self._cancel)
+            except Cancelled:
                 self._finish(text, generated, "cancelled", ttft_ms)
                 return
-            piece = todo[start : start + self._chunk]
-            logits = runner.forward(piece, cache, position)
             position += len(piece)
         generator = params.generator()
         decoder = IncrementalDecoder(codec)
@@ -156,10 +158,11 @@ class Generation(Iterator[str]):
                     emitted = ready
             if len(generated) >= params.max_tokens:
                 break
-            if self._cancel():
+            try:
+                logits = runner.forward([token], cache, position, cancel=self._cancel)
+            except Cancelled:
                 finish = "cancelled"
                 break
-            logits = runner.forward([token], cache, position)
             position += 1
         if cut is None:
             # Tokens still held back (a character not complete yet); nothing after a stop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -189,3 +190,21 @@ def test_decoding_a_step_does_not_decode_the_whole_answer_again(
     assert result.text == runtime.detokenize(result.token_ids)
     # A few tokens a call whatever the answer's length (decoding it all each step: up to 24).
     assert max(codec.sizes) <= 3
+
+
+def test_a_cancelled_request_stops_while_waiting_for_the_model(
+    runtime: Runtime, kv: KVCache, prompt_ids: list[int]
+) -> None:
+    stop = threading.Event()
+    results = []
+    with runtime.runner.lock:  # another request's long prefill chunk holds the model
+        worker = threading.Thread(
+            target=lambda: results.append(
+                runtime.generate(prompt_ids, kv=kv, max_tokens=8, cancel=stop.is_set).collect()
+            )
+        )
+        worker.start()
+        stop.set()
+        worker.join(60)  # ends while the model is still held: it never needed it
+        assert not worker.is_alive()
+    assert [(r.finish_reason, r.token_ids) for r in results] == [("cancelled", ())]
