@@ -17,6 +17,7 @@ Datetimes are sent as ISO 8601 with a time zone. A naive datetime is taken to be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -235,6 +236,13 @@ class ValidationFailed(MemosError):
     """422: the body or query did not validate."""
 
 
+class TooManyRequests(MemosError):
+    """429: a bounded queue is full (`too_many_builds`, `too_many_generations`); nothing was
+    done. `retry_after`: the seconds the server asks to wait (its `Retry-After`), if given."""
+
+    retry_after: float | None = None
+
+
 class ServerError(MemosError):
     """5xx"""
 
@@ -247,6 +255,7 @@ _ERRORS: dict[int, tuple[type[MemosError], str]] = {
     409: (Conflict, "conflict"),
     413: (PayloadTooLarge, "payload_too_large"),
     422: (ValidationFailed, "validation_failed"),
+    429: (TooManyRequests, "too_many_requests"),
 }
 
 
@@ -280,7 +289,11 @@ def error_from_response(response: httpx.Response) -> MemosError:
             message = detail if isinstance(detail, str) else json.dumps(detail)
     if status == 409 and code == "activation_mismatch":
         cls = ActivationMismatch
-    return cls(message, status=status, code=code, details=details)
+    error = cls(message, status=status, code=code, details=details)
+    if isinstance(error, TooManyRequests):
+        with contextlib.suppress(ValueError):
+            error.retry_after = float(response.headers.get("Retry-After", ""))
+    return error
 
 
 # --------------------------------------------------------------------------- requests
@@ -580,6 +593,9 @@ class _ServerSentEvents:
 
 
 def _piece_or_result(event: str, data: Any) -> str | Generation:
+    if event == "error":  # decoding failed after the stream began
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        raise ServerError(str(err.get("message")), code=str(err.get("code", "error")))
     return str(data["text"]) if event == "piece" else Generation.model_validate(data)
 
 

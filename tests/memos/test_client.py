@@ -30,6 +30,7 @@ from memos.client import (
     NotFound,
     PayloadTooLarge,
     ServerError,
+    TooManyRequests,
     Unauthorized,
     User,
     ValidationFailed,
@@ -425,6 +426,14 @@ def test_error_parsing(
     err = error_from_response(_response(status, body))
     assert type(err) is cls
     assert (err.status, err.code, err.message) == (status, code, message)
+
+
+def test_a_429_carries_its_retry_after() -> None:
+    body = {"error": {"code": "too_many_builds", "message": "too many builds are queued"}}
+    response = httpx.Response(429, json=body, headers={"Retry-After": "10"})
+    err = error_from_response(response)
+    assert type(err) is TooManyRequests
+    assert (err.status, err.code, err.retry_after) == (429, "too_many_builds", 10.0)
 
 
 def test_error_parsing_plain_text() -> None:

@@ -63,12 +63,17 @@ class GenerationStream:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def result(self) -> GenerationResult | None:
+        """Set once the pieces have run out."""
+        return self._generation.result
+
     def close(self) -> None:
         self._slot.release()
         self._on_close(self)
 
     def finish(self) -> GenerationView:
-        result = self._generation.result
+        result = self.result
         assert result is not None, "finish() after the pieces are consumed"
         return self._on_finish(result)
 
@@ -153,8 +158,6 @@ class Generations:
             raise
 
         def finish(result: GenerationResult) -> GenerationView:
-            with self._lock:
-                self._finished[result.finish_reason] += 1
             if activation_id is not None:
                 self.catalogue.touch(activation_id)
             return GenerationView(
@@ -172,8 +175,12 @@ class Generations:
         return stream
 
     def _closed(self, stream: GenerationStream) -> None:
+        """Count how it ended, once: its finish reason, or "failed" when it never finished."""
+        result = stream.result
         with self._lock:
-            self._open.discard(stream)
+            if stream in self._open:
+                self._open.remove(stream)
+                self._finished[result.finish_reason if result else "failed"] += 1
 
     def _busy(self, refusal: Refusal) -> TooManyRequests:
         limits = self.gate.limits
@@ -185,7 +192,8 @@ class Generations:
         )
 
     def finished(self) -> dict[str, int]:
-        """Generations ended since start, by finish reason ("stop", "length", "cancelled")."""
+        """Generations ended since start, by finish reason ("stop", "length", "cancelled"), or
+        "failed" (an error, or closed before decoding)."""
         with self._lock:
             return dict(self._finished)
 
