@@ -14,7 +14,9 @@ Modules, one concept each:
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
     store       safetensors + JSON manifest, checksums, atomic writes
     sampling    greedy / temperature / top-p
-    generate    streaming generation on a copied cache
+    generate    streaming generation on a copied cache, cancellable
+    detokenize  incremental detokenization (O(1) a token)
+    template    a conversation's new turns as the tokens that follow its history
     text        thread-safe tokenizer and chat template
 """
 
@@ -29,16 +31,18 @@ from kv_runtime.errors import (
     ModelUnavailable,
 )
 from kv_runtime.eviction import SCORERS
-from kv_runtime.generate import Generation, GenerationResult
+from kv_runtime.generate import CancelHook, Generation, GenerationResult
 from kv_runtime.model import Fingerprint
 from kv_runtime.runtime import ModelInfo, Runtime
 from kv_runtime.store import (
     ActivationManifest,
     delete_activation,
     load_activation,
+    open_activation,
     read_manifest,
     save_activation,
 )
+from kv_runtime.template import ChatTemplate
 
 __all__ = [
     "NO_COMPRESSION",
@@ -46,6 +50,8 @@ __all__ = [
     "ActivationCorrupt",
     "ActivationManifest",
     "ActivationMismatch",
+    "CancelHook",
+    "ChatTemplate",
     "CompressedKV",
     "CompressionConfig",
     "Fingerprint",
@@ -60,6 +66,7 @@ __all__ = [
     "RuntimeConfig",
     "delete_activation",
     "load_activation",
+    "open_activation",
     "read_manifest",
     "save_activation",
 ]

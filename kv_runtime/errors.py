@@ -52,3 +52,9 @@ class ActivationCorrupt(KVRuntimeError):
     """A stored activation is unreadable: missing, truncated, or its checksum does not match."""
 
     code = "activation_corrupt"
+
+
+class Cancelled(KVRuntimeError):
+    """The caller's cancel hook asked to stop (its client left) before the work ran."""
+
+    code = "cancelled"

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from transformers import Cache
 
+from kv_runtime.errors import Cancelled
+
 _CAPTURE = "memosd_capture_queries"
 _captured = threading.local()  # the dict the capturing attention writes into, per thread
 
@@ -67,16 +69,33 @@ class ModelRunner:
         start: int,
         *,
         all_logits: bool = False,
+        cancel: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Run `token_ids` at positions start.. on top of `cache` (which grows by them).
 
         returns: (vocab,) float32 logits of the last token, or (tokens, vocab) for every token
         when `all_logits`. The positions are RoPE positions; the cache may hold fewer entries
         than `start` (evicted tokens), the causal mask only depends on how many it holds.
+        `cancel`: checked while waiting for the model (another request's long prefill chunk may
+        hold it for seconds); once it returns True, `Cancelled` is raised and nothing runs.
         """
-        with self.lock:
+        self._acquire(cancel)
+        try:
             logits = self._run(token_ids, cache, start, all_logits)
+        finally:
+            self.lock.release()
         return logits if all_logits else logits[-1]
+
+    def _acquire(self, cancel: Callable[[], bool] | None) -> None:
+        if cancel is None:
+            self.lock.acquire()
+            return
+        while not self.lock.acquire(timeout=0.05):
+            if cancel():
+                raise Cancelled("cancelled while waiting for the model")
+        if cancel():
+            self.lock.release()
+            raise Cancelled("cancelled while waiting for the model")
 
     def capture_queries(
         self, token_ids: Sequence[int], cache: Cache, start: int

@@ -4,24 +4,32 @@ Copy-on-read: the reused cache is copied into a fresh transformers cache for thi
 so a stored activation is never written to and many requests can share one. The prompt after the
 cached context gets position ids from the context's original length on, whatever was evicted
 (as kvpress and EpiCache do), so RoPE sees the same positions as a full prefill would.
+
+Text is decoded incrementally (`kv_runtime.detokenize`) and stop strings are searched only where
+the new text could complete one, so a step costs the same at the 1,000th token as at the first.
+A `cancel` hook is checked between prefill chunks and before every decoding step, also while
+waiting for the model behind other requests: a request whose client has gone ends within one
+forward pass, or 50 ms if it is waiting (finish reason "cancelled").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from transformers import DynamicCache
 
 from kv_runtime.cache import KVCache
-from kv_runtime.errors import InvalidArgument
+from kv_runtime.detokenize import IncrementalDecoder
+from kv_runtime.errors import Cancelled, InvalidArgument
 from kv_runtime.forward import ModelRunner
 from kv_runtime.sampling import SamplingParams, next_token
 from kv_runtime.text import TextCodec
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "cancelled"]
+CancelHook = Callable[[], bool]  # True once the request should stop
 
 
 @dataclass(frozen=True)
@@ -37,16 +45,15 @@ class GenerationResult:
     total_ms: float
 
 
-def _stop_hit(text: str, stops: Sequence[str]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _stop_hit(text: str, stops: Sequence[str], searched: int) -> int | None:
+    """Index of the earliest stop string in `text`, or None, knowing that `text[:searched]`
+    held none: a new one must end past `searched`, so it starts at most len(stop) - 1 before."""
+    hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still become a stop string (or finish a character)."""
-    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-        return len(text) - len(text.rstrip("\ufffd"))
+    """How many trailing characters could still become a stop string."""
     longest = 0
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), longest, -1):
@@ -70,8 +77,10 @@ class Generation(Iterator[str]):
         chunk_tokens: int,
         max_positions: int,
         started: float | None = None,
+        cancel: CancelHook | None = None,
     ) -> None:
-        """`started`: the time.perf_counter() the request began (TTFT counts from it)."""
+        """`started`: the time.perf_counter() the request began (TTFT counts from it);
+        `cancel`: checked between prefill chunks and before each decoding step."""
         if not prompt_ids and kv is None:
             raise InvalidArgument("nothing to continue: the prompt is empty and no kv was given")
         end = (kv.length if kv else 0) + len(prompt_ids) + params.max_tokens
@@ -83,6 +92,7 @@ class Generation(Iterator[str]):
         self._runner, self._codec, self._params = runner, codec, params
         self._prompt_ids, self._kv = list(prompt_ids), kv
         self._chunk = chunk_tokens
+        self._cancel = cancel or (lambda: False)
         self._started = time.perf_counter() if started is None else started
         self._pieces = self._run()
         self.result: GenerationResult | None = None
@@ -113,45 +123,66 @@ class Generation(Iterator[str]):
     def _run(self) -> Iterator[str]:
         params, codec, runner = self._params, self._codec, self._runner
         cache, todo, position = self._prepare()
+        generated: list[int] = []
+        text, emitted, ttft_ms = "", 0, 0.0
+        finish: FinishReason = "length"
         for start in range(0, len(todo), self._chunk):
             piece = todo[start : start + self._chunk]
-            logits = runner.forward(piece, cache, position)
+            try:
+                logits = runner.forward(piece, cache, position, cancel=self._cancel)
+            except Cancelled:
+                self._finish(text, generated, "cancelled", ttft_ms)
+                return
             position += len(piece)
         generator = params.generator()
-        generated: list[int] = []
-        emitted, ttft_ms = 0, None
-        finish: FinishReason = "length"
-        text = ""
+        decoder = IncrementalDecoder(codec)
+        cut: int | None = None
         while True:
             token = next_token(logits, params, generator)
-            if ttft_ms is None:
+            if not generated:
                 ttft_ms = (time.perf_counter() - self._started) * 1000
             if token in codec.eos_token_ids or token in params.stop_token_ids:
                 finish = "stop"
                 break
             generated.append(token)
-            text = codec.decode(generated)
-            cut = _stop_hit(text, params.stop)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-                break
-            ready = len(text) - _held_back(text, params.stop)
-            if ready > emitted:
-                yield text[emitted:ready]
-                emitted = ready
+            new = decoder.push(token)
+            if new:
+                searched, text = len(text), text + new
+                cut = _stop_hit(text, params.stop, searched)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    break
+                ready = len(text) - _held_back(text, params.stop)
+                if ready > emitted:
+                    yield text[emitted:ready]
+                    emitted = ready
             if len(generated) >= params.max_tokens:
                 break
-            logits = runner.forward([token], cache, position)
+            try:
+                logits = runner.forward([token], cache, position, cancel=self._cancel)
+            except Cancelled:
+                finish = "cancelled"
+                break
             position += 1
-        text = text.rstrip("\ufffd") if finish == "length" else text
+        if cut is None:
+            # Tokens still held back (a character not complete yet); nothing after a stop
+            # string. At the length limit or a cancel an incomplete character is dropped.
+            text += decoder.flush()
+            if finish != "stop":
+                text = text.rstrip("\ufffd")
         if len(text) > emitted:
             yield text[emitted:]
+        self._finish(text, generated, finish, ttft_ms)
+
+    def _finish(
+        self, text: str, generated: list[int], finish: FinishReason, ttft_ms: float
+    ) -> None:
         self.result = GenerationResult(
             text=text,
             token_ids=tuple(generated),
             finish_reason=finish,
             prompt_tokens=len(self._prompt_ids),
             reused_tokens=self._kv.length if self._kv is not None else 0,
-            ttft_ms=ttft_ms or 0.0,
+            ttft_ms=ttft_ms,
             total_ms=(time.perf_counter() - self._started) * 1000,
         )

@@ -33,11 +33,17 @@ from kv_runtime.config import CompressionConfig, RuntimeConfig
 from kv_runtime.errors import InvalidArgument, ModelUnavailable
 from kv_runtime.eviction import evict, make_scorer
 from kv_runtime.forward import ModelRunner, ProgressCallback
-from kv_runtime.generate import Generation
+from kv_runtime.generate import CancelHook, Generation
 from kv_runtime.model import Fingerprint
 from kv_runtime.prefill import prefill
 from kv_runtime.sampling import SamplingParams
-from kv_runtime.store import ActivationManifest, load_activation, save_activation
+from kv_runtime.store import (
+    ActivationManifest,
+    load_activation,
+    open_activation,
+    save_activation,
+)
+from kv_runtime.template import ChatTemplate
 from kv_runtime.text import TextCodec
 
 
@@ -85,6 +91,7 @@ class Runtime:
         self.info = info
         self._runner = runner
         self._codec = codec
+        self.template = ChatTemplate(codec)
 
     @classmethod
     def load(cls, config: RuntimeConfig) -> Runtime:
@@ -157,6 +164,13 @@ class Runtime:
         return self._codec.render_chat(messages, add_generation_prompt)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in a full-precision cache (all layers)."""
+        fp = self.fingerprint
+        size = torch.empty((), dtype=loading.resolve_dtype(fp.dtype, torch.device("cpu")))
+        return 2 * fp.layers * fp.kv_heads * fp.head_dim * size.element_size()
+
+    @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._codec.eos_token_ids
 
@@ -227,6 +241,7 @@ class Runtime:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        cancel: CancelHook | None = None,
     ) -> Generation:
         """Continue `kv`'s context (if any) with `prompt`; iterate the result for text pieces.
 
@@ -235,6 +250,7 @@ class Runtime:
         Stops at an end-of-sequence token or one of `stop_token_ids` (neither is returned), at
         the first `stop` string (cut from the text) or after `max_tokens`. Sampling with a
         `seed` is reproducible; temperature 0 is greedy. `.collect()` returns the result.
+        `cancel()` returning True ends it at the next prefill chunk or token ("cancelled").
         """
         started = time.perf_counter()  # TTFT includes dequantizing the cache
         params = SamplingParams(
@@ -259,6 +275,7 @@ class Runtime:
             chunk_tokens=self.config.prefill_chunk,
             max_positions=self.info.max_positions,
             started=started,
+            cancel=cancel,
         )
 
     def logits(
@@ -274,10 +291,20 @@ class Runtime:
 
     # -- persistence ------------------------------------------------------------------------
 
-    def save_activation(self, directory: Path, compressed: CompressedKV) -> ActivationManifest:
-        """Store atomically under `directory` (see `kv_runtime.store`)."""
-        return save_activation(directory, compressed, self.fingerprint)
+    def save_activation(
+        self,
+        directory: Path,
+        compressed: CompressedKV,
+        messages: Sequence[Mapping[str, str]] | None = None,
+    ) -> ActivationManifest:
+        """Store atomically under `directory` (see `kv_runtime.store`); `messages`: the chat
+        messages the cache's tokens render (`template.render(messages, False)`)."""
+        return save_activation(directory, compressed, self.fingerprint, messages)
 
     def load_activation(self, directory: Path) -> CompressedKV:
         """Load and verify; ActivationMismatch / ActivationCorrupt when it cannot be used."""
         return load_activation(directory, self.fingerprint)
+
+    def open_activation(self, directory: Path) -> tuple[CompressedKV, ActivationManifest]:
+        """`load_activation` with its manifest (the messages its tokens render)."""
+        return open_activation(directory, self.fingerprint)

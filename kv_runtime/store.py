@@ -1,6 +1,8 @@
 """Persisting activations: one safetensors blob plus a JSON manifest per directory. No pickle.
 
-    <dir>/manifest.json            fingerprint, token ids, spans, compression, sizes, checksums
+    <dir>/manifest.json            fingerprint, token ids, the chat messages they render (so a
+                                   continuation is rendered after the real history, see
+                                   `kv_runtime.template`), spans, compression, sizes, checksums
     <dir>/kv-<blake2b>.safetensors the tensors (codes, scales, minimums, unquantized spans,
                                    positions when tokens were evicted)
 
@@ -16,8 +18,10 @@ equals the runtime's (else `ActivationMismatch`), the blob's size and blake2b ma
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,9 @@ class ActivationManifest:
     fp16_bytes: int  # the kept keys and values in float16, for comparison
     blob: str
     blob_blake2b: str
+    # The chat messages whose rendering `token_ids` are; None for activations stored before
+    # they were recorded.
+    messages: tuple[Mapping[str, str], ...] | None = None
 
     @property
     def tokens(self) -> int:
@@ -80,9 +87,13 @@ def _manifest_body(body: dict[str, Any]) -> bytes:
 
 
 def save_activation(
-    directory: Path, compressed: CompressedKV, fingerprint: Fingerprint
+    directory: Path,
+    compressed: CompressedKV,
+    fingerprint: Fingerprint,
+    messages: Sequence[Mapping[str, str]] | None = None,
 ) -> ActivationManifest:
-    """Store `compressed` in `directory` atomically, replacing what was there."""
+    """Store `compressed` in `directory` atomically, replacing what was there. `messages`:
+    the chat messages its tokens render, if they came from the chat template."""
     assert fingerprint.dtype == str(compressed.dtype).removeprefix("torch."), "dtype mismatch"
     directory.mkdir(parents=True, exist_ok=True)
     blob_bytes = save_tensors(_tensors(compressed))
@@ -105,6 +116,8 @@ def save_activation(
         "blob_bytes": len(blob_bytes),
         "blob_blake2b": checksum,
     }
+    if messages is not None:
+        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
     manifest_bytes = _manifest_body(body)
     previous = _current_blob(directory)
     try:
@@ -169,9 +182,21 @@ def _to_manifest(body: dict[str, Any], total_bytes: int) -> ActivationManifest:
             fp16_bytes=int(body["fp16_bytes"]),
             blob=str(body["blob"]),
             blob_blake2b=str(body["blob_blake2b"]),
+            messages=_messages(body.get("messages")),
         )
     except (KeyError, TypeError, ValueError, ValidationError) as exc:
         raise ActivationCorrupt(f"manifest is missing or has a bad field: {exc}") from exc
+
+
+def _messages(raw: Any) -> tuple[dict[str, str], ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in raw
+    ):
+        raise ValueError("messages must be a list of {role, content} strings")
+    return tuple({"role": m["role"], "content": m["content"]} for m in raw)
 
 
 def read_manifest(directory: Path) -> ActivationManifest:
@@ -187,8 +212,15 @@ def load_activation(directory: Path, expected: Fingerprint) -> CompressedKV:
     Raises ActivationMismatch when it was built for another model/tokenizer/template/dtype,
     ActivationCorrupt when the manifest or blob is missing, truncated or altered.
     """
-    body, _ = _read_body(directory)
-    manifest = _to_manifest(body, 0)
+    return open_activation(directory, expected)[0]
+
+
+def open_activation(
+    directory: Path, expected: Fingerprint
+) -> tuple[CompressedKV, ActivationManifest]:
+    """`load_activation`, with the manifest it was read with."""
+    body, size = _read_body(directory)
+    manifest = _to_manifest(body, size)
     differences = manifest.fingerprint.differences(expected)
     if differences:
         raise ActivationMismatch(differences)
@@ -203,9 +235,10 @@ def load_activation(directory: Path, expected: Fingerprint) -> CompressedKV:
             "or its checksum differs"
         )
     try:
-        return _rebuild(load_tensors(data), body, manifest)
+        compressed = _rebuild(load_tensors(data), body, manifest)
     except (KeyError, ValueError, kernels.QuantizationError) as exc:
         raise ActivationCorrupt(f"blob {path} does not hold what its manifest says: {exc}") from exc
+    return compressed, dataclasses.replace(manifest, bytes=size + len(data))
 
 
 def _rebuild(

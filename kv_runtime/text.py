@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 from kv_runtime.errors import InvalidArgument
@@ -30,14 +31,30 @@ class TextCodec:
         with self._lock:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of `token_ids`, special tokens left out."""
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `token_ids`, special tokens left out unless `skip_special_tokens` is False."""
         with self._lock:
             return str(
                 self.tokenizer.decode(
-                    list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+                    list(token_ids),
+                    skip_special_tokens=skip_special_tokens,
+                    clean_up_tokenization_spaces=False,
                 )
             )
+
+    @cached_property
+    def boundary_tokens(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(added tokens text may be split before, added tokens it may be split after).
+
+        Added tokens are cut out of the text before the tokenizer's model runs, so the text on
+        either side of one is tokenized on its own: splitting there changes no token. One with
+        `lstrip` (`rstrip`) swallows the whitespace before (after) it, so it is no clean
+        boundary on that side.
+        """
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        before = {t.content for t in added.values() if not getattr(t, "lstrip", False)}
+        after = {t.content for t in added.values() if not getattr(t, "rstrip", False)}
+        return frozenset(before), frozenset(after)
 
     def render_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True

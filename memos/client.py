@@ -257,7 +257,9 @@ class PayloadTooLarge(MemosError):
 
 
 class TooManyRequests(MemosError):
-    """429. `retry_after`: seconds the server asked to wait (its `Retry-After`), if it said."""
+    """429: a rate limit, a quota or a bounded queue (`too_many_builds`,
+    `too_many_generations`); nothing was done. `retry_after`: the seconds the server asked to
+    wait (its `Retry-After`), if it said."""
 
     def __init__(
         self,
@@ -721,6 +723,9 @@ class _ServerSentEvents:
 
 
 def _piece_or_result(event: str, data: Any) -> str | Generation:
+    if event == "error":  # decoding failed after the stream began
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        raise ServerError(str(err.get("message")), code=str(err.get("code", "error")))
     return str(data["text"]) if event == "piece" else Generation.model_validate(data)
 
 

@@ -56,7 +56,12 @@ class Daemon:
         self.runtime = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled)
         self.cubes = CubeService(self.db, self._drop_cube, self._cube_bytes, self.quotas)
         self.activations = ActivationService(
-            self.db, self.cubes, self.runtime, settings.activation_dir, settings.activations
+            self.db,
+            self.cubes,
+            self.runtime,
+            settings.activation_dir,
+            settings.activations,
+            check_quota=self.quotas.check_activation_bytes,
         )
         self.enrichment = EnrichmentService(
             self.db,
@@ -86,7 +91,11 @@ class Daemon:
         )
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(
-            self.db, self.indexes, self.enrichment, settings.enrichment.enabled
+            self.db,
+            self.indexes,
+            self.enrichment,
+            settings.enrichment.enabled,
+            sweep_activations=lambda: self.activations.sweep().as_dict(),
         )
         self.jobs = JobRunner(
             self.db,
@@ -115,9 +124,11 @@ class Daemon:
         if written:
             log.warning("generated an admin API key", extra={"fields": {"admin_key_file": written}})
             print(f"memosd: admin API key written to {written}", flush=True)
-        interrupted = self.activations.recover()
+        interrupted, swept = self.activations.start()
         if interrupted:
             log.warning("activation builds interrupted", extra={"fields": {"count": interrupted}})
+        if swept.removed or swept.failed or swept.cubes:
+            log.warning("activation files swept", extra={"fields": swept.as_dict()})
         self.jobs.start()
         if self.settings.enrichment.enabled:
             self.enrichment_worker.start()
@@ -139,6 +150,7 @@ class Daemon:
     def stop(self) -> None:
         self.enrichment_worker.stop()
         self.jobs.stop()
+        self.activations.stop()
         if self._heal_thread is not None:
             self._heal_thread.join(timeout=60)
         self.indexes.save_all()

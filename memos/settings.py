@@ -103,15 +103,45 @@ class EnrichmentConfig(BaseModel):
 
 
 class ActivationsConfig(BaseModel):
-    """Activation memory: KV caches of the local runtime, built, stored and reused."""
+    """Activation memory: KV caches of the local runtime, built, stored and reused; and the
+    bounds on the work they take (build queue, generations, memory)."""
 
     enabled: bool = Field(True, description="serve the activation and generate routes")
     inline_max_tokens: int = Field(
         1024, ge=0, le=1_048_576, description="larger builds run as a background job"
     )
-    max_text_bytes: int = Field(1 << 20, ge=1, le=64 << 20)
+    max_text_bytes: int = Field(
+        1 << 20, ge=1, le=64 << 20, description="an activation's rendered text, before tokenizing"
+    )
+    max_source_memories: int = Field(
+        10_000, ge=1, le=1_000_000, description="memories one activation is built from"
+    )
     max_generate_tokens: int = Field(1024, ge=1, le=65_536)
-    loaded_cache: int = Field(4, ge=0, le=1024, description="loaded activations kept in memory")
+    max_prompt_bytes: int = Field(64 << 10, ge=1, le=16 << 20, description="a generate prompt")
+    loaded_cache_bytes: int = Field(
+        512 << 20, ge=0, le=1 << 40, description="loaded activations kept in memory, in bytes"
+    )
+    build_workers: int = Field(1, ge=1, le=64, description="background builds run at once")
+    max_queued_builds: int = Field(
+        16, ge=1, le=100_000, description="builds queued or running, daemon-wide (429 beyond)"
+    )
+    max_queued_builds_per_user: int = Field(
+        4, ge=1, le=100_000, description="builds queued or running per cube owner (429 beyond)"
+    )
+    build_retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of a 429")
+    max_generations: int = Field(4, ge=1, le=1024, description="generations decoding at once")
+    max_waiting_generations: int = Field(
+        8, ge=0, le=100_000, description="generations waiting for a slot (429 beyond)"
+    )
+    generation_wait_s: float = Field(
+        5.0, ge=0, le=600, description="how long a generation waits for a slot before 429"
+    )
+    generation_kv_bytes: int = Field(
+        2 << 30,
+        ge=1 << 20,
+        le=1 << 44,
+        description="full-precision caches of the running generations together, in bytes",
+    )
 
 
 class Settings(BaseSettings):

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from memos import __version__
 from memos.api import errors
+from memos.api.activation_metrics import ActivationCollector
 from memos.api.middleware import Metrics, RequestMiddleware
 from memos.api.routes import activations, cubes, keys, memories, ops, users
 from memos.daemon import Daemon
@@ -31,6 +32,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     )
     app.state.daemon = daemon
     app.state.metrics = Metrics()
+    app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
     errors.install(app)
     for module in (ops, users, keys, cubes, memories, activations):
         app.include_router(module.router)

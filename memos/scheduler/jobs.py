@@ -15,7 +15,9 @@ from memos.settings import SchedulerConfig
 
 
 def index_maintenance(system: SystemService) -> dict[str, Any]:
-    return asdict(system.maintain_indexes())
+    """Indexes verified and healed, then activation files without rows removed and rows
+    without files failed."""
+    return {**asdict(system.maintain_indexes()), "activations": system.sweep_activations()}
 
 
 def enrichment_retry(system: SystemService) -> dict[str, Any]:
@@ -30,7 +32,8 @@ def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
         JobSpec(
             name="index_maintenance",
             description="verify each cube's vector index against the database; "
-            "replay, rebuild and save what drifted",
+            "replay, rebuild and save what drifted; sweep activation files without rows and "
+            "fail rows without files",
             interval_s=config.index_maintenance_interval_s,
             run=lambda: index_maintenance(system),
         ),

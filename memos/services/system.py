@@ -10,8 +10,10 @@ adds a method here over the same services and row helpers the routes use.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 
@@ -35,11 +37,13 @@ class SystemService:
         indexes: IndexRegistry,
         enrichment: EnrichmentService,
         enrichment_enabled: bool,
+        sweep_activations: Callable[[], Any],
     ) -> None:
         self.db = db
         self.indexes = indexes
         self.enrichment = enrichment
         self.enrichment_enabled = enrichment_enabled
+        self.sweep_activations = sweep_activations  # files without rows, rows without files
 
     def maintain_indexes(self) -> MaintenanceReport:
         """Verify every cube's ANN index against the database; replay, rebuild and save what

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
+
 import pytest
 import torch
 
-from kv_runtime import InvalidArgument, KVCache, Runtime
+from kv_runtime import Generation, InvalidArgument, KVCache, Runtime
 from kv_runtime.prefill import prefill
+from kv_runtime.sampling import SamplingParams
+from kv_runtime.text import TextCodec
 
 
 def test_continuing_from_a_cache_gives_the_logits_of_a_full_prefill(
@@ -126,3 +131,80 @@ def test_sampling_is_reproducible_with_a_seed(runtime: Runtime, kv: KVCache, pro
     assert sample(1) != sample(2)
     greedy = runtime.generate(prompt_ids, kv=kv, max_tokens=6).collect().token_ids
     assert sample(3, top_p=1e-6) == greedy  # a nucleus that small holds only the argmax
+
+
+def test_a_cancel_hook_ends_decoding_at_the_next_token(
+    runtime: Runtime, kv: KVCache, prompt_ids: list[int]
+) -> None:
+    greedy = runtime.generate(prompt_ids, kv=kv, max_tokens=8).collect()
+    checks = [0]
+
+    def cancel() -> bool:  # checked once before the prompt's one chunk, then before each step
+        checks[0] += 1
+        return checks[0] > 3
+
+    generation = runtime.generate(prompt_ids, kv=kv, max_tokens=8, cancel=cancel)
+    pieces = list(generation)
+    result = generation.result
+    assert result is not None and result.finish_reason == "cancelled"
+    assert result.token_ids == greedy.token_ids[:3] and checks[0] == 4
+    assert "".join(pieces) == result.text == runtime.detokenize(greedy.token_ids[:3])
+
+
+def test_a_cancel_hook_is_checked_between_prefill_chunks(
+    runtime: Runtime, context_ids: list[int]
+) -> None:
+    checks = [0]
+
+    def cancel() -> bool:  # the ~90-token prompt runs in two 64-token chunks
+        checks[0] += 1
+        return checks[0] > 1
+
+    result = runtime.generate(context_ids, max_tokens=8, cancel=cancel).collect()
+    assert (result.finish_reason, result.token_ids, result.text) == ("cancelled", (), "")
+    assert checks[0] == 2  # the second chunk never ran
+
+
+class _CountingCodec(TextCodec):
+    """The runtime's tokenizer, recording how many tokens each decode call is given."""
+
+    def __init__(self, base: TextCodec) -> None:
+        super().__init__(base.tokenizer, sorted(base.eos_token_ids))
+        self.sizes: list[int] = []
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        self.sizes.append(len(token_ids))
+        return super().decode(token_ids, skip_special_tokens)
+
+
+def test_decoding_a_step_does_not_decode_the_whole_answer_again(
+    runtime: Runtime, kv: KVCache, prompt_ids: list[int]
+) -> None:
+    codec = _CountingCodec(runtime._codec)
+    params = SamplingParams(max_tokens=24, stop_token_ids=frozenset(runtime.eos_token_ids))
+    generation = Generation(
+        runtime.runner, codec, prompt_ids, kv, params, chunk_tokens=64, max_positions=8192
+    )
+    result = generation.collect()
+    assert len(result.token_ids) == 24 and result.finish_reason == "length"
+    assert result.text == runtime.detokenize(result.token_ids)
+    # A few tokens a call whatever the answer's length (decoding it all each step: up to 24).
+    assert max(codec.sizes) <= 3
+
+
+def test_a_cancelled_request_stops_while_waiting_for_the_model(
+    runtime: Runtime, kv: KVCache, prompt_ids: list[int]
+) -> None:
+    stop = threading.Event()
+    results = []
+    with runtime.runner.lock:  # another request's long prefill chunk holds the model
+        worker = threading.Thread(
+            target=lambda: results.append(
+                runtime.generate(prompt_ids, kv=kv, max_tokens=8, cancel=stop.is_set).collect()
+            )
+        )
+        worker.start()
+        stop.set()
+        worker.join(60)  # ends while the model is still held: it never needed it
+        assert not worker.is_alive()
+    assert [(r.finish_reason, r.token_ids) for r in results] == [("cancelled", ())]

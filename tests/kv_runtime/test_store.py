@@ -166,3 +166,32 @@ def test_saving_again_replaces_and_deleting_removes(
     assert body["format"] == "memosd-activation/1" and body["token_ids"] == list(kv.token_ids)
     delete_activation(tmp_path)
     assert not tmp_path.exists()
+
+
+def test_a_16_bit_activation_takes_two_bytes_an_element_on_disk(
+    runtime: Runtime, kv: KVCache, tmp_path: Path
+) -> None:
+    manifest = save_activation(
+        tmp_path, runtime.compress(kv, SETTINGS["16-bit"]), runtime.fingerprint
+    )
+    elements = 2 * kv.layers * kv.kv_heads * kv.length * kv.head_dim  # keys and values
+    assert runtime.fingerprint.dtype == "float32"  # the CPU compute dtype
+    assert manifest.kv_bytes == manifest.fp16_bytes == 2 * elements  # was 4 * elements
+    blob = (tmp_path / manifest.blob).stat().st_size
+    assert 2 * elements < blob < 2 * elements + 20_000  # the tensors plus safetensors' header
+    loaded = runtime.decompress(load_activation(tmp_path, runtime.fingerprint))
+    assert loaded.dtype == torch.float32  # cast back to the runtime's dtype on loading
+    assert torch.equal(loaded.keys[3], kv.keys[3].half().float())
+
+
+def test_the_messages_a_cache_renders_are_kept_in_its_manifest(
+    runtime: Runtime, four_bit: CompressedKV, tmp_path: Path
+) -> None:
+    messages = [{"role": "system", "content": "Caroline met Melanie. 🌻"}]
+    saved = save_activation(tmp_path, four_bit, runtime.fingerprint, messages)
+    assert saved.messages == tuple(messages) == read_manifest(tmp_path).messages
+    compressed, manifest = runtime.open_activation(tmp_path)
+    assert manifest.messages == tuple(messages) and manifest.bytes == saved.bytes
+    assert compressed.spans == four_bit.spans
+    save_activation(tmp_path, four_bit, runtime.fingerprint)  # as stored before messages were
+    assert read_manifest(tmp_path).messages is None

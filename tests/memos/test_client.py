@@ -586,6 +586,14 @@ def test_error_parsing(
     assert (err.status, err.code, err.message) == (status, code, message)
 
 
+def test_a_429_carries_its_retry_after() -> None:
+    body = {"error": {"code": "too_many_builds", "message": "too many builds are queued"}}
+    response = httpx.Response(429, json=body, headers={"Retry-After": "10"})
+    err = error_from_response(response)
+    assert type(err) is TooManyRequests
+    assert (err.status, err.code, err.retry_after) == (429, "too_many_builds", 10.0)
+
+
 def test_error_parsing_plain_text() -> None:
     err = error_from_response(_response(502, text="upstream timed out\n"))
     assert type(err) is ServerError

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.generation import GenerationRun
 from memos.api.schemas import (
     ActivationCreate,
     ActivationList,
     ActivationOut,
+    ErrorBody,
     GenerateRequest,
     GenerateResponse,
 )
@@ -21,13 +22,28 @@ from memos.services.activations import ActivationSource
 router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["activations"])
 
 
-@router.post("/activations", status_code=201, response_model=ActivationOut)
+def _busy(what: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        429: {
+            "model": ErrorBody,
+            "description": f"too many {what} queued or running (`too_many_{what}`); retry after "
+            "the `Retry-After` header's seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        }
+    }
+
+
+@router.post(
+    "/activations", status_code=201, response_model=ActivationOut, responses=_busy("builds")
+)
 def create_activation(
     cube_id: str, body: ActivationCreate, daemon: DaemonDep, principal: PrincipalDep
 ) -> ActivationOut:
     """Prefill the context once and store its (compressed) KV cache. A context longer than
     `activations.inline_max_tokens` is built in the background: the answer then has
-    `state: "building"` and `progress`; poll GET until `"ready"`."""
+    `state: "building"` and `progress`; poll GET until `"ready"`. Builds are bounded per cube
+    owner and daemon-wide (429 `too_many_builds` beyond); deleting the activation cancels its
+    build."""
     source = ActivationSource(
         text=body.text,
         memory_ids=tuple(body.memory_ids) if body.memory_ids is not None else None,
@@ -60,26 +76,29 @@ def delete_activation(
     return Response(status_code=204)
 
 
-@router.post("/generate", response_model=GenerateResponse)
-def generate(
-    cube_id: str, body: GenerateRequest, daemon: DaemonDep, principal: PrincipalDep
+@router.post("/generate", response_model=GenerateResponse, responses=_busy("generations"))
+async def generate(
+    cube_id: str,
+    body: GenerateRequest,
+    request: Request,
+    daemon: DaemonDep,
+    principal: PrincipalDep,
 ) -> GenerateResponse | StreamingResponse:
     """Answer `prompt` with the local model, continuing the activation's context when given
     (its KV cache is reused: `reused_tokens` were not prefilled again).
 
     With `"stream": true` the answer is `text/event-stream`: one `piece` event per piece of text
-    (`{"text": ...}`) as it is decoded, then one `done` event with the response body. Refusals
-    (404, 409, 422, ...) still come as ordinary error responses, before any event."""
-    stream = daemon.activations.stream(
-        principal, cube_id, body.prompt, body.activation_id, body.max_tokens
+    (`{"text": ...}`) as it is decoded, then one `done` event with the response body (or one
+    `error` event with the error body if decoding fails). Refusals (404, 409, 413, 422, 429,
+    ...) still come as ordinary error responses, before any event. Generations are admitted up
+    to `activations.max_generations` at once, with a short wait queue (429
+    `too_many_generations` beyond); one whose client disconnects stops at its next token."""
+    run = GenerationRun(
+        lambda cancel: daemon.activations.stream(
+            principal, cube_id, body.prompt, body.activation_id, body.max_tokens, cancel
+        )
     )
+    await run.started(request)
     if not body.stream:
-        return GenerateResponse.model_validate(stream.collect())
-
-    def events() -> Iterator[str]:
-        for piece in stream.pieces:
-            yield f"event: piece\ndata: {json.dumps({'text': piece})}\n\n"
-        done = GenerateResponse.model_validate(stream.finish()).model_dump_json()
-        yield f"event: done\ndata: {done}\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+        return await run.collect(request)
+    return run.stream_response(request)

@@ -141,3 +141,18 @@ def test_live_memory_counter_follows_every_write(tenant, server):
             select(func.count()).where(Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
         )
     assert counter == live == 7
+
+
+def test_activation_bytes_quota_refuses_a_build_before_it_starts(tenant, quotas):
+    client, cube_id = tenant
+    text = {"text": "Maya keeps bees on the roof of her building in Lyon."}
+    quotas(max_activation_bytes_per_user=1)
+    _refused(
+        client.post(f"/v1/cubes/{cube_id}/activations", json=text),
+        "max_activation_bytes_per_user",
+    )
+    assert client.get(f"/v1/cubes/{cube_id}/activations").json()["items"] == []
+    quotas(max_activation_bytes_per_user=1 << 30)
+    made = client.post(f"/v1/cubes/{cube_id}/activations", json=text)
+    assert made.status_code == 201, made.text
+    assert made.json()["state"] == "ready" and made.json()["bytes"] > 1

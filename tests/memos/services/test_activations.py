@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
+from kv_runtime.store import _manifest_body
 from memcube.enrichment import Enrichment, LlmEnricher, NoteInput, make_enricher
 from memcube.enrichment.dates import resolve_dates
 from memcube.enrichment.llm import fallback_reason, parse_reply
@@ -135,3 +138,46 @@ def test_the_llm_enricher_runs_on_the_local_runtime_and_never_loses_a_note(daemo
     assert (enricher.answered, enricher.fell_back) == (
         sum(r.enricher == "llm" for r in results), sum(r.enricher == "local" for r in results)
     )  # fmt: skip
+
+
+def test_the_sweep_at_start_removes_files_without_rows_and_fails_rows_without_files(
+    tmp_path, embedder
+):
+    daemon = make_daemon(tmp_path, embedder)
+    cube = daemon.cubes.create(ADMIN, "c", "")
+    kept = daemon.activations.create(ADMIN, cube.id, ActivationSource(text="Hello."), 16, None)
+    lost = daemon.activations.create(ADMIN, cube.id, ActivationSource(text="Bye."), 16, None)
+    assert kept.state == lost.state == "ready"
+    daemon.stop()
+    with daemon.db.write() as s:  # what a kill -9 mid-build leaves: a row and a partial file
+        s.add(Activation(id="act_cut", cube_id=cube.id, model="m", source={}, compression={},
+                         tokens=900, bits=4, state="building", created_at=utcnow()))  # fmt: skip
+    daemon.db.dispose()
+    root = daemon.settings.activation_dir / cube.id
+    (root / "act_cut").mkdir()
+    (root / "act_cut" / "kv-partial.safetensors.tmp").write_bytes(b"\0" * 100)
+    shutil.copytree(root / kept.id, root / "act_orphan")  # files without a row
+    shutil.rmtree(root / lost.id)  # a row without files
+    daemon = make_daemon(tmp_path, embedder)
+    assert sorted(p.name for p in root.iterdir()) == [kept.id]
+    seen = {a.id: (a.state, a.error) for a in daemon.activations.list_activations(ADMIN, cube.id)}
+    assert seen == {
+        kept.id: ("ready", None),
+        lost.id: ("failed", "its files are missing; build it again"),
+        "act_cut": ("failed", "interrupted by a restart; build it again"),
+    }
+    daemon.stop()
+
+
+def test_an_activation_stored_before_manifests_kept_their_messages_still_answers(daemon):
+    cube = daemon.cubes.create(ADMIN, "c", "")
+    source = ActivationSource(text="Melanie paints sunrises over the lake.")
+    new, old = (daemon.activations.create(ADMIN, cube.id, source, 16, None) for _ in range(2))
+    path = daemon.settings.activation_dir / cube.id / old.id / "manifest.json"
+    body = json.loads(path.read_bytes())
+    assert body.pop("messages") == [{"role": "system", "content": source.text}]
+    del body["manifest_blake2b"]
+    path.write_bytes(_manifest_body(body))  # as an older memosd wrote it
+    generate = daemon.activations.generate
+    answers = [generate(ADMIN, cube.id, "Who paints?", a.id, 8) for a in (new, old)]
+    assert answers[0].text == answers[1].text and answers[1].reused_tokens == old.kept_tokens

@@ -1,0 +1,33 @@
+"""Activation memory: KV caches of the local model, built from a cube's text, stored, reused.
+
+An activation is built from text, from memories (rendered in the given order with their
+timestamps) or from a session (its memories in order). Its context is prefilled once,
+compressed (`kv_runtime.CompressionConfig`) and stored on disk (`kv_runtime.store`); the
+`activations` row is its catalogue entry. Small builds finish inside the request; larger ones
+(`inline_max_tokens`) return at once in state "building" and a bounded build queue fills in
+`progress` until "ready" or "failed". `generate` continues an activation's context with a
+prompt, admitted under bounds on concurrent generations and their memory.
+
+`ActivationService` (service.py) is the facade; each job has a module of its own.
+"""
+
+from memos.services.activations.generations import GenerationStream
+from memos.services.activations.prompts import ActivationSource, render_memories
+from memos.services.activations.service import (
+    ActivationService,
+    ActivationStats,
+    QuotaCheck,
+    compression_for,
+)
+from memos.services.activations.sweep import SweepReport
+
+__all__ = [
+    "ActivationService",
+    "ActivationSource",
+    "ActivationStats",
+    "GenerationStream",
+    "QuotaCheck",
+    "SweepReport",
+    "compression_for",
+    "render_memories",
+]

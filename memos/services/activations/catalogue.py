@@ -1,0 +1,156 @@
+"""The activation catalogue: one `activations` row per stored KV cache, its state and its files.
+
+States: "building" (with `progress` 0..1), "ready", "failed" (with `error`), "corrupt" (its files
+failed their checksum). The tensors live under `<directory>/<cube_id>/<activation_id>/`
+(`kv_runtime.store`); a row is inserted before its files are written and deleted before they
+are removed, so files without a row are always leftovers (see `ActivationSweep`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+import kv_runtime
+from memcube.errors import NotFound
+from memos.db.engine import Database
+from memos.db.models import Activation
+from memos.db.types import utcnow
+from memos.services.views import ActivationView
+
+INTERRUPTED = "interrupted by a restart; build it again"
+DELETED = "deleted while it was built"
+CUBE_DELETED = "its cube was deleted while it was built"
+
+
+def activation_not_found(activation_id: str) -> NotFound:
+    return NotFound(f"activation {activation_id!r} not found", code="activation_not_found")
+
+
+def _view(row: Activation) -> ActivationView:
+    return ActivationView(
+        id=row.id,
+        cube_id=row.cube_id,
+        model=row.model,
+        tokens=row.tokens,
+        kept_tokens=row.kept_tokens,
+        bits=row.bits,
+        bytes=row.bytes,
+        state=row.state,
+        progress=row.progress,
+        error=row.error,
+        created_at=row.created_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+class Catalogue:
+    """Rows and file locations; every method is one short transaction."""
+
+    def __init__(self, db: Database, directory: Path) -> None:
+        self.db = db
+        self.directory = directory
+
+    def path(self, cube_id: str, activation_id: str) -> Path:
+        return self.directory / cube_id / activation_id
+
+    # -- reads ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(s: Session, cube_id: str, activation_id: str) -> Activation:
+        row = s.get(Activation, activation_id)
+        if row is None or row.cube_id != cube_id:
+            raise activation_not_found(activation_id)
+        return row
+
+    def view(self, cube_id: str, activation_id: str) -> ActivationView:
+        with self.db.read() as s:
+            return _view(self._row(s, cube_id, activation_id))
+
+    def exists(self, activation_id: str) -> bool:
+        with self.db.read() as s:
+            return s.get(Activation, activation_id) is not None
+
+    def views(self, cube_id: str) -> list[ActivationView]:
+        with self.db.read() as s:
+            rows = s.scalars(
+                select(Activation)
+                .where(Activation.cube_id == cube_id)
+                .order_by(Activation.created_at, Activation.id)
+            )
+            return [_view(row) for row in rows]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def insert(self, row: Activation) -> ActivationView:
+        with self.db.write() as s:
+            s.add(row)
+        return _view(row)
+
+    def delete(self, cube_id: str, activation_id: str) -> None:
+        """The row only; the caller cancels its build and removes its files afterwards."""
+        with self.db.write() as s:
+            self._row(s, cube_id, activation_id)
+            s.execute(delete(Activation).where(Activation.id == activation_id))
+
+    def _update(self, activation_id: str, *where: Any, **values: Any) -> bool:
+        """Set `values` on the row if it exists (and matches `where`); whether it did."""
+        with self.db.write() as s:
+            result = s.execute(
+                update(Activation).where(Activation.id == activation_id, *where).values(**values)
+            )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def set_progress(self, activation_id: str, progress: float) -> None:
+        self._update(activation_id, Activation.state == "building", progress=progress)
+
+    def mark_ready(self, activation_id: str, kept_tokens: int, size: int) -> bool:
+        """Building -> ready. False when the row is gone (deleted while it was built)."""
+        building = Activation.state == "building"
+        values = {"state": "ready", "progress": 1.0, "kept_tokens": kept_tokens, "bytes": size}
+        return self._update(activation_id, building, **values)
+
+    def mark_failed(self, activation_id: str, error: str) -> None:
+        self._update(activation_id, Activation.state == "building", state="failed", error=error)
+
+    def mark_corrupt(self, activation_id: str, error: str) -> None:
+        self._update(activation_id, state="corrupt", error=error)
+
+    def touch(self, activation_id: str) -> None:
+        self._update(activation_id, last_used_at=utcnow())
+
+    def recover(self) -> list[tuple[str, str]]:
+        """Builds no thread will finish (a restart or shutdown cut them) are failed; their
+        (cube id, activation id), whose partial files the caller removes."""
+        with self.db.write() as s:
+            cut = s.execute(
+                select(Activation.cube_id, Activation.id).where(Activation.state == "building")
+            ).all()
+            s.execute(
+                update(Activation)
+                .where(Activation.state == "building")
+                .values(state="failed", error=INTERRUPTED)
+            )
+        return [(cube_id, activation_id) for cube_id, activation_id in cut]
+
+    # -- files ------------------------------------------------------------------------------
+
+    def remove_files(self, cube_id: str, activation_id: str, prune_cube: bool = False) -> None:
+        """Remove an activation's files (the manifest first), whatever is left of them, and
+        with `prune_cube` (its cube is gone) the cube's folder if that leaves it empty."""
+        path = self.path(cube_id, activation_id)
+        try:
+            kv_runtime.delete_activation(path)
+        except OSError:  # half removed by someone else, or a write still landing: all of it
+            shutil.rmtree(path, ignore_errors=True)
+        if prune_cube:  # fails when gone already, or another build's files are still there
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+    def remove_cube_files(self, cube_id: str) -> None:
+        shutil.rmtree(self.directory / cube_id, ignore_errors=True)

@@ -1,0 +1,253 @@
+"""Generation on an activation: checked up front, admitted, cancellable, counted.
+
+`open` refuses everything it can before any real work: `max_tokens`, the prompt's size, the
+activation's state, the context length (activation + question + answer within the model's
+positions) and the memory the full-precision cache will take, all from the catalogue row and the
+manifest. Only then does it wait for admission (`admission.GenerationGate`), load the activation
+(`loaded`: byte-bounded) and start decoding, with a cancel switch the runtime checks before every
+token, so a request whose client left ends within one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import NoReturn
+
+import kv_runtime
+from kv_runtime import Generation, GenerationResult, Runtime
+from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests
+from memos.services.activations.admission import GenerationGate, Refusal, Slot
+from memos.services.activations.catalogue import Catalogue, activation_not_found
+from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
+from memos.services.activations.prompts import Prompts
+from memos.services.runtime import RuntimeHolder
+from memos.services.views import ActivationView, GenerationView
+
+History = tuple[Mapping[str, str], ...]
+
+
+class GenerationStream:
+    """Text pieces as they are decoded, then `finish()` for the totals.
+
+    It holds an admission slot until its pieces run out, it fails, or `close()` is called
+    (whichever comes first; callers that may stop early close it). `cancel()` asks the runtime
+    to stop at the next token; the pieces then end with finish reason "cancelled".
+    """
+
+    def __init__(
+        self,
+        generation: Generation,
+        slot: Slot,
+        cancel: threading.Event,
+        on_finish: Callable[[GenerationResult], GenerationView],
+        on_close: Callable[[GenerationStream], None],
+    ) -> None:
+        self._generation, self._slot, self._cancel = generation, slot, cancel
+        self._on_finish, self._on_close = on_finish, on_close
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._generation
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        """Set once the pieces have run out."""
+        return self._generation.result
+
+    def close(self) -> None:
+        self._slot.release()
+        self._on_close(self)
+
+    def finish(self) -> GenerationView:
+        result = self.result
+        assert result is not None, "finish() after the pieces are consumed"
+        return self._on_finish(result)
+
+    def collect(self) -> GenerationView:
+        """Decode to the end without looking at the pieces; the totals."""
+        for _ in self:
+            pass
+        return self.finish()
+
+
+class Generations:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        runtime: RuntimeHolder,
+        prompts: Prompts,
+        loaded: ByteBoundedLRU[LoadedActivation],
+        gate: GenerationGate,
+        max_generate_tokens: int,
+    ) -> None:
+        self.catalogue, self.runtime, self.prompts = catalogue, runtime, prompts
+        self.loaded, self.gate = loaded, gate
+        self.max_generate_tokens = max_generate_tokens
+        self._finished: Counter[str] = Counter()
+        self._open: set[GenerationStream] = set()
+        self._lock = threading.Lock()
+
+    def open(
+        self,
+        cube_id: str,
+        prompt: str,
+        activation_id: str | None,
+        max_tokens: int,
+        cancel: threading.Event | None = None,
+    ) -> GenerationStream:
+        """Check, admit, load and start; every refusal is raised here, before any text."""
+        started = time.perf_counter()
+        cancel = cancel or threading.Event()
+        if not 1 <= max_tokens <= self.max_generate_tokens:
+            raise InvalidArgument(
+                f"max_tokens is {max_tokens}; it must be between 1 and {self.max_generate_tokens}"
+            )
+        self.prompts.check_prompt(prompt)
+        runtime = self.runtime.get()
+        row: ActivationView | None = None
+        history: History = ()
+        if activation_id is not None:
+            row = self.catalogue.view(cube_id, activation_id)
+            if row.state != "ready":
+                raise Conflict(
+                    f"activation {activation_id!r} is {row.state}, not ready",
+                    code="activation_not_ready",
+                )
+            history = self._history(runtime, row)
+        question = self.prompts.question(runtime, history, prompt)
+        context = row.tokens if row is not None else 0
+        end = context + len(question) + max_tokens
+        if end > runtime.info.max_positions:
+            raise InvalidArgument(
+                f"context {context} + prompt {len(question)} + max_tokens {max_tokens} = {end} "
+                f"exceeds the model's {runtime.info.max_positions} positions"
+            )
+        kept = row.kept_tokens if row is not None else 0
+        kv_bytes = (kept + len(question) + max_tokens) * runtime.kv_bytes_per_token
+        if kv_bytes > self.gate.limits.max_kv_bytes:
+            raise TooLarge(
+                f"this generation's cache would take {kv_bytes} bytes; generations may take "
+                f"{self.gate.limits.max_kv_bytes} (fewer max_tokens or a compressed activation)",
+                code="generation_too_large",
+            )
+        slot = self.gate.acquire(kv_bytes, cancel.is_set)
+        if isinstance(slot, Refusal):
+            raise self._busy(slot)
+        try:
+            compressed = self._load(runtime, row).kv if row is not None else None
+            loaded_ms = (time.perf_counter() - started) * 1000
+            generation = runtime.generate(
+                question, kv=compressed, max_tokens=max_tokens, cancel=cancel.is_set
+            )
+        except BaseException:
+            slot.release()
+            raise
+
+        def finish(result: GenerationResult) -> GenerationView:
+            if activation_id is not None:
+                self.catalogue.touch(activation_id)
+            return GenerationView(
+                text=result.text,
+                ttft_ms=round(loaded_ms + result.ttft_ms, 3),
+                prompt_tokens=result.prompt_tokens,
+                reused_tokens=kept,  # cache entries reused; evicted ones are skipped too
+                activation_id=activation_id,
+                finish_reason=result.finish_reason,
+            )
+
+        stream = GenerationStream(generation, slot, cancel, finish, self._closed)
+        with self._lock:
+            self._open.add(stream)
+        return stream
+
+    def _closed(self, stream: GenerationStream) -> None:
+        """Count how it ended, once: its finish reason, or "failed" when it never finished."""
+        result = stream.result
+        with self._lock:
+            if stream in self._open:
+                self._open.remove(stream)
+                self._finished[result.finish_reason if result else "failed"] += 1
+
+    def _busy(self, refusal: Refusal) -> TooManyRequests:
+        limits = self.gate.limits
+        return TooManyRequests(
+            f"{limits.max_active} generations are running and {limits.max_waiting} may wait "
+            f"({refusal.reason.replace('_', ' ')}); try again shortly",
+            code="too_many_generations",
+            retry_after=max(1, math.ceil(limits.wait_s)),
+        )
+
+    def finished(self) -> dict[str, int]:
+        """Generations ended since start, by finish reason ("stop", "length", "cancelled"), or
+        "failed" (an error, or closed before decoding)."""
+        with self._lock:
+            return dict(self._finished)
+
+    def cancelling(self) -> int:
+        """Generations asked to stop (their client left) that have not ended yet."""
+        with self._lock:
+            return sum(1 for stream in self._open if stream.cancelled)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _path(self, row: ActivationView) -> Path:
+        return self.catalogue.path(row.cube_id, row.id)
+
+    def _history(self, runtime: Runtime, row: ActivationView) -> History:
+        """The chat messages the activation's tokens render: from memory, else its manifest."""
+        cached = self.loaded.get((row.cube_id, row.id))
+        if cached is not None:
+            return cached.history
+        try:
+            manifest = kv_runtime.read_manifest(self._path(row))
+        except kv_runtime.ActivationCorrupt as exc:
+            self._corrupt(row, exc)
+        if manifest.messages is not None:
+            return manifest.messages
+        # Stored before manifests recorded their messages: read its one system turn back.
+        recovered = runtime.template.recover_turn(manifest.token_ids, "system")
+        if recovered is None:
+            raise Conflict(
+                f"activation {row.id!r} was stored without its chat messages by an older "
+                "memosd and cannot be read back; build it again",
+                code="activation_mismatch",
+            )
+        return tuple(recovered)
+
+    def _load(self, runtime: Runtime, row: ActivationView) -> LoadedActivation:
+        key = (row.cube_id, row.id)
+        cached = self.loaded.get(key)
+        if cached is not None:
+            return cached
+        try:
+            compressed, manifest = runtime.open_activation(self._path(row))
+        except kv_runtime.ActivationMismatch as exc:
+            raise Conflict(exc.message, code="activation_mismatch") from exc
+        except kv_runtime.ActivationCorrupt as exc:
+            self._corrupt(row, exc)
+        history = manifest.messages
+        if history is None:  # stored before messages were recorded; `_history` checked it
+            history = tuple(runtime.template.recover_turn(compressed.token_ids, "system") or ())
+        entry = LoadedActivation(compressed, history)
+        self.loaded.put(key, entry, compressed.memory_nbytes())
+        return entry
+
+    def _corrupt(self, row: ActivationView, exc: kv_runtime.ActivationCorrupt) -> NoReturn:
+        if not self.catalogue.exists(row.id):  # deleted meanwhile: its files went first
+            raise activation_not_found(row.id) from exc
+        self.catalogue.mark_corrupt(row.id, exc.message)
+        raise Conflict(exc.message, code="activation_corrupt") from exc

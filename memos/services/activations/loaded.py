@@ -1,0 +1,85 @@
+"""Loaded activations kept in memory, bounded by bytes: least recently used out first.
+
+Loading an activation reads, checks and parses its files; keeping recently used ones saves that
+on the next request. Entries differ in size by orders of magnitude (a 2-bit 100-token cache and a
+16-bit 8K-token one), so the bound is on bytes, not on a number of entries: after every insert
+the least recently used entries are dropped until the total fits `max_bytes`. An entry larger
+than the whole budget is not kept at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from kv_runtime import CompressedKV
+
+V = TypeVar("V")
+Key = tuple[str, str]  # (cube id, activation id)
+
+
+@dataclass(frozen=True)
+class LoadedActivation:
+    """A verified activation in memory and the chat messages its tokens render."""
+
+    kv: CompressedKV
+    history: tuple[Mapping[str, str], ...]
+
+
+class ByteBoundedLRU(Generic[V]):
+    """Thread-safe LRU map whose values' sizes (given with each put) sum to <= `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Key, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Key) -> V | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: Key, value: V, size: int) -> list[Key]:
+        """Keep `value` as the most recently used; the keys evicted to make room."""
+        with self._lock:
+            self._pop(key)
+            if size > self.max_bytes:
+                return []
+            self._entries[key] = (value, size)
+            self._bytes += size
+            evicted = []
+            while self._bytes > self.max_bytes:
+                old, _ = next(iter(self._entries.items()))
+                self._pop(old)
+                evicted.append(old)
+            return evicted
+
+    def pop(self, key: Key) -> None:
+        with self._lock:
+            self._pop(key)
+
+    def drop_cube(self, cube_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == cube_id]:
+                self._pop(key)
+
+    def _pop(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+
+    def order(self) -> list[Key]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes

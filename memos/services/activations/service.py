@@ -1,0 +1,254 @@
+"""`ActivationService`: the one object routes and the daemon use; each job is a module beside it.
+
+catalogue    rows, states, listing, deletion, file locations
+prompts      text / memories / session -> a context's tokens; a question after a history
+builds       bounded build queue, progress, cancellation
+sweep        files without rows removed, rows without files failed
+loaded       loaded activations in memory, bounded by bytes
+admission    generations at once and waiting, bounded by number and by cache bytes
+generations  checked up front, admitted, cancellable generation
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kv_runtime import CompressionConfig, Runtime
+from memcube.errors import TooManyRequests
+from memos.db.engine import Database
+from memos.db.models import Activation
+from memos.db.types import utcnow
+from memos.services.activations.admission import AdmissionLimits, AdmissionStats, GenerationGate
+from memos.services.activations.builds import Builder, BuildJob, BuildQueue, BuildStats
+from memos.services.activations.catalogue import CUBE_DELETED, DELETED, Catalogue
+from memos.services.activations.generations import Generations, GenerationStream
+from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
+from memos.services.activations.prompts import ActivationSource, Context, PromptLimits, Prompts
+from memos.services.activations.sweep import ActivationSweep, SweepReport
+from memos.services.cubes import CubeService
+from memos.services.ids import new_id
+from memos.services.runtime import RuntimeHolder
+from memos.services.views import ActivationView, GenerationView, Principal, Role
+from memos.settings import ActivationsConfig
+
+# The seam for per-user quotas: called with (cube id, an upper bound of the bytes the build's
+# tensors will take) before a build is accepted; raise a DomainError to refuse it.
+QuotaCheck = Callable[[str, int], None]
+
+
+def compression_for(bits: int, budget_tokens: int | None) -> CompressionConfig:
+    """The request's compression block as runtime settings. The eviction windows shrink for
+    budgets smaller than their defaults (4 sinks + a 32-token window are always kept)."""
+    if budget_tokens is None:
+        return CompressionConfig(bits=bits)
+    defaults = CompressionConfig()
+    window = min(defaults.window_tokens, max(1, budget_tokens // 2))
+    sinks = min(defaults.sink_tokens, budget_tokens // 4)
+    return CompressionConfig(
+        bits=bits, budget_tokens=budget_tokens, window_tokens=window, sink_tokens=sinks
+    )
+
+
+def stored_bytes_bound(runtime: Runtime, tokens: int, settings: CompressionConfig) -> int:
+    """At most the bytes a build's tensors take: its kept tokens in float16."""
+    kept = min(tokens, settings.budget_tokens or tokens)
+    fp = runtime.fingerprint
+    return 2 * fp.layers * fp.kv_heads * fp.head_dim * kept * 2
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """For /metrics."""
+
+    builds: BuildStats
+    generations: AdmissionStats
+    generations_finished: dict[str, int]
+    generations_cancelling: int
+    loaded_bytes: int
+    loaded_entries: int
+
+
+class ActivationService:
+    def __init__(
+        self,
+        db: Database,
+        cubes: CubeService,
+        runtime: RuntimeHolder,
+        directory: Path,
+        config: ActivationsConfig,
+        check_quota: QuotaCheck | None = None,
+    ) -> None:
+        self.cubes, self.runtime, self.config = cubes, runtime, config
+        self.check_quota = check_quota
+        self.catalogue = Catalogue(db, directory)
+        self.prompts = Prompts(
+            db,
+            PromptLimits(
+                config.max_text_bytes, config.max_source_memories, config.max_prompt_bytes
+            ),
+        )
+        self.builds = BuildQueue(
+            Builder(self.catalogue, runtime),
+            workers=config.build_workers,
+            max_builds=config.max_queued_builds,
+            max_per_user=config.max_queued_builds_per_user,
+        )
+        self.sweeper = ActivationSweep(db, self.catalogue, self.builds)
+        self.loaded: ByteBoundedLRU[LoadedActivation] = ByteBoundedLRU(config.loaded_cache_bytes)
+        self.gate = GenerationGate(
+            AdmissionLimits(
+                max_active=config.max_generations,
+                max_waiting=config.max_waiting_generations,
+                wait_s=config.generation_wait_s,
+                max_kv_bytes=config.generation_kv_bytes,
+            )
+        )
+        self.generations = Generations(
+            self.catalogue, runtime, self.prompts, self.loaded, self.gate,
+            config.max_generate_tokens,
+        )  # fmt: skip
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> tuple[int, SweepReport]:
+        """Fail builds a restart interrupted, then sweep; (builds failed, sweep report)."""
+        return self._fail_unfinished(), self.sweeper.run()
+
+    def stop(self) -> None:
+        """Cancel every build; the rows of those that never ran are failed as interrupted."""
+        self.builds.stop()
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> int:
+        cut = self.catalogue.recover()
+        for cube_id, activation_id in cut:
+            self.catalogue.remove_files(cube_id, activation_id)
+        return len(cut)
+
+    def sweep(self) -> SweepReport:
+        return self.sweeper.run()
+
+    # -- builds -----------------------------------------------------------------------------
+
+    def create(
+        self,
+        principal: Principal,
+        cube_id: str,
+        source: ActivationSource,
+        bits: int,
+        budget_tokens: int | None,
+    ) -> ActivationView:
+        cube = self.cubes.require(principal, cube_id, Role.WRITER)
+        settings = compression_for(bits, budget_tokens)
+        text, described = self.prompts.source_text(cube_id, source)
+        runtime = self.runtime.get()
+        context = self.prompts.context(runtime, text, described)
+        if self.check_quota is not None:
+            self.check_quota(cube_id, stored_bytes_bound(runtime, len(context.token_ids), settings))
+        job = BuildJob(
+            activation_id=new_id("act"),
+            cube_id=cube_id,
+            owner_id=cube.owner_id,
+            token_ids=context.token_ids,
+            messages=context.messages,
+            settings=settings,
+        )
+        ticket = self.builds.admit(job)
+        if ticket is None:
+            raise TooManyRequests(
+                f"too many activation builds are queued (at most "
+                f"{self.config.max_queued_builds_per_user} per user and "
+                f"{self.config.max_queued_builds} in all); try again later",
+                code="too_many_builds",
+                retry_after=self.config.build_retry_after_s,
+            )
+        try:
+            self.catalogue.insert(self._row(runtime, job, context, bits))
+        except BaseException:
+            self.builds.abandon(ticket)
+            raise
+        if len(job.token_ids) <= self.config.inline_max_tokens:
+            self.builds.run_inline(ticket)
+        else:
+            self.builds.enqueue(ticket)
+        return self.catalogue.view(cube_id, job.activation_id)
+
+    @staticmethod
+    def _row(runtime: Runtime, job: BuildJob, context: Context, bits: int) -> Activation:
+        return Activation(
+            id=job.activation_id,
+            cube_id=job.cube_id,
+            model=runtime.fingerprint.model,
+            source=context.described,
+            compression=job.settings.model_dump(),
+            tokens=len(job.token_ids),
+            bits=bits,
+            state="building",
+            progress=0.0,
+            created_at=utcnow(),
+        )
+
+    # -- catalogue --------------------------------------------------------------------------
+
+    def get(self, principal: Principal, cube_id: str, activation_id: str) -> ActivationView:
+        self.cubes.require(principal, cube_id, Role.READER)
+        return self.catalogue.view(cube_id, activation_id)
+
+    def list_activations(self, principal: Principal, cube_id: str) -> list[ActivationView]:
+        self.cubes.require(principal, cube_id, Role.READER)
+        return self.catalogue.views(cube_id)
+
+    def delete(self, principal: Principal, cube_id: str, activation_id: str) -> None:
+        """The row, then its build (cancelled), its loaded copy and its files."""
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        self.catalogue.delete(cube_id, activation_id)
+        self.builds.cancel(activation_id, DELETED)
+        self.loaded.pop((cube_id, activation_id))
+        self.catalogue.remove_files(cube_id, activation_id)
+
+    def drop_cube(self, cube_id: str) -> None:
+        """After a cube is deleted (its rows cascade): cancel its builds, remove its files."""
+        self.builds.cancel_cube(cube_id, CUBE_DELETED)
+        self.loaded.drop_cube(cube_id)
+        self.catalogue.remove_cube_files(cube_id)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        principal: Principal,
+        cube_id: str,
+        prompt: str,
+        activation_id: str | None,
+        max_tokens: int,
+    ) -> GenerationView:
+        """`stream`, decoded to the end."""
+        return self.stream(principal, cube_id, prompt, activation_id, max_tokens).collect()
+
+    def stream(
+        self,
+        principal: Principal,
+        cube_id: str,
+        prompt: str,
+        activation_id: str | None,
+        max_tokens: int,
+        cancel: threading.Event | None = None,
+    ) -> GenerationStream:
+        """Check the request, wait for admission, load the activation and start decoding:
+        every refusal is raised here, before the first piece of text. Setting `cancel` stops
+        it (while waiting too); iterate the stream, then call `finish()`, or `close()` it."""
+        self.cubes.require(principal, cube_id, Role.READER)
+        return self.generations.open(cube_id, prompt, activation_id, max_tokens, cancel)
+
+    def stats(self) -> ActivationStats:
+        return ActivationStats(
+            builds=self.builds.stats(),
+            generations=self.gate.stats(),
+            generations_finished=self.generations.finished(),
+            generations_cancelling=self.generations.cancelling(),
+            loaded_bytes=self.loaded.bytes,
+            loaded_entries=len(self.loaded.order()),
+        )

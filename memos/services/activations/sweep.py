@@ -1,0 +1,94 @@
+"""The orphan sweep: activation files without a row (or of a failed build) are removed, rows
+without files are failed.
+
+Run at start and by the index-maintenance job. What it reads is taken in the order that makes
+it safe against builds and deletions running meanwhile: the folders on disk first, then the
+rows, then the builds in flight. A build inserts its row before writing files and a deletion
+removes the row before the files, so a folder listed before the rows were read and without a
+row is a leftover; a "building" row read before the in-flight set was taken and not in it has
+no build left to finish it (failing it is conditional on its state then, so a build that just
+ended is left alone).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+
+from memos.db.engine import Database
+from memos.db.models import Activation, Cube
+from memos.services.activations.builds import BuildQueue
+from memos.services.activations.catalogue import INTERRUPTED, Catalogue
+
+MISSING = "its files are missing; build it again"
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    removed: int  # activation folders with no row or a failed one, removed
+    failed: int  # building rows with no build, ready rows with no files: failed
+    cubes: int  # folders of deleted cubes, removed
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ActivationSweep:
+    def __init__(self, db: Database, catalogue: Catalogue, builds: BuildQueue) -> None:
+        self.db = db
+        self.catalogue = catalogue
+        self.builds = builds
+
+    def run(self) -> SweepReport:
+        root = self.catalogue.directory
+        folders = [
+            (cube.name, act.name)
+            for cube in (sorted(root.iterdir()) if root.is_dir() else [])
+            if cube.is_dir()
+            for act in sorted(cube.iterdir())
+            if act.is_dir()
+        ]
+        cube_dirs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        with self.db.read() as s:
+            rows = {a.id: (a.cube_id, a.state) for a in s.execute(
+                select(Activation.id, Activation.cube_id, Activation.state)
+            )}  # fmt: skip
+            cubes = set(s.scalars(select(Cube.id)))
+        building = self.builds.building()
+        removed = 0
+        for cube_id, activation_id in folders:
+            row = rows.get(activation_id)
+            leftover = row is None or row[0] != cube_id or row[1] == "failed"
+            if leftover and activation_id not in building:
+                self.catalogue.remove_files(cube_id, activation_id)
+                removed += 1
+        gone = 0
+        for cube_id in cube_dirs:
+            if cube_id not in cubes:
+                shutil.rmtree(root / cube_id, ignore_errors=True)
+                gone += 1
+        failed = 0
+        for activation_id, (cube_id, state) in rows.items():
+            if state == "building" and activation_id not in building:
+                error = INTERRUPTED  # no build will finish it; what it wrote is incomplete
+            elif state == "ready" and not self._has_files(cube_id, activation_id):
+                error = MISSING
+            else:
+                continue
+            with self.db.write() as s:
+                result = s.execute(
+                    update(Activation)
+                    .where(Activation.id == activation_id, Activation.state == state)
+                    .values(state="failed", error=error)
+                )
+            if result.rowcount:  # type: ignore[attr-defined]
+                failed += 1
+                if state == "building":
+                    self.catalogue.remove_files(cube_id, activation_id)
+        return SweepReport(removed=removed, failed=failed, cubes=gone)
+
+    def _has_files(self, cube_id: str, activation_id: str) -> bool:
+        return (self.catalogue.path(cube_id, activation_id) / "manifest.json").is_file()

@@ -1,0 +1,40 @@
+"""The loaded-activation cache is bounded by bytes: exact eviction order and totals."""
+
+from __future__ import annotations
+
+from memos.services.activations.loaded import ByteBoundedLRU
+
+
+def test_least_recently_used_entries_go_until_the_bytes_fit() -> None:
+    cache: ByteBoundedLRU[str] = ByteBoundedLRU(max_bytes=100)
+    assert cache.put(("c1", "a"), "A", 40) == []
+    assert cache.put(("c1", "b"), "B", 40) == []
+    assert cache.get(("c1", "a")) == "A"  # a is now the most recently used
+    assert cache.put(("c2", "c"), "C", 30) == [("c1", "b")]  # 110 > 100: b (LRU) goes
+    assert (cache.order(), cache.bytes) == ([("c1", "a"), ("c2", "c")], 70)
+    assert cache.put(("c2", "d"), "D", 100) == [("c1", "a"), ("c2", "c")]  # exactly the budget
+    assert (cache.order(), cache.bytes) == ([("c2", "d")], 100)
+    assert cache.get(("c1", "b")) is None
+
+
+def test_an_entry_larger_than_the_budget_is_not_kept_and_replacing_one_counts_once() -> None:
+    cache: ByteBoundedLRU[str] = ByteBoundedLRU(max_bytes=100)
+    cache.put(("c1", "a"), "A", 60)
+    assert cache.put(("c1", "huge"), "H", 101) == []
+    assert (cache.order(), cache.bytes) == ([("c1", "a")], 60)
+    cache.put(("c1", "a"), "A2", 90)  # the same key again: its old size is given back first
+    assert (cache.get(("c1", "a")), cache.bytes) == ("A2", 90)
+    disabled: ByteBoundedLRU[str] = ByteBoundedLRU(max_bytes=0)
+    disabled.put(("c1", "a"), "A", 1)
+    assert (disabled.order(), disabled.bytes) == ([], 0)
+
+
+def test_a_deleted_cube_and_a_deleted_activation_leave_the_cache() -> None:
+    cache: ByteBoundedLRU[str] = ByteBoundedLRU(max_bytes=1000)
+    for key in (("c1", "a"), ("c2", "b"), ("c1", "c"), ("c2", "d")):
+        cache.put(key, key[1], 10)
+    cache.drop_cube("c1")
+    assert (cache.order(), cache.bytes) == ([("c2", "b"), ("c2", "d")], 20)
+    cache.pop(("c2", "b"))
+    cache.pop(("c2", "zzz"))  # absent: nothing happens
+    assert (cache.order(), cache.bytes) == ([("c2", "d")], 10)
