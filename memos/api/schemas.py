@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import unicodedata
+from collections.abc import Hashable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -12,9 +16,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     StrictStr,
     model_validator,
 )
+
+# Metadata is a small JSON object for filtering and display, not a document store: deeper or
+# larger objects are refused with 422 before anything walks them recursively or stores them.
+MAX_METADATA_DEPTH = 16  # nested objects and arrays, the metadata object itself being level 1
+MAX_METADATA_BYTES = 64 << 10  # its compact JSON encoding, in UTF-8 bytes
+
+# Characters that are letters or symbols to Unicode yet draw nothing.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_PRINTABLE_ASCII = re.compile(r"[!-~]")
 
 
 def _clean_text(value: str) -> str:
@@ -28,17 +43,57 @@ def _clean_text(value: str) -> str:
     return value
 
 
-def _clean_json(value: Any) -> Any:
-    """Metadata as plain JSON: clean text, finite numbers (JSON has no NaN or Infinity)."""
+def _visible(value: str) -> str:
+    """Text that shows something: at least one letter, digit, punctuation mark or symbol.
+
+    Whitespace, zero-width and other format characters (U+200B, U+FEFF, U+2060, ...), control
+    characters and lone combining marks alone would store a note nobody can see or search for.
+    """
+    if _PRINTABLE_ASCII.search(value):
+        return value
+    for char in value:
+        if unicodedata.category(char)[0] in "LNPS" and char not in _BLANK_GLYPHS:
+            return value
+    raise ValueError(
+        "text is empty or made only of invisible characters (whitespace, zero-width or "
+        "format characters); give some visible text"
+    )
+
+
+def _clean_json(value: Any, depth: int = 1) -> Any:
+    """Metadata as plain JSON: clean text, finite numbers (JSON has no NaN or Infinity), at most
+    `MAX_METADATA_DEPTH` levels deep (checked before descending, so no recursion runs away)."""
     if isinstance(value, str):
         return _clean_text(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("numbers must be finite (JSON has no NaN or Infinity)")
+    if isinstance(value, list | dict) and depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
     if isinstance(value, list):
-        return [_clean_json(v) for v in value]
+        return [_clean_json(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {_clean_text(k): _clean_json(v) for k, v in value.items()}
+        return {_clean_text(k): _clean_json(v, depth + 1) for k, v in value.items()}
     return value
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    cleaned: dict[str, Any] = _clean_json(value)
+    size = len(json.dumps(cleaned, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} allowed")
+    return cleaned
+
+
+H = TypeVar("H", bound=Hashable)
+
+
+def _unique(values: list[H]) -> list[H]:
+    seen: set[H] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{value!r} is listed twice; give each id once")
+        seen.add(value)
+    return values
 
 
 def _utc(value: datetime) -> datetime:
@@ -49,7 +104,23 @@ def _utc(value: datetime) -> datetime:
 
 
 Text = Annotated[StrictStr, AfterValidator(_clean_text)]
-Json = Annotated[dict[str, Any], AfterValidator(_clean_json)]
+Visible = Annotated[
+    StrictStr,
+    AfterValidator(_clean_text),
+    AfterValidator(_visible),
+    Field(min_length=1, description="at least one visible character"),
+]
+Json = Annotated[
+    dict[str, Any],
+    AfterValidator(_metadata),
+    Field(
+        description=f"a JSON object at most {MAX_METADATA_DEPTH} levels deep and "
+        f"{MAX_METADATA_BYTES} bytes long as compact JSON"
+    ),
+]
+Ids = Annotated[
+    list[StrictStr], AfterValidator(_unique), Field(json_schema_extra={"uniqueItems": True})
+]
 Moment = Annotated[AwareDatetime, AfterValidator(_utc)]
 
 
@@ -67,7 +138,7 @@ class Out(BaseModel):
 
 
 class UserCreate(Strict):
-    name: Text = Field(min_length=1, max_length=200)
+    name: Visible = Field(max_length=200)
 
 
 class UserOut(Out):
@@ -77,7 +148,7 @@ class UserOut(Out):
 
 
 class CubeCreate(Strict):
-    name: Text = Field(min_length=1, max_length=200)
+    name: Visible = Field(max_length=200)
     description: Text = Field("", max_length=10_000)
 
 
@@ -118,7 +189,10 @@ class GrantOut(BaseModel):
 
 
 class MemoryIn(Strict):
-    content: Text
+    content: Visible = Field(
+        description="at least one visible character; at most `limits.max_content_bytes` UTF-8 "
+        "bytes (413 beyond)"
+    )
     session_id: Text | None = Field(None, max_length=200)
     speaker: Text | None = Field(None, max_length=200)
     timestamp: Moment | None = None
@@ -126,11 +200,15 @@ class MemoryIn(Strict):
 
 
 class MemoryBatch(Strict):
-    items: list[MemoryIn]
+    items: list[MemoryIn] = Field(
+        min_length=1, description="at most `limits.max_batch_items` (413 beyond); all or nothing"
+    )
 
 
 class MemoryPatch(Strict):
-    content: Text | None = None
+    """At least one of `content` and `metadata`."""
+
+    content: Visible | None = None
     metadata: Json | None = None
 
 
@@ -191,13 +269,15 @@ class SearchFiltersIn(Strict):
 
 
 class SearchRequest(Strict):
-    query: Text = Field(min_length=1, max_length=10_000)
-    top_k: int = Field(10, ge=1)
+    query: Visible = Field(max_length=10_000)
+    top_k: StrictInt = Field(10, ge=1, le=10_000, description="at most `limits.max_top_k`")
     filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
     mode: Literal["hybrid", "dense", "lexical"] = Field(
         "hybrid", description="extension: rank by one signal alone (diagnosis, benchmarks)"
     )
-    exact: bool = Field(False, description="extension: brute-force dense search instead of ANN")
+    exact: StrictBool = Field(
+        False, description="extension: brute-force dense search instead of ANN"
+    )
 
 
 class HitOut(Out):
@@ -248,14 +328,30 @@ class RunOut(Out):
 
 class CompressionIn(Strict):
     bits: Literal[16, 8, 4, 2] = 16
-    budget_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    budget_tokens: StrictInt | None = Field(None, ge=1, le=1_048_576)
+
+
+def _one_of(*sources: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields is present and not null"."""
+    return {"oneOf": [{"required": [name], "properties": {name: s}} for name, s in sources]}
 
 
 class ActivationCreate(Strict):
     """Exactly one of `text`, `memory_ids` and `session_id`."""
 
-    text: Text | None = None
-    memory_ids: list[StrictStr] | None = Field(None, min_length=1, max_length=10_000)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_one_of(
+            ("text", {"type": "string"}),
+            ("memory_ids", {"type": "array"}),
+            ("session_id", {"type": "string"}),
+        ),
+    )
+
+    text: Visible | None = Field(
+        None, description="at most `activations.max_text_bytes` UTF-8 bytes (413 beyond)"
+    )
+    memory_ids: Ids | None = Field(None, min_length=1, max_length=10_000)
     session_id: Text | None = Field(None, max_length=200)
     compression: CompressionIn = Field(default_factory=CompressionIn)
 
@@ -289,10 +385,12 @@ class ActivationList(BaseModel):
 
 
 class GenerateRequest(Strict):
-    prompt: Text
+    prompt: Visible
     activation_id: StrictStr | None = None
-    max_tokens: int = Field(64, ge=1)
-    stream: bool = Field(
+    max_tokens: StrictInt = Field(
+        64, ge=1, le=65_536, description="at most `activations.max_generate_tokens`"
+    )
+    stream: StrictBool = Field(
         False, description="server-sent events: `piece` events with text, then one `done`"
     )
 
@@ -306,10 +404,28 @@ class GenerateResponse(Out):
     finish_reason: str
 
 
+class FieldProblem(BaseModel):
+    field: str = Field(description="where in the request, e.g. `items[0].content`")
+    problem: str
+
+
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="stable snake_case name, e.g. `validation_error`, `cube_not_found`",
+    )
+    message: str = Field(description="a sentence naming what is wrong and what is allowed")
+    details: list[FieldProblem] | None = Field(
+        None, description="`validation_error` only: each refused field (the first 20)"
+    )
+    retry_after: int | None = Field(
+        None, description="429 only, when known: seconds to wait, as in `Retry-After`"
+    )
 
 
 class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer has this body."""
+
     error: ErrorDetail

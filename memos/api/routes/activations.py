@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.openapi import READ_ONLY, errors, event_stream
 from memos.api.schemas import (
     ActivationCreate,
     ActivationList,
@@ -20,8 +21,34 @@ from memos.services.activations import ActivationSource
 
 router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["activations"])
 
+UNAVAILABLE = "`unavailable` (activations are off) or `model_unavailable` (it cannot load)"
+GENERATED = {
+    "description": "the answer; with `stream: true`, server-sent events instead: one `piece` "
+    "event per piece of decoded text, then one `done` event with the same body",
+    "content": {
+        "text/event-stream": event_stream(
+            {
+                "piece": {"type": "object", "properties": {"text": {"type": "string"}}},
+                "done": {"$ref": "#/components/schemas/GenerateResponse"},
+            },
+            example='event: piece\ndata: {"text": "Hi"}\n\nevent: done\ndata: {"text": "Hi", ...}',
+        )
+    },
+}
 
-@router.post("/activations", status_code=201, response_model=ActivationOut)
+
+@router.post(
+    "/activations",
+    status_code=201,
+    response_model=ActivationOut,
+    responses=errors(
+        {
+            413: "`payload_too_large`: the body, the text or the rendered context (in tokens) "
+            "is over its limit",
+            503: UNAVAILABLE,
+        }
+    ),
+)
 def create_activation(
     cube_id: str, body: ActivationCreate, daemon: DaemonDep, principal: PrincipalDep
 ) -> ActivationOut:
@@ -60,7 +87,21 @@ def delete_activation(
     return Response(status_code=204)
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    openapi_extra=READ_ONLY,
+    responses={
+        200: GENERATED,
+        **errors(
+            {
+                409: "`activation_not_ready`, `activation_mismatch` (built by another model, "
+                "tokenizer, chat template or dtype) or `activation_corrupt`",
+                503: UNAVAILABLE,
+            }
+        ),
+    },
+)
 def generate(
     cube_id: str, body: GenerateRequest, daemon: DaemonDep, principal: PrincipalDep
 ) -> GenerateResponse | StreamingResponse:

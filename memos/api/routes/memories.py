@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query, Response
 
 from memcube.types import SearchFilters
 from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.openapi import READ_ONLY
 from memos.api.schemas import (
     HistoryList,
     HistoryOut,
@@ -90,7 +91,7 @@ def memory_history(
     return HistoryList(items=[HistoryOut.model_validate(v) for v in views])
 
 
-@router.post("/search", response_model=SearchResponse)
+@router.post("/search", response_model=SearchResponse, openapi_extra=READ_ONLY)
 def search(
     cube_id: str, body: SearchRequest, daemon: DaemonDep, principal: PrincipalDep
 ) -> SearchResponse:
