@@ -25,7 +25,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from memos.api.deps import get_admin, get_principal
-from memos.api.schemas import ErrorBody
+from memos.api.schemas import ErrorBody, GenerateRequest
 from memos.settings import Settings
 
 REF = "#/components/schemas/"
@@ -164,9 +164,11 @@ def _add_error_schemas(components: dict[str, Any]) -> None:
 
 def configured_limits(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
     """(schema, property) -> JSON Schema keywords of limits that come from the settings."""
+    max_tokens = settings.activations.max_generate_tokens
+    default_tokens = min(GenerateRequest.model_fields["max_tokens"].default, max_tokens)
     return {
         ("SearchRequest", "top_k"): {"maximum": settings.limits.max_top_k},
-        ("GenerateRequest", "max_tokens"): {"maximum": settings.activations.max_generate_tokens},
+        ("GenerateRequest", "max_tokens"): {"maximum": max_tokens, "default": default_tokens},
         ("MemoryBatch", "items"): {"maxItems": settings.limits.max_batch_items},
     }
 

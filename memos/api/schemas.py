@@ -2,126 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import math
-import re
-import unicodedata
-from collections.abc import Hashable
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     StrictStr,
     model_validator,
 )
 
-# Metadata is a small JSON object for filtering and display, not a document store: deeper or
-# larger objects are refused with 422 before anything walks them recursively or stores them.
-MAX_METADATA_DEPTH = 16  # nested objects and arrays, the metadata object itself being level 1
-MAX_METADATA_BYTES = 64 << 10  # its compact JSON encoding, in UTF-8 bytes
-
-# Characters that are letters or symbols to Unicode yet draw nothing.
-_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
-_PRINTABLE_ASCII = re.compile(r"[!-~]")
-
-
-def _clean_text(value: str) -> str:
-    """Text every store can hold: no lone UTF-16 surrogates, no NUL (PostgreSQL refuses it)."""
-    if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    return value
-
-
-def _visible(value: str) -> str:
-    """Text that shows something: at least one letter, digit, punctuation mark or symbol.
-
-    Whitespace, zero-width and other format characters (U+200B, U+FEFF, U+2060, ...), control
-    characters and lone combining marks alone would store a note nobody can see or search for.
-    """
-    if _PRINTABLE_ASCII.search(value):
-        return value
-    for char in value:
-        if unicodedata.category(char)[0] in "LNPS" and char not in _BLANK_GLYPHS:
-            return value
-    raise ValueError(
-        "text is empty or made only of invisible characters (whitespace, zero-width or "
-        "format characters); give some visible text"
-    )
-
-
-def _clean_json(value: Any, depth: int = 1) -> Any:
-    """Metadata as plain JSON: clean text, finite numbers (JSON has no NaN or Infinity), at most
-    `MAX_METADATA_DEPTH` levels deep (checked before descending, so no recursion runs away)."""
-    if isinstance(value, str):
-        return _clean_text(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("numbers must be finite (JSON has no NaN or Infinity)")
-    if isinstance(value, list | dict) and depth > MAX_METADATA_DEPTH:
-        raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
-    if isinstance(value, list):
-        return [_clean_json(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {_clean_text(k): _clean_json(v, depth + 1) for k, v in value.items()}
-    return value
-
-
-def _metadata(value: dict[str, Any]) -> dict[str, Any]:
-    cleaned: dict[str, Any] = _clean_json(value)
-    size = len(json.dumps(cleaned, ensure_ascii=False, separators=(",", ":")).encode())
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} allowed")
-    return cleaned
-
-
-H = TypeVar("H", bound=Hashable)
-
-
-def _unique(values: list[H]) -> list[H]:
-    seen: set[H] = set()
-    for value in values:
-        if value in seen:
-            raise ValueError(f"{value!r} is listed twice; give each id once")
-        seen.add(value)
-    return values
-
-
-def _utc(value: datetime) -> datetime:
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("timestamp is outside the range that can be stored") from None
-
-
-Text = Annotated[StrictStr, AfterValidator(_clean_text)]
-Visible = Annotated[
-    StrictStr,
-    AfterValidator(_clean_text),
-    AfterValidator(_visible),
-    Field(min_length=1, description="at least one visible character"),
-]
-Json = Annotated[
-    dict[str, Any],
-    AfterValidator(_metadata),
-    Field(
-        description=f"a JSON object at most {MAX_METADATA_DEPTH} levels deep and "
-        f"{MAX_METADATA_BYTES} bytes long as compact JSON"
-    ),
-]
-Ids = Annotated[
-    list[StrictStr], AfterValidator(_unique), Field(json_schema_extra={"uniqueItems": True})
-]
-Moment = Annotated[AwareDatetime, AfterValidator(_utc)]
+from memos.api.fields import Ids, Json, JsonInt, Moment, Text, Visible
 
 
 class Strict(BaseModel):
@@ -208,8 +101,24 @@ class MemoryBatch(Strict):
 class MemoryPatch(Strict):
     """At least one of `content` and `metadata`."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"type": "string"}}},
+                {"required": ["metadata"], "properties": {"metadata": {"type": "object"}}},
+            ]
+        },
+    )
+
     content: Visible | None = None
     metadata: Json | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> MemoryPatch:
+        if self.content is None and self.metadata is None:
+            raise ValueError("nothing to update: give content and/or metadata")
+        return self
 
 
 class LinkOut(Out):
@@ -270,7 +179,7 @@ class SearchFiltersIn(Strict):
 
 class SearchRequest(Strict):
     query: Visible = Field(max_length=10_000)
-    top_k: StrictInt = Field(10, ge=1, le=10_000, description="at most `limits.max_top_k`")
+    top_k: JsonInt = Field(10, ge=1, le=10_000, description="at most `limits.max_top_k`")
     filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
     mode: Literal["hybrid", "dense", "lexical"] = Field(
         "hybrid", description="extension: rank by one signal alone (diagnosis, benchmarks)"
@@ -328,7 +237,7 @@ class RunOut(Out):
 
 class CompressionIn(Strict):
     bits: Literal[16, 8, 4, 2] = 16
-    budget_tokens: StrictInt | None = Field(None, ge=1, le=1_048_576)
+    budget_tokens: JsonInt | None = Field(None, ge=1, le=1_048_576)
 
 
 def _one_of(*sources: tuple[str, dict[str, Any]]) -> dict[str, Any]:
@@ -387,7 +296,7 @@ class ActivationList(BaseModel):
 class GenerateRequest(Strict):
     prompt: Visible
     activation_id: StrictStr | None = None
-    max_tokens: StrictInt = Field(
+    max_tokens: JsonInt = Field(
         64, ge=1, le=65_536, description="at most `activations.max_generate_tokens`"
     )
     stream: StrictBool = Field(

@@ -111,8 +111,11 @@ def generate(
     With `"stream": true` the answer is `text/event-stream`: one `piece` event per piece of text
     (`{"text": ...}`) as it is decoded, then one `done` event with the response body. Refusals
     (404, 409, 422, ...) still come as ordinary error responses, before any event."""
+    max_tokens = body.max_tokens
+    if "max_tokens" not in body.model_fields_set:  # the default, within this daemon's limit
+        max_tokens = min(max_tokens, daemon.settings.activations.max_generate_tokens)
     stream = daemon.activations.stream(
-        principal, cube_id, body.prompt, body.activation_id, body.max_tokens
+        principal, cube_id, body.prompt, body.activation_id, max_tokens
     )
     if not body.stream:
         return GenerateResponse.model_validate(stream.collect())

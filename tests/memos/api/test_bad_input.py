@@ -115,7 +115,8 @@ def test_exactly_1000_items_and_1_mib_are_accepted(tenant):
 
 
 BAD_PATCHES = [
-    ({}, 422, "invalid_argument"),
+    ({}, 422, "validation_error"),
+    ({"content": None}, 422, "validation_error"),
     ({"content": 5}, 422, "validation_error"),
     ({"content": ""}, 422, "validation_error"),
     ({"metadata": "x"}, 422, "validation_error"),
@@ -296,7 +297,7 @@ def _refused(r, field):
 LOOSE_TYPES = [  # each was coerced before: "5" and true became a top_k of 5 and 1
     ("search", {"query": "x", "top_k": "5"}, "top_k"),
     ("search", {"query": "x", "top_k": True}, "top_k"),
-    ("search", {"query": "x", "top_k": 5.0}, "top_k"),
+    ("search", {"query": "x", "top_k": 5.5}, "top_k"),
     ("search", {"query": "x", "exact": "true"}, "exact"),
     ("search", {"query": "x", "exact": 1}, "exact"),
     ("generate", {"prompt": "hi", "max_tokens": "1"}, "max_tokens"),
@@ -326,7 +327,8 @@ INVISIBLE = [
     " \u00a0\u3000\t\n",  # spaces of several widths, tab, newline
     "\u202e\u2066\u2069",  # bidirectional controls
     "\u3164\u115f",  # Hangul fillers: letters that draw nothing
-    "\u0301\ufe0f",  # a lone combining accent and a variation selector
+    "\u034f\ufe0f",  # combining grapheme joiner, variation selector
+    "\U000e0041\U000e007f",  # tag characters
     "\x07\x1b",  # control characters
 ]
 
@@ -344,6 +346,13 @@ def test_text_of_only_invisible_characters_is_refused(tenant, text):
     _refused(client.post("/v1/cubes", json={"name": text}), "name")
     assert _state(client, cube_id) == before
     assert [c["id"] for c in client.get("/v1/cubes").json()["items"]] == [cube_id]
+
+
+def test_whole_numbers_are_integers_as_in_json_schema(tenant):
+    """JSON Schema's `integer` includes 5.0; the schema says `integer`, so 5.0 is a top_k."""
+    client, cube_id, _ = _seeded(tenant)
+    r = client.post(f"/v1/cubes/{cube_id}/search", json={"query": "seed", "top_k": 1.0})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 1
 
 
 def test_visible_text_with_invisible_characters_is_kept_as_sent(tenant):

@@ -15,7 +15,9 @@ drawn requests the same on every run; `MEMOS_FUZZ_EXAMPLES` draws more per opera
 from __future__ import annotations
 
 import os
+import re
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,16 +128,24 @@ def _describe(failure: Failure) -> str:
     return f"{failure.title}: {failure.message}".strip()
 
 
-def _fuzz(target: Target, mode: GenerationMode) -> list[str]:
+def _fuzz(target: Target, mode: GenerationMode) -> tuple[list[str], dict[str, Counter[int]]]:
+    """Problems found, and the statuses each operation answered."""
     schema = schemathesis.openapi.from_url(f"{target.daemon.url}/openapi.json")
     problems: dict[tuple[str, str], str] = {}
+    statuses: dict[str, Counter[int]] = {}
     for result in schema.get_all_operations():
-        _fuzz_operation(target, result.ok(), mode, problems)
-    return list(problems.values())
+        operation = result.ok()
+        statuses[operation.label] = Counter()
+        _fuzz_operation(target, operation, mode, problems, statuses[operation.label])
+    return list(problems.values()), statuses
 
 
 def _fuzz_operation(
-    target: Target, operation: Any, mode: GenerationMode, problems: dict[tuple[str, str], str]
+    target: Target,
+    operation: Any,
+    mode: GenerationMode,
+    problems: dict[tuple[str, str], str],
+    statuses: Counter[int],
 ) -> None:
     key = target.daemon.admin_key if operation.path.startswith(ADMIN_PATHS) else target.key
 
@@ -152,6 +162,7 @@ def _fuzz_operation(
         _substitute(case, target)
         headers = {"Authorization": f"Bearer {key}"}
         response = case.call(headers=headers, timeout=120)
+        statuses[response.status_code] += 1
         try:
             case.validate_response(response, checks=CHECKS, headers=headers)
         except (Failure, FailureGroup) as exc:
@@ -171,7 +182,49 @@ def _fuzz_operation(
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_operation_answers_as_its_openapi_declares(target, mode):
-    problems = _fuzz(target, mode)
+    problems, statuses = _fuzz(target, mode)
+    for label, counts in statuses.items():
+        print(f"{mode.value:8} {label:55} {dict(sorted(counts.items()))}")
     server_errors = "server error" in " ".join(problems).lower()
     tail = f"\n\ndaemon log:\n{target.daemon.log_tail()}" if server_errors else ""
     assert problems == [], "\n\n".join(problems) + tail
+
+
+def test_default_max_tokens_fits_a_smaller_configured_limit(target):
+    """Found by the fuzzer: with `max_generate_tokens` under 64, a generate without
+    `max_tokens` (valid by the schema) was refused with 422 for the default of 64."""
+    spec = httpx.get(f"{target.daemon.url}/openapi.json").json()
+    max_tokens = spec["components"]["schemas"]["GenerateRequest"]["properties"]["max_tokens"]
+    assert (max_tokens["default"], max_tokens["maximum"]) == (4, 4)
+    r = target.http.post(f"/v1/cubes/{target.cube_id}/generate", json={"prompt": "Hello"})
+    assert r.status_code == 200, r.text
+    assert r.json()["finish_reason"] in ("length", "stop")
+    r = target.http.post(
+        f"/v1/cubes/{target.cube_id}/generate", json={"prompt": "Hello", "max_tokens": 5}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_argument")
+
+
+def test_text_patterns_in_the_schema_match_what_the_daemon_accepts(target):
+    """Found by the fuzzer: names, content, queries and prompts of only invisible characters,
+    and text with NUL, were valid by the schema yet refused. The schema's `pattern` is the
+    daemon's own rule now; checked here on the same strings over HTTP."""
+    spec = httpx.get(f"{target.daemon.url}/openapi.json").json()
+    pattern = re.compile(
+        spec["components"]["schemas"]["CubeCreate"]["properties"]["name"]["pattern"]
+    )
+    samples = [
+        "a",
+        "\u200b",
+        "\u200bz",
+        "日本",
+        "\u0301",
+        "\ufeff\u2060",
+        "a\x00",
+        "\U000e0041",
+        " ",
+    ]
+    for name in samples:
+        r = target.http.post("/v1/cubes", json={"name": f"{name}"})
+        allowed = pattern.search(name) is not None
+        assert (r.status_code in (201, 409)) is allowed, (ascii(name), r.status_code, r.text)
