@@ -376,7 +376,7 @@ def _nested(depth: int) -> bytes:
 
 
 def test_metadata_depth_limit(tenant):
-    from memos.api.schemas import MAX_METADATA_DEPTH
+    from memos.api.fields import MAX_METADATA_DEPTH
 
     client, cube_id, memory_id = _seeded(tenant)
     headers = {"content-type": "application/json"}
@@ -411,6 +411,18 @@ def test_metadata_depth_limit(tenant):
     assert _state(client, cube_id) == before
 
 
+def test_a_body_that_is_not_utf8_is_malformed_json(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    before = _state(client, cube_id)
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories",
+        content=b'{"items": [{"content": "caf\xe9"}]}',  # Latin-1, not UTF-8
+        headers={"content-type": "application/json"},
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json")
+    assert _state(client, cube_id) == before
+
+
 def test_a_body_too_deep_to_parse_is_422(tenant):
     client, cube_id, _ = _seeded(tenant)
     r = client.post(
@@ -423,7 +435,7 @@ def test_a_body_too_deep_to_parse_is_422(tenant):
 
 
 def test_metadata_size_limit(tenant):
-    from memos.api.schemas import MAX_METADATA_BYTES
+    from memos.api.fields import MAX_METADATA_BYTES
 
     client, cube_id, memory_id = _seeded(tenant)
     memories = f"/v1/cubes/{cube_id}/memories"
