@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from memos import __version__
-from memos.api import errors
+from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
 from memos.api.middleware import Metrics, RequestMiddleware
 from memos.api.routes import activations, cubes, keys, memories, ops, users
@@ -29,6 +29,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         version=__version__,
         summary="A memory operating system daemon for LLM apps.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by `docs.install`
+        redoc_url=None,
     )
     app.state.daemon = daemon
     app.state.metrics = Metrics()
@@ -36,6 +38,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     errors.install(app)
     for module in (ops, users, keys, cubes, memories, activations):
         app.include_router(module.router)
+    openapi.install(app, daemon.settings)
+    docs.install(app)
     app.add_middleware(
         RequestMiddleware,
         metrics=app.state.metrics,

@@ -1,15 +1,25 @@
-"""The one place where errors become HTTP responses: `{"error": {"code", "message"}}`."""
+"""The one place where errors become HTTP responses: `{"error": {"code", "message", ...}}`.
+
+Domain errors (`memcube.errors`) and runtime errors (`kv_runtime.errors`) are mapped to a status
+by one table, `STATUS`, walked along the exception's class hierarchy, so a subclass another
+module adds (`QuotaExceeded(TooManyRequests)`) gets its parent's status with its own `code`.
+Services still translate a runtime error where that adds meaning (marking an activation corrupt);
+everything else may propagate here untranslated.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import kv_runtime.errors as rt
 from memcube.errors import (
     Conflict,
     DomainError,
@@ -26,16 +36,22 @@ from memcube.errors import (
 
 log = logging.getLogger("memos.api")
 
-STATUS = {
+STATUS: dict[type[Exception], int] = {
+    DomainError: 400,
     InvalidArgument: 422,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
-    TooLarge: 413,
     PreconditionFailed: 412,
+    TooLarge: 413,
     TooManyRequests: 429,
     Unavailable: 503,
+    rt.InvalidArgument: 422,
+    rt.ActivationMismatch: 409,
+    rt.ActivationCorrupt: 409,
+    rt.ModelUnavailable: 503,
+    # The bare KVRuntimeError has no meaning for a caller: it is answered as a server error.
 }
 
 HTTP_CODES = {
@@ -50,25 +66,52 @@ HTTP_CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
 }
+
+
+def status_of(exc: Exception) -> int | None:
+    """The HTTP status of a domain or runtime error; None for anything else (a bug)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return None
 
 
 def error_response(
     status: int,
     code: str,
     message: str,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     **extra: object,
 ) -> JSONResponse:
-    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+    headers = dict(headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
     return JSONResponse(
-        {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
+        {"error": {"code": code, "message": message, **extra}},
+        status_code=status,
+        headers=headers or None,
     )
 
 
-def retry_after_header(seconds: float | None) -> dict[str, str]:
-    """`Retry-After` in whole seconds (the header takes no fractions), at least 1."""
-    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
+def mapped_response(exc: Exception) -> JSONResponse | None:
+    """The response for a domain or runtime error, or None when `exc` is neither."""
+    status = status_of(exc)
+    if status is None:
+        return None
+    code = str(getattr(exc, "code", HTTP_CODES.get(status, "error")))
+    message = str(getattr(exc, "message", exc))
+    if isinstance(exc, QuotaExceeded):  # waiting does not free a quota: no Retry-After
+        return error_response(status, code, message, limit=exc.limit)
+    retry_after = getattr(exc, "retry_after", None)
+    if status == 429 and retry_after is not None:
+        seconds = max(1, math.ceil(retry_after))  # Retry-After takes whole seconds
+        return error_response(
+            status, code, message, headers={"Retry-After": str(seconds)}, retry_after=seconds
+        )
+    return error_response(status, code, message)
 
 
 def _location(loc: tuple[object, ...]) -> str:
@@ -79,16 +122,28 @@ def _location(loc: tuple[object, ...]) -> str:
     return text or "body"
 
 
+def _body_parse_error(exc: StarletteHTTPException) -> JSONResponse | None:
+    """FastAPI answers a body `json.loads` fails on with a bare 400 for anything but a syntax
+    error; tell the two real causes apart."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return error_response(
+            422, "validation_error", "body: JSON nests too deeply to be read (see metadata limits)"
+        )
+    if isinstance(cause, UnicodeDecodeError | json.JSONDecodeError):
+        return error_response(400, "malformed_json", "request body is not valid UTF-8 JSON")
+    return None
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(DomainError)
-    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-        if isinstance(exc, QuotaExceeded):
-            return error_response(status, exc.code, exc.message, limit=exc.limit)
-        if isinstance(exc, TooManyRequests):
-            headers = retry_after_header(exc.retry_after)
-            return error_response(status, exc.code, exc.message, headers=headers)
-        return error_response(status, exc.code, exc.message)
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+        response = mapped_response(exc)
+        if response is None:
+            return await _unexpected(request, exc)
+        return response
+
+    app.add_exception_handler(DomainError, _mapped)
+    app.add_exception_handler(rt.KVRuntimeError, _mapped)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -100,15 +155,18 @@ def install(app: FastAPI) -> None:
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
         details = [
-            {"field": _location(tuple(e.get("loc", ()))), "problem": e.get("msg")}
+            {"field": _location(tuple(e.get("loc", ()))), "problem": str(e.get("msg"))}
             for e in errors[:20]
         ]
         return error_response(422, "validation_error", message, details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        parse_error = _body_parse_error(exc) if exc.status_code == 400 else None
+        if parse_error is not None:
+            return parse_error
         code = HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

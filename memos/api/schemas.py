@@ -2,55 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from datetime import date, datetime
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictStr,
     model_validator,
 )
 
-
-def _clean_text(value: str) -> str:
-    """Text every store can hold: no lone UTF-16 surrogates, no NUL (PostgreSQL refuses it)."""
-    if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    return value
-
-
-def _clean_json(value: Any) -> Any:
-    """Metadata as plain JSON: clean text, finite numbers (JSON has no NaN or Infinity)."""
-    if isinstance(value, str):
-        return _clean_text(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("numbers must be finite (JSON has no NaN or Infinity)")
-    if isinstance(value, list):
-        return [_clean_json(v) for v in value]
-    if isinstance(value, dict):
-        return {_clean_text(k): _clean_json(v) for k, v in value.items()}
-    return value
-
-
-def _utc(value: datetime) -> datetime:
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("timestamp is outside the range that can be stored") from None
-
-
-Text = Annotated[StrictStr, AfterValidator(_clean_text)]
-Json = Annotated[dict[str, Any], AfterValidator(_clean_json)]
-Moment = Annotated[AwareDatetime, AfterValidator(_utc)]
+from memos.api.fields import Ids, Json, JsonInt, Moment, Text, Visible
 
 
 class Strict(BaseModel):
@@ -67,7 +31,7 @@ class Out(BaseModel):
 
 
 class UserCreate(Strict):
-    name: Text = Field(min_length=1, max_length=200)
+    name: Visible = Field(max_length=200)
 
 
 class UserOut(Out):
@@ -77,7 +41,7 @@ class UserOut(Out):
 
 
 class CubeCreate(Strict):
-    name: Text = Field(min_length=1, max_length=200)
+    name: Visible = Field(max_length=200)
     description: Text = Field("", max_length=10_000)
 
 
@@ -118,7 +82,10 @@ class GrantOut(BaseModel):
 
 
 class MemoryIn(Strict):
-    content: Text
+    content: Visible = Field(
+        description="at least one visible character; at most `limits.max_content_bytes` UTF-8 "
+        "bytes (413 beyond)"
+    )
     session_id: Text | None = Field(None, max_length=200)
     speaker: Text | None = Field(None, max_length=200)
     timestamp: Moment | None = None
@@ -126,12 +93,32 @@ class MemoryIn(Strict):
 
 
 class MemoryBatch(Strict):
-    items: list[MemoryIn]
+    items: list[MemoryIn] = Field(
+        min_length=1, description="at most `limits.max_batch_items` (413 beyond); all or nothing"
+    )
 
 
 class MemoryPatch(Strict):
-    content: Text | None = None
+    """At least one of `content` and `metadata`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"type": "string"}}},
+                {"required": ["metadata"], "properties": {"metadata": {"type": "object"}}},
+            ]
+        },
+    )
+
+    content: Visible | None = None
     metadata: Json | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> MemoryPatch:
+        if self.content is None and self.metadata is None:
+            raise ValueError("nothing to update: give content and/or metadata")
+        return self
 
 
 class LinkOut(Out):
@@ -203,13 +190,15 @@ class SearchFiltersIn(Strict):
 
 
 class SearchRequest(Strict):
-    query: Text = Field(min_length=1, max_length=10_000)
-    top_k: int = Field(10, ge=1)
+    query: Visible = Field(max_length=10_000)
+    top_k: JsonInt = Field(10, ge=1, le=10_000, description="at most `limits.max_top_k`")
     filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
     mode: Literal["hybrid", "dense", "lexical"] = Field(
         "hybrid", description="extension: rank by one signal alone (diagnosis, benchmarks)"
     )
-    exact: bool = Field(False, description="extension: brute-force dense search instead of ANN")
+    exact: StrictBool = Field(
+        False, description="extension: brute-force dense search instead of ANN"
+    )
 
 
 class HitOut(Out):
@@ -268,14 +257,30 @@ class RunOut(Out):
 
 class CompressionIn(Strict):
     bits: Literal[16, 8, 4, 2] = 16
-    budget_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    budget_tokens: JsonInt | None = Field(None, ge=1, le=1_048_576)
+
+
+def _one_of(*sources: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields is present and not null"."""
+    return {"oneOf": [{"required": [name], "properties": {name: s}} for name, s in sources]}
 
 
 class ActivationCreate(Strict):
     """Exactly one of `text`, `memory_ids` and `session_id`."""
 
-    text: Text | None = None
-    memory_ids: list[StrictStr] | None = Field(None, min_length=1, max_length=10_000)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_one_of(
+            ("text", {"type": "string"}),
+            ("memory_ids", {"type": "array"}),
+            ("session_id", {"type": "string"}),
+        ),
+    )
+
+    text: Visible | None = Field(
+        None, description="at most `activations.max_text_bytes` UTF-8 bytes (413 beyond)"
+    )
+    memory_ids: Ids | None = Field(None, min_length=1, max_length=10_000)
     session_id: Text | None = Field(None, max_length=200)
     compression: CompressionIn = Field(default_factory=CompressionIn)
 
@@ -309,10 +314,12 @@ class ActivationList(BaseModel):
 
 
 class GenerateRequest(Strict):
-    prompt: Text
+    prompt: Visible
     activation_id: StrictStr | None = None
-    max_tokens: int = Field(64, ge=1)
-    stream: bool = Field(
+    max_tokens: JsonInt = Field(
+        64, ge=1, le=65_536, description="at most `activations.max_generate_tokens`"
+    )
+    stream: StrictBool = Field(
         False, description="server-sent events: `piece` events with text, then one `done`"
     )
 
@@ -326,10 +333,28 @@ class GenerateResponse(Out):
     finish_reason: str
 
 
+class FieldProblem(BaseModel):
+    field: str = Field(description="where in the request, e.g. `items[0].content`")
+    problem: str
+
+
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="stable snake_case name, e.g. `validation_error`, `cube_not_found`",
+    )
+    message: str = Field(description="a sentence naming what is wrong and what is allowed")
+    details: list[FieldProblem] | None = Field(
+        None, description="`validation_error` only: each refused field (the first 20)"
+    )
+    retry_after: int | None = Field(
+        None, description="429 only, when known: seconds to wait, as in `Retry-After`"
+    )
 
 
 class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer has this body."""
+
     error: ErrorDetail

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from memos.api.deps import DaemonDep, PrincipalDep
 from memos.api.generation import GenerationRun
+from memos.api.openapi import READ_ONLY, errors, event_stream
 from memos.api.schemas import (
     ActivationCreate,
     ActivationList,
     ActivationOut,
-    ErrorBody,
     GenerateRequest,
     GenerateResponse,
 )
@@ -21,20 +19,35 @@ from memos.services.activations import ActivationSource
 
 router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["activations"])
 
-
-def _busy(what: str) -> dict[int | str, dict[str, Any]]:
-    return {
-        429: {
-            "model": ErrorBody,
-            "description": f"too many {what} queued or running (`too_many_{what}`); retry after "
-            "the `Retry-After` header's seconds",
-            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-        }
-    }
+UNAVAILABLE = "`unavailable` (activations are off) or `model_unavailable` (it cannot load)"
+GENERATED = {
+    "description": "the answer; with `stream: true`, server-sent events instead: one `piece` "
+    "event per piece of decoded text, then one `done` event with the same body (or one `error` "
+    "event with the error body if decoding fails after the stream began)",
+    "content": {
+        "text/event-stream": event_stream(
+            {
+                "piece": {"type": "object", "properties": {"text": {"type": "string"}}},
+                "done": {"$ref": "#/components/schemas/GenerateResponse"},
+                "error": {"$ref": "#/components/schemas/ErrorBody"},
+            },
+            example='event: piece\ndata: {"text": "Hi"}\n\nevent: done\ndata: {"text": "Hi", ...}',
+        )
+    },
+}
 
 
 @router.post(
-    "/activations", status_code=201, response_model=ActivationOut, responses=_busy("builds")
+    "/activations",
+    status_code=201,
+    response_model=ActivationOut,
+    responses=errors(
+        {
+            413: "`payload_too_large`: the body, the text or the rendered context (in tokens) "
+            "is over its limit",
+            503: UNAVAILABLE,
+        }
+    ),
 )
 def create_activation(
     cube_id: str, body: ActivationCreate, daemon: DaemonDep, principal: PrincipalDep
@@ -76,7 +89,21 @@ def delete_activation(
     return Response(status_code=204)
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=_busy("generations"))
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    openapi_extra=READ_ONLY,
+    responses={
+        200: GENERATED,
+        **errors(
+            {
+                409: "`activation_not_ready`, `activation_mismatch` (built by another model, "
+                "tokenizer, chat template or dtype) or `activation_corrupt`",
+                503: UNAVAILABLE,
+            }
+        ),
+    },
+)
 async def generate(
     cube_id: str,
     body: GenerateRequest,
@@ -93,9 +120,12 @@ async def generate(
     ...) still come as ordinary error responses, before any event. Generations are admitted up
     to `activations.max_generations` at once, with a short wait queue (429
     `too_many_generations` beyond); one whose client disconnects stops at its next token."""
+    max_tokens = body.max_tokens
+    if "max_tokens" not in body.model_fields_set:  # the default, within this daemon's limit
+        max_tokens = min(max_tokens, daemon.settings.activations.max_generate_tokens)
     run = GenerationRun(
         lambda cancel: daemon.activations.stream(
-            principal, cube_id, body.prompt, body.activation_id, body.max_tokens, cancel
+            principal, cube_id, body.prompt, body.activation_id, max_tokens, cancel
         )
     )
     await run.started(request)

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from memos.api.deps import DaemonDep, PrincipalDep
+from memos.api.openapi import errors
 from memos.api.schemas import CubeCreate, CubeList, CubeOut, GrantCreate, GrantOut
 from memos.api.schemas_access import GrantEntry, GrantList
 
@@ -13,7 +14,12 @@ router = APIRouter(prefix="/v1/cubes", tags=["cubes"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-@router.post("", status_code=201, response_model=CubeOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=CubeOut,
+    responses=errors({409: "`cube_exists`: the key's user has a cube of that name"}),
+)
 def create_cube(body: CubeCreate, daemon: DaemonDep, principal: PrincipalDep) -> CubeOut:
     return CubeOut.model_validate(daemon.cubes.create(principal, body.name, body.description))
 

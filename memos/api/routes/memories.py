@@ -7,6 +7,7 @@ from fastapi import APIRouter, Header, Query, Response
 from memcube.types import SearchFilters
 from memos.api.deps import DaemonDep, PrincipalDep
 from memos.api.etags import etag, parse_if_match
+from memos.api.openapi import READ_ONLY
 from memos.api.schemas import (
     HistoryList,
     HistoryOut,
@@ -129,7 +130,7 @@ def memory_history(
     return HistoryList(items=[HistoryOut.model_validate(v) for v in views])
 
 
-@router.post("/search", response_model=SearchResponse)
+@router.post("/search", response_model=SearchResponse, openapi_extra=READ_ONLY)
 def search(
     cube_id: str, body: SearchRequest, daemon: DaemonDep, principal: PrincipalDep
 ) -> SearchResponse:

@@ -3,10 +3,12 @@ from __future__ import annotations
 import ipaddress
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 
 from memcube.errors import Forbidden
 from memos import __version__
 from memos.api.deps import AdminDep, DaemonDep
+from memos.api.openapi import errors
 from memos.api.schemas import JobList, JobOut, RunAccepted, RunOut
 
 router = APIRouter(tags=["operations"])
@@ -32,7 +34,14 @@ def _is_loopback(host: str | None) -> bool:
         return host == "testclient"  # Starlette's in-process test client
 
 
-@router.get("/metrics", include_in_schema=True)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "Prometheus text exposition format"},
+        **errors({403: "`forbidden`: asked from another host than loopback"}),
+    },
+)
 def metrics(request: Request) -> Response:
     """Prometheus text format; answered on loopback only."""
     if not _is_loopback(request.client.host if request.client else None):

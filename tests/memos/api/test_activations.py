@@ -118,7 +118,7 @@ def test_activation_from_memories_and_from_a_session(tenant):
         ({"text": CONTEXT, "compression": {"bits": 3}}, 422, "validation_error"),
         ({"text": CONTEXT, "compression": {"budget_tokens": 0}}, 422, "validation_error"),
         ({"text": CONTEXT, "compression": {"bits": 4, "level": 9}}, 422, "validation_error"),
-        ({"text": "   "}, 422, "invalid_argument"),
+        ({"text": "   "}, 422, "validation_error"),
         ({"memory_ids": []}, 422, "validation_error"),
         ({"memory_ids": ["mem_nope"]}, 404, "memory_not_found"),
         ({"session_id": "nobody"}, 404, "session_not_found"),
@@ -134,9 +134,10 @@ def test_bad_activation_requests_are_refused_and_change_nothing(tenant, body, st
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
-        ({"prompt": ""}, 422, "invalid_argument"),
+        ({"prompt": ""}, 422, "validation_error"),
         ({"prompt": "hi", "max_tokens": 0}, 422, "validation_error"),
-        ({"prompt": "hi", "max_tokens": 100_000}, 422, "invalid_argument"),
+        ({"prompt": "hi", "max_tokens": 2_000}, 422, "invalid_argument"),  # over the setting
+        ({"prompt": "hi", "max_tokens": 100_000}, 422, "validation_error"),  # over any setting
         ({"prompt": "hi", "activation_id": "act_nope"}, 404, "activation_not_found"),
         ({"prompt": "hi", "temperature": 2}, 422, "validation_error"),
     ],

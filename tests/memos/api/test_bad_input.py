@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -29,8 +31,8 @@ BAD_ADDS = [
     ("missing content", b'{"items": [{"speaker": "a"}]}', 422, "validation_error"),
     ("content not a string", b'{"items": [{"content": 42}]}', 422, "validation_error"),
     ("items not a list", b'{"items": {"content": "x"}}', 422, "validation_error"),
-    ("empty batch", b'{"items": []}', 422, "invalid_argument"),
-    ("empty content", b'{"items": [{"content": "   "}]}', 422, "invalid_argument"),
+    ("empty batch", b'{"items": []}', 422, "validation_error"),
+    ("empty content", b'{"items": [{"content": "   "}]}', 422, "validation_error"),
     (
         "naive timestamp",
         b'{"items": [{"content": "x", "timestamp": "2023-05-08T10:00:00"}]}',
@@ -113,9 +115,10 @@ def test_exactly_1000_items_and_1_mib_are_accepted(tenant):
 
 
 BAD_PATCHES = [
-    ({}, 422, "invalid_argument"),
+    ({}, 422, "validation_error"),
+    ({"content": None}, 422, "validation_error"),
     ({"content": 5}, 422, "validation_error"),
-    ({"content": ""}, 422, "invalid_argument"),
+    ({"content": ""}, 422, "validation_error"),
     ({"metadata": "x"}, 422, "validation_error"),
     ({"version": 7}, 422, "validation_error"),
 ]
@@ -295,3 +298,174 @@ def test_default_body_limit_is_32_mib(server):
         assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
         assert r.json()["error"]["message"] == f"request body over {32 << 20} bytes"
         assert client.get(f"/v1/cubes/{cube_id}").json()["stats"]["memories"] == 0
+
+
+# -- strict types, invisible text, duplicate ids, deep or huge metadata ---------------------
+
+
+def _refused(r, field):
+    """422 `validation_error` whose details name `field`."""
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "validation_error", error
+    assert field in [d["field"] for d in error["details"]], error
+
+
+LOOSE_TYPES = [  # each was coerced before: "5" and true became a top_k of 5 and 1
+    ("search", {"query": "x", "top_k": "5"}, "top_k"),
+    ("search", {"query": "x", "top_k": True}, "top_k"),
+    ("search", {"query": "x", "top_k": 5.5}, "top_k"),
+    ("search", {"query": "x", "exact": "true"}, "exact"),
+    ("search", {"query": "x", "exact": 1}, "exact"),
+    ("generate", {"prompt": "hi", "max_tokens": "1"}, "max_tokens"),
+    ("generate", {"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ("generate", {"prompt": "hi", "stream": 1}, "stream"),
+    (
+        "activations",
+        {"text": "hi", "compression": {"budget_tokens": "8"}},
+        "compression.budget_tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize("route,body,field", LOOSE_TYPES, ids=[str(b) for _, b, _ in LOOSE_TYPES])
+def test_numbers_and_booleans_are_strict(tenant, route, body, field):
+    client, cube_id, _ = _seeded(tenant)
+    before = _state(client, cube_id)
+    _refused(client.post(f"/v1/cubes/{cube_id}/{route}", json=body), field)
+    assert _state(client, cube_id) == before
+    assert client.get(f"/v1/cubes/{cube_id}/activations").json()["items"] == []
+
+
+INVISIBLE = [
+    "\u200b",  # zero-width space
+    "\u200b\u200c\u200d",  # zero-width space, non-joiner, joiner
+    "\ufeff\u2060",  # byte order mark, word joiner
+    " \u00a0\u3000\t\n",  # spaces of several widths, tab, newline
+    "\u202e\u2066\u2069",  # bidirectional controls
+    "\u3164\u115f",  # Hangul fillers: letters that draw nothing
+    "\u034f\ufe0f",  # combining grapheme joiner, variation selector
+    "\U000e0041\U000e007f",  # tag characters
+    "\x07\x1b",  # control characters
+]
+
+
+@pytest.mark.parametrize("text", INVISIBLE, ids=[ascii(t) for t in INVISIBLE])
+def test_text_of_only_invisible_characters_is_refused(tenant, text):
+    client, cube_id, memory_id = _seeded(tenant)
+    before = _state(client, cube_id)
+    memories = f"/v1/cubes/{cube_id}/memories"
+    _refused(client.post(memories, json={"items": [{"content": text}]}), "items[0].content")
+    _refused(client.patch(f"{memories}/{memory_id}", json={"content": text}), "content")
+    _refused(client.post(f"/v1/cubes/{cube_id}/search", json={"query": text}), "query")
+    _refused(client.post(f"/v1/cubes/{cube_id}/generate", json={"prompt": text}), "prompt")
+    _refused(client.post(f"/v1/cubes/{cube_id}/activations", json={"text": text}), "text")
+    _refused(client.post("/v1/cubes", json={"name": text}), "name")
+    assert _state(client, cube_id) == before
+    assert [c["id"] for c in client.get("/v1/cubes").json()["items"]] == [cube_id]
+
+
+def test_whole_numbers_are_integers_as_in_json_schema(tenant):
+    """JSON Schema's `integer` includes 5.0; the schema says `integer`, so 5.0 is a top_k."""
+    client, cube_id, _ = _seeded(tenant)
+    r = client.post(f"/v1/cubes/{cube_id}/search", json={"query": "seed", "top_k": 1.0})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 1
+
+
+def test_visible_text_with_invisible_characters_is_kept_as_sent(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    content = "\u200bcafe\u0301 \u3164\u2060"
+    r = client.post(f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": content}]})
+    assert r.status_code == 201 and r.json()["items"][0]["content"] == content
+
+
+def test_duplicate_ids_in_a_list_are_refused(tenant):
+    client, cube_id, memory_id = _seeded(tenant)
+    r = client.post(f"/v1/cubes/{cube_id}/activations", json={"memory_ids": [memory_id, memory_id]})
+    _refused(r, "memory_ids")
+    assert "listed twice" in r.json()["error"]["message"]
+    assert client.get(f"/v1/cubes/{cube_id}/activations").json()["items"] == []
+
+
+def _nested(depth: int) -> bytes:
+    """A metadata object `depth` levels deep: {"a": [[...]]}."""
+    return b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_metadata_depth_limit(tenant):
+    from memos.api.fields import MAX_METADATA_DEPTH
+
+    client, cube_id, memory_id = _seeded(tenant)
+    headers = {"content-type": "application/json"}
+    memories = f"/v1/cubes/{cube_id}/memories"
+    deepest = _nested(MAX_METADATA_DEPTH)
+    r = client.post(
+        memories,
+        content=b'{"items": [{"content": "x", "metadata": ' + deepest + b"}]}",
+        headers=headers,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["items"][0]["metadata"] == json.loads(deepest)
+    before = _state(client, cube_id)
+    # 17 levels, then depths that made a RecursionError: a 500 (600) and a 400 (5000)
+    for depth in (MAX_METADATA_DEPTH + 1, 600, 5000):
+        item = b'{"content": "x", "metadata": ' + _nested(depth) + b"}"
+        r = client.post(memories, content=b'{"items": [' + item + b"]}", headers=headers)
+        assert r.status_code == 422, (depth, r.text)
+        assert r.json()["error"]["code"] == "validation_error"
+        r = client.patch(
+            f"{memories}/{memory_id}",
+            content=b'{"metadata": ' + _nested(depth) + b"}",
+            headers=headers,
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error"), depth
+        r = client.post(
+            f"/v1/cubes/{cube_id}/search",
+            content=b'{"query": "x", "filters": {"metadata": ' + _nested(depth) + b"}}",
+            headers=headers,
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error"), depth
+    assert _state(client, cube_id) == before
+
+
+def test_a_body_that_is_not_utf8_is_malformed_json(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    before = _state(client, cube_id)
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories",
+        content=b'{"items": [{"content": "caf\xe9"}]}',  # Latin-1, not UTF-8
+        headers={"content-type": "application/json"},
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json")
+    assert _state(client, cube_id) == before
+
+
+def test_a_body_too_deep_to_parse_is_422(tenant):
+    client, cube_id, _ = _seeded(tenant)
+    r = client.post(
+        f"/v1/cubes/{cube_id}/memories",
+        content=b"[" * 100_000 + b"]" * 100_000,
+        headers={"content-type": "application/json"},
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")
+    assert "nests too deeply" in r.json()["error"]["message"]
+
+
+def test_metadata_size_limit(tenant):
+    from memos.api.fields import MAX_METADATA_BYTES
+
+    client, cube_id, memory_id = _seeded(tenant)
+    memories = f"/v1/cubes/{cube_id}/memories"
+    filler = MAX_METADATA_BYTES - len('{"k":""}')
+    exact = {"k": "v" * filler}
+    r = client.post(memories, json={"items": [{"content": "x", "metadata": exact}]})
+    assert r.status_code == 201 and r.json()["items"][0]["metadata"] == exact
+    before = _state(client, cube_id)
+    over = {"k": "v" * (filler + 1)}
+    many = {f"k{i}": "v" * 100 for i in range(10_000)}  # 1.1 MB, stored before
+    for metadata in (over, many):
+        r = client.post(memories, json={"items": [{"content": "x", "metadata": metadata}]})
+        _refused(r, "items[0].metadata")
+        assert "at most 65536" in r.json()["error"]["message"]
+        _refused(client.patch(f"{memories}/{memory_id}", json={"metadata": metadata}), "metadata")
+    assert _state(client, cube_id) == before

@@ -1,0 +1,55 @@
+"""One table maps domain and runtime errors to HTTP (`memos/api/errors.py`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kv_runtime.errors as rt
+from memcube import errors as domain
+from memos.api.errors import mapped_response
+
+CASES = [
+    (domain.InvalidArgument("top_k is 0"), 422, "invalid_argument"),
+    (domain.NotFound("no such cube", code="cube_not_found"), 404, "cube_not_found"),
+    (domain.Conflict("taken", code="cube_exists"), 409, "cube_exists"),
+    (domain.PreconditionFailed("version 3 is current"), 412, "precondition_failed"),
+    (domain.TooLarge("too big"), 413, "payload_too_large"),
+    (domain.Unavailable("model off"), 503, "unavailable"),
+    (domain.DomainError("odd"), 400, "bad_request"),
+    # Runtime errors that reach the API layer untranslated.
+    (rt.InvalidArgument("max_tokens=0 must be in 1..1000000"), 422, "invalid_argument"),
+    (rt.ModelUnavailable("no weights"), 503, "model_unavailable"),
+    (rt.ActivationMismatch({"dtype": ("float16", "float32")}), 409, "activation_mismatch"),
+    (rt.ActivationCorrupt("checksum"), 409, "activation_corrupt"),
+]
+
+
+@pytest.mark.parametrize("exc,status,code", CASES, ids=[type(c[0]).__name__ for c in CASES])
+def test_each_error_class_has_one_status(exc, status, code):
+    response = mapped_response(exc)
+    assert response is not None
+    assert response.status_code == status
+    assert json.loads(response.body) == {"error": {"code": code, "message": exc.message}}
+    assert "retry-after" not in response.headers
+
+
+def test_too_many_requests_carries_retry_after_in_whole_seconds():
+    exc = domain.TooManyRequests("3 builds queued", code="too_many_builds", retry_after=2.2)
+    response = mapped_response(exc)
+    assert response is not None and response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert json.loads(response.body) == {
+        "error": {"code": "too_many_builds", "message": "3 builds queued", "retry_after": 3}
+    }
+    quota = mapped_response(domain.QuotaExceeded("100 cubes at most", limit="max_cubes"))
+    assert quota is not None and quota.status_code == 429
+    assert "retry-after" not in quota.headers  # waiting does not help
+
+
+def test_unauthorized_names_the_scheme_and_bugs_are_not_mapped():
+    response = mapped_response(domain.Unauthorized("missing API key"))
+    assert response is not None and response.headers["www-authenticate"] == "Bearer"
+    assert mapped_response(rt.KVRuntimeError("an unnamed runtime failure")) is None
+    assert mapped_response(ValueError("a bug")) is None
