@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 
 from memcube.embedder import Embedder
 from memcube.errors import InvalidArgument
@@ -18,6 +18,13 @@ from memos.services.cubes import CubeService
 from memos.services.indexes import IndexRegistry
 from memos.services.repository import memory_views
 from memos.services.views import HitView, Principal, Role
+
+
+def _in_cube(cube_id: str) -> ColumnElement[bool]:
+    """Links of this cube only. Written `cube_id || ''` so SQLite, which keeps no statistics
+    here, still looks the few links up by seq instead of scanning the whole cube's by cube_id
+    (measured: 15-18 ms instead of under 1 ms per search at 3K notes)."""
+    return Link.cube_id.concat("") == cube_id
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class SearchService:
         with self.db.read() as s:
             pairs = s.execute(
                 select(Link.src_seq, Link.dst_seq).where(
-                    Link.cube_id == cube_id,
+                    _in_cube(cube_id),
                     Link.kind == "duplicate",
                     Link.src_seq.in_(seqs),
                     Link.dst_seq.in_(seqs),
@@ -129,7 +136,7 @@ class SearchService:
         with self.db.read() as s:
             links = s.execute(
                 select(Link.src_seq, Link.dst_seq, Link.kind).where(
-                    Link.cube_id == cube_id,
+                    _in_cube(cube_id),
                     Link.src_seq.in_(list(sources)),
                     Link.kind.in_(list(weights)),
                 )
