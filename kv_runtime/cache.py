@@ -84,13 +84,6 @@ class KVCache:
         """Bytes of the key and value tensors."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def position_table(self) -> torch.Tensor:
-        """(layers, kv_heads, kept) int64 original positions, materialised when implicit."""
-        if self.positions is not None:
-            return self.positions
-        span = torch.arange(self.length, dtype=torch.int64)
-        return span.expand(self.layers, self.kv_heads, self.length).contiguous()
-
     # -- conversion -------------------------------------------------------------------------
 
     def to_transformers(self) -> DynamicCache:

@@ -107,10 +107,5 @@ class CompressionConfig(BaseModel):
             raise ValueError(f"scorer={self.scorer!r} is unknown; valid: {sorted(SCORERS)}")
         return self
 
-    @property
-    def lossless(self) -> bool:
-        """True when nothing is evicted or quantized."""
-        return self.bits == 16 and self.budget_tokens is None
-
 
 NO_COMPRESSION = CompressionConfig(bits=16, sink_tokens=0, residual_tokens=0)
