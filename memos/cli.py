@@ -236,8 +236,8 @@ def cube_grant(
     """Let another user read (or write) a cube you own; granting again changes the role."""
     with _client(ctx) as client:
         grant = client.grant(cube_id, user_id, role.value)
-    if as_json:
-        _print_json(grant)
+    if as_json:  # the grant as the server answered it (no `created_at`: only listings have it)
+        typer.echo(grant.model_dump_json(indent=2, exclude_none=True))
     else:
         typer.echo(f"granted {grant.role} on {grant.cube_id} to {grant.user_id}")
 

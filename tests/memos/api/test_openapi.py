@@ -83,7 +83,7 @@ def test_streams_and_plain_text_are_declared(spec):
     ok = spec["paths"]["/v1/cubes/{cube_id}/generate"]["post"]["responses"]["200"]
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
     events = ok["content"]["text/event-stream"]["schema"]["oneOf"]
-    assert [e["properties"]["event"]["const"] for e in events] == ["piece", "done"]
+    assert [e["properties"]["event"]["const"] for e in events] == ["piece", "done", "error"]
     assert events[1]["properties"]["data"]["contentSchema"] == {
         "$ref": "#/components/schemas/GenerateResponse"
     }

@@ -26,7 +26,8 @@ def test_a_key_past_its_burst_gets_429_with_retry_after(limited):
         assert r.status_code == 429
         assert r.headers["Retry-After"] == "100"
         assert r.json()["error"]["code"] == "rate_limited"
-        assert set(r.json()["error"]) == {"code", "message"}
+        assert set(r.json()["error"]) == {"code", "message", "retry_after"}
+        assert r.json()["error"]["retry_after"] == 100  # the header's seconds, in the body too
     with limited.client(b) as other:  # another key has its own bucket
         assert other.get("/v1/cubes").json()["items"] == []
     with limited.client(a) as client:
