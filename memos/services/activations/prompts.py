@@ -132,8 +132,7 @@ class Prompts:
         return func.octet_length(Memory.content)
 
     def _text(self, cube_id: str, source: ActivationSource) -> tuple[str, dict[str, Any]]:
-        if source.text is not None:
-            self._check_text(source.text)
+        if source.text is not None:  # checked by `source_text`, like the rendered ones
             return source.text, {"text_chars": len(source.text)}
         live = (Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
         size = func.coalesce(func.sum(self._content_bytes()), 0)
