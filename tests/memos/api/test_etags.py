@@ -3,24 +3,7 @@ stale, checked inside the write transaction. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import threading
-
-
-def _at_once(calls):
-    """Run the calls in threads released together; their results, in order."""
-    barrier = threading.Barrier(len(calls))
-    results = [None] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = calls[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+from tests.memos.api.helpers import at_once
 
 
 def _memory(client, cube_id, content="v1"):
@@ -71,7 +54,7 @@ def test_concurrent_patches_of_one_version_have_one_winner(tenant):
     for _ in range(3):
         memory_id = _memory(client, cube_id)
         path = f"/v1/cubes/{cube_id}/memories/{memory_id}"
-        statuses = _at_once(
+        statuses = at_once(
             [
                 lambda n=n, path=path: (
                     client.patch(

@@ -3,11 +3,10 @@ naming the limit, nothing half-written, and no two concurrent writes both passin
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from memos.settings import QuotasConfig
+from tests.memos.api.helpers import at_once
 
 
 @pytest.fixture
@@ -22,23 +21,6 @@ def quotas(server, monkeypatch):
 
 def _items(*contents):
     return {"items": [{"content": c} for c in contents]}
-
-
-def _at_once(calls):
-    """Run the calls in threads released together; their results, in order."""
-    barrier = threading.Barrier(len(calls))
-    results = [None] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = calls[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def _refused(r, limit):
@@ -107,7 +89,7 @@ def test_concurrent_adds_cannot_both_take_the_last_place(server, quotas):
         cubes = [client.post("/v1/cubes", json={"name": n}).json()["id"] for n in ("p", "q")]
         for round_ in range(3):
             quotas(max_memories_per_user=round_ + 1)  # round_ stored: one place left
-            statuses = _at_once(
+            statuses = at_once(
                 [
                     lambda c=c: (
                         client.post(f"/v1/cubes/{c}/memories", json=_items("race")).status_code
