@@ -36,6 +36,7 @@ from kv_runtime.forward import ModelRunner, ProgressCallback
 from kv_runtime.generate import CancelHook, Generation
 from kv_runtime.model import Fingerprint
 from kv_runtime.prefill import prefill
+from kv_runtime.prefix import PrefixCache
 from kv_runtime.sampling import SamplingParams
 from kv_runtime.store import (
     ActivationManifest,
@@ -242,6 +243,7 @@ class Runtime:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         cancel: CancelHook | None = None,
+        prefix: PrefixCache | None = None,
     ) -> Generation:
         """Continue `kv`'s context (if any) with `prompt`; iterate the result for text pieces.
 
@@ -251,6 +253,8 @@ class Runtime:
         the first `stop` string (cut from the text) or after `max_tokens`. Sampling with a
         `seed` is reproducible; temperature 0 is greedy. `.collect()` returns the result.
         `cancel()` returning True ends it at the next prefill chunk or token ("cancelled").
+        prefix: instead of `kv`, a `PrefixCache` the caller owns: the generation runs on it
+        without copying it and crops it back to its length when it ends.
         """
         started = time.perf_counter()  # TTFT includes dequantizing the cache
         params = SamplingParams(
@@ -276,6 +280,18 @@ class Runtime:
             max_positions=self.info.max_positions,
             started=started,
             cancel=cancel,
+            prefix=prefix,
+        )
+
+    def prefix_cache(self, kv: KVCache | CompressedKV | None = None) -> PrefixCache:
+        """A new growing prefix cache, empty or starting from `kv` (a stored chat prefix)."""
+        if isinstance(kv, CompressedKV):
+            kv = self.decompress(kv)
+        return PrefixCache(
+            self._runner,
+            chunk_tokens=self.config.prefill_chunk,
+            max_positions=self.info.max_positions,
+            kv=kv,
         )
 
     def logits(
