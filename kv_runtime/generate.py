@@ -15,7 +15,7 @@ forward pass, or 50 ms if it is waiting (finish reason "cancelled").
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,6 +109,10 @@ class Generation(Iterator[str]):
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def close(self) -> None:
+        """Stop here (a consumer that leaves early); a prefix it ran on is cropped back."""
+        self._pieces.close()
+
     def collect(self) -> GenerationResult:
         """Drain the stream; return the result."""
         for _ in self:
@@ -132,7 +136,7 @@ class Generation(Iterator[str]):
         cache.crop(-1)
         return cache, [kv.token_ids[-1]], kv.length - 1
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         if self._prefix is None:
             yield from self._decode()
             return

@@ -18,25 +18,39 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from memcube.errors import DomainError
 from memos.api.schemas import GenerateResponse
-from memos.services.activations import GenerationStream
 
 log = logging.getLogger("memos.api")
 POLL_S = 0.25  # how often a waiting route checks that its client is still connected
 
 
-class GenerationRun:
-    """One generation on its own thread. Create it inside the route (it needs the loop)."""
+class Stream(Protocol):
+    """What a run drives: a generation (`GenerationStream`) or a chat turn (`ChatTurn`)."""
 
-    def __init__(self, open_stream: Callable[[threading.Event], GenerationStream]) -> None:
+    def __iter__(self) -> Iterator[str]: ...
+    def finish(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+class GenerationRun:
+    """One generation on its own thread. Create it inside the route (it needs the loop).
+    `body` makes the response body of what the stream's `finish()` returns."""
+
+    def __init__(
+        self,
+        open_stream: Callable[[threading.Event], Stream],
+        body: Callable[[Any], BaseModel] = GenerateResponse.model_validate,
+    ) -> None:
+        self._body = body
         self.cancel = threading.Event()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -51,7 +65,7 @@ class GenerationRun:
         except RuntimeError:  # the loop has closed (server shutting down): nobody listens
             self.cancel.set()
 
-    def _work(self, open_stream: Callable[[threading.Event], GenerationStream]) -> None:
+    def _work(self, open_stream: Callable[[threading.Event], Stream]) -> None:
         try:
             stream = open_stream(self.cancel)
         except BaseException as exc:  # a refusal: the route raises it as an error response
@@ -61,7 +75,7 @@ class GenerationRun:
             self._post("started")
             for piece in stream:
                 self._post("piece", piece)
-            self._post("done", GenerateResponse.model_validate(stream.finish()))
+            self._post("done", self._body(stream.finish()))
         except BaseException as exc:
             if not isinstance(exc, DomainError):
                 log.exception("generation failed")
@@ -90,7 +104,7 @@ class GenerationRun:
             raise payload
         assert kind == "started", kind
 
-    async def collect(self, request: Request) -> GenerateResponse:
+    async def collect(self, request: Request) -> Any:
         """Every piece, then the totals."""
         while True:
             kind, payload = await self.next(request)
