@@ -51,7 +51,11 @@ def test_jobs_are_admin_only_and_run_records_status(server):
         assert user.post("/v1/jobs/index_maintenance/run").status_code == 403
     with server.client() as admin:
         jobs = admin.get("/v1/jobs").json()["items"]
-        assert [j["name"] for j in jobs] == ["enrichment_retry", "index_maintenance"]
+        assert [j["name"] for j in jobs] == [
+            "chat_prefix_save",
+            "enrichment_retry",
+            "index_maintenance",
+        ]
         assert set(jobs[1]) >= {"name", "next_run_at", "last_run_at", "last_status"}
         assert all(job["next_run_at"] is not None for job in jobs)
         run = wait_run(admin, "enrichment_retry")
@@ -60,7 +64,7 @@ def test_jobs_are_admin_only_and_run_records_status(server):
         )  # fmt: skip
         # This daemon does not enrich: the run says so rather than claim it retried.
         assert run["result"] == {"skipped": "enrichment is disabled (enrichment.enabled=false)"}
-        job = admin.get("/v1/jobs").json()["items"][0]
+        job = admin.get("/v1/jobs").json()["items"][1]
         assert job["last_status"] == "ok" and job["last_run_at"] == run["started_at"]
         r = admin.post("/v1/jobs/no_such_job/run")
         assert (r.status_code, r.json()["error"]["code"]) == (404, "job_not_found")
