@@ -231,3 +231,37 @@ def test_kill_9_during_activation_builds_leaves_ready_ones_intact(tmp_path):
         ).json()
         assert after["text"] == before["text"] and after["reused_tokens"] == ready["kept_tokens"]
     daemon.stop()
+
+
+def test_kill_9_mid_turn_stores_no_half_turn_and_a_clean_restart_reuses_the_prefix(tmp_path):
+    """Acknowledged turns survive kill -9; the turn it cut stored neither side. After a clean
+    stop the chat's prefix was saved, and the next turn loads it instead of prefilling."""
+    daemon = make_daemon_process(tmp_path)
+    daemon.start()
+    with daemon.client() as client:
+        cube_id = client.post("/v1/cubes", json={"name": "chats"}).json()["id"]
+        chat = client.post(
+            f"/v1/cubes/{cube_id}/chats", json={"system": "Be brief.", "recall": {"top_k": 0}}
+        ).json()
+        url = f"/v1/cubes/{cube_id}/chats/{chat['id']}/messages"
+        done = client.post(url, json={"content": "My cat is called Miso.", "max_tokens": 6})
+        assert done.status_code == 200 and done.json()["assistant_memory_id"]
+        body = {"content": "Write a long poem about the sea.", "max_tokens": 500, "stream": True}
+        with client.stream("POST", url, json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: piece"):
+                    daemon.kill()  # mid-reply: decoding, nothing of this turn stored yet
+                    break
+    daemon.start()
+    with daemon.client() as client:
+        items = client.get(url).json()["items"]
+        assert [m["content"] for m in items] == ["My cat is called Miso.", done.json()["reply"]]
+        first = client.post(url, json={"content": "What is my cat called?", "max_tokens": 6})
+        assert first.status_code == 200 and first.json()["reused_tokens"] == 0  # never saved
+    daemon.stop()  # a clean stop saves the chat's prefix
+    daemon.start()
+    with daemon.client() as client:
+        again = client.post(url, json={"content": "Thanks!", "max_tokens": 4}).json()
+        assert again["reused_tokens"] > 0 and again["assistant_memory_id"]
+        assert len(client.get(url).json()["items"]) == 6
+    daemon.stop()
