@@ -175,6 +175,7 @@ class Daemon:
         self.jobs.stop()
         if self.runtime.loaded:
             self.chats.save_all()  # the next start loads them instead of prefilling again
+        self.chats.close()
         self.activations.stop()
         if self._heal_thread is not None:
             self._heal_thread.join(timeout=60)

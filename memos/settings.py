@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -147,8 +147,25 @@ class ActivationsConfig(BaseModel):
     )
 
 
+class ChatEndpointConfig(BaseModel):
+    """An OpenAI-compatible endpoint chats may answer with instead of the local runtime."""
+
+    url: str | None = Field(None, description="base URL, e.g. http://host:8000/v1")
+    model: str = Field("default", description="model name sent to the endpoint")
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+    context_tokens: int = Field(
+        8192, ge=256, le=1 << 24, description="the endpoint model's context, for the prompt budget"
+    )
+
+
 class ChatsConfig(BaseModel):
     """Chat sessions: recall, the verbatim window, replies and the loaded KV prefixes."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local", description="what answers a chat that names no backend"
+    )
+    openai: ChatEndpointConfig = ChatEndpointConfig()
 
     default_max_context_tokens: int = Field(
         2048, ge=64, le=1 << 20, description="verbatim window of a chat that names none"

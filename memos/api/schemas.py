@@ -362,6 +362,10 @@ class ChatCreate(Strict):
         "`chats.default_max_context_tokens`; at most half the model's positions)"
     )  # fmt: skip
     sampling: SamplingIn = Field(default_factory=SamplingIn)
+    backend: Literal["local", "openai"] | None = Field(
+        None, description="`local` (the daemon's model, with KV reuse) or `openai` (the "
+        "endpoint in `chats.openai`); default `chats.backend`"
+    )  # fmt: skip
 
 
 class RecallOut(Out):
@@ -383,6 +387,7 @@ class ChatOut(Out):
     recall: RecallOut
     max_context_tokens: int
     sampling: SamplingOut
+    backend: Literal["local", "openai"]
     turns: int = Field(description="memories in the chat's session (both sides of each turn)")
     created_at: datetime
     last_active_at: datetime

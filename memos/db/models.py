@@ -220,6 +220,8 @@ class Chat(Base):
     recall: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
     max_context_tokens: Mapped[int] = mapped_column(Integer)
     sampling: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    # What answers: "local" (the runtime, with KV reuse) or "openai" (the configured endpoint).
+    backend: Mapped[str] = mapped_column(String(16), default="local")
     # The first memory (by seq) of the verbatim window; older turns are left to recall. Moved
     # forward in large steps so the window's tokens stay a stable prefix between moves.
     window_from_seq: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -179,6 +179,7 @@ class ChatView:
     recall: dict[str, Any]  # {"top_k", "filters"}
     max_context_tokens: int
     sampling: dict[str, Any]  # {"temperature", "top_p", "seed"}
+    backend: str  # "local" or "openai"
     turns: int  # live memories of the chat's session
     created_at: datetime
     last_active_at: datetime

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("recall", JSON, nullable=False),
         sa.Column("max_context_tokens", sa.Integer(), nullable=False),
         sa.Column("sampling", JSON, nullable=False),
+        sa.Column("backend", sa.String(length=16), nullable=False, server_default="local"),
         sa.Column("window_from_seq", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("prefix_activation_id", sa.String(length=40), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

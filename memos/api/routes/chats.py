@@ -71,6 +71,7 @@ def create_chat(
         temperature=body.sampling.temperature,
         top_p=body.sampling.top_p,
         seed=body.sampling.seed,
+        backend=body.backend,
     )
     return ChatOut.model_validate(view)
 

@@ -34,6 +34,7 @@ class ChatSpec:
     recall: dict[str, Any]  # {"top_k": int, "filters": {...} as JSON}
     max_context_tokens: int
     sampling: dict[str, Any]  # {"temperature": float, "top_p": float, "seed": int | None}
+    backend: str = "local"  # or "openai": the configured OpenAI-compatible endpoint
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class ChatRecord:
 
 
 def _record(row: Chat) -> ChatRecord:
-    spec = ChatSpec(row.system, dict(row.recall), row.max_context_tokens, dict(row.sampling))
+    spec = ChatSpec(
+        row.system, dict(row.recall), row.max_context_tokens, dict(row.sampling), row.backend
+    )
     return ChatRecord(
         row.id, row.cube_id, row.session_id, spec, row.window_from_seq, row.prefix_activation_id
     )
@@ -81,6 +84,7 @@ def _views(s: Session, rows: list[Chat]) -> list[ChatView]:
             recall=dict(row.recall),
             max_context_tokens=row.max_context_tokens,
             sampling=dict(row.sampling),
+            backend=row.backend,
             turns=turns.get(row.session_id, 0),
             created_at=row.created_at,
             last_active_at=row.last_active_at,
@@ -113,6 +117,7 @@ class ChatCatalogue:
             recall=spec.recall,
             max_context_tokens=spec.max_context_tokens,
             sampling=spec.sampling,
+            backend=spec.backend,
             window_from_seq=0,
             created_at=now,
             last_active_at=now,

@@ -13,20 +13,24 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import httpx
+
 from kv_runtime import Runtime
-from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests
+from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests, Unavailable
 from memcube.types import SearchFilters
 from memos.db.engine import Database
 from memos.services.activations import ActivationService
-from memos.services.activations.admission import Refusal
+from memos.services.activations.admission import Refusal, Slot
 from memos.services.chats.catalogue import ChatCatalogue, ChatRecord, ChatSpec
-from memos.services.chats.history import ChatHistory
+from memos.services.chats.history import ChatHistory, Turn
 from memos.services.chats.prefixes import LoadedPrefix, LoadedPrefixes, PrefixStore, QuotaCheck
-from memos.services.chats.prompt import MESSAGE_OVERHEAD, Note, TurnPrompt, assemble, window_start
+from memos.services.chats.prompt import MESSAGE_OVERHEAD, Note, assemble, window_start
+from memos.services.chats.remote import RemoteTurn, estimate_tokens, remote_prompt
 from memos.services.chats.turns import ChatTurn, TurnRequest
 from memos.services.cubes import CubeService
 from memos.services.memories import MemoryService
@@ -96,6 +100,7 @@ class ChatService:
         self._busy: set[str] = set()
         self._lock = threading.Lock()
         self._turns: dict[str, int] = {}
+        self._client: httpx.Client | None = None  # to the OpenAI-compatible endpoint, if used
 
     # -- chats ------------------------------------------------------------------------------
 
@@ -112,16 +117,26 @@ class ChatService:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        backend: str | None = None,
     ) -> ChatView:
         self.cubes.require(principal, cube_id, Role.WRITER)
         config = self.config
+        backend = backend or config.backend
+        if backend == "openai" and not config.openai.url:
+            raise InvalidArgument(
+                "backend openai needs an endpoint: set MEMOS_CHATS__OPENAI__URL",
+                code="chat_backend_unavailable",
+            )
         top_k = config.default_recall_top_k if recall_top_k is None else recall_top_k
         if not 0 <= top_k <= config.max_recall_top_k:
             raise InvalidArgument(
                 f"recall.top_k is {top_k}; it must be between 0 and {config.max_recall_top_k}"
             )
         window = max_context_tokens or config.default_max_context_tokens
-        positions = self.activations.runtime.get().info.max_positions
+        if backend == "openai":
+            positions = config.openai.context_tokens
+        else:
+            positions = self.activations.runtime.get().info.max_positions
         if not 64 <= window <= positions // 2:
             raise InvalidArgument(
                 f"max_context_tokens is {window}; it must be between 64 and {positions // 2} "
@@ -137,6 +152,7 @@ class ChatService:
             recall={"top_k": top_k, "filters": filters_json(filters)},
             max_context_tokens=window,
             sampling={"temperature": temperature, "top_p": top_p, "seed": seed},
+            backend=backend,
         )
         return self.catalogue.create(cube_id, session_id, spec)
 
@@ -185,7 +201,7 @@ class ChatService:
         timestamp: datetime | None = None,
         max_tokens: int | None = None,
         cancel: threading.Event | None = None,
-    ) -> ChatTurn:
+    ) -> ChatTurn | RemoteTurn:
         """Check, recall, admit, bring the prefix up to date and start decoding; every refusal
         is raised here, before any text. Iterate the turn, `finish()` it, `close()` it."""
         started = time.perf_counter()
@@ -198,29 +214,11 @@ class ChatService:
             raise InvalidArgument(f"max_tokens is {max_tokens}; it must be between 1 and {limit}")
         self.activations.prompts.check_prompt(content)
         self.memories.check_content(content, "content")
-        runtime = self.activations.runtime.get()
+        runtime = self.activations.runtime.get() if chat.spec.backend == "local" else None
         self._take(chat_id)
         entry: LoadedPrefix | None = None
         slot = None
         try:
-            prompt = self._prompt(principal, runtime, chat, content, speaker, max_tokens)
-            kv_bytes = (len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens) * (
-                runtime.kv_bytes_per_token
-            )
-            gate = self.activations.gate
-            if kv_bytes > gate.limits.max_kv_bytes:
-                raise TooLarge(
-                    f"this turn's cache would take {kv_bytes} bytes; generations may take "
-                    f"{gate.limits.max_kv_bytes} (a smaller max_context_tokens or max_tokens)",
-                    code="generation_too_large",
-                )
-            admitted = gate.acquire(kv_bytes, cancel.is_set)
-            if isinstance(admitted, Refusal):
-                raise self._busy_error(admitted)
-            slot = admitted
-            entry = self._entry(runtime, chat)
-            reused = entry.prefix.sync(prompt.history_ids, cancel.is_set)
-            entry.messages = prompt.history
             sampling = chat.spec.sampling
             request = TurnRequest(
                 chat_id=chat.id,
@@ -234,10 +232,39 @@ class ChatService:
                 top_p=float(sampling.get("top_p", 1.0)),
                 seed=sampling.get("seed"),
             )
+            user = {"role": "user", "content": content}
+            if speaker and speaker != "user":
+                user["content"] = f"{speaker}: {content}"
 
             def store(items: list[NewMemory]) -> list[str]:
                 return [view.id for view in self.memories.add(principal, cube_id, items)]
 
+            if runtime is None:  # an OpenAI-compatible endpoint answers
+                window, notes = self._context(principal, chat, content, estimate_tokens)
+                endpoint = self.config.openai
+                messages, kept = remote_prompt(
+                    chat.spec.system, window, user, notes,
+                    recall_tokens=self.config.recall_tokens,
+                    context_tokens=endpoint.context_tokens, max_tokens=max_tokens,
+                )  # fmt: skip
+                slot = self._admit(0, cancel)
+                return RemoteTurn(
+                    self._endpoint(), endpoint, request, messages, user, kept, slot, cancel,
+                    store, self._turn_ended, started,
+                )  # fmt: skip
+
+            window, notes = self._context(
+                principal, chat, content, lambda text: len(runtime.tokenize(text))
+            )
+            prompt = assemble(
+                runtime, chat.spec.system, window, user, notes,
+                recall_tokens=self.config.recall_tokens, max_tokens=max_tokens,
+            )  # fmt: skip
+            tokens = len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens
+            slot = self._admit(tokens * runtime.kv_bytes_per_token, cancel)
+            entry = self._entry(runtime, chat)
+            reused = entry.prefix.sync(prompt.history_ids, cancel.is_set)
+            entry.messages = prompt.history
             return ChatTurn(
                 runtime, request, prompt, entry, slot, cancel, store, self._turn_ended,
                 started, reused,
@@ -251,36 +278,60 @@ class ChatService:
             self._count("failed")
             raise
 
-    def _prompt(
+    def _admit(self, kv_bytes: int, cancel: threading.Event) -> Slot:
+        gate = self.activations.gate
+        if kv_bytes > gate.limits.max_kv_bytes:
+            raise TooLarge(
+                f"this turn's cache would take {kv_bytes} bytes; generations may take "
+                f"{gate.limits.max_kv_bytes} (a smaller max_context_tokens or max_tokens)",
+                code="generation_too_large",
+            )
+        admitted = gate.acquire(kv_bytes, cancel.is_set)
+        if isinstance(admitted, Refusal):
+            raise self._busy_error(admitted)
+        return admitted
+
+    def _endpoint(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                endpoint = self.config.openai
+                if not endpoint.url:
+                    raise Unavailable(
+                        "no chat endpoint is configured (MEMOS_CHATS__OPENAI__URL)",
+                        code="chat_backend_unavailable",
+                    )
+                headers = {}
+                if endpoint.api_key is not None:
+                    headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
+                self._client = httpx.Client(
+                    base_url=endpoint.url.rstrip("/"), headers=headers, timeout=endpoint.timeout_s
+                )
+            return self._client
+
+    def _context(
         self,
         principal: Principal,
-        runtime: Runtime,
         chat: ChatRecord,
         content: str,
-        speaker: str | None,
-        max_tokens: int,
-    ) -> TurnPrompt:
+        measure: Callable[[str], int],
+    ) -> tuple[list[Turn], list[Note]]:
+        """The verbatim window (moved forward when it outgrew its budget) and the notes
+        recalled for `content`, not counting those already in the window."""
         spec = chat.spec
         budget = spec.max_context_tokens
         if spec.system:
-            budget -= len(runtime.tokenize(spec.system)) + MESSAGE_OVERHEAD
+            budget -= measure(spec.system) + MESSAGE_OVERHEAD
         # At most a token a turn: more turns than the budget can never all fit.
         window = self.history.recent(chat.cube_id, chat.session_id, chat.window_from_seq,
                                      max(1, spec.max_context_tokens))  # fmt: skip
-        sizes = [len(runtime.tokenize(t.message()["content"])) + MESSAGE_OVERHEAD for t in window]
+        sizes = [measure(t.message()["content"]) + MESSAGE_OVERHEAD for t in window]
         start = window_start(sizes, max(0, budget))
         if start:
             window = window[start:]
             from_seq = window[0].seq if window else chat.window_from_seq
             self.catalogue.move_window(chat.id, from_seq)
-        user = {"role": "user", "content": content}
-        if speaker and speaker != "user":
-            user["content"] = f"{speaker}: {content}"
         notes = self._recall(principal, chat, content, {t.memory_id for t in window})
-        return assemble(
-            runtime, spec.system, window, user, notes,
-            recall_tokens=self.config.recall_tokens, max_tokens=max_tokens,
-        )  # fmt: skip
+        return window, notes
 
     def _recall(
         self, principal: Principal, chat: ChatRecord, query: str, shown: set[str]
@@ -307,14 +358,15 @@ class ChatService:
             entry = LoadedPrefix(chat.cube_id, chat.session_id, runtime.prefix_cache())
         return entry
 
-    def _turn_ended(self, turn: ChatTurn) -> None:
-        result = turn.result
-        self._count(result.finish_reason if result is not None else "failed")
-        chat_id = turn.request.chat_id
+    def _turn_ended(
+        self, chat_id: str, outcome: str, stored: bool, entry: LoadedPrefix | None
+    ) -> None:
+        self._count(outcome)
         try:
-            if turn.stored is not None:
+            if stored:
                 self.catalogue.touch(chat_id)
-            self._keep(chat_id, turn.entry)
+            if entry is not None:
+                self._keep(chat_id, entry)
         finally:
             self._give(chat_id)
 
@@ -397,6 +449,13 @@ class ChatService:
             finally:
                 self._give(chat_id)
         return {"saved": saved, "skipped": skipped}
+
+    def close(self) -> None:
+        """At shutdown, after `save_all`."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def drop_cube(self, cube_id: str) -> None:
         """After a cube is deleted (its chats cascade; its activation files are removed)."""

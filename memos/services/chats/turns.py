@@ -34,7 +34,9 @@ from memos.services.chats.prompt import TurnPrompt
 from memos.services.views import ChatReplyView, NewMemory, RecalledView
 
 Store = Callable[[list[NewMemory]], list[str]]  # both turns, one transaction -> their ids
-Release = Callable[["ChatTurn"], None]
+# When a turn ends: (chat id, outcome: finish reason or "failed", whether it was stored, the
+# prefix to keep loaded or None).
+Release = Callable[[str, str, bool, LoadedPrefix | None], None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,28 @@ class TurnRequest:
     temperature: float
     top_p: float
     seed: int | None
+
+
+def store_turn(store: Store, request: TurnRequest, reply: str) -> tuple[str, str]:
+    """The finished turn as two memories of the chat's session, in one transaction: the
+    message (dated as sent, or now) and the reply (never dated before it)."""
+    asked_at = request.timestamp or utcnow()
+    user = NewMemory(
+        content=request.content,
+        session_id=request.session_id,
+        speaker=request.speaker or USER,
+        timestamp=asked_at,
+        metadata={"chat_id": request.chat_id},
+    )
+    answer = NewMemory(
+        content=reply,
+        session_id=request.session_id,
+        speaker=ASSISTANT,
+        timestamp=max(asked_at, utcnow()),
+        metadata={"chat_id": request.chat_id},
+    )
+    user_id, assistant_id = store([user, answer])
+    return user_id, assistant_id
 
 
 class ChatTurn:
@@ -120,23 +144,7 @@ class ChatTurn:
         )
         if result.finish_reason == "cancelled" or not result.text.strip():
             return view  # nothing to store: the client left, or the model said nothing
-        request = self.request
-        asked_at = request.timestamp or utcnow()
-        user = NewMemory(
-            content=request.content,
-            session_id=request.session_id,
-            speaker=request.speaker or USER,
-            timestamp=asked_at,
-            metadata={"chat_id": request.chat_id},
-        )
-        answer = NewMemory(
-            content=result.text,
-            session_id=request.session_id,
-            speaker=ASSISTANT,
-            timestamp=max(asked_at, utcnow()),
-            metadata={"chat_id": request.chat_id},
-        )
-        user_id, assistant_id = self._store([user, answer])
+        user_id, assistant_id = store_turn(self._store, self.request, result.text)
         self.stored = (user_id, assistant_id)
         self._extend(self.prompt.user, {"role": ASSISTANT, "content": result.text})
         return replace(view, user_memory_id=user_id, assistant_memory_id=assistant_id)
@@ -157,4 +165,6 @@ class ChatTurn:
             self._generation.close()  # crops the prefix back if it stopped early
         finally:
             self._slot.release()
-            self._release(self)
+            result = self._generation.result
+            outcome = result.finish_reason if result is not None else "failed"
+            self._release(self.request.chat_id, outcome, self.stored is not None, self.entry)

@@ -10,7 +10,7 @@ import pytest
 from tests.memos.api.conftest import in_thread, model_held, wait_until
 
 SYSTEM = "You are a friendly assistant. Answer in one short sentence."
-CHAT_FIELDS = {"id", "cube_id", "session_id", "system", "recall", "max_context_tokens",
+CHAT_FIELDS = {"id", "cube_id", "session_id", "system", "recall", "max_context_tokens", "backend",
                "sampling", "turns", "created_at", "last_active_at"}  # fmt: skip
 REPLY_FIELDS = {"reply", "user_memory_id", "assistant_memory_id", "recalled", "ttft_ms",
                 "prompt_tokens", "reused_tokens", "finish_reason"}  # fmt: skip
