@@ -241,6 +241,8 @@ class Runtime:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         cancel: CancelHook | None = None,
     ) -> Generation:
         """Continue `kv`'s context (if any) with `prompt`; iterate the result for text pieces.
@@ -251,6 +253,9 @@ class Runtime:
         the first `stop` string (cut from the text) or after `max_tokens`. Sampling with a
         `seed` is reproducible; temperature 0 is greedy. `.collect()` returns the result.
         `cancel()` returning True ends it at the next prefill chunk or token ("cancelled").
+        `logprobs` / `prompt_logprobs` (0..20 alternatives): record each generated / prompt
+        token's log-probability in the result (`kv_runtime.logprobs`); with `prompt_logprobs`,
+        `max_tokens` may be 0 (score the prompt, generate nothing).
         """
         started = time.perf_counter()  # TTFT includes dequantizing the cache
         params = SamplingParams(
@@ -260,6 +265,8 @@ class Runtime:
             seed=seed,
             stop=tuple(stop),
             stop_token_ids=frozenset(int(t) for t in stop_token_ids),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if isinstance(kv, CompressedKV):
