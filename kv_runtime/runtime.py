@@ -92,6 +92,7 @@ class Runtime:
         self._runner = runner
         self._codec = codec
         self.template = ChatTemplate(codec)
+        self._vocab_size = int(runner.model.get_input_embeddings().num_embeddings)
 
     @classmethod
     def load(cls, config: RuntimeConfig) -> Runtime:
@@ -154,8 +155,18 @@ class Runtime:
         """Token ids of `text` (no special tokens added)."""
         return self._codec.encode(text)
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self._codec.decode(token_ids)
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._codec.decode(token_ids, skip_special_tokens)
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, special tokens included (a byte of a character split over
+        several tokens decodes to U+FFFD on its own)."""
+        return [self._codec.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0..vocab_size-1 (the model's embedding rows, added tokens included)."""
+        return self._vocab_size
 
     def render_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True

@@ -15,6 +15,7 @@ from memos.scheduler import jobs
 from memos.scheduler.runner import JobRunner
 from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
+from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.erasure import ErasureService
@@ -88,6 +89,17 @@ class Daemon:
         self.erasure = ErasureService(self.db, self.cubes, self.indexes, settings.activation_dir)
         self.search = SearchService(
             self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
+        )
+        self.completions = CompletionService(
+            self.cubes,
+            self.activations,
+            self.runtime,
+            self.search,
+            CompletionLimits(
+                max_prompt_bytes=settings.activations.max_prompt_bytes,
+                max_prompts=settings.openai.max_prompts,
+                recall_top_k=settings.openai.recall_top_k,
+            ),
         )
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(

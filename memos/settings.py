@@ -144,6 +144,18 @@ class ActivationsConfig(BaseModel):
     )
 
 
+class OpenAIConfig(BaseModel):
+    """The OpenAI-compatible routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
+    Their prompts, tokens and generations are bounded by `activations` like `generate`'s."""
+
+    max_prompts: int = Field(
+        16, ge=1, le=1024, description="prompts in one /v1/completions request (422 beyond)"
+    )
+    recall_top_k: int = Field(
+        8, ge=1, le=1000, description="notes a chat with the `memos` extension recalls"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMOS_",
@@ -170,6 +182,7 @@ class Settings(BaseSettings):
     enrichment: EnrichmentConfig = EnrichmentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     activations: ActivationsConfig = ActivationsConfig()
+    openai: OpenAIConfig = OpenAIConfig()
 
     @classmethod
     def settings_customise_sources(

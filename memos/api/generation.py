@@ -28,16 +28,22 @@ from starlette.types import Receive, Scope, Send
 from memcube.errors import DomainError
 from memos.api.schemas import GenerateResponse
 from memos.services.activations import GenerationStream
+from memos.services.views import GenerationView
 
 log = logging.getLogger("memos.api")
 POLL_S = 0.25  # how often a waiting route checks that its client is still connected
 
 
 class GenerationRun:
-    """One generation on its own thread. Create it inside the route (it needs the loop)."""
+    """One generation on its own thread. Create it inside the route (it needs the loop).
+    Runs that make up one response (a completion's prompts) may share a `cancel` switch."""
 
-    def __init__(self, open_stream: Callable[[threading.Event], GenerationStream]) -> None:
-        self.cancel = threading.Event()
+    def __init__(
+        self,
+        open_stream: Callable[[threading.Event], GenerationStream],
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.cancel = cancel or threading.Event()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(
@@ -61,7 +67,7 @@ class GenerationRun:
             self._post("started")
             for piece in stream:
                 self._post("piece", piece)
-            self._post("done", GenerateResponse.model_validate(stream.finish()))
+            self._post("done", stream.finish())
         except BaseException as exc:
             if not isinstance(exc, DomainError):
                 log.exception("generation failed")
@@ -90,7 +96,7 @@ class GenerationRun:
             raise payload
         assert kind == "started", kind
 
-    async def collect(self, request: Request) -> GenerateResponse:
+    async def collect(self, request: Request) -> GenerationView:
         """Every piece, then the totals."""
         while True:
             kind, payload = await self.next(request)
@@ -99,9 +105,12 @@ class GenerationRun:
             if kind == "error":
                 raise payload
 
-    def stream_response(self, request: Request) -> StreamingResponse:
-        """`events` as `text/event-stream`; the run is cancelled when the response ends."""
-        return _CancellingResponse(self.events(request), self.cancel)
+    def stream_response(
+        self, request: Request, content: AsyncIterator[str] | None = None
+    ) -> StreamingResponse:
+        """`content` (by default `events`) as `text/event-stream`; the run is cancelled when
+        the response ends."""
+        return cancelling_response(content or self.events(request), self.cancel)
 
     async def events(self, request: Request) -> AsyncIterator[str]:
         """Server-sent events: `piece` per piece, then `done`, or `error` if it fails."""
@@ -111,10 +120,11 @@ class GenerationRun:
                 if kind == "piece":
                     yield f"event: piece\ndata: {json.dumps({'text': payload})}\n\n"
                 elif kind == "done":
-                    yield f"event: done\ndata: {payload.model_dump_json()}\n\n"
+                    done = GenerateResponse.model_validate(payload)
+                    yield f"event: done\ndata: {done.model_dump_json()}\n\n"
                     return
                 else:
-                    yield f"event: error\ndata: {json.dumps(_error_body(payload))}\n\n"
+                    yield f"event: error\ndata: {json.dumps(error_body(payload))}\n\n"
                     return
         finally:
             self.cancel.set()  # no-op once done; stops decoding when the client went
@@ -132,7 +142,13 @@ class _CancellingResponse(StreamingResponse):
             self._cancel.set()  # finished: a no-op; the client went: decoding stops
 
 
-def _error_body(exc: BaseException) -> dict[str, Any]:
+def cancelling_response(content: AsyncIterator[str], cancel: threading.Event) -> StreamingResponse:
+    """`text/event-stream` of `content`; `cancel` is set when the response ends, however."""
+    return _CancellingResponse(content, cancel)
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """The error body of a failure after a stream began (its status line is long sent)."""
     if isinstance(exc, DomainError):
         return {"error": {"code": exc.code, "message": exc.message}}
     return {"error": {"code": "internal_error", "message": "the server failed; see its log"}}
