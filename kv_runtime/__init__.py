@@ -10,6 +10,7 @@ Modules, one concept each:
     forward     ModelRunner: the model lock, forward passes, query capture
     cache       KVCache: per-layer keys/values, token ids, original positions
     prefill     chunked prefill with progress
+    prefix      PrefixCache: a conversation's cache, grown in place by its owner
     eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
     store       safetensors + JSON manifest, checksums, atomic writes
@@ -35,6 +36,7 @@ from kv_runtime.eviction import SCORERS
 from kv_runtime.generate import CancelHook, Generation, GenerationResult
 from kv_runtime.logprobs import TokenLogprob
 from kv_runtime.model import Fingerprint
+from kv_runtime.prefix import PrefixCache
 from kv_runtime.runtime import ModelInfo, Runtime
 from kv_runtime.store import (
     ActivationManifest,
@@ -64,6 +66,7 @@ __all__ = [
     "KVRuntimeError",
     "ModelInfo",
     "ModelUnavailable",
+    "PrefixCache",
     "Runtime",
     "RuntimeConfig",
     "TokenLogprob",

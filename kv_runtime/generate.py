@@ -15,7 +15,7 @@ forward pass, or 50 ms if it is waiting (finish reason "cancelled").
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +26,7 @@ from kv_runtime.detokenize import IncrementalDecoder
 from kv_runtime.errors import Cancelled, InvalidArgument
 from kv_runtime.forward import ModelRunner
 from kv_runtime.logprobs import TokenLogprob, token_logprobs
+from kv_runtime.prefix import PrefixCache
 from kv_runtime.sampling import SamplingParams, next_token
 from kv_runtime.text import TextCodec
 
@@ -83,19 +84,27 @@ class Generation(Iterator[str]):
         max_positions: int,
         started: float | None = None,
         cancel: CancelHook | None = None,
+        prefix: PrefixCache | None = None,
     ) -> None:
         """`started`: the time.perf_counter() the request began (TTFT counts from it);
-        `cancel`: checked between prefill chunks and before each decoding step."""
+        `cancel`: checked between prefill chunks and before each decoding step; `prefix`
+        (instead of `kv`): run on the prefix cache itself, cropped back when the generation
+        ends, however it ends (the caller owns the prefix meanwhile)."""
+        assert kv is None or prefix is None, "continue a kv or a prefix, not both"
+        if prefix is not None and not prompt_ids:
+            raise InvalidArgument("a generation on a prefix cache needs a prompt")
         if not prompt_ids and kv is None:
             raise InvalidArgument("nothing to continue: the prompt is empty and no kv was given")
-        end = (kv.length if kv else 0) + len(prompt_ids) + params.max_tokens
+        context = kv.length if kv else prefix.length if prefix else 0
+        end = context + len(prompt_ids) + params.max_tokens
         if end > max_positions:
             raise InvalidArgument(
-                f"context {kv.length if kv else 0} + prompt {len(prompt_ids)} + max_tokens "
+                f"context {context} + prompt {len(prompt_ids)} + max_tokens "
                 f"{params.max_tokens} = {end} exceeds the model's {max_positions} positions"
             )
         self._runner, self._codec, self._params = runner, codec, params
-        self._prompt_ids, self._kv = list(prompt_ids), kv
+        self._prompt_ids, self._kv, self._prefix = list(prompt_ids), kv, prefix
+        self._reused = context
         self._chunk = chunk_tokens
         self._cancel = cancel or (lambda: False)
         self._started = time.perf_counter() if started is None else started
@@ -107,6 +116,10 @@ class Generation(Iterator[str]):
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def close(self) -> None:
+        """Stop here (a consumer that leaves early); a prefix it ran on is cropped back."""
+        self._pieces.close()
+
     def collect(self) -> GenerationResult:
         """Drain the stream; return the result."""
         for _ in self:
@@ -117,6 +130,9 @@ class Generation(Iterator[str]):
     def _prepare(self) -> tuple[DynamicCache, list[int], int]:
         """(request cache, tokens still to run, position of the first of them)."""
         kv, prompt = self._kv, self._prompt_ids
+        if self._prefix is not None:
+            cache, length = self._prefix.lease()  # no copy: cropped back in `_run`
+            return cache, prompt, length
         if kv is None:
             return DynamicCache(), prompt, 0
         cache = kv.to_transformers()  # copy-on-read
@@ -128,7 +144,16 @@ class Generation(Iterator[str]):
         cache.crop(-1)
         return cache, [kv.token_ids[-1], *prompt], kv.length - 1
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
+        if self._prefix is None:
+            yield from self._decode()
+            return
+        try:
+            yield from self._decode()
+        finally:  # also when the consumer stops early (the generator is closed)
+            self._prefix.restore(self._reused)
+
+    def _decode(self) -> Iterator[str]:
         params, codec, runner = self._params, self._codec, self._runner
         cache, todo, position = self._prepare()
         generated: list[int] = []
@@ -205,7 +230,7 @@ class Generation(Iterator[str]):
             token_ids=tuple(generated),
             finish_reason=finish,
             prompt_tokens=len(self._prompt_ids),
-            reused_tokens=self._kv.length if self._kv is not None else 0,
+            reused_tokens=self._reused,
             ttft_ms=ttft_ms,
             total_ms=(time.perf_counter() - self._started) * 1000,
             logprobs=tuple(self._logprobs) if self._params.logprobs is not None else None,

@@ -36,6 +36,7 @@ from kv_runtime.forward import ModelRunner, ProgressCallback
 from kv_runtime.generate import CancelHook, Generation
 from kv_runtime.model import Fingerprint
 from kv_runtime.prefill import prefill
+from kv_runtime.prefix import PrefixCache
 from kv_runtime.sampling import SamplingParams
 from kv_runtime.store import (
     ActivationManifest,
@@ -255,6 +256,7 @@ class Runtime:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         cancel: CancelHook | None = None,
+        prefix: PrefixCache | None = None,
     ) -> Generation:
         """Continue `kv`'s context (if any) with `prompt`; iterate the result for text pieces.
 
@@ -267,6 +269,8 @@ class Runtime:
         `logprobs` / `prompt_logprobs` (0..20 alternatives): record each generated / prompt
         token's log-probability in the result (`kv_runtime.logprobs`); with `prompt_logprobs`,
         `max_tokens` may be 0 (score the prompt, generate nothing).
+        prefix: instead of `kv`, a `PrefixCache` the caller owns: the generation runs on it
+        without copying it and crops it back to its length when it ends.
         """
         started = time.perf_counter()  # TTFT includes dequantizing the cache
         params = SamplingParams(
@@ -294,6 +298,18 @@ class Runtime:
             max_positions=self.info.max_positions,
             started=started,
             cancel=cancel,
+            prefix=prefix,
+        )
+
+    def prefix_cache(self, kv: KVCache | CompressedKV | None = None) -> PrefixCache:
+        """A new growing prefix cache, empty or starting from `kv` (a stored chat prefix)."""
+        if isinstance(kv, CompressedKV):
+            kv = self.decompress(kv)
+        return PrefixCache(
+            self._runner,
+            chunk_tokens=self.config.prefill_chunk,
+            max_positions=self.info.max_positions,
+            kv=kv,
         )
 
     def logits(

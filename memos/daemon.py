@@ -15,6 +15,7 @@ from memos.scheduler import jobs
 from memos.scheduler.runner import JobRunner
 from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
+from memos.services.chats import ChatService
 from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
@@ -86,19 +87,36 @@ class Daemon:
             on_write=self.enrichment_worker.wake,
             quotas=self.quotas,
         )
-        self.erasure = ErasureService(self.db, self.cubes, self.indexes, settings.activation_dir)
         self.search = SearchService(
             self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
+        )
+        self.chats = ChatService(
+            self.db,
+            self.cubes,
+            self.memories,
+            self.search,
+            self.activations,
+            settings.chats,
+            check_quota=self.quotas.check_activation_bytes,
+        )
+        self.erasure = ErasureService(
+            self.db,
+            self.cubes,
+            self.indexes,
+            settings.activation_dir,
+            on_erased=self._erased,
         )
         self.completions = CompletionService(
             self.cubes,
             self.activations,
             self.runtime,
             self.search,
+            self.chats,
             CompletionLimits(
                 max_prompt_bytes=settings.activations.max_prompt_bytes,
                 max_prompts=settings.openai.max_prompts,
-                recall_top_k=settings.openai.recall_top_k,
+                recall_top_k=settings.chats.default_recall_top_k,
+                recall_tokens=settings.chats.recall_tokens,
             ),
         )
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
@@ -108,6 +126,7 @@ class Daemon:
             self.enrichment,
             settings.enrichment.enabled,
             sweep_activations=lambda: self.activations.sweep().as_dict(),
+            save_chat_prefixes=self.chats.save_idle,
         )
         self.jobs = JobRunner(
             self.db,
@@ -120,6 +139,12 @@ class Daemon:
     def _drop_cube(self, cube_id: str) -> None:
         self.indexes.drop(cube_id)
         self.activations.drop_cube(cube_id)
+        self.chats.drop_cube(cube_id)
+
+    def _erased(self, cube_id: str, session_id: str | None) -> None:
+        self.activations.loaded.drop_cube(cube_id)  # the erased memory's activations went
+        if session_id is not None:
+            self.chats.drop_session(cube_id, session_id)
 
     def _cube_bytes(self, cube_id: str) -> int:
         """On-disk bytes of a cube's index files and activation blobs."""
@@ -162,6 +187,8 @@ class Daemon:
     def stop(self) -> None:
         self.enrichment_worker.stop()
         self.jobs.stop()
+        if self.runtime.loaded:
+            self.chats.save_all()  # the next start loads them instead of prefilling again
         self.activations.stop()
         if self._heal_thread is not None:
             self._heal_thread.join(timeout=60)

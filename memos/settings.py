@@ -74,6 +74,9 @@ class SchedulerConfig(BaseModel):
     enrichment_retry_interval_s: int = Field(
         60, ge=5, le=7 * 86_400, description="how often notes whose enrichment failed are retried"
     )
+    chat_prefix_save_interval_s: int = Field(
+        60, ge=5, le=7 * 86_400, description="how often idle chat prefixes are saved to disk"
+    )
 
 
 class EnrichmentConfig(BaseModel):
@@ -144,15 +147,33 @@ class ActivationsConfig(BaseModel):
     )
 
 
+class ChatsConfig(BaseModel):
+    """Chat sessions: recall, the verbatim window, replies and the loaded KV prefixes."""
+
+    default_max_context_tokens: int = Field(
+        2048, ge=64, le=1 << 20, description="verbatim window of a chat that names none"
+    )
+    default_recall_top_k: int = Field(5, ge=0, le=100, description="notes recalled a turn")
+    max_recall_top_k: int = Field(50, ge=0, le=1000)
+    recall_tokens: int = Field(
+        1024, ge=0, le=1 << 20, description="at most this many tokens of recalled notes a turn"
+    )
+    default_max_tokens: int = Field(256, ge=1, le=65_536, description="a reply's default length")
+    prefix_cache_bytes: int = Field(
+        1 << 30, ge=0, le=1 << 44, description="loaded chat prefixes kept in memory, in bytes"
+    )
+    save_idle_s: float = Field(
+        120.0, ge=0, le=7 * 86_400, description="a prefix idle this long is saved to disk"
+    )
+
+
 class OpenAIConfig(BaseModel):
     """The OpenAI-compatible routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
-    Their prompts, tokens and generations are bounded by `activations` like `generate`'s."""
+    Their prompts, tokens and generations are bounded by `activations` like `generate`'s; a
+    chat with the `memos` extension recalls as the chat sessions do (`chats`)."""
 
     max_prompts: int = Field(
         16, ge=1, le=1024, description="prompts in one /v1/completions request (422 beyond)"
-    )
-    recall_top_k: int = Field(
-        8, ge=1, le=1000, description="notes a chat with the `memos` extension recalls"
     )
 
 
@@ -182,6 +203,7 @@ class Settings(BaseSettings):
     enrichment: EnrichmentConfig = EnrichmentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     activations: ActivationsConfig = ActivationsConfig()
+    chats: ChatsConfig = ChatsConfig()
     openai: OpenAIConfig = OpenAIConfig()
 
     @classmethod

@@ -107,6 +107,12 @@ def _json_int(value: Any) -> Any:
     return value
 
 
+def _json_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON number, not a string or a boolean")
+    return float(value)
+
+
 def _clean_json(value: Any, depth: int = 1) -> Any:
     """Metadata as plain JSON: clean text, finite numbers (JSON has no NaN or Infinity), at most
     `MAX_METADATA_DEPTH` levels deep (checked before descending, so no recursion runs away)."""
@@ -164,6 +170,7 @@ Visible = Annotated[
     ),
 ]
 JsonInt = Annotated[int, BeforeValidator(_json_int)]
+JsonNumber = Annotated[float, BeforeValidator(_json_number)]
 Json = Annotated[
     dict[str, Any],
     AfterValidator(_metadata),

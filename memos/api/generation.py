@@ -18,8 +18,8 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -27,22 +27,32 @@ from starlette.types import Receive, Scope, Send
 
 from memcube.errors import DomainError
 from memos.api.schemas import GenerateResponse
-from memos.services.activations import GenerationStream
-from memos.services.views import GenerationView
 
 log = logging.getLogger("memos.api")
 POLL_S = 0.25  # how often a waiting route checks that its client is still connected
 
 
+class Stream(Protocol):
+    """What a run drives: a generation (`GenerationStream`) or a chat turn (`ChatTurn`)."""
+
+    def __iter__(self) -> Iterator[str]: ...
+    def finish(self) -> Any: ...
+    def close(self) -> None: ...
+
+
 class GenerationRun:
     """One generation on its own thread. Create it inside the route (it needs the loop).
-    Runs that make up one response (a completion's prompts) may share a `cancel` switch."""
+    `body` makes the response body of what the stream's `finish()` returns (the identity
+    for a route that shapes it itself). Runs that make up one response (a completion's
+    prompts) may share one `cancel` switch."""
 
     def __init__(
         self,
-        open_stream: Callable[[threading.Event], GenerationStream],
+        open_stream: Callable[[threading.Event], Stream],
+        body: Callable[[Any], Any] = GenerateResponse.model_validate,
         cancel: threading.Event | None = None,
     ) -> None:
+        self._body = body
         self.cancel = cancel or threading.Event()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -57,7 +67,7 @@ class GenerationRun:
         except RuntimeError:  # the loop has closed (server shutting down): nobody listens
             self.cancel.set()
 
-    def _work(self, open_stream: Callable[[threading.Event], GenerationStream]) -> None:
+    def _work(self, open_stream: Callable[[threading.Event], Stream]) -> None:
         try:
             stream = open_stream(self.cancel)
         except BaseException as exc:  # a refusal: the route raises it as an error response
@@ -67,7 +77,7 @@ class GenerationRun:
             self._post("started")
             for piece in stream:
                 self._post("piece", piece)
-            self._post("done", stream.finish())
+            self._post("done", self._body(stream.finish()))
         except BaseException as exc:
             if not isinstance(exc, DomainError):
                 log.exception("generation failed")
@@ -96,7 +106,7 @@ class GenerationRun:
             raise payload
         assert kind == "started", kind
 
-    async def collect(self, request: Request) -> GenerationView:
+    async def collect(self, request: Request) -> Any:
         """Every piece, then the totals."""
         while True:
             kind, payload = await self.next(request)
@@ -110,7 +120,7 @@ class GenerationRun:
     ) -> StreamingResponse:
         """`content` (by default `events`) as `text/event-stream`; the run is cancelled when
         the response ends."""
-        return cancelling_response(content or self.events(request), self.cancel)
+        return _CancellingResponse(content or self.events(request), self.cancel)
 
     async def events(self, request: Request) -> AsyncIterator[str]:
         """Server-sent events: `piece` per piece, then `done`, or `error` if it fails."""
@@ -120,8 +130,7 @@ class GenerationRun:
                 if kind == "piece":
                     yield f"event: piece\ndata: {json.dumps({'text': payload})}\n\n"
                 elif kind == "done":
-                    done = GenerateResponse.model_validate(payload)
-                    yield f"event: done\ndata: {done.model_dump_json()}\n\n"
+                    yield f"event: done\ndata: {payload.model_dump_json()}\n\n"
                     return
                 else:
                     yield f"event: error\ndata: {json.dumps(error_body(payload))}\n\n"
@@ -140,11 +149,6 @@ class _CancellingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._cancel.set()  # finished: a no-op; the client went: decoding stops
-
-
-def cancelling_response(content: AsyncIterator[str], cancel: threading.Event) -> StreamingResponse:
-    """`text/event-stream` of `content`; `cancel` is set when the response ends, however."""
-    return _CancellingResponse(content, cancel)
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

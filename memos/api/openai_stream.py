@@ -17,11 +17,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from memos.api.generation import GenerationRun, error_body
+from memos.api.schemas import RecalledOut
 from memos.api.schemas_openai import (
     AssistantMessage,
     ChatChoice,
@@ -33,21 +35,16 @@ from memos.api.schemas_openai import (
     CompletionChoice,
     CompletionLogprobsOut,
     CompletionRequest,
+    FinishReason,
     MemosChatOut,
     PromptTokensDetails,
-    RecalledOut,
     TextCompletion,
     TokenLogprobOut,
     TopLogprobOut,
     Usage,
 )
 from memos.daemon import Daemon
-from memos.services.completions import (
-    ChatTokenLogprob,
-    CompletionPrompt,
-    CompletionService,
-    Recalled,
-)
+from memos.services.completions import ChatTokenLogprob, CompletionPrompt, CompletionService
 from memos.services.runtime import ModelCard
 from memos.services.views import GenerationView
 
@@ -62,29 +59,39 @@ class Reply:
     created: int
     model: str
     fingerprint: str
-    recalled: tuple[Recalled, ...] | None
 
     @classmethod
-    def start(
-        cls,
-        daemon: Daemon,
-        card: ModelCard,
-        prefix: str,
-        recalled: tuple[Recalled, ...] | None = None,
-    ) -> Reply:
+    def start(cls, daemon: Daemon, card: ModelCard, prefix: str) -> Reply:
         """Once the runtime is loaded (the generation has started)."""
         fingerprint = json.dumps(daemon.runtime.get().fingerprint.to_dict(), sort_keys=True)
         digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
-        return cls(
-            f"{prefix}-{secrets.token_hex(12)}", int(time.time()), card.id, f"fp_{digest}", recalled
-        )
+        return cls(f"{prefix}-{secrets.token_hex(12)}", int(time.time()), card.id, f"fp_{digest}")
 
-    @property
-    def memos(self) -> MemosChatOut | None:
-        if self.recalled is None:
-            return None
-        return MemosChatOut(recalled=[RecalledOut(memory_id=r.memory_id, score=r.score)
-                                      for r in self.recalled])  # fmt: skip
+
+@dataclass(frozen=True)
+class Finished:
+    """A chat reply as OpenAI's bodies need it, whatever produced it (a generation, a turn of
+    a stored chat)."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: ChatLogprobsOut | None = None
+    memos: MemosChatOut | None = None
+
+
+def memos_out(
+    recalled: Sequence[tuple[str, float]],
+    chat_id: str | None = None,
+    user_memory_id: str | None = None,
+    assistant_memory_id: str | None = None,
+) -> MemosChatOut:
+    return MemosChatOut(
+        recalled=[RecalledOut(memory_id=m, score=score) for m, score in recalled],
+        chat_id=chat_id,
+        user_memory_id=user_memory_id,
+        assistant_memory_id=assistant_memory_id,
+    )
 
 
 def _event(body: ChatCompletionChunk | TextCompletion) -> str:
@@ -95,9 +102,9 @@ def _error(exc: BaseException) -> str:
     return f"data: {json.dumps(error_body(exc))}\n\n"
 
 
-def _finish_reason(view: GenerationView) -> str:
+def finish_reason(reason: str) -> FinishReason:
     # "cancelled" is only ever seen by a client that has gone.
-    return "length" if view.finish_reason == "length" else "stop"
+    return "length" if reason == "length" else "stop"
 
 
 def usage(views: Sequence[GenerationView]) -> Usage:
@@ -116,7 +123,7 @@ def usage(views: Sequence[GenerationView]) -> Usage:
 # -- chat ------------------------------------------------------------------------------------
 
 
-def _chat_logprobs(rows: list[ChatTokenLogprob] | None) -> ChatLogprobsOut | None:
+def chat_logprobs(rows: list[ChatTokenLogprob] | None) -> ChatLogprobsOut | None:
     if rows is None:
         return None
     return ChatLogprobsOut(
@@ -135,9 +142,7 @@ def _chat_logprobs(rows: list[ChatTokenLogprob] | None) -> ChatLogprobsOut | Non
     )
 
 
-def chat_completion(
-    reply: Reply, view: GenerationView, logprobs: list[ChatTokenLogprob] | None
-) -> ChatCompletion:
+def chat_completion(reply: Reply, done: Finished) -> ChatCompletion:
     return ChatCompletion(
         id=reply.id,
         created=reply.created,
@@ -145,14 +150,14 @@ def chat_completion(
         choices=[
             ChatChoice(
                 index=0,
-                message=AssistantMessage(content=view.text),
-                finish_reason=_finish_reason(view),
-                logprobs=_chat_logprobs(logprobs),
+                message=AssistantMessage(content=done.text),
+                finish_reason=done.finish_reason,
+                logprobs=done.logprobs,
             )
         ],
-        usage=usage([view]),
+        usage=done.usage,
         system_fingerprint=reply.fingerprint,
-        memos=reply.memos,
+        memos=done.memos,
     )
 
 
@@ -160,11 +165,12 @@ async def chat_chunks(
     run: GenerationRun,
     request: Request,
     reply: Reply,
-    service: CompletionService,
-    logprobs: int | None,
+    summarize: Callable[[Any], Finished],
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    def chunk(choices: list[ChunkChoice], **more: object) -> str:
+    """`summarize` turns the run's result into the last chunk's contents (off the loop)."""
+
+    def chunk(choices: list[ChunkChoice], **more: Any) -> str:
         body = ChatCompletionChunk(
             id=reply.id,
             created=reply.created,
@@ -182,18 +188,16 @@ async def chat_chunks(
             if kind == "piece":
                 yield chunk([ChunkChoice(index=0, delta=ChunkDelta(content=payload))])
             elif kind == "done":
-                rows = None
-                if logprobs is not None:
-                    rows = await run_in_threadpool(service.chat_logprobs, payload)
+                done = await run_in_threadpool(summarize, payload)
                 last = ChunkChoice(
                     index=0,
                     delta=ChunkDelta(),
-                    finish_reason=_finish_reason(payload),
-                    logprobs=_chat_logprobs(rows),
+                    finish_reason=done.finish_reason,
+                    logprobs=done.logprobs,
                 )
-                yield chunk([last], memos=reply.memos)
+                yield chunk([last], memos=done.memos)
                 if include_usage:
-                    yield chunk([], usage=usage([payload]))
+                    yield chunk([], usage=done.usage)
                 yield DONE
                 return
             else:
@@ -221,7 +225,7 @@ def completion_choice(
     return CompletionChoice(
         index=index,
         text=(prompt.text if body.echo else "") + view.text,
-        finish_reason=_finish_reason(view),
+        finish_reason=finish_reason(view.finish_reason),
         logprobs=logprobs,
     )
 

@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from memos.api.fields import Ids, Json, JsonInt, Moment, Text, Visible
+from memos.api.fields import Ids, Json, JsonInt, JsonNumber, Moment, Text, Visible
 
 
 class Strict(BaseModel):
@@ -331,6 +331,110 @@ class GenerateResponse(Out):
     reused_tokens: int
     activation_id: str | None
     finish_reason: str
+
+
+# -- chats --------------------------------------------------------------------------------
+
+
+class RecallIn(Strict):
+    top_k: JsonInt = Field(
+        5, ge=0, le=1000, description="notes recalled a turn (0: none); at most "
+        "`chats.max_recall_top_k`"
+    )  # fmt: skip
+    filters: SearchFiltersIn = Field(default_factory=SearchFiltersIn)
+
+
+class SamplingIn(Strict):
+    temperature: JsonNumber = Field(0.0, ge=0, le=2, description="0: greedy")
+    top_p: JsonNumber = Field(1.0, gt=0, le=1)
+    seed: JsonInt | None = Field(None, ge=0, le=2**63 - 1, description="reproducible sampling")
+
+
+class ChatCreate(Strict):
+    system: Visible | None = Field(None, description="the system prompt; none: the model's own")
+    session_id: Text | None = Field(
+        None, min_length=1, max_length=200, description="the session whose memories are the "
+        "chat's turns; defaults to the chat's id. An existing session is continued."
+    )  # fmt: skip
+    recall: RecallIn | None = None
+    max_context_tokens: JsonInt | None = Field(
+        None, ge=64, le=1 << 20, description="the verbatim window, in tokens (default "
+        "`chats.default_max_context_tokens`; at most half the model's positions)"
+    )  # fmt: skip
+    sampling: SamplingIn = Field(default_factory=SamplingIn)
+
+
+class RecallOut(Out):
+    top_k: int
+    filters: dict[str, Any]
+
+
+class SamplingOut(Out):
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+class ChatOut(Out):
+    id: str
+    cube_id: str
+    session_id: str
+    system: str | None
+    recall: RecallOut
+    max_context_tokens: int
+    sampling: SamplingOut
+    turns: int = Field(description="memories in the chat's session (both sides of each turn)")
+    created_at: datetime
+    last_active_at: datetime
+
+
+class ChatList(BaseModel):
+    items: list[ChatOut]
+    next_cursor: str | None
+
+
+class ChatMessageOut(Out):
+    memory_id: str
+    role: Literal["user", "assistant"]
+    speaker: str | None
+    content: str
+    timestamp: datetime
+
+
+class ChatMessageList(BaseModel):
+    items: list[ChatMessageOut]
+    next_cursor: str | None
+
+
+class ChatMessageIn(Strict):
+    content: Visible = Field(description="at most `activations.max_prompt_bytes` UTF-8 bytes")
+    speaker: Text | None = Field(None, max_length=200, description='default "user"')
+    timestamp: Moment | None = Field(None, description="when it was said; default now")
+    max_tokens: JsonInt | None = Field(
+        None, ge=1, le=65_536, description="the reply's length (default "
+        "`chats.default_max_tokens`; at most `activations.max_generate_tokens`)"
+    )  # fmt: skip
+    stream: StrictBool = Field(
+        False, description="server-sent events: `piece` events with text, then one `done`"
+    )
+
+
+class RecalledOut(Out):
+    memory_id: str
+    score: float
+
+
+class ChatReply(Out):
+    reply: str
+    user_memory_id: str | None = Field(description="null when the turn was not stored")
+    assistant_memory_id: str | None
+    recalled: list[RecalledOut]
+    ttft_ms: float
+    prompt_tokens: int = Field(description="tokens of the whole prompt (history included)")
+    reused_tokens: int = Field(description="of those, already in the chat's KV prefix")
+    finish_reason: str = Field(
+        description="`stop` or `length` (the turn is stored), `cancelled` (not stored)"
+    )
 
 
 class FieldProblem(BaseModel):

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from memos.api.fields import JsonInt, Text
-from memos.api.schemas import Strict
+from memos.api.schemas import RecalledOut, Strict
 
 
 def _json_number(value: Any) -> Any:
@@ -107,7 +107,7 @@ class TextPart(Strict):
     text: Text
 
 
-class ChatMessageIn(Strict):
+class OpenAIChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart] = Field(description="a string, or text parts")
     name: Text | None = Field(None, max_length=256, description="accepted and ignored")
@@ -132,7 +132,7 @@ class MemosChatExtension(Strict):
 
 class ChatCompletionRequest(_Sampling):
     model: StrictStr = Field(max_length=500, description="the served model's id (GET /v1/models)")
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
+    messages: list[OpenAIChatMessage] = Field(min_length=1, max_length=10_000)
     max_tokens: JsonInt | None = MAX_TOKENS
     max_completion_tokens: JsonInt | None = MAX_TOKENS
     logprobs: StrictBool | None = Field(None, description="each generated token's logprob")
@@ -194,13 +194,13 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobsOut | None = None
 
 
-class RecalledOut(BaseModel):
-    memory_id: str
-    score: float
-
-
 class MemosChatOut(BaseModel):
     recalled: list[RecalledOut] = Field(description="notes recalled into the prompt, best first")
+    chat_id: str | None = Field(None, description="with `memos.chat_id`: the stored chat")
+    user_memory_id: str | None = Field(
+        None, description="with `memos.chat_id`: the stored user turn (null: not stored)"
+    )
+    assistant_memory_id: str | None = Field(None, description="the stored reply")
 
 
 class ChatCompletion(BaseModel):

@@ -203,3 +203,27 @@ class Activation(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Chat(Base):
+    """A conversation held through the chat routes. Its turns are memories of `session_id`
+    (in `seq` order); this row holds only how the chat is run and where its KV prefix went."""
+
+    __tablename__ = "chats"
+    __table_args__ = (Index("ix_chats_cube_created", "cube_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    cube_id: Mapped[str] = mapped_column(ForeignKey("cubes.id", ondelete="CASCADE"))
+    session_id: Mapped[str] = mapped_column(String(200))
+    system: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # {"top_k": int, "filters": {...}} (top_k 0: no recall)
+    recall: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    max_context_tokens: Mapped[int] = mapped_column(Integer)
+    sampling: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    # The first memory (by seq) of the verbatim window; older turns are left to recall. Moved
+    # forward in large steps so the window's tokens stay a stable prefix between moves.
+    window_from_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The activation holding the chat's saved KV prefix, if one was saved.
+    prefix_activation_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_active_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -38,6 +38,13 @@ def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             run=lambda: index_maintenance(system),
         ),
         JobSpec(
+            name="chat_prefix_save",
+            description="save to disk the KV prefixes of chats idle for chats.save_idle_s "
+            "that changed since they were last saved, so a restart does not prefill them again",
+            interval_s=config.chat_prefix_save_interval_s,
+            run=system.save_chat_prefixes,
+        ),
+        JobSpec(
             name="enrichment_retry",
             description="enrich again the notes whose enrichment failed, once their backoff "
             "is over; park them as failed after the last attempt",

@@ -5,10 +5,13 @@ template; a completion prompt (text or token ids) is run as it is, after an acti
 tokens when one is named, so a tool can score text against a stored context. Both go through
 `Generations.open_tokens`: the same size checks, admission and cancellation as `generate`.
 
-The `memos` extension of a chat names a cube: its notes most relevant to the last user message
-are recalled into the prompt (after the history, before that message, so the history stays a
-stable prefix). A stranger to the cube gets 404, as everywhere; a `chat_id` (a stored chat
-session) needs a writer.
+The `memos` extension of a chat names a cube. Without a `chat_id` the request is stateless: the
+cube's notes most relevant to the last user message are recalled into that message, rendered as
+a chat session renders them (`chats.prompt.with_notes`), after the history. With a `chat_id` the
+last message is a turn of that stored chat session (`ChatService.send`): recalled, answered on
+the chat's loaded KV prefix, stored with its reply; the request's other messages are not read
+(the chat holds its own history). A stranger to the cube gets 404, as everywhere; a `chat_id`
+needs a writer.
 
 Logprobs come back in OpenAI's two shapes: the legacy completion one (`tokens`,
 `token_logprobs`, `top_logprobs`, `text_offset`, where the first prompt token has none unless
@@ -27,20 +30,23 @@ from memcube.types import SearchFilters
 from memos.services.activations import ActivationService, GenerationStream
 from memos.services.activations.catalogue import activation_not_found
 from memos.services.activations.generations import Sampling
+from memos.services.chats import ChatService
+from memos.services.chats.prompt import Note, with_notes
+from memos.services.chats.turns import ChatTurn
 from memos.services.cubes import CubeService
 from memos.services.runtime import ModelCard, RuntimeHolder
 from memos.services.search import SearchService
-from memos.services.views import GenerationView, HitView, Principal, Role
+from memos.services.views import GenerationView, Principal, Role
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
-NOTES_HEADER = "Notes recalled from memory (most relevant first):"
 
 
 @dataclass(frozen=True)
 class CompletionLimits:
     max_prompt_bytes: int  # a prompt's text, or a chat's messages together
     max_prompts: int  # prompts in one completion request
-    recall_top_k: int  # notes a chat with `memos.recall` recalls
+    recall_top_k: int  # notes a stateless chat with `memos.recall` recalls
+    recall_tokens: int  # at most this many tokens of them
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,9 @@ class Recalled:
 
 
 @dataclass(frozen=True)
-class ChatTurn:
+class ChatOpened:
+    """A stateless chat's generation and the notes recalled into its prompt."""
+
     stream: GenerationStream
     recalled: tuple[Recalled, ...]
 
@@ -104,16 +112,6 @@ class ChatTokenLogprob:
     top_logprobs: list[TopToken]
 
 
-def render_notes(hits: Sequence[HitView]) -> str:
-    """One line per recalled note: `[2023-05-08 13:56] Caroline: content`."""
-    lines = [NOTES_HEADER]
-    for hit in hits:
-        memory = hit.memory
-        who = f"{memory.speaker}: " if memory.speaker else ""
-        lines.append(f"[{memory.timestamp:%Y-%m-%d %H:%M}] {who}{memory.content}")
-    return "\n".join(lines)
-
-
 class CompletionService:
     def __init__(
         self,
@@ -121,10 +119,11 @@ class CompletionService:
         activations: ActivationService,
         runtime: RuntimeHolder,
         search: SearchService,
+        chats: ChatService,
         limits: CompletionLimits,
     ) -> None:
         self.cubes, self.activations, self.runtime = cubes, activations, runtime
-        self.search, self.limits = search, limits
+        self.search, self.chats, self.limits = search, chats, limits
 
     # -- models -----------------------------------------------------------------------------
 
@@ -151,25 +150,48 @@ class CompletionService:
         sampling: Sampling,
         memory: MemoryScope | None = None,
         cancel: threading.Event | None = None,
-    ) -> ChatTurn:
-        """Recall (with `memory`), render, check, admit and start decoding the reply."""
+    ) -> ChatOpened:
+        """A stateless chat: recall (with `memory`), render, check, admit, start decoding."""
+        assert memory is None or memory.chat_id is None, "a stored chat goes through chat_turn"
         self._check_messages(messages)
         turns = [{"role": _template_role(m.role), "content": m.content} for m in messages]
         recalled: tuple[Recalled, ...] = ()
         if memory is not None:
-            need = Role.WRITER if memory.chat_id is not None else Role.READER
-            self.cubes.require(principal, memory.cube_id, need)
-            if memory.chat_id is not None:
-                raise InvalidArgument(
-                    "memos.chat_id: stored chat sessions are not available in this daemon yet; "
-                    "leave it out for a stateless chat that recalls from the cube"
-                )
+            self.cubes.require(principal, memory.cube_id, Role.READER)
             if memory.recall:
                 turns, recalled = self._recall(principal, memory.cube_id, turns)
         runtime = self.runtime.get()
         token_ids = runtime.template.render(turns, add_generation_prompt=True)
         stream = self.activations.generations.open_tokens(token_ids, sampling, cancel)
-        return ChatTurn(stream, recalled)
+        return ChatOpened(stream, recalled)
+
+    def chat_turn(
+        self,
+        principal: Principal,
+        memory: MemoryScope,
+        messages: Sequence[ChatMessage],
+        max_tokens: int | None,
+        overrides: dict[str, float | int],
+        cancel: threading.Event | None = None,
+    ) -> ChatTurn:
+        """The last message as a turn of the stored chat `memory.chat_id` (writer+)."""
+        assert memory.chat_id is not None
+        self._check_messages(messages)
+        last = messages[-1]
+        if last.role != "user":
+            raise InvalidArgument(
+                f"with memos.chat_id the last message is the new turn and must be the user's "
+                f"(it is {last.role!r}); the chat keeps its own history"
+            )
+        if not memory.recall:
+            raise InvalidArgument(
+                "memos.recall: a stored chat recalls as it was created (its recall.top_k); "
+                "leave recall out with a chat_id"
+            )
+        return self.chats.send(
+            principal, memory.cube_id, memory.chat_id, last.content,
+            max_tokens=max_tokens, cancel=cancel, sampling=overrides,
+        )  # fmt: skip
 
     def _check_messages(self, messages: Sequence[ChatMessage]) -> None:
         if not messages:
@@ -190,19 +212,31 @@ class CompletionService:
     def _recall(
         self, principal: Principal, cube_id: str, turns: list[dict[str, str]]
     ) -> tuple[list[dict[str, str]], tuple[Recalled, ...]]:
-        """Notes relevant to the last user message, as a system turn just before it."""
+        """Notes relevant to the last user message, inside it (as a chat session puts them:
+        after the history), at most `recall_tokens` of them."""
         last = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
         if last is None or not turns[last]["content"].strip():
             return turns, ()
         top_k = min(self.limits.recall_top_k, self.search.max_top_k)
-        hits = self.search.search(
-            principal, cube_id, turns[last]["content"], top_k, SearchFilters()
-        ).hits
-        if not hits:
+        if top_k <= 0:
             return turns, ()
-        notes = {"role": "system", "content": render_notes(hits)}
-        recalled = tuple(Recalled(h.memory.id, h.score) for h in hits)
-        return [*turns[:last], notes, *turns[last:]], recalled
+        query = turns[last]["content"]
+        hits = self.search.search(principal, cube_id, query, top_k, SearchFilters()).hits
+        runtime = self.runtime.get()
+        notes: list[Note] = []
+        spent = 0
+        for hit in hits:
+            m = hit.memory
+            note = Note(m.id, hit.score, m.speaker, m.timestamp, m.content)
+            spent += len(runtime.tokenize(note.line())) + 1
+            if spent > self.limits.recall_tokens:
+                break
+            notes.append(note)
+        if not notes:
+            return turns, ()
+        asked = {"role": "user", "content": with_notes(query, notes)}
+        recalled = tuple(Recalled(n.memory_id, n.score) for n in notes)
+        return [*turns[:last], asked, *turns[last + 1 :]], recalled
 
     # -- completions ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ dead tuples stay in the table files until VACUUM runs (the operator's job, like 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,14 @@ def drop_activations_built_from(
 
 class ErasureService:
     def __init__(
-        self, db: Database, cubes: CubeService, indexes: IndexRegistry, activation_dir: Path
+        self,
+        db: Database,
+        cubes: CubeService,
+        indexes: IndexRegistry,
+        activation_dir: Path,
+        on_erased: Callable[[str, str | None], None] = lambda cube_id, session_id: None,
     ) -> None:
+        self.on_erased = on_erased  # (cube id, session id): drop what memory still holds of it
         self.db = db
         self.cubes = cubes
         self.indexes = indexes
@@ -102,6 +109,7 @@ class ErasureService:
             index.save(self.indexes.directory(cube_id))
         for activation_id in activations:
             kv_runtime.delete_activation(self.activation_dir / cube_id / activation_id)
+        self.on_erased(cube_id, session_id)
         truncated = self.db.checkpoint()
         report = ErasureReport(memory_id, int(history), int(links), tuple(activations), truncated)
         log.info("memory erased", extra={"fields": {"cube_id": cube_id, **report.__dict__}})

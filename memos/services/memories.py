@@ -190,6 +190,34 @@ class MemoryService:
                 s.add(history_row(row, "deleted"))
             index.apply([], [row.seq], generation)
 
+    def delete_session(self, principal: Principal, cube_id: str, session_id: str) -> int:
+        """Soft-delete every live memory of a session in one transaction; how many."""
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        with self.indexes.writing(cube_id) as index:
+            with self.db.write() as s:
+                rows = list(
+                    s.scalars(
+                        select(Memory)
+                        .where(
+                            Memory.cube_id == cube_id,
+                            Memory.session_id == session_id,
+                            Memory.deleted_at.is_(None),
+                        )
+                        .with_for_update()
+                    )
+                )
+                if not rows:
+                    return 0
+                generation = bump_generation(s, cube_id, live_delta=-len(rows))
+                now = utcnow()
+                for row in rows:
+                    row.version += 1
+                    row.change_seq = generation
+                    row.updated_at = row.deleted_at = now
+                    s.add(history_row(row, "deleted"))
+            index.apply([], [row.seq for row in rows], generation)
+        return len(rows)
+
     # -- reads ------------------------------------------------------------------------------
 
     def _live_row(

@@ -38,12 +38,14 @@ class SystemService:
         enrichment: EnrichmentService,
         enrichment_enabled: bool,
         sweep_activations: Callable[[], Any],
+        save_chat_prefixes: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.db = db
         self.indexes = indexes
         self.enrichment = enrichment
         self.enrichment_enabled = enrichment_enabled
         self.sweep_activations = sweep_activations  # files without rows, rows without files
+        self.save_chat_prefixes = save_chat_prefixes  # idle, changed chat prefixes to disk
 
     def maintain_indexes(self) -> MaintenanceReport:
         """Verify every cube's ANN index against the database; replay, rebuild and save what

@@ -174,3 +174,47 @@ class GenerationView:
     token_ids: tuple[int, ...] = ()  # the generated tokens (an end-of-sequence token is not)
     logprobs: tuple[TokenLogprob, ...] | None = None  # when asked for: of `token_ids`
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # when the prompt is scored
+
+
+@dataclass(frozen=True)
+class ChatView:
+    id: str
+    cube_id: str
+    session_id: str
+    system: str | None
+    recall: dict[str, Any]  # {"top_k", "filters"}
+    max_context_tokens: int
+    sampling: dict[str, Any]  # {"temperature", "top_p", "seed"}
+    turns: int  # live memories of the chat's session
+    created_at: datetime
+    last_active_at: datetime
+
+
+@dataclass(frozen=True)
+class ChatMessageView:
+    memory_id: str
+    role: str  # "user" or "assistant"
+    speaker: str | None
+    content: str
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
+class RecalledView:
+    memory_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ChatReplyView:
+    """One finished (or failed) turn. The memory ids are None when nothing was stored."""
+
+    reply: str
+    user_memory_id: str | None
+    assistant_memory_id: str | None
+    recalled: list[RecalledView]
+    ttft_ms: float
+    prompt_tokens: int
+    reused_tokens: int
+    finish_reason: str
+    completion_tokens: int = 0  # the reply's tokens (an end-of-sequence token is not)

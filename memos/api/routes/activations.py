@@ -130,5 +130,5 @@ async def generate(
     )
     await run.started(request)
     if not body.stream:
-        return GenerateResponse.model_validate(await run.collect(request))
+        return await run.collect(request)
     return run.stream_response(request)

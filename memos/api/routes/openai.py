@@ -9,6 +9,8 @@ local model through the same checks, admission and disconnect cancellation as `g
 from __future__ import annotations
 
 import threading
+from functools import partial
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,11 +20,15 @@ from memcube.errors import InvalidArgument
 from memos.api.deps import DaemonDep, PrincipalDep
 from memos.api.generation import GenerationRun
 from memos.api.openai_stream import (
+    Finished,
     Reply,
     chat_chunks,
     chat_completion,
+    chat_logprobs,
     completion_choice,
     completion_chunks,
+    finish_reason,
+    memos_out,
     usage,
 )
 from memos.api.openapi import errors, event_stream
@@ -32,13 +38,22 @@ from memos.api.schemas_openai import (
     CompletionRequest,
     ModelList,
     ModelOut,
+    PromptTokensDetails,
     TextCompletion,
+    Usage,
 )
 from memos.daemon import Daemon
 from memos.services.activations import GenerationStream
 from memos.services.activations.generations import Sampling
-from memos.services.completions import ChatMessage, ChatTurn, CompletionPrompt, MemoryScope
+from memos.services.completions import (
+    ChatMessage,
+    ChatOpened,
+    CompletionPrompt,
+    CompletionService,
+    MemoryScope,
+)
 from memos.services.runtime import ModelCard
+from memos.services.views import ChatReplyView, GenerationView
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -116,39 +131,103 @@ async def chat_completions(
 ) -> ChatCompletion | StreamingResponse:
     """A chat reply from the local model (the messages rendered with its chat template).
 
-    `memos: {"cube_id", "recall"?}` (memosd's extension; the official client sends it through
-    `extra_body`) recalls the cube's notes most relevant to the last user message into the
-    prompt; the response's `memos.recalled` lists them. Refusals (404, 413, 422, 429, ...)
-    come as error responses before any event; a generation whose client leaves stops at its
-    next token."""
+    memosd's extension `memos: {"cube_id", "chat_id"?, "recall"?}` (the official client sends
+    it through `extra_body`): without `chat_id`, the cube's notes most relevant to the last
+    user message are recalled into it (stateless; `recall: false` skips it); with `chat_id`,
+    the last message is the next turn of that stored chat (`POST .../chats`): recalled,
+    answered on the chat's KV prefix and stored with its reply, the request's other messages
+    unread. The response's `memos` lists the recalled notes (and the stored turn's memory
+    ids). Refusals (404, 409 `chat_busy`, 413, 422, 429, ...) come as error responses before
+    any event; a generation whose client leaves stops at its next token (a chat turn is then
+    not stored)."""
     card = daemon.completions.model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidArgument("top_logprobs needs logprobs: true")
     wanted = (body.top_logprobs or 0) if body.logprobs else None
-    sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, logprobs=wanted)
+    max_tokens = body.max_completion_tokens or body.max_tokens
     messages = [ChatMessage(m.role, m.text) for m in body.messages]
     memory = None
     if body.memos is not None:
         memory = MemoryScope(body.memos.cube_id, body.memos.chat_id, body.memos.recall)
-    turns: list[ChatTurn] = []
+    service = daemon.completions
+    if memory is not None and memory.chat_id is not None:
+        if body.stops or wanted is not None:
+            raise InvalidArgument(
+                "stop and logprobs are not available on a stored chat (memos.chat_id)"
+            )
+        overrides = {
+            name: value
+            for name, value in (("temperature", body.temperature), ("top_p", body.top_p),
+                                ("seed", body.seed))
+            if value is not None
+        }  # fmt: skip
+        run = GenerationRun(
+            lambda cancel: service.chat_turn(
+                principal, memory, messages, max_tokens, overrides, cancel
+            ),
+            body=_same,
+        )
+        summarize = partial(_turn_finished, memory.chat_id)
+    else:
+        sampling = _sampling(body, max_tokens, logprobs=wanted)
+        opened: list[ChatOpened] = []
 
-    def open_stream(cancel: threading.Event) -> GenerationStream:
-        turn = daemon.completions.chat(principal, messages, sampling, memory, cancel)
-        turns.append(turn)
-        return turn.stream
+        def open_stream(cancel: threading.Event) -> GenerationStream:
+            chat = service.chat(principal, messages, sampling, memory, cancel)
+            opened.append(chat)
+            return chat.stream
 
-    run = GenerationRun(open_stream)
+        run = GenerationRun(open_stream, body=_same)
+        summarize = partial(_chat_finished, service, opened, memory is not None, wanted)
     await run.started(request)
-    reply = Reply.start(daemon, card, "chatcmpl", recalled=turns[0].recalled)
+    reply = Reply.start(daemon, card, "chatcmpl")
     if not body.stream:
-        view = await run.collect(request)
-        logprobs = None
-        if wanted is not None:
-            logprobs = await run_in_threadpool(daemon.completions.chat_logprobs, view)
-        return chat_completion(reply, view, logprobs)
+        done = await run.collect(request)
+        return chat_completion(reply, await run_in_threadpool(summarize, done))
     return run.stream_response(
-        request,
-        chat_chunks(run, request, reply, daemon.completions, wanted, _include_usage(body)),
+        request, chat_chunks(run, request, reply, summarize, _include_usage(body))
+    )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _chat_finished(
+    service: CompletionService,
+    opened: list[ChatOpened],
+    with_memory: bool,
+    logprobs: int | None,
+    view: GenerationView,
+) -> Finished:
+    rows = service.chat_logprobs(view) if logprobs is not None else None
+    recalled = [(r.memory_id, r.score) for r in opened[0].recalled]
+    return Finished(
+        text=view.text,
+        finish_reason=finish_reason(view.finish_reason),
+        usage=usage([view]),
+        logprobs=chat_logprobs(rows),
+        memos=memos_out(recalled) if with_memory else None,
+    )
+
+
+def _turn_finished(chat_id: str, view: ChatReplyView) -> Finished:
+    completion = view.completion_tokens
+    return Finished(
+        text=view.reply,
+        finish_reason=finish_reason(view.finish_reason),
+        usage=Usage(
+            prompt_tokens=view.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=view.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=view.reused_tokens),
+        ),
+        memos=memos_out(
+            [(r.memory_id, r.score) for r in view.recalled],
+            chat_id,
+            view.user_memory_id,
+            view.assistant_memory_id,
+        ),
     )
 
 
@@ -202,7 +281,8 @@ async def completions(
             lambda c: daemon.completions.complete(
                 prompt, sampling, c, cube_id=cube_id, activation_id=body.activation_id
             ),
-            cancel,
+            body=_same,
+            cancel=cancel,
         )
 
     first = run_for(prompts[0])

@@ -106,6 +106,10 @@ class Catalogue:
             self._row(s, cube_id, activation_id)
             s.execute(delete(Activation).where(Activation.id == activation_id))
 
+    def delete_if_exists(self, activation_id: str) -> None:
+        with self.db.write() as s:
+            s.execute(delete(Activation).where(Activation.id == activation_id))
+
     def _update(self, activation_id: str, *where: Any, **values: Any) -> bool:
         """Set `values` on the row if it exists (and matches `where`); whether it did."""
         with self.db.write() as s:
@@ -122,6 +126,11 @@ class Catalogue:
         building = Activation.state == "building"
         values = {"state": "ready", "progress": 1.0, "kept_tokens": kept_tokens, "bytes": size}
         return self._update(activation_id, building, **values)
+
+    def mark_saved(self, activation_id: str, tokens: int, kept_tokens: int, size: int) -> bool:
+        """Its files were (re)written whole (a chat prefix saved again): ready, these sizes."""
+        values = {"tokens": tokens, "kept_tokens": kept_tokens, "bytes": size}
+        return self._update(activation_id, state="ready", progress=1.0, error=None, **values)
 
     def mark_failed(self, activation_id: str, error: str) -> None:
         self._update(activation_id, Activation.state == "building", state="failed", error=error)

@@ -1,0 +1,416 @@
+"""`ChatService`: chats as routes and jobs see them; one turn at a time per chat.
+
+catalogue  chat rows (system prompt, recall, window, sampling, saved prefix)
+history    a chat's turns: the memories of its session, in stored order
+prompt     system + window (the stable prefix), then notes and the new message
+prefixes   loaded prefixes under a byte budget; saved as activations, loaded back
+turns      one turn: recall, prompt, prefix, generation, both turns stored
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kv_runtime import Runtime
+from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests
+from memcube.types import SearchFilters
+from memos.db.engine import Database
+from memos.services.activations import ActivationService
+from memos.services.activations.admission import Refusal
+from memos.services.chats.catalogue import ChatCatalogue, ChatRecord, ChatSpec
+from memos.services.chats.history import ChatHistory
+from memos.services.chats.prefixes import LoadedPrefix, LoadedPrefixes, PrefixStore, QuotaCheck
+from memos.services.chats.prompt import MESSAGE_OVERHEAD, Note, TurnPrompt, assemble, window_start
+from memos.services.chats.turns import ChatTurn, TurnRequest
+from memos.services.cubes import CubeService
+from memos.services.memories import MemoryService
+from memos.services.search import SearchService
+from memos.services.views import (
+    ChatMessageView,
+    ChatView,
+    NewMemory,
+    Page,
+    Principal,
+    Role,
+)
+from memos.settings import ChatsConfig
+
+log = logging.getLogger("memos.chats")
+
+
+@dataclass(frozen=True)
+class ChatStats:
+    """For /metrics."""
+
+    loaded: int
+    loaded_bytes: int
+    busy: int
+    turns: dict[str, int]  # finish reason (or "failed") -> count since start
+
+
+def filters_json(filters: SearchFilters) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if filters.session_id is not None:
+        out["session_id"] = filters.session_id
+    if filters.since is not None:
+        out["since"] = filters.since.isoformat()
+    if filters.until is not None:
+        out["until"] = filters.until.isoformat()
+    if filters.metadata:
+        out["metadata"] = filters.metadata
+    return out
+
+
+def filters_of(raw: dict[str, Any]) -> SearchFilters:
+    return SearchFilters(
+        session_id=raw.get("session_id"),
+        since=datetime.fromisoformat(raw["since"]) if raw.get("since") else None,
+        until=datetime.fromisoformat(raw["until"]) if raw.get("until") else None,
+        metadata=dict(raw.get("metadata") or {}),
+    )
+
+
+class ChatService:
+    def __init__(
+        self,
+        db: Database,
+        cubes: CubeService,
+        memories: MemoryService,
+        search: SearchService,
+        activations: ActivationService,
+        config: ChatsConfig,
+        check_quota: QuotaCheck | None = None,
+    ) -> None:
+        self.cubes, self.memories, self.search = cubes, memories, search
+        self.activations, self.config = activations, config
+        self.catalogue = ChatCatalogue(db)
+        self.history = ChatHistory(db)
+        self.loaded = LoadedPrefixes(config.prefix_cache_bytes)
+        self.store = PrefixStore(self.catalogue, activations.catalogue, check_quota)
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._turns: dict[str, int] = {}
+
+    # -- chats ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        principal: Principal,
+        cube_id: str,
+        *,
+        session_id: str | None = None,
+        system: str | None = None,
+        recall_top_k: int | None = None,
+        recall_filters: SearchFilters | None = None,
+        max_context_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> ChatView:
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        config = self.config
+        top_k = config.default_recall_top_k if recall_top_k is None else recall_top_k
+        if not 0 <= top_k <= config.max_recall_top_k:
+            raise InvalidArgument(
+                f"recall.top_k is {top_k}; it must be between 0 and {config.max_recall_top_k}"
+            )
+        window = max_context_tokens or config.default_max_context_tokens
+        positions = self.activations.runtime.get().info.max_positions
+        if not 64 <= window <= positions // 2:
+            raise InvalidArgument(
+                f"max_context_tokens is {window}; it must be between 64 and {positions // 2} "
+                "(half the model's positions, leaving room for notes, the message and the reply)"
+            )
+        if system is not None:
+            self.activations.prompts.check_prompt(system)
+        filters = recall_filters or SearchFilters()
+        if filters.since and filters.until and filters.since >= filters.until:
+            raise InvalidArgument("recall.filters.since must be earlier than until")
+        spec = ChatSpec(
+            system=system,
+            recall={"top_k": top_k, "filters": filters_json(filters)},
+            max_context_tokens=window,
+            sampling={"temperature": temperature, "top_p": top_p, "seed": seed},
+        )
+        return self.catalogue.create(cube_id, session_id, spec)
+
+    def get(self, principal: Principal, cube_id: str, chat_id: str) -> ChatView:
+        self.cubes.require(principal, cube_id, Role.READER)
+        return self.catalogue.view(cube_id, chat_id)
+
+    def page(
+        self, principal: Principal, cube_id: str, limit: int, cursor: str | None
+    ) -> Page[ChatView]:
+        self.cubes.require(principal, cube_id, Role.READER)
+        return self.catalogue.page(cube_id, limit, cursor)
+
+    def messages(
+        self, principal: Principal, cube_id: str, chat_id: str, limit: int, cursor: str | None
+    ) -> Page[ChatMessageView]:
+        self.cubes.require(principal, cube_id, Role.READER)
+        chat = self.catalogue.record(cube_id, chat_id)
+        return self.history.page(cube_id, chat.session_id, limit, cursor)
+
+    def delete(self, principal: Principal, cube_id: str, chat_id: str, purge: bool) -> None:
+        """The chat and its saved prefix; its turns too with `purge` (soft-deleted, as a
+        memory DELETE does). A turn running on it is refused 409 chat_busy instead."""
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        self.catalogue.record(cube_id, chat_id)  # 404 before 409
+        self._take(chat_id)
+        try:
+            chat = self.catalogue.delete(cube_id, chat_id)
+            self.loaded.pop(chat_id)
+            self.store.remove(cube_id, chat.prefix_activation_id)
+            if purge:
+                self.memories.delete_session(principal, cube_id, chat.session_id)
+        finally:
+            self._give(chat_id)
+
+    # -- turns ------------------------------------------------------------------------------
+
+    def send(
+        self,
+        principal: Principal,
+        cube_id: str,
+        chat_id: str,
+        content: str,
+        *,
+        speaker: str | None = None,
+        timestamp: datetime | None = None,
+        max_tokens: int | None = None,
+        cancel: threading.Event | None = None,
+        sampling: Mapping[str, Any] | None = None,
+    ) -> ChatTurn:
+        """Check, recall, admit, bring the prefix up to date and start decoding; every refusal
+        is raised here, before any text. Iterate the turn, `finish()` it, `close()` it.
+        `sampling` ({"temperature", "top_p", "seed"}, any of them) overrides the chat's own
+        for this turn (an OpenAI request that names them)."""
+        started = time.perf_counter()
+        cancel = cancel or threading.Event()
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        chat = self.catalogue.record(cube_id, chat_id)
+        limit = self.activations.config.max_generate_tokens
+        max_tokens = max_tokens or min(self.config.default_max_tokens, limit)
+        if not 1 <= max_tokens <= limit:
+            raise InvalidArgument(f"max_tokens is {max_tokens}; it must be between 1 and {limit}")
+        self.activations.prompts.check_prompt(content)
+        self.memories.check_content(content, "content")
+        runtime = self.activations.runtime.get()
+        self._take(chat_id)
+        entry: LoadedPrefix | None = None
+        slot = None
+        try:
+            prompt = self._prompt(principal, runtime, chat, content, speaker, max_tokens)
+            kv_bytes = (len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens) * (
+                runtime.kv_bytes_per_token
+            )
+            gate = self.activations.gate
+            if kv_bytes > gate.limits.max_kv_bytes:
+                raise TooLarge(
+                    f"this turn's cache would take {kv_bytes} bytes; generations may take "
+                    f"{gate.limits.max_kv_bytes} (a smaller max_context_tokens or max_tokens)",
+                    code="generation_too_large",
+                )
+            admitted = gate.acquire(kv_bytes, cancel.is_set)
+            if isinstance(admitted, Refusal):
+                raise self._busy_error(admitted)
+            slot = admitted
+            entry = self._entry(runtime, chat)
+            reused = entry.prefix.sync(prompt.history_ids, cancel.is_set)
+            entry.messages = prompt.history
+            sampling = {**chat.spec.sampling, **(sampling or {})}
+            request = TurnRequest(
+                chat_id=chat.id,
+                cube_id=cube_id,
+                session_id=chat.session_id,
+                content=content,
+                speaker=speaker,
+                timestamp=timestamp,
+                max_tokens=max_tokens,
+                temperature=float(sampling.get("temperature", 0.0)),
+                top_p=float(sampling.get("top_p", 1.0)),
+                seed=sampling.get("seed"),
+            )
+
+            def store(items: list[NewMemory]) -> list[str]:
+                return [view.id for view in self.memories.add(principal, cube_id, items)]
+
+            return ChatTurn(
+                runtime, request, prompt, entry, slot, cancel, store, self._turn_ended,
+                started, reused,
+            )  # fmt: skip
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            if entry is not None:
+                self._keep(chat_id, entry)
+            self._give(chat_id)
+            self._count("failed")
+            raise
+
+    def _prompt(
+        self,
+        principal: Principal,
+        runtime: Runtime,
+        chat: ChatRecord,
+        content: str,
+        speaker: str | None,
+        max_tokens: int,
+    ) -> TurnPrompt:
+        spec = chat.spec
+        budget = spec.max_context_tokens
+        if spec.system:
+            budget -= len(runtime.tokenize(spec.system)) + MESSAGE_OVERHEAD
+        # At most a token a turn: more turns than the budget can never all fit.
+        window = self.history.recent(chat.cube_id, chat.session_id, chat.window_from_seq,
+                                     max(1, spec.max_context_tokens))  # fmt: skip
+        sizes = [len(runtime.tokenize(t.message()["content"])) + MESSAGE_OVERHEAD for t in window]
+        start = window_start(sizes, max(0, budget))
+        if start:
+            window = window[start:]
+            from_seq = window[0].seq if window else chat.window_from_seq
+            self.catalogue.move_window(chat.id, from_seq)
+        user = {"role": "user", "content": content}
+        if speaker and speaker != "user":
+            user["content"] = f"{speaker}: {content}"
+        notes = self._recall(principal, chat, content, {t.memory_id for t in window})
+        return assemble(
+            runtime, spec.system, window, user, notes,
+            recall_tokens=self.config.recall_tokens, max_tokens=max_tokens,
+        )  # fmt: skip
+
+    def _recall(
+        self, principal: Principal, chat: ChatRecord, query: str, shown: set[str]
+    ) -> list[Note]:
+        top_k = int(chat.spec.recall.get("top_k", 0))
+        if top_k <= 0 or not query.strip():
+            return []
+        pool = min(self.search.max_top_k, top_k + len(shown))
+        result = self.search.search(
+            principal, chat.cube_id, query, pool, filters_of(chat.spec.recall.get("filters", {}))
+        )
+        notes = [
+            Note(h.memory.id, h.score, h.memory.speaker, h.memory.timestamp, h.memory.content)
+            for h in result.hits
+            if h.memory.id not in shown
+        ]
+        return notes[:top_k]
+
+    def _entry(self, runtime: Runtime, chat: ChatRecord) -> LoadedPrefix:
+        entry = self.loaded.take(chat.id)
+        if entry is None:
+            entry = self.store.load(runtime, chat)
+        if entry is None:
+            entry = LoadedPrefix(chat.cube_id, chat.session_id, runtime.prefix_cache())
+        return entry
+
+    def _turn_ended(self, turn: ChatTurn) -> None:
+        result = turn.result
+        self._count(result.finish_reason if result is not None else "failed")
+        chat_id = turn.request.chat_id
+        try:
+            if turn.stored is not None:
+                self.catalogue.touch(chat_id)
+            self._keep(chat_id, turn.entry)
+        finally:
+            self._give(chat_id)
+
+    def _keep(self, chat_id: str, entry: LoadedPrefix) -> None:
+        """Back into the loaded map; what that evicts is saved to disk."""
+        entry.used_at = time.monotonic()
+        for evicted_id, evicted in self.loaded.give(chat_id, entry):
+            self._save(evicted_id, evicted)
+
+    def _save(self, chat_id: str, entry: LoadedPrefix) -> bool:
+        try:
+            return self.store.save(self.activations.runtime.get(), chat_id, entry)
+        except Exception:
+            log.exception("saving a chat prefix failed", extra={"fields": {"chat_id": chat_id}})
+            return False
+
+    # -- the one-turn-per-chat rule ----------------------------------------------------------
+
+    def _take(self, chat_id: str) -> None:
+        with self._lock:
+            if chat_id in self._busy:
+                raise Conflict(
+                    f"chat {chat_id!r} is answering another message; send this one when that "
+                    "turn has finished",
+                    code="chat_busy",
+                )
+            self._busy.add(chat_id)
+
+    def _give(self, chat_id: str) -> None:
+        with self._lock:
+            self._busy.discard(chat_id)
+
+    def _try_take(self, chat_id: str) -> bool:
+        try:
+            self._take(chat_id)
+        except Conflict:
+            return False
+        return True
+
+    def _busy_error(self, refusal: Refusal) -> TooManyRequests:
+        limits = self.activations.gate.limits
+        return TooManyRequests(
+            f"{limits.max_active} generations are running and {limits.max_waiting} may wait "
+            f"({refusal.reason.replace('_', ' ')}); try again shortly",
+            code="too_many_generations",
+            retry_after=max(1, math.ceil(limits.wait_s)),
+        )
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self._turns[outcome] = self._turns.get(outcome, 0) + 1
+
+    # -- the daemon's side --------------------------------------------------------------------
+
+    def save_idle(self, idle_s: float | None = None) -> dict[str, int]:
+        """Save the prefixes unused for `idle_s` (default `chats.save_idle_s`) that changed
+        since they were last saved; they stay loaded. The `chat_prefix_save` job."""
+        idle = self.config.save_idle_s if idle_s is None else idle_s
+        return self._save_each(self.loaded.idle(idle))
+
+    def save_all(self) -> dict[str, int]:
+        """Every unsaved loaded prefix (at shutdown)."""
+        return self._save_each(self.loaded.dirty())
+
+    def _save_each(self, chat_ids: list[str]) -> dict[str, int]:
+        saved = skipped = 0
+        for chat_id in chat_ids:
+            if not self._try_take(chat_id):  # a turn is running: it keeps the prefix fresh
+                skipped += 1
+                continue
+            try:
+                entry = self.loaded.take(chat_id)
+                if entry is None:
+                    continue
+                if self._save(chat_id, entry):
+                    saved += 1
+                else:
+                    skipped += 1
+                self.loaded.give(chat_id, entry, if_absent=True)
+            finally:
+                self._give(chat_id)
+        return {"saved": saved, "skipped": skipped}
+
+    def drop_cube(self, cube_id: str) -> None:
+        """After a cube is deleted (its chats cascade; its activation files are removed)."""
+        self.loaded.drop(lambda _, entry: entry.cube_id != cube_id)
+
+    def drop_session(self, cube_id: str, session_id: str) -> None:
+        """After a memory of the session is erased: its KV must not outlive it in memory."""
+        self.loaded.drop(lambda _, e: not (e.cube_id == cube_id and e.session_id == session_id))
+
+    def stats(self) -> ChatStats:
+        with self._lock:
+            busy, turns = len(self._busy), dict(self._turns)
+        return ChatStats(len(self.loaded), self.loaded.bytes, busy, turns)
