@@ -317,39 +317,95 @@ def test_too_many_tokens_and_bad_completion_prompts_are_refused_before_any_work(
 # -- the memos extension ---------------------------------------------------------------------
 
 
-def test_memos_recalls_the_cube_notes_into_the_prompt(server, api):
+def test_memos_recalls_the_cube_notes_into_the_prompt_as_a_chat_turn_does(server, api):
     client, http, cube_id, model = api
     notes = [
         {"content": "Melanie's daughter is called Ava and she loves pottery.", "speaker": "Mel"},
         {"content": "The support group meets every Tuesday evening.", "speaker": "Caroline"},
     ]
     added = http.post(f"/v1/cubes/{cube_id}/memories", json={"items": notes}).json()["items"]
-    messages = [{"role": "user", "content": "What is the name of Melanie's daughter?"}]
+    question = "What is the name of Melanie's daughter?"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
     reply = client.chat.completions.create(
         model=model, messages=messages, max_tokens=4, temperature=0,
         extra_body={"memos": {"cube_id": cube_id}},
     )  # fmt: skip
     recalled = reply.model_extra["memos"]["recalled"]
-    assert [r["memory_id"] for r in recalled][0] == added[0]["id"]
+    assert recalled[0]["memory_id"] == added[0]["id"]
     assert {r["memory_id"] for r in recalled} == {m["id"] for m in added}
-    hits = [next(m for m in added if m["id"] == r["memory_id"]) for r in recalled]
-    block = "\n".join(
-        ["Notes recalled from memory (most relevant first):"]
-        + [f"[{m['timestamp'][:10]} {m['timestamp'][11:16]}] {m['speaker']}: {m['content']}"
-           for m in hits]
-    )  # fmt: skip
-    prompt = rendered(server, [{"role": "system", "content": block}, *messages])
-    assert reply.usage.prompt_tokens == len(prompt)
+    # The notes go into the last user message, after the history, as a chat session puts them.
+    by_id = {m["id"]: m for m in added}
+    lines = [
+        f"- [{by_id[r['memory_id']]['timestamp'][:10]}] {by_id[r['memory_id']]['speaker']}: "
+        f"{by_id[r['memory_id']]['content']}"
+        for r in recalled
+    ]
+    asked = f"Notes recalled from memory (they may help):\n{chr(10).join(lines)}\n\nMessage:\n"
+    expected = [messages[0], {"role": "user", "content": asked + question}]
+    assert reply.usage.prompt_tokens == len(rendered(server, expected))
     plain = client.chat.completions.create(
         model=model, messages=messages, max_tokens=4, temperature=0,
         extra_body={"memos": {"cube_id": cube_id, "recall": False}},
     )  # fmt: skip
     assert plain.usage.prompt_tokens == len(rendered(server, messages))
     assert plain.model_extra["memos"]["recalled"] == []
+    # The request stored nothing.
+    assert len(http.get(f"/v1/cubes/{cube_id}/memories").json()["items"]) == 2
+
+
+def test_memos_chat_id_sends_a_turn_of_the_stored_chat(server, api):
+    client, http, cube_id, model = api
+    system = "You answer in one short sentence."
+    chat = http.post(f"/v1/cubes/{cube_id}/chats", json={"system": system}).json()
+    memos = {"memos": {"cube_id": cube_id, "chat_id": chat["id"]}}
+    first = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is a lake?"}], max_tokens=8,
+        temperature=0, extra_body=memos,
+    )  # fmt: skip
+    stored = first.model_extra["memos"]
+    assert stored["chat_id"] == chat["id"] and stored["user_memory_id"]
+    text = first.choices[0].message.content
+    # The client may send the whole conversation: only its last message is the new turn.
+    second = list(
+        client.chat.completions.create(
+            model=model, temperature=0, max_tokens=8, extra_body=memos, stream=True,
+            stream_options={"include_usage": True},
+            messages=[
+                {"role": "user", "content": "What is a lake?"},
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": "And a river?"},
+            ],
+        )
+    )  # fmt: skip
+    last = next(c for c in second if c.choices and c.choices[0].finish_reason)
+    assert last.model_extra["memos"]["assistant_memory_id"]
+    reply = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+    history = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "What is a lake?"},
+        {"role": "assistant", "content": text},
+    ]
+    runtime = server.daemon.runtime.get()
+    usage = second[-1].usage
+    # The chat's prefix was reused: only the new turn was prefilled.
+    assert usage.prompt_tokens_details.cached_tokens == len(runtime.template.render(history, False))
+    assert usage.prompt_tokens > usage.prompt_tokens_details.cached_tokens
+    messages = http.get(f"/v1/cubes/{cube_id}/chats/{chat['id']}/messages").json()["items"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "What is a lake?"), ("assistant", text),
+        ("user", "And a river?"), ("assistant", reply),
+    ]  # fmt: skip
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], stop=["."],
+            extra_body=memos,
+        )  # fmt: skip
+    assert "stored chat" in caught.value.body["message"]
 
 
 def test_memos_access_follows_the_cube_roles(server, api):
     client, http, cube_id, model = api
+    chat = http.post(f"/v1/cubes/{cube_id}/chats", json={}).json()
     reader_id, reader_key = server.new_user()
     grant = {"user_id": reader_id, "role": "reader"}
     assert http.post(f"/v1/cubes/{cube_id}/grants", json=grant).status_code in (200, 201)
@@ -359,13 +415,19 @@ def test_memos_access_follows_the_cube_roles(server, api):
     assert ok.choices[0].message.content is not None
     with pytest.raises(openai.PermissionDeniedError):
         reader.chat.completions.create(
-            **request, extra_body={"memos": {"cube_id": cube_id, "chat_id": "chat_x"}}
+            **request, extra_body={"memos": {"cube_id": cube_id, "chat_id": chat["id"]}}
         )
     _, stranger_key = server.new_user()
     stranger = openai.OpenAI(base_url=f"{server.url}/v1", api_key=stranger_key, max_retries=0)
+    for memos in ({"cube_id": cube_id}, {"cube_id": cube_id, "chat_id": chat["id"]}):
+        with pytest.raises(openai.NotFoundError) as caught:
+            stranger.chat.completions.create(**request, extra_body={"memos": memos})
+        assert caught.value.body["code"] == "cube_not_found"
     with pytest.raises(openai.NotFoundError) as caught:
-        stranger.chat.completions.create(**request, extra_body={"memos": {"cube_id": cube_id}})
-    assert caught.value.body["code"] == "cube_not_found"
+        client.chat.completions.create(
+            **request, extra_body={"memos": {"cube_id": cube_id, "chat_id": "chat_nope"}}
+        )
+    assert caught.value.body["code"] == "chat_not_found"
 
 
 # -- cancellation ----------------------------------------------------------------------------
