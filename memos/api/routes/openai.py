@@ -262,15 +262,18 @@ async def completions(
     `activation_id` extension continues a stored activation's context: the prompt is scored
     and continued after its tokens, reusing its KV cache."""
     card = daemon.completions.model(body.model)
-    if body.max_tokens == 0 and not body.echo:
+    max_tokens = body.max_tokens
+    if "max_tokens" not in body.model_fields_set:  # the default, within this daemon's limit
+        max_tokens = min(max_tokens, daemon.settings.activations.max_generate_tokens)
+    if max_tokens == 0 and not body.echo:
         raise InvalidArgument("max_tokens is 0; that is only for echo: true (scoring the prompt)")
     scored = body.logprobs if body.logprobs is not None else 0
     sampling = _sampling(
         body,
-        body.max_tokens,
+        max_tokens,
         logprobs=body.logprobs,
         prompt_logprobs=scored
-        if body.echo and (body.logprobs is not None or not body.max_tokens)
+        if body.echo and (body.logprobs is not None or not max_tokens)
         else None,
     )
     prompts, cube_id = await run_in_threadpool(_prepare, daemon, principal, body)

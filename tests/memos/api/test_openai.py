@@ -504,3 +504,23 @@ def test_concurrent_requests_share_the_admission_of_generate(server, api):
     thread.join(300)
     assert seen == [1] and gate.stats().active == 0
     assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_the_openapi_document_declares_the_openai_routes(server, api):
+    _, _, _, model = api
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"get"} == set(spec["paths"]["/v1/models"]) == set(spec["paths"]["/v1/models/{model}"])
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert "text/event-stream" in responses["200"]["content"]
+        assert {"400", "401", "404", "409", "413", "422", "429", "500", "503"} <= set(responses)
+    schemas = spec["components"]["schemas"]
+    limit = server.daemon.settings.activations.max_generate_tokens
+    for name, prop in (
+        ("ChatCompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_completion_tokens"),
+        ("CompletionRequest", "max_tokens"),
+    ):
+        assert schemas[name]["properties"][prop]["maximum"] == limit
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        assert schemas[name]["properties"]["model"]["examples"] == [model]
