@@ -39,11 +39,11 @@ MAX_TOKENS = Field(None, ge=1, le=65_536, description="at most `activations.max_
 class _Unsupported(Strict):
     """OpenAI fields accepted only at the value that changes nothing here."""
 
-    frequency_penalty: JsonNumber | None = Field(None, description="only 0")
-    presence_penalty: JsonNumber | None = Field(None, description="only 0")
-    logit_bias: dict[str, JsonNumber] | None = Field(None, description="only empty")
+    frequency_penalty: JsonNumber | None = Field(None, ge=0, le=0, description="only 0")
+    presence_penalty: JsonNumber | None = Field(None, ge=0, le=0, description="only 0")
+    logit_bias: dict[str, JsonNumber] | None = Field(None, max_length=0, description="only empty")
     user: Text | None = Field(None, max_length=256, description="accepted and ignored")
-    n: JsonInt | None = Field(None, description="only 1: one choice per prompt")
+    n: JsonInt | None = Field(None, ge=1, le=1, description="only 1: one choice per prompt")
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -257,7 +257,7 @@ class CompletionRequest(_Sampling):
     logprobs: JsonInt | None = Field(
         None, ge=0, le=5, description="token logprobs with this many alternatives"
     )
-    best_of: JsonInt | None = Field(None, description="only 1")
+    best_of: JsonInt | None = Field(None, ge=1, le=1, description="only 1")
     suffix: None = Field(None, description="not supported")
     activation_id: StrictStr | None = Field(
         None,
