@@ -15,6 +15,7 @@ Modules, one concept each:
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
     store       safetensors + JSON manifest, checksums, atomic writes
     sampling    greedy / temperature / top-p
+    logprobs    a token's log-probability and the most likely alternatives
     generate    streaming generation on a copied cache, cancellable
     detokenize  incremental detokenization (O(1) a token)
     template    a conversation's new turns as the tokens that follow its history
@@ -33,6 +34,7 @@ from kv_runtime.errors import (
 )
 from kv_runtime.eviction import SCORERS
 from kv_runtime.generate import CancelHook, Generation, GenerationResult
+from kv_runtime.logprobs import TokenLogprob
 from kv_runtime.model import Fingerprint
 from kv_runtime.prefix import PrefixCache
 from kv_runtime.runtime import ModelInfo, Runtime
@@ -67,6 +69,7 @@ __all__ = [
     "PrefixCache",
     "Runtime",
     "RuntimeConfig",
+    "TokenLogprob",
     "delete_activation",
     "load_activation",
     "open_activation",

@@ -25,6 +25,7 @@ from kv_runtime.cache import KVCache
 from kv_runtime.detokenize import IncrementalDecoder
 from kv_runtime.errors import Cancelled, InvalidArgument
 from kv_runtime.forward import ModelRunner
+from kv_runtime.logprobs import TokenLogprob, token_logprobs
 from kv_runtime.prefix import PrefixCache
 from kv_runtime.sampling import SamplingParams, next_token
 from kv_runtime.text import TextCodec
@@ -44,6 +45,10 @@ class GenerationResult:
     reused_tokens: int
     ttft_ms: float
     total_ms: float
+    # With `SamplingParams.logprobs`: one per generated token (`token_ids`). With
+    # `prompt_logprobs`: one per prompt token, the first None when no cache precedes it.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 def _stop_hit(text: str, stops: Sequence[str], searched: int) -> int | None:
@@ -103,6 +108,8 @@ class Generation(Iterator[str]):
         self._chunk = chunk_tokens
         self._cancel = cancel or (lambda: False)
         self._started = time.perf_counter() if started is None else started
+        self._logprobs: list[TokenLogprob] = []
+        self._scored: tuple[TokenLogprob | None, ...] | None = None
         self._pieces = self._run()
         self.result: GenerationResult | None = None
 
@@ -129,12 +136,13 @@ class Generation(Iterator[str]):
         if kv is None:
             return DynamicCache(), prompt, 0
         cache = kv.to_transformers()  # copy-on-read
-        if prompt:
+        if prompt and self._params.prompt_logprobs is None:
             return cache, prompt, kv.length
-        # No prompt: the last context token is run again to get its logits; it is always kept
-        # (recent window, or residual), so drop its entry and re-feed it at its own position.
+        # No prompt, or the prompt's first token is scored: the last context token is run
+        # again to get its logits; it is always kept (recent window, or residual), so drop its
+        # entry and re-feed it at its own position.
         cache.crop(-1)
-        return cache, [kv.token_ids[-1]], kv.length - 1
+        return cache, [kv.token_ids[-1], *prompt], kv.length - 1
 
     def _run(self) -> Generator[str, None, None]:
         if self._prefix is None:
@@ -151,14 +159,27 @@ class Generation(Iterator[str]):
         generated: list[int] = []
         text, emitted, ttft_ms = "", 0, 0.0
         finish: FinishReason = "length"
+        scoring = params.prompt_logprobs is not None
+        scored: list[TokenLogprob] = []  # of todo[1:]: every row but the last predicts one
         for start in range(0, len(todo), self._chunk):
             piece = todo[start : start + self._chunk]
             try:
-                logits = runner.forward(piece, cache, position, cancel=self._cancel)
+                logits = runner.forward(
+                    piece, cache, position, all_logits=scoring, cancel=self._cancel
+                )
             except Cancelled:
                 self._finish(text, generated, "cancelled", ttft_ms)
                 return
             position += len(piece)
+            if params.prompt_logprobs is not None:
+                targets = todo[start + 1 : start + 1 + len(piece)]
+                scored += token_logprobs(logits[: len(targets)], targets, params.prompt_logprobs)
+                logits = logits[-1]
+        if scoring:
+            self._scored = tuple(scored) if self._kv is not None else (None, *scored)
+        if params.max_tokens == 0:  # scoring only
+            self._finish(text, generated, "length", ttft_ms)
+            return
         generator = params.generator()
         decoder = IncrementalDecoder(codec)
         cut: int | None = None
@@ -170,6 +191,8 @@ class Generation(Iterator[str]):
                 finish = "stop"
                 break
             generated.append(token)
+            if params.logprobs is not None:
+                self._logprobs += token_logprobs(logits[None], [token], params.logprobs)
             new = decoder.push(token)
             if new:
                 searched, text = len(text), text + new
@@ -210,4 +233,6 @@ class Generation(Iterator[str]):
             reused_tokens=self._reused,
             ttft_ms=ttft_ms,
             total_ms=(time.perf_counter() - self._started) * 1000,
+            logprobs=tuple(self._logprobs) if self._params.logprobs is not None else None,
+            prompt_logprobs=self._scored,
         )

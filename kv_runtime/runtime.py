@@ -93,6 +93,7 @@ class Runtime:
         self._runner = runner
         self._codec = codec
         self.template = ChatTemplate(codec)
+        self._vocab_size = int(runner.model.get_input_embeddings().num_embeddings)
 
     @classmethod
     def load(cls, config: RuntimeConfig) -> Runtime:
@@ -155,8 +156,18 @@ class Runtime:
         """Token ids of `text` (no special tokens added)."""
         return self._codec.encode(text)
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self._codec.decode(token_ids)
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._codec.decode(token_ids, skip_special_tokens)
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, special tokens included (a byte of a character split over
+        several tokens decodes to U+FFFD on its own)."""
+        return [self._codec.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0..vocab_size-1 (the model's embedding rows, added tokens included)."""
+        return self._vocab_size
 
     def render_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
@@ -242,6 +253,8 @@ class Runtime:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         cancel: CancelHook | None = None,
         prefix: PrefixCache | None = None,
     ) -> Generation:
@@ -253,6 +266,9 @@ class Runtime:
         the first `stop` string (cut from the text) or after `max_tokens`. Sampling with a
         `seed` is reproducible; temperature 0 is greedy. `.collect()` returns the result.
         `cancel()` returning True ends it at the next prefill chunk or token ("cancelled").
+        `logprobs` / `prompt_logprobs` (0..20 alternatives): record each generated / prompt
+        token's log-probability in the result (`kv_runtime.logprobs`); with `prompt_logprobs`,
+        `max_tokens` may be 0 (score the prompt, generate nothing).
         prefix: instead of `kv`, a `PrefixCache` the caller owns: the generation runs on it
         without copying it and crops it back to its length when it ends.
         """
@@ -264,6 +280,8 @@ class Runtime:
             seed=seed,
             stop=tuple(stop),
             stop_token_ids=frozenset(int(t) for t in stop_token_ids),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if isinstance(kv, CompressedKV):

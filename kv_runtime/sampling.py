@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_runtime.errors import InvalidArgument
+from kv_runtime.logprobs import MAX_TOP
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,22 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()  # besides the model's end-of-sequence tokens
+    # Recorded when set: each generated token's logprob with this many alternatives, and the
+    # same for every prompt token (scoring a text; `max_tokens` may then be 0).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_tokens <= 1_000_000:
-            raise InvalidArgument(f"max_tokens={self.max_tokens} must be in 1..1000000")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not least <= self.max_tokens <= 1_000_000:
+            raise InvalidArgument(
+                f"max_tokens={self.max_tokens} must be in {least}..1000000"
+                + ("" if least == 0 else " (0 only when scoring the prompt)")
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP:
+                raise InvalidArgument(f"{name}={value} must be in 0..{MAX_TOP}")
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidArgument(f"temperature={self.temperature} must be in 0..100")
         if not 0.0 < self.top_p <= 1.0:

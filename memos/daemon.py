@@ -16,6 +16,7 @@ from memos.scheduler.runner import JobRunner
 from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
 from memos.services.chats import ChatService
+from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.erasure import ErasureService
@@ -104,6 +105,19 @@ class Daemon:
             self.indexes,
             settings.activation_dir,
             on_erased=self._erased,
+        )
+        self.completions = CompletionService(
+            self.cubes,
+            self.activations,
+            self.runtime,
+            self.search,
+            self.chats,
+            CompletionLimits(
+                max_prompt_bytes=settings.activations.max_prompt_bytes,
+                max_prompts=settings.openai.max_prompts,
+                recall_top_k=settings.chats.default_recall_top_k,
+                recall_tokens=settings.chats.recall_tokens,
+            ),
         )
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(

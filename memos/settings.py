@@ -184,6 +184,16 @@ class ChatsConfig(BaseModel):
     )
 
 
+class OpenAIConfig(BaseModel):
+    """The OpenAI-compatible routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
+    Their prompts, tokens and generations are bounded by `activations` like `generate`'s; a
+    chat with the `memos` extension recalls as the chat sessions do (`chats`)."""
+
+    max_prompts: int = Field(
+        16, ge=1, le=1024, description="prompts in one /v1/completions request (422 beyond)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMOS_",
@@ -211,6 +221,7 @@ class Settings(BaseSettings):
     runtime: RuntimeConfig = RuntimeConfig()
     activations: ActivationsConfig = ActivationsConfig()
     chats: ChatsConfig = ChatsConfig()
+    openai: OpenAIConfig = OpenAIConfig()
 
     @classmethod
     def settings_customise_sources(

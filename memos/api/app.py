@@ -11,7 +11,7 @@ from memos import __version__
 from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
 from memos.api.middleware import Metrics, RequestMiddleware
-from memos.api.routes import activations, chats, cubes, keys, memories, ops, users
+from memos.api.routes import activations, chats, cubes, keys, memories, openai, ops, users
 from memos.daemon import Daemon
 
 
@@ -36,7 +36,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
     errors.install(app)
-    for module in (ops, users, keys, cubes, memories, activations, chats):
+    for module in (ops, users, keys, cubes, memories, activations, chats, openai):
         app.include_router(module.router)
     openapi.install(app, daemon.settings)
     docs.install(app)

@@ -114,6 +114,36 @@ def mapped_response(exc: Exception) -> JSONResponse | None:
     return error_response(status, code, message)
 
 
+# OpenAI's error body is {"error": {"message", "type", "param", "code"}}: on the OpenAI-compatible
+# routes ours gains `type` and `param`, so clients of either shape read it.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
+def openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def _openai_shaped(
+    request: Request, response: JSONResponse, param: str | None = None
+) -> JSONResponse:
+    if not request.url.path.startswith(OPENAI_PATHS):
+        return response
+    body = json.loads(bytes(response.body))
+    body["error"].update(type=openai_type(response.status_code), param=param)
+    headers = {
+        k: v
+        for k, v in response.headers.items()
+        if k.lower() not in ("content-length", "content-type")
+    }
+    return JSONResponse(body, status_code=response.status_code, headers=headers or None)
+
+
 def _location(loc: tuple[object, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     text = ""
@@ -140,16 +170,17 @@ def install(app: FastAPI) -> None:
         response = mapped_response(exc)
         if response is None:
             return await _unexpected(request, exc)
-        return response
+        return _openai_shaped(request, response)
 
     app.add_exception_handler(DomainError, _mapped)
     app.add_exception_handler(rt.KVRuntimeError, _mapped)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "malformed_json", "request body is not valid JSON")
+            response = error_response(400, "malformed_json", "request body is not valid JSON")
+            return _openai_shaped(request, response)
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         message = f"{_location(tuple(first.get('loc', ())))}: {first.get('msg')}"
         if len(errors) > 1:
@@ -158,17 +189,20 @@ def install(app: FastAPI) -> None:
             {"field": _location(tuple(e.get("loc", ()))), "problem": str(e.get("msg"))}
             for e in errors[:20]
         ]
-        return error_response(422, "validation_error", message, details=details)
+        response = error_response(422, "validation_error", message, details=details)
+        return _openai_shaped(request, response, details[0]["field"] if details else None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         parse_error = _body_parse_error(exc) if exc.status_code == 400 else None
         if parse_error is not None:
-            return parse_error
+            return _openai_shaped(request, parse_error)
         code = HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        response = error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return _openai_shaped(request, response)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"fields": {"path": request.url.path}})
-        return error_response(500, "internal_error", "the server failed; see its log")
+        response = error_response(500, "internal_error", "the server failed; see its log")
+        return _openai_shaped(request, response)

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from memcube.errors import DomainError
@@ -43,15 +42,18 @@ class Stream(Protocol):
 
 class GenerationRun:
     """One generation on its own thread. Create it inside the route (it needs the loop).
-    `body` makes the response body of what the stream's `finish()` returns."""
+    `body` makes the response body of what the stream's `finish()` returns (the identity
+    for a route that shapes it itself). Runs that make up one response (a completion's
+    prompts) may share one `cancel` switch."""
 
     def __init__(
         self,
         open_stream: Callable[[threading.Event], Stream],
-        body: Callable[[Any], BaseModel] = GenerateResponse.model_validate,
+        body: Callable[[Any], Any] = GenerateResponse.model_validate,
+        cancel: threading.Event | None = None,
     ) -> None:
         self._body = body
-        self.cancel = threading.Event()
+        self.cancel = cancel or threading.Event()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(
@@ -113,9 +115,12 @@ class GenerationRun:
             if kind == "error":
                 raise payload
 
-    def stream_response(self, request: Request) -> StreamingResponse:
-        """`events` as `text/event-stream`; the run is cancelled when the response ends."""
-        return _CancellingResponse(self.events(request), self.cancel)
+    def stream_response(
+        self, request: Request, content: AsyncIterator[str] | None = None
+    ) -> StreamingResponse:
+        """`content` (by default `events`) as `text/event-stream`; the run is cancelled when
+        the response ends."""
+        return _CancellingResponse(content or self.events(request), self.cancel)
 
     async def events(self, request: Request) -> AsyncIterator[str]:
         """Server-sent events: `piece` per piece, then `done`, or `error` if it fails."""
@@ -128,7 +133,7 @@ class GenerationRun:
                     yield f"event: done\ndata: {payload.model_dump_json()}\n\n"
                     return
                 else:
-                    yield f"event: error\ndata: {json.dumps(_error_body(payload))}\n\n"
+                    yield f"event: error\ndata: {json.dumps(error_body(payload))}\n\n"
                     return
         finally:
             self.cancel.set()  # no-op once done; stops decoding when the client went
@@ -146,7 +151,8 @@ class _CancellingResponse(StreamingResponse):
             self._cancel.set()  # finished: a no-op; the client went: decoding stops
 
 
-def _error_body(exc: BaseException) -> dict[str, Any]:
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """The error body of a failure after a stream began (its status line is long sent)."""
     if isinstance(exc, DomainError):
         return {"error": {"code": exc.code, "message": exc.message}}
     return {"error": {"code": "internal_error", "message": "the server failed; see its log"}}

@@ -24,8 +24,11 @@ from fastapi import FastAPI, routing
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from memcube.errors import Unavailable
 from memos.api.deps import get_admin, get_principal
 from memos.api.schemas import ErrorBody, GenerateRequest
+from memos.api.schemas_openai import CompletionRequest
+from memos.services.runtime import RuntimeHolder
 from memos.settings import Settings
 
 REF = "#/components/schemas/"
@@ -166,11 +169,29 @@ def configured_limits(settings: Settings) -> dict[tuple[str, str], dict[str, Any
     """(schema, property) -> JSON Schema keywords of limits that come from the settings."""
     max_tokens = settings.activations.max_generate_tokens
     default_tokens = min(GenerateRequest.model_fields["max_tokens"].default, max_tokens)
-    return {
+    completion_default = CompletionRequest.model_fields["max_tokens"].default
+    limits: dict[tuple[str, str], dict[str, Any]] = {
         ("SearchRequest", "top_k"): {"maximum": settings.limits.max_top_k},
         ("GenerateRequest", "max_tokens"): {"maximum": max_tokens, "default": default_tokens},
         ("MemoryBatch", "items"): {"maxItems": settings.limits.max_batch_items},
+        ("ChatCompletionRequest", "max_tokens"): {"maximum": max_tokens},
+        ("ChatCompletionRequest", "max_completion_tokens"): {"maximum": max_tokens},
+        ("CompletionRequest", "max_tokens"): {
+            "maximum": max_tokens,
+            "default": min(completion_default, max_tokens),
+        },
+        ("CompletionRequest", "prompt"): {
+            "description": "text or token ids, or a list of either (one choice each, at most "
+            f"{settings.openai.max_prompts})"
+        },
     }
+    try:  # the served model's id, so a drawn request can name it (found without loading it)
+        served = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled).card()
+    except Unavailable:
+        return limits
+    for schema in ("ChatCompletionRequest", "CompletionRequest"):
+        limits[(schema, "model")] = {"examples": [served.id]}
+    return limits
 
 
 def _apply_limits(components: dict[str, Any], settings: Settings) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import IntEnum
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:  # not imported at run time: views are light (the SDK and CLI read them)
+    from kv_runtime import TokenLogprob
 
 T = TypeVar("T")
 
@@ -168,6 +171,9 @@ class GenerationView:
     reused_tokens: int
     activation_id: str | None
     finish_reason: str
+    token_ids: tuple[int, ...] = ()  # the generated tokens (an end-of-sequence token is not)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when asked for: of `token_ids`
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # when the prompt is scored
 
 
 @dataclass(frozen=True)
@@ -212,3 +218,4 @@ class ChatReplyView:
     prompt_tokens: int
     reused_tokens: int
     finish_reason: str
+    completion_tokens: int = 0  # the reply's tokens (an end-of-sequence token is not)

@@ -72,6 +72,14 @@ class Catalogue:
         with self.db.read() as s:
             return _view(self._row(s, cube_id, activation_id))
 
+    def cube_of(self, activation_id: str) -> str:
+        """The cube an activation belongs to (the caller checks the caller may see it)."""
+        with self.db.read() as s:
+            row = s.get(Activation, activation_id)
+            if row is None:
+                raise activation_not_found(activation_id)
+            return str(row.cube_id)
+
     def exists(self, activation_id: str) -> bool:
         with self.db.read() as s:
             return s.get(Activation, activation_id) is not None

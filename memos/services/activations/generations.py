@@ -1,5 +1,8 @@
 """Generation on an activation: checked up front, admitted, cancellable, counted.
 
+A generation is opened from a prompt after an activation's chat history (`open`, the generate
+route) or from token ids as they are (`open_tokens`: a rendered chat, a completion prompt,
+optionally continuing an activation's tokens); both go through the same checks and admission.
 `open` refuses everything it can before any real work: `max_tokens`, the prompt's size, the
 activation's state, the context length (activation + question + answer within the model's
 positions) and the memory the full-precision cache will take, all from the catalogue row and the
@@ -14,7 +17,8 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,6 +33,21 @@ from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView
 
 History = tuple[Mapping[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a generation decodes and what it records (see `kv_runtime.Runtime.generate`);
+    `max_tokens` may be 0 only when the prompt is scored (`prompt_logprobs`); None: as many
+    as `max_generate_tokens` and the model's positions allow."""
+
+    max_tokens: int | None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 class GenerationStream:
@@ -109,35 +128,96 @@ class Generations:
         max_tokens: int,
         cancel: threading.Event | None = None,
     ) -> GenerationStream:
-        """Check, admit, load and start; every refusal is raised here, before any text."""
+        """`prompt` as a user turn after the activation's context (its chat history), greedy.
+        Check, admit, load and start; every refusal is raised here, before any text."""
         started = time.perf_counter()
-        cancel = cancel or threading.Event()
-        if not 1 <= max_tokens <= self.max_generate_tokens:
-            raise InvalidArgument(
-                f"max_tokens is {max_tokens}; it must be between 1 and {self.max_generate_tokens}"
-            )
+        sampling = Sampling(max_tokens=max_tokens)
+        self._check_sampling(sampling)
         self.prompts.check_prompt(prompt)
         runtime = self.runtime.get()
-        row: ActivationView | None = None
-        history: History = ()
-        if activation_id is not None:
-            row = self.catalogue.view(cube_id, activation_id)
-            if row.state != "ready":
-                raise Conflict(
-                    f"activation {activation_id!r} is {row.state}, not ready",
-                    code="activation_not_ready",
-                )
-            history = self._history(runtime, row)
+        row = self._ready(cube_id, activation_id)
+        history = self._history(runtime, row) if row is not None else ()
         question = self.prompts.question(runtime, history, prompt)
+        return self._start(runtime, row, question, sampling, cancel, started)
+
+    def open_tokens(
+        self,
+        token_ids: Sequence[int],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        *,
+        cube_id: str | None = None,
+        activation_id: str | None = None,
+    ) -> GenerationStream:
+        """Token ids as given (a rendered chat, a completion prompt), continuing the
+        activation's tokens when one is given (`cube_id` is then its cube). The same checks,
+        admission and cancellation as `open`."""
+        started = time.perf_counter()
+        runtime = self.runtime.get()
+        vocab = runtime.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(
+                f"token id {bad} is not in the model's vocabulary (0..{vocab - 1})"
+            )
+        row = None
+        if activation_id is not None:
+            assert cube_id is not None, "an activation is looked up in its cube"
+            row = self._ready(cube_id, activation_id)
+        if not token_ids and row is None:
+            raise InvalidArgument("the prompt is empty")
+        if sampling.max_tokens is None:
+            left = runtime.info.max_positions - (row.tokens if row else 0) - len(token_ids)
+            sampling = replace(sampling, max_tokens=max(1, min(self.max_generate_tokens, left)))
+        self._check_sampling(sampling)
+        return self._start(runtime, row, token_ids, sampling, cancel, started)
+
+    def _check_sampling(self, sampling: Sampling) -> None:
+        least = 0 if sampling.prompt_logprobs is not None else 1
+        assert sampling.max_tokens is not None, "resolved by the caller"
+        if not least <= sampling.max_tokens <= self.max_generate_tokens:
+            raise InvalidArgument(
+                f"max_tokens is {sampling.max_tokens}; it must be between {least} and "
+                f"{self.max_generate_tokens}"
+                + (" (0 only when the prompt is scored)" if least else "")
+            )
+        if any(not s for s in sampling.stop):
+            raise InvalidArgument("stop strings must not be empty")
+
+    def _ready(self, cube_id: str, activation_id: str | None) -> ActivationView | None:
+        if activation_id is None:
+            return None
+        row = self.catalogue.view(cube_id, activation_id)
+        if row.state != "ready":
+            raise Conflict(
+                f"activation {activation_id!r} is {row.state}, not ready",
+                code="activation_not_ready",
+            )
+        return row
+
+    def _start(
+        self,
+        runtime: Runtime,
+        row: ActivationView | None,
+        token_ids: Sequence[int],
+        sampling: Sampling,
+        cancel: threading.Event | None,
+        started: float,
+    ) -> GenerationStream:
+        """The checks every generation shares (positions, cache bytes), then admission,
+        loading and the first forward pass."""
+        cancel = cancel or threading.Event()
+        max_tokens = sampling.max_tokens
+        assert max_tokens is not None, "resolved by the caller"
         context = row.tokens if row is not None else 0
-        end = context + len(question) + max_tokens
+        end = context + len(token_ids) + max_tokens
         if end > runtime.info.max_positions:
             raise InvalidArgument(
-                f"context {context} + prompt {len(question)} + max_tokens {max_tokens} = {end} "
+                f"context {context} + prompt {len(token_ids)} + max_tokens {max_tokens} = {end} "
                 f"exceeds the model's {runtime.info.max_positions} positions"
             )
         kept = row.kept_tokens if row is not None else 0
-        kv_bytes = (kept + len(question) + max_tokens) * runtime.kv_bytes_per_token
+        kv_bytes = (kept + len(token_ids) + max_tokens) * runtime.kv_bytes_per_token
         if kv_bytes > self.gate.limits.max_kv_bytes:
             raise TooLarge(
                 f"this generation's cache would take {kv_bytes} bytes; generations may take "
@@ -151,11 +231,21 @@ class Generations:
             compressed = self._load(runtime, row).kv if row is not None else None
             loaded_ms = (time.perf_counter() - started) * 1000
             generation = runtime.generate(
-                question, kv=compressed, max_tokens=max_tokens, cancel=cancel.is_set
+                token_ids,
+                kv=compressed,
+                max_tokens=max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                stop=sampling.stop,
+                logprobs=sampling.logprobs,
+                prompt_logprobs=sampling.prompt_logprobs,
+                cancel=cancel.is_set,
             )
         except BaseException:
             slot.release()
             raise
+        activation_id = row.id if row is not None else None
 
         def finish(result: GenerationResult) -> GenerationView:
             if activation_id is not None:
@@ -167,6 +257,9 @@ class Generations:
                 reused_tokens=kept,  # cache entries reused; evicted ones are skipped too
                 activation_id=activation_id,
                 finish_reason=result.finish_reason,
+                token_ids=result.token_ids,
+                logprobs=result.logprobs,
+                prompt_logprobs=result.prompt_logprobs,
             )
 
         stream = GenerationStream(generation, slot, cancel, finish, self._closed)

@@ -101,7 +101,7 @@ class RemoteTurn:
         self.text = ""
         self.finish_reason: str | None = None
         self.ttft_ms = 0.0
-        self.prompt_tokens = 0
+        self.prompt_tokens = self.completion_tokens = 0
         body: dict[str, Any] = {
             "model": config.model,
             "messages": messages,
@@ -144,6 +144,7 @@ class RemoteTurn:
             usage = chunk.get("usage")
             if usage:
                 self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                self.completion_tokens = int(usage.get("completion_tokens") or 0)
             for choice in chunk.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") or ""
                 if piece:
@@ -170,6 +171,7 @@ class RemoteTurn:
                 prompt_tokens=self.prompt_tokens,
                 reused_tokens=0,
                 finish_reason=reason,
+                completion_tokens=self.completion_tokens,
             )
         finally:
             self.close()

@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -201,9 +201,12 @@ class ChatService:
         timestamp: datetime | None = None,
         max_tokens: int | None = None,
         cancel: threading.Event | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> ChatTurn | RemoteTurn:
         """Check, recall, admit, bring the prefix up to date and start decoding; every refusal
-        is raised here, before any text. Iterate the turn, `finish()` it, `close()` it."""
+        is raised here, before any text. Iterate the turn, `finish()` it, `close()` it.
+        `sampling` ({"temperature", "top_p", "seed"}, any of them) overrides the chat's own
+        for this turn (an OpenAI request that names them)."""
         started = time.perf_counter()
         cancel = cancel or threading.Event()
         self.cubes.require(principal, cube_id, Role.WRITER)
@@ -219,7 +222,7 @@ class ChatService:
         entry: LoadedPrefix | None = None
         slot = None
         try:
-            sampling = chat.spec.sampling
+            sampling = {**chat.spec.sampling, **(sampling or {})}
             request = TurnRequest(
                 chat_id=chat.id,
                 cube_id=cube_id,

@@ -141,6 +141,7 @@ class ChatTurn:
             prompt_tokens=len(self.prompt.history_ids) + result.prompt_tokens,
             reused_tokens=self.reused_tokens,
             finish_reason=result.finish_reason,
+            completion_tokens=len(result.token_ids),
         )
         if result.finish_reason == "cancelled" or not result.text.strip():
             return view  # nothing to store: the client left, or the model said nothing

@@ -205,6 +205,18 @@ def test_default_max_tokens_fits_a_smaller_configured_limit(target):
     assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_argument")
 
 
+def test_a_completion_without_max_tokens_fits_a_smaller_configured_limit(target):
+    """OpenAI's default of 16 for `/v1/completions` is cut to `max_generate_tokens` (4 here),
+    as `generate`'s default is; the schema says so."""
+    spec = httpx.get(f"{target.daemon.url}/openapi.json").json()
+    props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert (props["max_tokens"]["default"], props["max_tokens"]["maximum"]) == (4, 4)
+    model = props["model"]["examples"][0]
+    r = target.http.post("/v1/completions", json={"model": model, "prompt": "Hello"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 4
+
+
 def test_text_patterns_in_the_schema_match_what_the_daemon_accepts(target):
     """Found by the fuzzer: names, content, queries and prompts of only invisible characters,
     and text with NUL, were valid by the schema yet refused. The schema's `pattern` is the
