@@ -17,7 +17,6 @@ from pydantic import (
     Field,
     StrictBool,
     StrictStr,
-    field_validator,
     model_validator,
 )
 
@@ -44,27 +43,6 @@ class _Unsupported(Strict):
     logit_bias: dict[str, JsonNumber] | None = Field(None, max_length=0, description="only empty")
     user: Text | None = Field(None, max_length=256, description="accepted and ignored")
     n: JsonInt | None = Field(None, ge=1, le=1, description="only 1: one choice per prompt")
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0):
-            raise ValueError("only 0 is supported by this daemon")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("not supported by this daemon (give none)")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError(f"n is {value}: this daemon generates one choice (n: 1)")
-        return value
 
 
 class StreamOptions(Strict):
@@ -269,8 +247,6 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _extension(self) -> CompletionRequest:
-        if self.best_of not in (None, 1):
-            raise ValueError(f"best_of is {self.best_of}: this daemon generates one (best_of: 1)")
         if self.memos is not None and self.activation_id is None:
             raise ValueError("memos.cube_id names the cube of activation_id; give both")
         return self

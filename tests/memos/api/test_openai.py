@@ -303,7 +303,11 @@ def test_too_many_tokens_and_bad_completion_prompts_are_refused_before_any_work(
         ({"prompt": [1] * positions, "max_tokens": 1}, "invalid_argument", "exceeds the model"),
         ({"prompt": "hi", "max_tokens": 0}, "invalid_argument", "max_tokens is 0"),
         ({"prompt": [10**9], "max_tokens": 1}, "invalid_argument", "not in the model's vocab"),
-        ({"prompt": "hi", "best_of": 3}, "validation_error", "best_of is 3"),
+        (
+            {"prompt": "hi", "best_of": 3},
+            "validation_error",
+            "best_of: Input should be less than or equal to 1",
+        ),
     ]
     for body, code, message in cases:
         with pytest.raises(openai.UnprocessableEntityError) as caught:
