@@ -70,16 +70,34 @@ def quantize(
 
 
 def dequantize(
-    q: Quantized, *, dtype: torch.dtype | None = None, backend: str = "auto"
+    q: Quantized,
+    *,
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unpack and dequantize (code * scale + minimum, in float32).
 
     q: a Quantized from either backend.
-    returns: q.shape tensor of `dtype` (default q.dtype), contiguous, on q's device.
+    out: optional q.shape tensor of `dtype` on q's device to write into; a view of a larger
+         tensor is fine (e.g. the quantized span of a whole layer's keys), which saves the copy
+         of assembling the layer afterwards.
+    returns: q.shape tensor of `dtype` (default q.dtype) on q's device: `out` when given, else
+             a new contiguous tensor.
+    Raises QuantizationError for an unsupported dtype, an `out` of another shape, dtype or
+    device, or an unknown backend.
     """
     out_dtype = q.dtype if dtype is None else validate_dtype(dtype)
+    if out is not None and (
+        tuple(out.shape) != q.shape or out.dtype != out_dtype or out.device != q.device
+    ):
+        raise QuantizationError(
+            f"out is {out.dtype} {tuple(out.shape)} on {out.device}; expected {out_dtype} "
+            f"{q.shape} on {q.device}"
+        )
     if resolve_backend(backend, q.device) == "torch":
-        return dequantize_reference(q, dtype=out_dtype)
+        return dequantize_reference(q, dtype=out_dtype, out=out)
     module = _triton_module()
     assert module is not None, "resolve_backend returned 'triton' without triton"
-    return module.dequantize_triton(q, dtype=out_dtype)
+    result = module.dequantize_triton(q, dtype=out_dtype)
+    return result if out is None else out.copy_(result)

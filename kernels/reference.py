@@ -82,19 +82,32 @@ def quantize_reference(x: torch.Tensor, *, bits: int, group_size: int, axis: Axi
     )
 
 
-def dequantize_reference(q: Quantized, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_reference(
+    q: Quantized, *, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Unpack and dequantize: code * scale + minimum, computed in float32, clamped to the finite
     range of the output dtype.
 
     q: a Quantized from either backend.
-    returns: q.shape tensor of `dtype` (default q.dtype), contiguous, on q's device.
+    out: optional q.shape tensor of the output dtype on q's device to write into (a view of a
+         larger tensor is fine), checked by the caller (`kernels.dequantize`).
+    returns: q.shape tensor of `dtype` (default q.dtype) on q's device: `out`, or a new
+             contiguous one.
+
+    The float32 work happens in place in one buffer (`out` itself for float32 output), with
+    the same operations in the same order as code.float() * scale + minimum, so the values
+    are bit-identical to that expression.
     """
     out_dtype = q.dtype if dtype is None else validate_dtype(dtype)
-    codes = unpack_codes(q.packed, q.bits).to(torch.float32)
-    grouped, dim = _grouped_view(codes, q.group_size, q.axis)
+    if out is None:
+        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    work = out if out.dtype == torch.float32 else torch.empty(q.shape, device=q.device)
+    unpack_codes(q.packed, q.bits, out=work)  # float32 codes
+    grouped, dim = _grouped_view(work, q.group_size, q.axis)
     scale, minimum = q.scale.to(torch.float32), q.minimum.to(torch.float32)
-    x_hat = grouped * scale.unsqueeze(dim) + minimum.unsqueeze(dim)
+    grouped.mul_(scale.unsqueeze(dim)).add_(minimum.unsqueeze(dim))
     # A rounded-up float16 scale can put the top code just past the group's maximum; at the edge
     # of float16's range that would overflow to inf, so clamp to the output's finite range.
     limit = torch.finfo(out_dtype).max
-    return x_hat.view(q.shape).clamp_(-limit, limit).to(out_dtype)
+    work.clamp_(-limit, limit)
+    return out if work is out else out.copy_(work)

@@ -5,6 +5,14 @@ carries its original position inside its key; new tokens only need position ids 
 from the original length (`KVCache.length`), whatever was evicted.
 
 The runtime handles one sequence at a time: batch is always 1.
+
+Sharing without copying: `to_transformers` hands the model a `DynamicCache` whose layers hold
+this cache's own tensors. transformers' `DynamicLayer.update` appends with `torch.cat` and
+`crop` slices, both out of place: they rebind the layer's tensors and never write into the old
+ones, so a request that grows (or crops) its cache leaves the shared tensors bit-identical and
+many requests can read one cache at once. The first forward's `torch.cat` is the request's one
+private copy, exactly what a plain `DynamicCache` kept in process pays. `Runtime.load` checks
+this on the loaded model and transformers version, and the tests assert it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ class KVCache:
     positions:          (layers, kv_heads, kept) int64 original position of every kept entry,
                         ascending per head; None when nothing was evicted (0..length-1).
 
-    Treat the tensors as read-only: `to_transformers` copies them for a request.
+    Treat the tensors as read-only: every request reads them through `to_transformers`.
     """
 
     keys: tuple[torch.Tensor, ...]
@@ -87,9 +95,19 @@ class KVCache:
     # -- conversion -------------------------------------------------------------------------
 
     def to_transformers(self) -> DynamicCache:
-        """A fresh transformers cache holding copies: a request may grow it, never this one."""
-        pairs = zip(self.keys, self.values, strict=True)
-        return DynamicCache([(k.clone(), v.clone()) for k, v in pairs])
+        """A fresh transformers cache over these tensors, without copying them: a request may
+        grow or crop it, never this one (see the module docstring for why that holds).
+
+        `DynamicCache(pairs)` would copy every tensor once more (it fills its layers through
+        `update`, a `torch.cat` onto an empty tensor), so the layers are built here directly.
+        """
+        cache = DynamicCache()
+        for k, v in zip(self.keys, self.values, strict=True):
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+            cache.layers.append(layer)
+        return cache
 
     def to(self, device: torch.device | str) -> KVCache:
         """The same cache on `device` (self when already there)."""

@@ -217,21 +217,29 @@ def decompress(
     """Fresh full-precision tensors on `device`: (1, kv_heads, kept, head_dim) per layer.
 
     Every call allocates new tensors, so a request can never write into a stored activation.
+    Each layer's keys (and values) are allocated once and filled span by span: the sinks and the
+    residual are converted and moved by one copy each, and the quantized span is dequantized
+    straight into its slice, so nothing is assembled (or converted) a second time.
     """
-    dtype = compressed.dtype
+    device = torch.device(device)
+    shape = (1, compressed.kv_heads, compressed.kept, compressed.head_dim)
+    sink, span, _ = compressed.spans
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     for layer in compressed.layers:
-        for quantized, sink, residual, out in (
+        for quantized, head, tail, into in (
             (layer.keys, layer.sink_keys, layer.residual_keys, keys),
             (layer.values, layer.sink_values, layer.residual_values, values),
         ):
-            parts = [sink.to(device=device, dtype=dtype)]
+            out = torch.empty(shape, dtype=compressed.dtype, device=device)
+            out[:, :, :sink].copy_(head)
             if quantized is not None:
-                q = _to_device(quantized, torch.device(device))
-                parts.append(kernels.dequantize(q, dtype=dtype, backend=backend))
-            parts.append(residual.to(device=device, dtype=dtype))
-            out.append(torch.cat(parts, dim=2))
+                q = _to_device(quantized, device)
+                kernels.dequantize(
+                    q, dtype=compressed.dtype, backend=backend, out=out[:, :, sink : sink + span]
+                )
+            out[:, :, sink + span :].copy_(tail)
+            into.append(out)
     return KVCache(
         keys=tuple(keys),
         values=tuple(values),

@@ -1,9 +1,10 @@
 """Generation: continue a prompt, optionally on top of a reused KV cache, streaming text pieces.
 
-Copy-on-read: the reused cache is copied into a fresh transformers cache for this request only,
-so a stored activation is never written to and many requests can share one. The prompt after the
-cached context gets position ids from the context's original length on, whatever was evicted
-(as kvpress and EpiCache do), so RoPE sees the same positions as a full prefill would.
+Copy-on-read: the reused cache is wrapped in a fresh transformers cache for this request only
+(`KVCache.to_transformers`: no copy; the first forward's append is the request's private
+copy), so a shared cache is never written to and many requests can read one at once. The prompt
+after the cached context gets position ids from the context's original length on, whatever was
+evicted (as kvpress and EpiCache do), so RoPE sees the same positions as a full prefill would.
 
 Text is decoded incrementally (`kv_runtime.detokenize`) and stop strings are searched only where
 the new text could complete one, so a step costs the same at the 1,000th token as at the first.
@@ -135,7 +136,7 @@ class Generation(Iterator[str]):
             return cache, prompt, length
         if kv is None:
             return DynamicCache(), prompt, 0
-        cache = kv.to_transformers()  # copy-on-read
+        cache = kv.to_transformers()  # shares kv's tensors; appending copies (copy-on-read)
         if prompt and self._params.prompt_logprobs is None:
             return cache, prompt, kv.length
         # No prompt, or the prompt's first token is scored: the last context token is run

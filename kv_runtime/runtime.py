@@ -10,7 +10,8 @@
 
 Thread-safety: every method may be called from many threads. Forward passes are serialised by
 one lock (see `kv_runtime.forward`), tokenizer calls by another; caches are never shared
-mutably (copy-on-read), so concurrent generations on one activation are safe.
+mutably (a request's cache reads the shared tensors and appends into its own copies, see
+`kv_runtime.cache`), so concurrent generations on one activation are safe.
 """
 
 from __future__ import annotations
@@ -74,6 +75,21 @@ def _tokenizer_hash(tokenizer: Any) -> str:
     if backend is not None:
         return loading.hash_text(backend.to_str())
     return loading.hash_text(json.dumps(sorted(tokenizer.get_vocab().items())))
+
+
+def _check_shared_cache(runner: ModelRunner, token: int, name: str) -> None:
+    """Continue a captured one-token cache by one token and check that its tensors did not
+    change: requests read shared caches without copying them (`KVCache.to_transformers`), which
+    holds only while this model and transformers version append out of place."""
+    kv = prefill(runner, [token], chunk_tokens=1)
+    before = [t.clone() for t in (*kv.keys, *kv.values)]
+    runner.forward([token], kv.to_transformers(), 1)
+    after = (*kv.keys, *kv.values)
+    if not all(torch.equal(a, b) for a, b in zip(after, before, strict=True)):
+        raise ModelUnavailable(
+            f"model {name!r} wrote into the cache it continued; memosd shares cached keys and "
+            "values between requests and needs a cache that appends out of place"
+        )
 
 
 class Runtime:
@@ -145,7 +161,7 @@ class Runtime:
             ),
         )
         runner = ModelRunner(model, device)
-        runner.forward([int(tokenizer.eos_token_id or 0)], DynamicCache(), 0)  # warm-up
+        _check_shared_cache(runner, int(tokenizer.eos_token_id or 0), source.name)  # warm-up
         return cls(
             config, runner, TextCodec(tokenizer, _eos_ids(model, tokenizer)), fingerprint, info
         )

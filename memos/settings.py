@@ -124,6 +124,12 @@ class ActivationsConfig(BaseModel):
     loaded_cache_bytes: int = Field(
         512 << 20, ge=0, le=1 << 40, description="loaded activations kept in memory, in bytes"
     )
+    dequantized_cache_bytes: int = Field(
+        512 << 20,
+        ge=0,
+        le=1 << 40,
+        description="recently used activations kept dequantized (full precision), in bytes",
+    )
     build_workers: int = Field(1, ge=1, le=64, description="background builds run at once")
     max_queued_builds: int = Field(
         16, ge=1, le=100_000, description="builds queued or running, daemon-wide (429 beyond)"

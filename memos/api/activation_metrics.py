@@ -62,3 +62,8 @@ class ActivationCollector(Collector):
             "bytes of the activations kept loaded in memory",
             value=stats.loaded_bytes,
         )
+        yield GaugeMetricFamily(
+            "memos_dequantized_activations_bytes",
+            "bytes of the activations kept dequantized, ready for the model",
+            value=stats.dequantized_bytes,
+        )

@@ -86,6 +86,37 @@ def test_dequantize_dtype() -> None:
         dequantize(q, dtype=torch.int32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("bits", "axis"), [(2, "token"), (4, "channel"), (8, "token")])
+def test_dequantize_into_a_slice_of_a_larger_tensor(
+    backend: str, dtype: torch.dtype, bits: int, axis: str
+) -> None:
+    # The quantized span of a layer between 4 sinks and 8 residual tokens, heads strided.
+    x = random_kv((1, 3, 64, 64), torch.float32)
+    q = quantize(x, bits=bits, group_size=32, axis=axis)  # type: ignore[arg-type]
+    layer = torch.full((1, 3, 76, 64), 7.0, dtype=dtype, device=DEVICE)
+    span = layer[:, :, 4:68]
+    assert dequantize(q, dtype=dtype, backend=backend, out=span) is span
+    expected = dequantize_reference(q, dtype=dtype)
+    if backend == "torch":
+        assert torch.equal(span, expected)
+    else:  # one ulp apart at most, see test_triton_quant
+        torch.testing.assert_close(span, expected)
+    assert bool((layer[:, :, :4] == 7).all() and (layer[:, :, 68:] == 7).all())  # untouched
+
+
+def test_dequantize_refuses_an_out_that_does_not_fit() -> None:
+    q = quantize(random_kv((1, 2, 64, 64), torch.float32), bits=4, group_size=32, axis="token")
+    for out in (
+        torch.empty(1, 2, 63, 64, device=DEVICE),
+        torch.empty(1, 2, 64, 64, dtype=torch.float16, device=DEVICE),
+        torch.empty(1, 2, 64, 64, device="meta"),
+    ):
+        with pytest.raises(QuantizationError, match=r"^out is torch\.float"):
+            dequantize(q, out=out)
+
+
 def test_kivi_keys_and_values() -> None:
     # The KIVI pairing: keys per-channel, values per-token, same tensor shape.
     keys = random_kv((1, 2, 64, 128), torch.float16, seed=1)

@@ -53,3 +53,15 @@ def test_round_trip_and_size(bits: int, shape: tuple[int, ...]) -> None:
 def test_all_ones_fill_every_bit(bits: int) -> None:
     top = (1 << bits) - 1
     assert pack_codes(codes([top] * 8), bits).tolist() == [0xFF] * bits
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_unpack_into_a_float_view(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    original = torch.randint(0, 1 << bits, (2, 3, 10, 64), generator=gen, dtype=torch.uint8)
+    packed = pack_codes(original.to(DEVICE), bits)
+    wide = torch.full((2, 3, 12, 64), -1.0, device=DEVICE)
+    out = wide[:, :, 1:11]  # strided along heads, as a layer's span is
+    assert unpack_codes(packed, bits, out=out) is out
+    assert torch.equal(out, original.to(DEVICE).float())
+    assert bool((wide[:, :, 0] == -1).all() and (wide[:, :, 11] == -1).all())

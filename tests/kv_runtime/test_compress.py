@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import kernels
 from kv_runtime import NO_COMPRESSION, CompressionConfig, InvalidArgument, KVCache, Runtime
 from kv_runtime.clipping import clip_groups
 from kv_runtime.compress import compress, decompress, split_spans
@@ -73,6 +74,27 @@ def test_quantized_layout(kv: KVCache) -> None:
     bound = layer.keys.scale.repeat_interleave(32, dim=2) / 2 + 1e-5
     assert bool((error <= bound).all())
     assert compressed.nbytes() < kv.nbytes() / 2  # 8-bit codes + fp16 edges vs fp32
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_decompress_fills_each_layer_span_by_span_as_the_parts_would_join(
+    kv: KVCache, bits: int
+) -> None:
+    compressed = compress(kv, CompressionConfig(bits=bits, **SMALL))
+    sink, span, _ = compressed.spans
+    restored = decompress(compressed)
+    for layer, k, v in zip(compressed.layers, restored.keys, restored.values, strict=True):
+        for q, head, tail, got in (
+            (layer.keys, layer.sink_keys, layer.residual_keys, k),
+            (layer.values, layer.sink_values, layer.residual_values, v),
+        ):
+            parts = [head.float()]
+            if q is not None:
+                parts.append(kernels.dequantize(q, dtype=torch.float32))
+            parts.append(tail.float())
+            assert got.is_contiguous() and got.dtype == torch.float32
+            assert torch.equal(got, torch.cat(parts, dim=2))
+    assert restored.kept == sink + span + compressed.spans[2] and restored.nbytes() == kv.nbytes()
 
 
 def test_scales_are_stored_as_float16_at_2_and_4_bits_only(kv: KVCache) -> None:

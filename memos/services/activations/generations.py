@@ -7,8 +7,9 @@ optionally continuing an activation's tokens); both go through the same checks a
 activation's state, the context length (activation + question + answer within the model's
 positions) and the memory the full-precision cache will take, all from the catalogue row and the
 manifest. Only then does it wait for admission (`admission.GenerationGate`), load the activation
-(`loaded`: byte-bounded) and start decoding, with a cancel switch the runtime checks before every
-token, so a request whose client left ends within one forward pass.
+(`loaded`: byte-bounded), take its dequantized cache (`loaded` too: kept for the next request)
+and start decoding, with a cancel switch the runtime checks before every token, so a request
+whose client left ends within one forward pass.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import kv_runtime
-from kv_runtime import Generation, GenerationResult, Runtime
+from kv_runtime import Generation, GenerationResult, KVCache, Runtime
 from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests
 from memos.services.activations.admission import GenerationGate, Refusal, Slot
 from memos.services.activations.catalogue import Catalogue, activation_not_found
@@ -110,11 +111,12 @@ class Generations:
         runtime: RuntimeHolder,
         prompts: Prompts,
         loaded: ByteBoundedLRU[LoadedActivation],
+        dequantized: ByteBoundedLRU[KVCache],
         gate: GenerationGate,
         max_generate_tokens: int,
     ) -> None:
         self.catalogue, self.runtime, self.prompts = catalogue, runtime, prompts
-        self.loaded, self.gate = loaded, gate
+        self.loaded, self.dequantized, self.gate = loaded, dequantized, gate
         self.max_generate_tokens = max_generate_tokens
         self._finished: Counter[str] = Counter()
         self._open: set[GenerationStream] = set()
@@ -228,11 +230,11 @@ class Generations:
         if isinstance(slot, Refusal):
             raise self._busy(slot)
         try:
-            compressed = self._load(runtime, row).kv if row is not None else None
+            kv = self._dequantized(runtime, row) if row is not None else None
             loaded_ms = (time.perf_counter() - started) * 1000
             generation = runtime.generate(
                 token_ids,
-                kv=compressed,
+                kv=kv,
                 max_tokens=max_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
@@ -338,6 +340,17 @@ class Generations:
         entry = LoadedActivation(compressed, history)
         self.loaded.put(key, entry, compressed.memory_nbytes())
         return entry
+
+    def _dequantized(self, runtime: Runtime, row: ActivationView) -> KVCache:
+        """The activation's full-precision cache on the model's device: kept from an earlier
+        request, else loaded, dequantized and kept. Requests only read it (see
+        `kv_runtime.KVCache.to_transformers`), so one copy serves them all."""
+        key = (row.cube_id, row.id)
+        kv = self.dequantized.get(key)
+        if kv is None:
+            kv = runtime.decompress(self._load(runtime, row).kv)
+            self.dequantized.put(key, kv, kv.nbytes())
+        return kv
 
     def _corrupt(self, row: ActivationView, exc: kv_runtime.ActivationCorrupt) -> NoReturn:
         if not self.catalogue.exists(row.id):  # deleted meanwhile: its files went first

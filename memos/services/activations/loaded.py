@@ -1,10 +1,18 @@
 """Loaded activations kept in memory, bounded by bytes: least recently used out first.
 
-Loading an activation reads, checks and parses its files; keeping recently used ones saves that
-on the next request. Entries differ in size by orders of magnitude (a 2-bit 100-token cache and a
-16-bit 8K-token one), so the bound is on bytes, not on a number of entries: after every insert
-the least recently used entries are dropped until the total fits `max_bytes`. An entry larger
-than the whole budget is not kept at all.
+Two tiers, each a `ByteBoundedLRU` with its own budget:
+
+- loaded: activations as stored (`CompressedKV`, codes and scales). Loading one reads, checks
+  and parses its files; keeping recently used ones saves that on the next request.
+- dequantized: the full-precision caches of the most recently used ones (`KVCache`, the model's
+  dtype, on its device), ready for a request to read without copying. Dequantizing a 2K-token
+  4-bit cache costs tens of milliseconds, which a hot activation then pays once, not per
+  request. Its size is its tensors' real bytes: up to 8x its loaded entry's (float32 vs 4 bits).
+
+Entries differ in size by orders of magnitude (a 2-bit 100-token cache and a 16-bit 8K-token
+one), so the bound is on bytes, not on a number of entries: after every insert the least
+recently used entries are dropped until the total fits `max_bytes`. An entry larger than the
+whole budget is not kept at all.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kv_runtime import CompressionConfig, Runtime
+from kv_runtime import CompressionConfig, KVCache, Runtime
 from memcube.errors import TooManyRequests
 from memos.db.engine import Database
 from memos.db.models import Activation
@@ -69,6 +69,7 @@ class ActivationStats:
     generations_cancelling: int
     loaded_bytes: int
     loaded_entries: int
+    dequantized_bytes: int
 
 
 class ActivationService:
@@ -98,6 +99,7 @@ class ActivationService:
         )
         self.sweeper = ActivationSweep(db, self.catalogue, self.builds)
         self.loaded: ByteBoundedLRU[LoadedActivation] = ByteBoundedLRU(config.loaded_cache_bytes)
+        self.dequantized: ByteBoundedLRU[KVCache] = ByteBoundedLRU(config.dequantized_cache_bytes)
         self.gate = GenerationGate(
             AdmissionLimits(
                 max_active=config.max_generations,
@@ -107,7 +109,7 @@ class ActivationService:
             )
         )
         self.generations = Generations(
-            self.catalogue, runtime, self.prompts, self.loaded, self.gate,
+            self.catalogue, runtime, self.prompts, self.loaded, self.dequantized, self.gate,
             config.max_generate_tokens,
         )  # fmt: skip
 
@@ -207,12 +209,14 @@ class ActivationService:
         self.catalogue.delete(cube_id, activation_id)
         self.builds.cancel(activation_id, DELETED)
         self.loaded.pop((cube_id, activation_id))
+        self.dequantized.pop((cube_id, activation_id))
         self.catalogue.remove_files(cube_id, activation_id)
 
     def drop_cube(self, cube_id: str) -> None:
         """After a cube is deleted (its rows cascade): cancel its builds, remove its files."""
         self.builds.cancel_cube(cube_id, CUBE_DELETED)
         self.loaded.drop_cube(cube_id)
+        self.dequantized.drop_cube(cube_id)
         self.catalogue.remove_cube_files(cube_id)
 
     # -- generation -------------------------------------------------------------------------
@@ -251,4 +255,5 @@ class ActivationService:
             generations_cancelling=self.generations.cancelling(),
             loaded_bytes=self.loaded.bytes,
             loaded_entries=len(self.loaded.order()),
+            dequantized_bytes=self.dequantized.bytes,
         )

@@ -20,6 +20,7 @@ LIMITS = {
     "max_prompt_bytes": 200,
     "max_generate_tokens": 1000,
     "loaded_cache_bytes": 23_040 * 150,  # 150 tokens of a 16-bit SmolLM2 cache
+    "dequantized_cache_bytes": 46_080 * 150,  # 150 tokens of it dequantized (float32)
     "max_queued_builds": 3,
     "max_queued_builds_per_user": 2,
     "build_retry_after_s": 7,

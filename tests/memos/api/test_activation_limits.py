@@ -315,9 +315,22 @@ def test_loaded_activations_are_bounded_by_bytes(limited, limited_tenant):
     # 16-bit activations are stored in float16: 2 bytes an element, plus the manifest.
     assert TOKEN_BYTES * a["kept_tokens"] < a["bytes"] < TOKEN_BYTES * a["kept_tokens"] + 65_536
     loaded = limited.daemon.activations.loaded
+    dequantized = limited.daemon.activations.dequantized
     for act in (a, b):
         assert generate(client, cube_id, activation_id=act["id"], max_tokens=1).status_code == 200
     assert (cube_id, a["id"]) not in loaded.order()  # least recently used, evicted for b
     assert (cube_id, b["id"]) in loaded.order()
     assert metric(limited, "memos_loaded_activations_bytes") == loaded.bytes
     assert loaded.bytes <= budget
+    # The dequantized tier: b's float32 cache (its real bytes: twice the stored float16), kept
+    # for the next request, which reads the very same tensors instead of dequantizing again.
+    assert dequantized.order() == [(cube_id, b["id"])]
+    assert (
+        dequantized.bytes == 2 * TOKEN_BYTES * b["kept_tokens"] <= LIMITS["dequantized_cache_bytes"]
+    )
+    assert metric(limited, "memos_dequantized_activations_bytes") == dequantized.bytes
+    kept = dequantized.get((cube_id, b["id"]))
+    again = generate(client, cube_id, activation_id=b["id"], max_tokens=1)
+    assert again.status_code == 200 and dequantized.get((cube_id, b["id"])) is kept
+    assert client.delete(f"/v1/cubes/{cube_id}/activations/{b['id']}").status_code == 204
+    assert dequantized.order() == [] and dequantized.bytes == 0
