@@ -6,9 +6,12 @@ Two scenarios, each on a fresh `memos serve` with its own data dir:
   A's add is in flight (tenant isolation on the embedding path).
 - `enrichment`: one cube gets `--notes` short notes in batches of 64 with the enrichment worker
   on. Right after the last add, searches run back to back while notes are still pending
-  enrichment; once none is, the same searches run idle. Search latency during and after.
+  enrichment; once none is, the same searches run idle. Search latency during and after, and
+  the ratio of the p95s (same cube, same daemon). `--runs N` repeats it on N fresh daemons,
+  for the spread on a noisy machine.
 
-Every search is `top_k=10` hybrid, query embedding included, timed at the client.
+Every search is `top_k=10` hybrid, query embedding included, timed at the client; `server`
+columns are the daemon's own `took_ms` (the search service, without HTTP and auth).
 
     python benchmarks/search_under_load.py --json docs/search_under_load.json
 """
@@ -38,18 +41,27 @@ from benchmarks.synthetic import MemoryGenerator  # noqa: E402
 from memos.client import MemosClient  # noqa: E402
 
 
-def summary(latencies: list[float]) -> dict[str, Any]:
-    return {
+def summary(latencies: list[float], server: list[float] | None = None) -> dict[str, Any]:
+    out = {
         "searches": len(latencies),
         "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "p95_ms": round(float(np.percentile(latencies, 95)), 2) if latencies else None,
         "max_ms": round(max(latencies), 2) if latencies else None,
     }
+    if server:
+        out["server_p50_ms"] = round(statistics.median(server), 2)
+        out["server_p95_ms"] = round(float(np.percentile(server, 95)), 2)
+    return out
 
 
-def timed_search(client: MemosClient, cube_id: str, query: str) -> float:
+def timed_search(
+    client: MemosClient, cube_id: str, query: str, server: list[float] | None = None
+) -> float:
+    """Client-side milliseconds of one search; the daemon's own `took_ms` goes to `server`."""
     started = time.perf_counter()
-    client.search(cube_id, query, top_k=10)
+    result = client.search(cube_id, query, top_k=10)
+    if server is not None:
+        server.append(result.took_ms)
     return (time.perf_counter() - started) * 1000
 
 
@@ -117,29 +129,61 @@ def enrichment(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]
             questions = [gen.question() for _ in range(args.queries)]
             pending_at_start = client.get_cube(cube_id).stats.enrichment_pending
             during: list[float] = []
+            during_server: list[float] = []
             pending = pending_at_start
             while pending > 0:
-                during.append(
-                    timed_search(client, cube_id, questions[len(during) % len(questions)])
-                )
+                question = questions[len(during) % len(questions)]
+                during.append(timed_search(client, cube_id, question, during_server))
                 if len(during) % 20 == 0:
                     pending = client.get_cube(cube_id).stats.enrichment_pending
             enriched_s = time.perf_counter() - started
-            idle = [timed_search(client, cube_id, q) for q in questions]
+            idle_server: list[float] = []
+            idle = [timed_search(client, cube_id, q, idle_server) for q in questions]
+            busy, calm = summary(during, during_server), summary(idle, idle_server)
             rows.append(
                 {
                     "phase": "while enriching",
-                    **summary(during),
+                    **busy,
+                    "p95_vs_idle": round(busy["p95_ms"] / calm["p95_ms"], 2) if during else None,
                     "pending_at_start": pending_at_start,
                     "add_s": round(added_s, 2),
                     "all_enriched_s": round(enriched_s, 2),
                 }
             )
-            rows.append({"phase": "idle after", **summary(idle)})
+            rows.append({"phase": "idle after", **calm})
     finally:
         proc.terminate()
         proc.wait(timeout=120)
     return rows
+
+
+COLUMNS = [
+    ("phase", "phase", "<16"),
+    ("searches", "searches", "d"),
+    ("p50 ms", "p50_ms", ".2f"),
+    ("p95 ms", "p95_ms", ".2f"),
+    ("max ms", "max_ms", ".2f"),
+    ("server p50", "server_p50_ms", ".2f"),
+    ("server p95", "server_p95_ms", ".2f"),
+    ("p95/idle", "p95_vs_idle", ".2f"),
+    ("add s", "add_s", ".2f"),
+    ("enriched s", "all_enriched_s", ".1f"),
+]
+
+
+def spread(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Across runs of the enrichment scenario: min, median and max of each figure."""
+    out: dict[str, Any] = {"runs": len(runs)}
+    for phase, key in (
+        (0, "p50_ms"), (0, "p95_ms"), (1, "p50_ms"), (1, "p95_ms"), (0, "p95_vs_idle")
+    ):  # fmt: skip
+        values = [run[phase][key] for run in runs if run[phase].get(key) is not None]
+        name = f"{'during' if phase == 0 else 'idle'}_{key}"
+        if values:
+            out[name] = {
+                "min": min(values), "median": statistics.median(values), "max": max(values)
+            }  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -152,26 +196,27 @@ def main() -> None:
     parser.add_argument("--a-kb", type=int, default=100, help="bulk-add: KB per item of A's add")
     parser.add_argument("--notes", type=int, default=5000, help="enrichment: notes added")
     parser.add_argument("--queries", type=int, default=200, help="distinct questions per phase")
+    parser.add_argument("--runs", type=int, default=1, help="enrichment: fresh daemons to run")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
-    results: dict[str, list[dict[str, Any]]] = {}
-    for scenario, run in (("bulk-add", bulk_add), ("enrichment", enrichment)):
-        if args.scenario in ("all", scenario):
+    results: dict[str, Any] = {}
+    if args.scenario in ("all", "bulk-add"):
+        with tempfile.TemporaryDirectory(prefix="memos-bench-") as data_dir:
+            results["bulk-add"] = bulk_add(args, Path(data_dir))
+        title = f"bulk-add on {platform.node()} ({os.cpu_count()} cores)"
+        print_table(title, COLUMNS, results["bulk-add"])
+    if args.scenario in ("all", "enrichment"):
+        runs = []
+        for run in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="memos-bench-") as data_dir:
-                results[scenario] = run(args, Path(data_dir))
-            print_table(
-                f"{scenario} on {platform.node()} ({os.cpu_count()} cores)",
-                [
-                    ("phase", "phase", "<16"),
-                    ("searches", "searches", "d"),
-                    ("p50 ms", "p50_ms", ".2f"),
-                    ("p95 ms", "p95_ms", ".2f"),
-                    ("max ms", "max_ms", ".2f"),
-                    ("add s", "add_s", ".2f"),
-                ],
-                results[scenario],
-            )
+                runs.append(enrichment(args, Path(data_dir)))
+            title = f"enrichment, run {run + 1} of {args.runs}, on {platform.node()}"
+            print_table(f"{title} ({os.cpu_count()} cores)", COLUMNS, runs[-1])
+        results["enrichment"] = runs[0] if args.runs == 1 else runs
+        if args.runs > 1:
+            results["enrichment_spread"] = spread(runs)
+            print(json.dumps(results["enrichment_spread"], indent=1))
     if args.json:
         meta = {
             "machine": f"{platform.machine()} {os.cpu_count()} cores",

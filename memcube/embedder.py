@@ -9,7 +9,15 @@ The forward pass is a backend plug-in (`memcube/embed_backends.py`: `onnx` by de
 - queries run on a lane of their own (`query_threads` > 0: a thread with its own ONNX session),
   so a search never waits behind an add or enrichment; adds are served before background work
   on the bulk lane (`memcube/embed_lanes.py`). With `query_threads = 0` queries share the bulk
-  lane and are served first there, waiting for at most the forward in flight.
+  lane and are served first there, waiting for at most the forward in flight;
+- background work (enrichment, re-embedding) runs on a lane of its own (`background_threads`
+  > 0: a thread with its own ONNX session of that many intra-op threads, 1 by default), so it
+  never takes every core from a search's query or an add, and a caller may `pause` it before
+  each chunk. With `background_threads = 0` it shares the bulk lane, after adds. The torch
+  backends share one model and torch's thread pool between lanes, so for them the lane only
+  keeps background forwards out of the bulk lane's queue. (The lane's thread is not given a
+  lower CPU priority: on a host busy with other processes that starved enrichment, ~6x slower
+  on the shared 2-core VM.)
 
 Vectors are float32 unit vectors, so inner product is cosine similarity.
 """
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +77,13 @@ class EmbedderConfig(BaseModel):
         ge=0,
         le=256,
         description="intra-op threads of the query lane; 0: queries share the bulk lane",
+    )
+    background_threads: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="intra-op threads of the background lane; 0: background work shares the "
+        "bulk lane",
     )
     cache_dir: Path | None = Field(default=None, description="where the ONNX export is kept")
     background_chunk: int = Field(
@@ -132,9 +147,16 @@ class Embedder:
             self._query_tokenizer = _Tokenizer(path, config.max_seq_length)
         else:
             self._query, self._query_tokenizer = self._bulk, self._bulk_tokenizer
+        if config.background_threads:
+            forward = backend.lane_forward(config.background_threads)
+            self._background = Lane("background", forward, self._recorder)
+            self._background_tokenizer = _Tokenizer(path, config.max_seq_length)
+        else:
+            self._background, self._background_tokenizer = self._bulk, self._bulk_tokenizer
         # The first forward of each lane pays one-off allocation costs.
         self.embed_one("warm-up")
         self.embed_query("warm-up")
+        self.embed_background(["warm-up"])
 
     @property
     def fingerprint(self) -> str:
@@ -143,14 +165,20 @@ class Embedder:
 
     def embed(self, texts: Sequence[str], background: bool = False) -> np.ndarray:
         """texts -> (len(texts), dim) float32, rows L2-normalised, for an add (or, with
-        `background`, for enrichment and re-embedding: served after adds, in smaller forwards
-        so an add waits behind one small chunk)."""
-        kind = Kind.BACKGROUND if background else Kind.WRITE
-        return self._embed(texts, kind, self._bulk, self._bulk_tokenizer)
+        `background`, for enrichment and re-embedding: see `embed_background`)."""
+        if background:
+            return self.embed_background(texts)
+        return self._embed(texts, Kind.WRITE, self._bulk, self._bulk_tokenizer)
 
-    def embed_background(self, texts: Sequence[str]) -> np.ndarray:
-        """`embed` for work nobody is waiting on (see there)."""
-        return self.embed(texts, background=True)
+    def embed_background(
+        self, texts: Sequence[str], pause: Callable[[], object] | None = None
+    ) -> np.ndarray:
+        """`embed` for work nobody is waiting on: on the background lane (or after adds on the
+        bulk lane), in smaller forwards; `pause`, if given, is called before each of them
+        (the caller's chance to step aside for work someone is waiting on)."""
+        return self._embed(
+            texts, Kind.BACKGROUND, self._background, self._background_tokenizer, pause
+        )
 
     def embed_one(self, text: str) -> np.ndarray:
         """text -> (dim,) float32 unit vector, for a write (an edit's new content)."""
@@ -167,11 +195,17 @@ class Embedder:
     def close(self) -> None:
         """Stop the lanes' threads (in-flight calls finish first)."""
         self._bulk.close()
-        if self._query is not self._bulk:
-            self._query.close()
+        for lane in (self._query, self._background):
+            if lane is not self._bulk:
+                lane.close()
 
     def _embed(
-        self, texts: Sequence[str], kind: Kind, lane: Lane, tokenizer: _Tokenizer
+        self,
+        texts: Sequence[str],
+        kind: Kind,
+        lane: Lane,
+        tokenizer: _Tokenizer,
+        pause: Callable[[], object] | None = None,
     ) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -195,6 +229,8 @@ class Embedder:
             ):
                 end += 1
             rows = order[start:end]
+            if pause is not None:
+                pause()
             out[rows] = lane.run(kind, _pad(encoded, rows, tokenizer.pad_id))
             start = end
         return out

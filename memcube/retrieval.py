@@ -9,7 +9,6 @@ thread-safe. Its configuration is `memcube/retrieval_config.py`; what it reports
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from memcube.index_reports import PER_ROW_OVERHEAD, DriftReport, IndexFootprint
 from memcube.lexical import BM25Index
 from memcube.retrieval_config import SEARCH_MODES, RetrievalConfig
 from memcube.rows import RowTable
+from memcube.rwlock import ReadWriteLock
 from memcube.scores import relevance
 from memcube.temporal import parse_time_query
 from memcube.types import IndexedDoc, ScoredSeq, SearchFilters
@@ -45,7 +45,8 @@ class CubeIndex:
             config.rrf_k,
             {"dense": config.dense_weight, "lexical": config.lexical_weight},
         )
-        self._lock = threading.RLock()
+        # Searches share it; changes hold it alone, a note at a time (see `apply`).
+        self._lock = ReadWriteLock()
         # While an ANN compaction builds a fresh graph outside the lock, the changes applied
         # meanwhile, to replay onto it before the swap.
         self._ann_backlog: list[tuple[list[IndexedDoc], list[int]]] | None = None
@@ -54,7 +55,7 @@ class CubeIndex:
 
     def load_rows(self, docs: Iterable[IndexedDoc], generation: int) -> None:
         """Fill rows and BM25 from the database's live memories (ANN comes separately)."""
-        with self._lock:
+        with self._lock.write():
             for doc in docs:
                 self._bm25.add(self._rows.add(doc), doc.text)
             self.generation = generation
@@ -64,14 +65,14 @@ class CubeIndex:
         loaded = HnswIndex.load(directory, self.embedder, self.dim, self.hnsw_config)
         if loaded is None:
             return None
-        with self._lock:
+        with self._lock.write():
             self._ann, manifest = loaded
             self.saved_generation = manifest.generation
             return manifest.generation
 
     def rebuild_ann(self) -> None:
         """Build the ANN graph from the live rows (the vectors come from the database)."""
-        with self._lock:
+        with self._lock.write():
             ann = HnswIndex(self.dim, self.hnsw_config)
             live = np.flatnonzero(self._rows.live[: self._rows.size])
             ann.upsert(self._rows.seqs[live], self._rows.vectors[live])
@@ -80,7 +81,7 @@ class CubeIndex:
 
     def replay_ann(self, docs: list[IndexedDoc], deleted: list[int]) -> None:
         """Bring a restored ANN graph up to date with changes newer than its generation."""
-        with self._lock:
+        with self._lock.write():
             assert self._ann is not None, "restore_ann first"
             self._ann.delete(deleted)
             self._upsert_ann(docs)
@@ -88,18 +89,28 @@ class CubeIndex:
     # -- changes ----------------------------------------------------------------------------
 
     def apply(self, docs: list[IndexedDoc], deleted: list[int], generation: int) -> None:
-        """Apply one committed change set: `docs` added or replaced, `deleted` seqs removed."""
-        with self._lock:
+        """Apply one committed change set: `docs` added or replaced, `deleted` seqs removed.
+
+        A note at a time, letting waiting searches in between notes: a search sees each note
+        whole (before or after its change), and a large change set (an enrichment batch
+        re-embeds every note in it, ~1-4 ms of graph repair each) holds searches back for
+        one note, not for all of them. The generation moves once the whole set is in."""
+        with self._lock.write():
             for seq in deleted:
                 self._remove(seq)
+                if self._ann is not None:
+                    self._ann.delete([seq])
+                    if self._ann_backlog is not None:
+                        self._ann_backlog.append(([], [seq]))
+                self._lock.yield_to_readers()
             for doc in docs:
                 self._remove(doc.seq)
                 self._bm25.add(self._rows.add(doc), doc.text)
-            if self._ann is not None:
-                self._ann.delete(deleted)
-                self._upsert_ann(docs)
-                if self._ann_backlog is not None:
-                    self._ann_backlog.append((docs, deleted))
+                if self._ann is not None:
+                    self._upsert_ann([doc])
+                    if self._ann_backlog is not None:
+                        self._ann_backlog.append(([doc], []))
+                self._lock.yield_to_readers()
             self.generation = max(self.generation, generation)
             if self._rows.dead_count > max(self._rows.live_count, self.config.compact_min_dead):
                 self._bm25.compact(self._rows.compact())
@@ -108,7 +119,7 @@ class CubeIndex:
         """Apply an erasure: the notes leave rows, BM25 (their words too) and the ANN graph,
         and every vector they had (any version) is overwritten, in memory and in the graph
         that the next `save` writes."""
-        with self._lock:
+        with self._lock.write():
             for seq in seqs:
                 self._remove(seq)
             self._rows.erase(seqs)
@@ -144,7 +155,7 @@ class CubeIndex:
         """Rebuild the ANN graph from the live rows without its deleted elements. The graph is
         built outside the lock (searches and writes go on against the old one); the changes
         applied meanwhile are replayed onto it before the swap. Returns whether it ran."""
-        with self._lock:
+        with self._lock.write():
             if not self.ann_needs_compaction:
                 return False
             live = np.flatnonzero(self._rows.live[: self._rows.size])
@@ -153,7 +164,7 @@ class CubeIndex:
         try:
             fresh = HnswIndex(self.dim, self.hnsw_config)
             fresh.upsert(seqs, vectors)
-            with self._lock:
+            with self._lock.write():
                 for docs, deleted in self._ann_backlog:
                     fresh.delete(deleted)
                     self._upsert_ann(docs, fresh)
@@ -164,7 +175,7 @@ class CubeIndex:
         return True
 
     def footprint(self) -> IndexFootprint:
-        with self._lock:
+        with self._lock.read():
             ann = self._ann
             rows = self._rows
             return IndexFootprint(
@@ -191,7 +202,7 @@ class CubeIndex:
         return self._rows.live_count
 
     def save(self, directory: Path) -> None:
-        with self._lock:
+        with self._lock.read():
             if self._ann is None:
                 return
             self._ann.save(directory, self.embedder, self.generation)
@@ -199,7 +210,7 @@ class CubeIndex:
 
     def verify_ann(self, sample: int = 256, seed: int = 0) -> DriftReport:
         """Compare the ANN graph with the rows (which mirror the database)."""
-        with self._lock:
+        with self._lock.read():
             if self._ann is None:
                 return DriftReport(missing=self._rows.live_count, stale=0, extra=0)
             expected = set(self._rows.row_of)
@@ -224,7 +235,7 @@ class CubeIndex:
 
     def admissible(self, seqs: list[int], filters: SearchFilters) -> set[int]:
         """Those of `seqs` that are live and pass `filters` (for notes reached through links)."""
-        with self._lock:
+        with self._lock.read():
             mask = self._rows.mask(filters)
             return {
                 seq
@@ -235,7 +246,7 @@ class CubeIndex:
     def relevance(self, query_vector: np.ndarray, query_text: str, seqs: list[int]) -> list[float]:
         """query_vector: (dim,) float32 unit vector. Each seq's absolute relevance to the query
         (`memcube/scores.py`), 0.0 for one no longer live."""
-        with self._lock:
+        with self._lock.read():
             out = []
             for seq in seqs:
                 row = self._rows.row_of.get(seq)
@@ -262,7 +273,7 @@ class CubeIndex:
         """
         if mode not in SEARCH_MODES:
             raise InvalidArgument(f"unknown search mode {mode!r}; valid: {list(SEARCH_MODES)}")
-        with self._lock:
+        with self._lock.read():
             mask = self._rows.mask(filters)
             allowed = int(mask.sum())
             if allowed == 0 or top_k <= 0:

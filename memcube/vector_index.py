@@ -53,7 +53,10 @@ def _hash_file(path: Path) -> str:
 
 
 class HnswIndex:
-    """hnswlib in inner-product space over unit vectors (so scores are cosine similarities)."""
+    """hnswlib in inner-product space over unit vectors (so scores are cosine similarities).
+
+    Searches may run concurrently with each other, never with a change (hnswlib's rule): the
+    caller (`CubeIndex`) holds a readers-writer lock."""
 
     def __init__(self, dim: int, config: HnswConfig) -> None:
         self.dim = dim
@@ -64,6 +67,9 @@ class HnswIndex:
             ef_construction=config.ef_construction,
             M=config.m,
         )
+        # Set once: hnswlib searches with max(ef, k), so no search needs to change it (and
+        # concurrent searches must not race to).
+        self._index.set_ef(config.ef_search)
         self._deleted: set[int] = set()
 
     # -- mutation ---------------------------------------------------------------------------
@@ -148,7 +154,6 @@ class HnswIndex:
         k = min(k, self.live_count)
         if k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        self._index.set_ef(max(self.config.ef_search, k))
         try:
             labels, distances = self._index.knn_query(query, k=k, filter=accept)
         except RuntimeError:
@@ -199,6 +204,7 @@ class HnswIndex:
         self = cls(dim, config)
         self._index = hnswlib.Index(space="ip", dim=dim)
         self._index.load_index(str(index_path))
+        self._index.set_ef(config.ef_search)
         self._deleted = set(int(x) for x in deleted)
         if self.live_count != manifest.live:
             return None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from memcube.atomic import tree_bytes
 from memcube.embedder import Embedder
@@ -20,6 +23,7 @@ from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.erasure import ErasureService
+from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.keys import KeyService
 from memos.services.memories import MemoryService
@@ -41,6 +45,8 @@ class Daemon:
         self.schema_revision = upgrade(self.db)
         self._owns_embedder = embedder is None  # a shared one (tests) outlives this daemon
         self.embedder = embedder or Embedder(settings.embedder)
+        # Searches in flight; enrichment waits for a gap between them before each step.
+        self.foreground = Foreground(settings.enrichment.yield_ms / 1000)
         self.indexes = IndexRegistry(
             self.db,
             settings.index_dir,
@@ -70,12 +76,14 @@ class Daemon:
             self.indexes,
             make_enricher(
                 settings.enrichment.enricher,
-                self.embedder.embed_background,
+                self._embed_background,
                 settings.enrichment.local,
                 settings.enrichment.llm,
                 self.runtime.complete,
             ),
             settings.enrichment,
+            embed=self._embed_background,
+            pause=self.foreground.pause,
         )
         self.enrichment_worker = EnrichmentWorker(self.enrichment, settings.enrichment.idle_poll_s)
         self.memories = MemoryService(
@@ -88,7 +96,12 @@ class Daemon:
             quotas=self.quotas,
         )
         self.search = SearchService(
-            self.db, self.cubes, self.indexes, self.embedder, settings.limits.max_top_k
+            self.db,
+            self.cubes,
+            self.indexes,
+            self.embedder,
+            settings.limits.max_top_k,
+            self.foreground,
         )
         self.chats = ChatService(
             self.db,
@@ -135,6 +148,12 @@ class Daemon:
         )
         self.healing = False
         self._heal_thread: threading.Thread | None = None
+
+    def _embed_background(self, texts: Sequence[str]) -> np.ndarray:
+        """Enrichment's embeddings: on the background lane, pausing before each chunk while
+        searches are in flight. (Re-embedding a cube at load does not pause: a search may be
+        waiting for that load.)"""
+        return self.embedder.embed_background(texts, pause=self.foreground.pause)
 
     def _drop_cube(self, cube_id: str) -> None:
         self.indexes.drop(cube_id)

@@ -84,7 +84,15 @@ class EnrichmentConfig(BaseModel):
 
     enabled: bool = True
     enricher: str = "local"
-    batch_size: int = Field(default=64, ge=1, le=4096)
+    # Notes per batch, and per commit: a commit cannot step aside for searches midway.
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    yield_ms: int = Field(
+        default=100,
+        ge=0,
+        le=10_000,
+        description="before each step (an embedding chunk, a commit) enrichment waits while a "
+        "search is in flight, at most this long; 0: never waits",
+    )
     neighbours: int = Field(default=8, ge=0, le=100, description="dense neighbours considered")
     # Cosine between enriched vectors (content, context and keywords), which run higher than
     # between raw contents: on LoCoMo the median of a note's 8 nearest is 0.69, 0.6 linked

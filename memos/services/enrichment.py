@@ -16,6 +16,11 @@ each time it is enriched, so a crash mid-batch (the batch stays pending) or a re
 after an edit never duplicates a link; an evolution applies only to the version it was planned
 for.
 
+Enrichment steps aside for searches: before each embedding chunk and each batch's commit it
+calls `pause` (memos/services/foreground.py), which waits while a search is in flight, and its
+embeddings run on the embedder's background lane. Batches are small (`batch_size`, 16 notes by
+default) since a batch's commit cannot pause midway.
+
 Failures stay with the notes they hit. The `llm` enricher hands any note it fails to `local`
 itself; a batch the enricher raises on is enriched again note by note; a note that still fails
 (or whose batch fails past the enricher: embedding, linking, the commit) records the attempt on
@@ -30,16 +35,16 @@ import logging
 import os
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from memcube.enrichment import Enricher, Enrichment, NoteInput
+from memcube.enrichment import EmbedFn, Enricher, Enrichment, NoteInput
 from memcube.errors import NotFound
 from memcube.notes import to_doc
 from memcube.types import ScoredSeq
@@ -61,6 +66,7 @@ from memos.services.linking import (
     keywords_of,
     plan_links,
     replace_links,
+    session_neighbours,
 )
 from memos.services.repository import bump_generation, enriched_text
 from memos.settings import EnrichmentConfig
@@ -87,11 +93,17 @@ class EnrichmentService:
         indexes: IndexRegistry,
         enricher: Enricher,
         config: EnrichmentConfig,
+        embed: EmbedFn | None = None,
+        pause: Callable[[], object] = lambda: None,
     ) -> None:
+        """`embed`: background embedding for enriched and evolved notes (default: the index
+        registry's); `pause`: called between steps, to wait while searches are in flight."""
         self.db = db
         self.indexes = indexes
         self.enricher = enricher
         self.config = config
+        self.embed = embed or indexes.embed
+        self.pause = pause
         self.policy = RetryPolicy.of(config)
 
     def run_once(self) -> int:
@@ -141,6 +153,7 @@ class EnrichmentService:
         outcome: Counter[str] = Counter()
         if not rows:
             return outcome
+        self.pause()
         results, errors = self._enrich_each(rows)
         enriched = [row for row in rows if row.seq in results]
         try:
@@ -193,7 +206,7 @@ class EnrichmentService:
                 for r, e in zip(rows, results, strict=True)
             ]
         # The enriched vectors (see `embedding_text`), embedded outside any transaction.
-        vectors = self.indexes.embed(texts)
+        vectors = self.embed(texts)
         # Neighbours are found with the enriched vector, so like is compared with like: the
         # index holds enriched vectors for every enriched note.
         neighbours = {
@@ -203,9 +216,10 @@ class EnrichmentService:
         with self.db.read() as s:
             judged, evolutions = judge(s, cube_id, rows, results, neighbours, self.config.linking)
         if evolutions:
-            evolved = self.indexes.embed([evolution.text for evolution in evolutions.values()])
+            evolved = self.embed([evolution.text for evolution in evolutions.values()])
             for evolution, vector in zip(evolutions.values(), evolved, strict=True):
                 evolution.vector = vector
+        self.pause()  # the commit holds the interpreter for a while and cannot pause midway
         with self.indexes.writing(cube_id) as index:
             committed = self._commit(
                 cube_id, rows, results, vectors, neighbours, judged, evolutions
@@ -248,9 +262,13 @@ class EnrichmentService:
             keywords = keywords_of(
                 s, cube_id, [n.seq for hits in neighbours.values() for n in hits]
             )
+            # Looked up for the whole batch at once: a query per note made the commit, which
+            # holds the interpreter and the database's write lock, about twice as long.
+            histories = _current_histories(s, cube_id, fresh)
+            follows = session_neighbours(s, cube_id, fresh)
             for row in fresh:
                 enrichment, vector = by_seq[row.seq]
-                self._apply(s, cube_id, row, enrichment, generation)
+                self._apply(row, enrichment, generation, histories.get(row.seq))
                 row.embedding = vector.astype(np.float32).tobytes()
                 keywords[row.seq] = set(row.keywords)
             kept = {row.seq for row in fresh}
@@ -258,7 +276,11 @@ class EnrichmentService:
                 link
                 for row in fresh
                 for link in plan_links(
-                    s, row, neighbours[row.seq], keywords, self.config.similar_threshold
+                    row,
+                    neighbours[row.seq],
+                    keywords,
+                    self.config.similar_threshold,
+                    follows.get(row.seq, ()),
                 )
             ] + [link for link in judged if link.src in kept]
             replace_links(s, cube_id, sorted(kept), links)
@@ -273,8 +295,10 @@ class EnrichmentService:
 
     @staticmethod
     def _apply(
-        s: Session, cube_id: str, row: Memory, enrichment: Enrichment, generation: int
+        row: Memory, enrichment: Enrichment, generation: int, history: MemoryHistory | None
     ) -> None:
+        """Write the enrichment on the row and on `history`, its current version's entry:
+        enrichment completes the current version rather than making a new one."""
         row.keywords = list(enrichment.keywords)
         row.dates = [d.isoformat() for d in enrichment.dates]
         row.tags = list(enrichment.tags)
@@ -283,19 +307,28 @@ class EnrichmentService:
         row.enriched_at = utcnow()
         row.enrichment_next_at = row.enrichment_error = None  # attempts stay on record
         row.change_seq = generation
-        # Enrichment completes the current version rather than making a new one.
-        history = s.scalar(
-            select(MemoryHistory)
-            .join(Memory, Memory.seq == MemoryHistory.memory_seq)
-            .where(
-                Memory.cube_id == cube_id,
-                MemoryHistory.memory_seq == row.seq,
-                MemoryHistory.version == row.version,
-            )
-        )
         if history is not None:
             history.keywords, history.dates = row.keywords, row.dates
             history.tags, history.context = row.tags, row.context
+
+
+def _current_histories(
+    s: Session, cube_id: str, rows: Sequence[Memory]
+) -> dict[int, MemoryHistory]:
+    """The history entry of each row's current version, by seq (in one query)."""
+    if not rows:
+        return {}
+    query = (
+        select(MemoryHistory)
+        .join(Memory, Memory.seq == MemoryHistory.memory_seq)
+        .where(
+            Memory.cube_id == cube_id,
+            tuple_(MemoryHistory.memory_seq, MemoryHistory.version).in_(
+                [(row.seq, row.version) for row in rows]
+            ),
+        )
+    )
+    return {history.memory_seq: history for history in s.scalars(query)}
 
 
 def _by_cube(taken: Sequence[Any]) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from memcube.enrichment import Enrichment
 from memcube.linking import Evolution, LinkingConfig, NoteFacts, evolve, near_duplicate, revises
@@ -105,24 +105,40 @@ def judge(
     return links, evolutions
 
 
+def session_neighbours(
+    s: Session, cube_id: str, rows: Sequence[Memory]
+) -> dict[int, tuple[int, ...]]:
+    """The live notes just before and just after each row in its session (by seq), by the
+    row's seq, in one query; rows without a session are left out."""
+    placed = [row.seq for row in rows if row.session_id is not None]
+    if not placed:
+        return {}
+    other = aliased(Memory)
+    same_session = (
+        other.cube_id == Memory.cube_id,
+        other.session_id == Memory.session_id,
+        other.deleted_at.is_(None),
+    )
+    before = select(func.max(other.seq)).where(*same_session, other.seq < Memory.seq)
+    after = select(func.min(other.seq)).where(*same_session, other.seq > Memory.seq)
+    found = s.execute(
+        select(Memory.seq, before.scalar_subquery(), after.scalar_subquery()).where(
+            Memory.cube_id == cube_id, Memory.seq.in_(placed)
+        )
+    )
+    return {seq: tuple(n for n in (prev, nxt) if n) for seq, prev, nxt in found}
+
+
 def plan_links(
-    s: Session,
     row: Memory,
     neighbours: Sequence[ScoredSeq],
     keywords: dict[int, set[str]],
     similar_threshold: float,
+    follows: Sequence[int] = (),
 ) -> list[PlannedLink]:
-    """`follows`, `similar` and `same_entity` links of a freshly enriched note."""
-    planned: list[PlannedLink] = []
-    if row.session_id is not None:
-        same_session = (
-            Memory.cube_id == row.cube_id,
-            Memory.session_id == row.session_id,
-            Memory.deleted_at.is_(None),
-        )
-        before = s.scalar(select(func.max(Memory.seq)).where(*same_session, Memory.seq < row.seq))
-        after = s.scalar(select(func.min(Memory.seq)).where(*same_session, Memory.seq > row.seq))
-        planned += [PlannedLink(row.seq, seq, "follows", 1.0) for seq in (before, after) if seq]
+    """`follows` (to the given session neighbours, see `session_neighbours`), `similar` and
+    `same_entity` links of a freshly enriched note."""
+    planned = [PlannedLink(row.seq, seq, "follows", 1.0) for seq in follows]
     mine = set(note_keywords(row))  # keyphrases only: a shared date is no shared entity
     for hit in neighbours:
         if hit.seq == row.seq:

@@ -15,6 +15,7 @@ from memcube.types import ScoredSeq, SearchFilters
 from memos.db.engine import Database
 from memos.db.models import Link, Memory
 from memos.services.cubes import CubeService
+from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry
 from memos.services.repository import memory_views
 from memos.services.views import HitView, Principal, Role
@@ -41,12 +42,15 @@ class SearchService:
         indexes: IndexRegistry,
         embedder: Embedder,
         max_top_k: int,
+        foreground: Foreground | None = None,
     ) -> None:
         self.db = db
         self.cubes = cubes
         self.indexes = indexes
         self.embedder = embedder
         self.max_top_k = max_top_k
+        # Marks each search in flight, so background work steps aside (services/foreground.py).
+        self.foreground = foreground or Foreground(0.0)
 
     def search(
         self,
@@ -57,6 +61,19 @@ class SearchService:
         filters: SearchFilters,
         mode: str = "hybrid",
         exact: bool = False,
+    ) -> SearchResult:
+        with self.foreground.active():
+            return self._search(principal, cube_id, query, top_k, filters, mode, exact)
+
+    def _search(
+        self,
+        principal: Principal,
+        cube_id: str,
+        query: str,
+        top_k: int,
+        filters: SearchFilters,
+        mode: str,
+        exact: bool,
     ) -> SearchResult:
         started = time.perf_counter()
         if not query.strip():

@@ -61,8 +61,9 @@ def test_long_text_is_cut_before_tokenizing(embedder):
     np.testing.assert_array_equal(vector, embedder.embed([huge[:limit]])[0])
 
 
-def test_query_lane_matches_the_bulk_lane(embedder):
+def test_query_and_background_lanes_match_the_bulk_lane(embedder):
     batch = embedder.embed(TEXTS)
+    np.testing.assert_allclose(embedder.embed_background(TEXTS), batch, atol=1e-5)
     for i, text in enumerate(TEXTS):
         np.testing.assert_allclose(embedder.embed_query(text), batch[i], atol=1e-5)
 
@@ -96,8 +97,12 @@ def _next_serial(embedder) -> int:
 
 @pytest.fixture(scope="module")
 def one_lane(model_cache):
-    """Queries share the bulk lane; background work goes one text per forward."""
-    shared = Embedder(EmbedderConfig(cache_dir=model_cache, query_threads=0, background_chunk=1))
+    """Queries and background work share the bulk lane; background work goes one text per
+    forward."""
+    config = EmbedderConfig(
+        cache_dir=model_cache, query_threads=0, background_threads=0, background_chunk=1
+    )
+    shared = Embedder(config)
     yield shared
     shared.close()
 
@@ -129,3 +134,28 @@ def test_queries_have_their_own_lane(embedder):
     assert _background_before(embedder, "query", "query", since) < 64
     for worker in workers:
         worker.join()
+
+
+def test_background_work_has_a_lane_of_its_own(embedder):
+    """Enrichment's forwards run on the background lane (a thread with a one-thread session),
+    so neither a search's query nor an add queues behind them."""
+    since = _next_serial(embedder)
+    workers, _ = _background(embedder, count=512, threads=1)
+    embedder.embed(["a new note someone is waiting to store"])
+    embedder.embed_query("what did we talk about in May?")
+    served = [entry for serial, *entry in embedder.stats().served if serial >= since]
+    assert {lane for lane, kind in served if kind == "background"} == {"background"}
+    assert ["bulk", "write"] in served and ["query", "query"] in served
+    # Both were served before the batch's remaining chunks: 512 texts are 64 forwards of 8.
+    assert _background_before(embedder, "bulk", "write", since) < 64
+    for worker in workers:
+        worker.join()
+
+
+def test_background_embedding_pauses_before_each_chunk(embedder):
+    """The caller's `pause` runs before every background forward: 20 texts are 3 chunks."""
+    calls: list[int] = []
+    texts = [f"note {i} about the lake" for i in range(20)]
+    vectors = embedder.embed_background(texts, pause=lambda: calls.append(len(calls)))
+    assert calls == [0, 1, 2]
+    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-5)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -220,3 +221,39 @@ def test_add_delete_churn_compacts_rows_and_the_graph(embedder):
         if cycle % period == 0:
             assert index.footprint() == initial
             assert index.search(query, QUERY, 4) == baseline
+
+
+def test_a_search_does_not_wait_for_a_whole_change_set():
+    """An enrichment batch re-applies many notes at once; a search that comes while it is
+    being applied gets in between two notes instead of waiting for all of them, so it can see
+    the batch part-way (and each note whole: before or after its change)."""
+    items = docs(400, dim=64)
+    index = CubeIndex(64, "test:1", HnswConfig(), RetrievalConfig())
+    index.load_rows(items, generation=1)
+    index.rebuild_ann()
+    rng = np.random.default_rng(1)
+    changed = [
+        IndexedDoc(d.seq, f"{d.text} enriched", unit(rng.normal(size=64)), d.session_id,
+                   d.timestamp, d.metadata)
+        for d in items
+    ]  # fmt: skip
+    seen: list[int] = []
+    started, applied = threading.Event(), threading.Event()
+
+    def search_until_applied() -> None:
+        while True:
+            done = applied.is_set()
+            hits = index.search(unit(rng.normal(size=64)), "enriched", 400, mode="lexical")
+            seen.append(len(hits))
+            started.set()
+            if done:
+                return
+
+    reader = threading.Thread(target=search_until_applied)
+    reader.start()
+    started.wait(30)
+    index.apply(changed, [], generation=2)
+    applied.set()
+    reader.join(60)
+    assert seen[-1] == 400 and index.generation == 2
+    assert any(0 < n < 400 for n in seen), f"searches saw only {sorted(set(seen))}"
