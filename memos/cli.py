@@ -12,7 +12,7 @@ Heavy imports (the daemon, settings and through them torch) happen inside the co
 them, so `memos --help` and the client commands start fast. SDK errors print
 `error: <code>: <message>` on stderr and exit 1, without a traceback. What the commands share
 is in `memos.cli_support` (imported under the short private names the commands use); `import`
-and `export` are in `memos.cli_jsonl`.
+and `export` are in `memos.cli_jsonl`, `chat` in `memos.cli_chat`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from memos.cli_chat import chat
 from memos.cli_jsonl import export, import_
 from memos.cli_support import DEFAULT_TIMEOUT_S, CliTarget, DateOpt, JsonOpt, SessionOpt
 from memos.cli_support import fail as _fail
@@ -470,3 +471,7 @@ def generate(
 
 app.command("import")(import_)
 app.command()(export)
+
+# --------------------------------------------------------------------------- chat
+
+app.command()(chat)

@@ -117,7 +117,10 @@ def test_a_chat_session_sends_streams_reads_back_resumes_and_deletes(
     with pytest.raises(NotFound):
         resumed.refresh()
     assert client.list_chats(cube.id) == []
-    assert [m.id for m in client.iter_memories(cube.id)] == [painted.id, volunteers.id]  # turns purged
+    assert [m.id for m in client.iter_memories(cube.id)] == [
+        painted.id,
+        volunteers.id,
+    ]  # turns purged
 
 
 def test_a_chat_on_an_existing_session_reads_every_page_of_its_history(
