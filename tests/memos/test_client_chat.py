@@ -199,7 +199,8 @@ async def test_async_chat_session(aclient: AsyncMemosClient, client: MemosClient
 
     history = await chat.history()
     assert [(m.role, m.speaker) for m in history] == [
-        ("user", "Caroline"), ("assistant", "assistant"), ("user", "user"), ("assistant", "assistant")
+        ("user", "Caroline"), ("assistant", "assistant"),
+        ("user", "user"), ("assistant", "assistant"),
     ]  # fmt: skip
     resumed = await aclient.chat(cube.id, chat_id=chat.id)
     assert (await resumed.refresh()).turns == 4
