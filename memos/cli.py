@@ -472,6 +472,18 @@ def generate(
 app.command("import")(import_)
 app.command()(export)
 
-# --------------------------------------------------------------------------- chat
+# --------------------------------------------------------------------------- chat, MCP
 
 app.command()(chat)
+
+
+@app.command()
+def mcp(ctx: typer.Context) -> None:
+    """Serve the Model Context Protocol on stdin/stdout (for agents and IDEs): tools
+    `add_memories`, `search` and `chat`, acting with this CLI's key on the daemon at its URL
+    (`MEMOS_API_KEY`, `MEMOS_URL`)."""
+    from memos.cli_support import admin_key, daemon_url
+    from memos.mcp_server import serve_stdio  # lazy: the mcp package is only needed here
+
+    target: CliTarget = ctx.obj
+    serve_stdio(target.url or daemon_url(), target.api_key or admin_key(), target.timeout)
