@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,10 @@ def cube(client: MemosClient) -> Cube:
     return client.create_cube("mcp")
 
 
-@pytest.fixture
-async def mcp(daemon: Any, user: User) -> AsyncIterator[Client]:
-    """An MCP client session with a `memos mcp` process acting as `user`."""
+@asynccontextmanager
+async def memos_mcp(daemon: Any, user: User) -> AsyncIterator[Client]:
+    """An MCP client session with a `memos mcp` process acting as `user` (not a fixture:
+    the client's task group must be left in the task that entered it)."""
     env = {"MEMOS_URL": daemon.url, "MEMOS_API_KEY": str(user.api_key), "PYTHONPATH": str(ROOT)}
     params = StdioServerParameters(
         command=sys.executable, args=["-m", "memos", "mcp"], env=env, cwd=ROOT
@@ -51,13 +53,19 @@ async def mcp(daemon: Any, user: User) -> AsyncIterator[Client]:
 
 
 def _error_text(result: Any) -> str:
+    """A failed call's message, without the `Error executing tool NAME: ` the SDK puts first."""
     assert result.is_error, result
-    return str(result.content[0].text)
+    return str(result.content[0].text).split(": ", 1)[1]
 
 
 async def test_the_tools_store_search_and_chat_as_the_callers_key(
-    mcp: Client, client: MemosClient, cube: Cube
+    daemon: Any, user: User, client: MemosClient, cube: Cube
 ) -> None:
+    async with memos_mcp(daemon, user) as mcp:
+        await _store_search_and_chat(mcp, client, cube)
+
+
+async def _store_search_and_chat(mcp: Client, client: MemosClient, cube: Cube) -> None:
     listed = await mcp.list_tools()
     assert {t.name for t in listed.tools} == {"add_memories", "search", "chat"}
 
@@ -100,8 +108,13 @@ async def test_the_tools_store_search_and_chat_as_the_callers_key(
 
 
 async def test_refusals_are_tool_errors_and_change_nothing(
-    mcp: Client, daemon: Any, client: MemosClient, cube: Cube
+    daemon: Any, user: User, client: MemosClient, cube: Cube
 ) -> None:
+    async with memos_mcp(daemon, user) as mcp:
+        await _refusals(mcp, daemon, client, cube)
+
+
+async def _refusals(mcp: Client, daemon: Any, client: MemosClient, cube: Cube) -> None:
     # Another user's cube is not found for this key, as everywhere.
     with MemosClient(daemon.url, api_key=daemon.admin_key) as admin:
         theirs = admin.create_cube(f"not-yours-{uuid.uuid4().hex[:6]}")
