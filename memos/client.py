@@ -1110,11 +1110,16 @@ class AsyncMemosClient(_Api):
     """
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float | None = 30.0
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport`: httpx's, e.g. `httpx.ASGITransport(app)` to call an app in process."""
         super().__init__(base_url, api_key)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
         )
 
     async def __aenter__(self) -> Self:

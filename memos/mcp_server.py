@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
@@ -36,8 +36,9 @@ INSTRUCTIONS = (
 )
 MAX_CONTENTS = 1000  # the REST batch bound; more is refused before anything is sent
 
-# Hands each tool call a client acting for the caller (opened and closed around the call).
-ClientFactory = Callable[[], AbstractAsyncContextManager[AsyncMemosClient]]
+# Hands each tool call a client acting for the caller of that call (opened and closed around
+# it); the tool's `Context` tells an HTTP transport which request, hence which key, it serves.
+ClientFactory = Callable[[Context], AbstractAsyncContextManager[AsyncMemosClient]]
 
 
 class Stored(BaseModel):
@@ -78,10 +79,11 @@ def build_server(client: ClientFactory) -> MCPServer:
         contents: Annotated[list[str], Field(min_length=1, max_length=MAX_CONTENTS)],
         session_id: str | None = None,
         speaker: str | None = None,
+        ctx: Context | None = None,
     ) -> Stored:
         """Store notes in a cube (one memory per content, all or none)."""
         items = [{"content": c, "session_id": session_id, "speaker": speaker} for c in contents]
-        async with _acting(client) as sdk:
+        async with _acting(client, ctx) as sdk:
             stored = await sdk.add_memories(cube_id, items)
         return Stored(memory_ids=[m.id for m in stored])
 
@@ -90,9 +92,10 @@ def build_server(client: ClientFactory) -> MCPServer:
         cube_id: CubeId,
         query: str,
         top_k: Annotated[int, Field(ge=1, le=100)] = 5,
+        ctx: Context | None = None,
     ) -> Found:
         """The cube's notes most relevant to `query`, best first."""
-        async with _acting(client) as sdk:
+        async with _acting(client, ctx) as sdk:
             result = await sdk.search(cube_id, query, top_k=top_k)
         return Found(
             hits=[
@@ -115,10 +118,11 @@ def build_server(client: ClientFactory) -> MCPServer:
             str | None, Field(description="continue this chat; omit to open a new one")
         ] = None,
         max_tokens: Annotated[int | None, Field(ge=1, le=65_536)] = None,
+        ctx: Context | None = None,
     ) -> Turn:
         """One chat turn with the daemon's model: notes relevant to `message` are recalled
         into the prompt, and both the message and the reply are stored in the cube."""
-        async with _acting(client) as sdk:
+        async with _acting(client, ctx) as sdk:
             session = await sdk.chat(cube_id, chat_id=chat_id)
             reply = await session.send(message, max_tokens=max_tokens)
             recalled = await _notes(sdk, cube_id, reply)
@@ -133,10 +137,11 @@ def build_server(client: ClientFactory) -> MCPServer:
 
 
 @asynccontextmanager
-async def _acting(client: ClientFactory) -> AsyncIterator[AsyncMemosClient]:
+async def _acting(client: ClientFactory, ctx: Context | None) -> AsyncIterator[AsyncMemosClient]:
     """The caller's client for one tool call; SDK errors become tool errors (`code: message`)."""
+    assert ctx is not None, "MCPServer hands every tool call its Context"
     try:
-        async with client() as sdk:
+        async with client(ctx) as sdk:
             yield sdk
     except MemosError as exc:
         raise ToolError(f"{exc.code}: {exc.message}") from exc
@@ -162,7 +167,7 @@ def fixed_client(url: str, api_key: str | None, timeout: float) -> ClientFactory
     """One key for every call: the stdio server, run by the user it acts for."""
 
     @asynccontextmanager
-    async def open_client() -> AsyncIterator[AsyncMemosClient]:
+    async def open_client(_: Context) -> AsyncIterator[AsyncMemosClient]:
         async with AsyncMemosClient(url, api_key=api_key, timeout=timeout) as sdk:
             yield sdk
 
