@@ -132,3 +132,27 @@ def test_a_real_process_with_piped_stdin_answers_each_line_and_ends_at_eof(
     history = client.chat(cube.id, chat_id=chat_id).history()
     assert [m.content for m in history[::2]] == ["Hello there!", "How are you?"]
     assert done.stdout == f"{history[1].content}\n{history[3].content}\n"
+
+
+def test_on_a_terminal_it_prompts_streams_and_quits(
+    daemon: Any, user: User, client: MemosClient, cube: Cube
+) -> None:
+    env = {**os.environ, "MEMOS_URL": daemon.url, "MEMOS_API_KEY": str(user.api_key)}
+    terminal, its_end = os.openpty()  # stdin is a terminal: the REPL prompts
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "memos", "chat", cube.id, "--max-tokens", "4", "--show-notes"],
+            stdin=its_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+            text=True,
+        )  # fmt: skip
+        os.close(its_end)
+        os.write(terminal, b"Hello there!\n/quit\nnever sent\n")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        os.close(terminal)
+    assert proc.returncode == 0, err
+    chat_id = _opened(err, cube.id)
+    assert err.splitlines()[1].startswith("/notes: ")  # the commands, shown on a terminal
+    history = client.chat(cube.id, chat_id=chat_id).history()
+    assert [m.content for m in history[::2]] == ["Hello there!"]
+    assert out == f"you> {history[1].content}\n  (no notes recalled)\nyou> "
