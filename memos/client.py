@@ -210,6 +210,7 @@ class Chat(_Model):
     recall: ChatRecall | None = None
     max_context_tokens: int | None = None
     sampling: ChatSampling | None = None
+    backend: str | None = None  # "local" (the daemon's model, KV reuse) or "openai"
     turns: int  # memories in the chat's session: both sides of each turn
     created_at: datetime
     last_active_at: datetime
@@ -723,14 +724,19 @@ class _Routes:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        backend: str | None = None,
     ) -> _Call[Chat]:
         """Writer+. Open a chat; `client.chat(...)` wraps this in a `ChatSession`.
 
-        `recall_filters` are `search`'s (`session_id`, `since`, `until`, `metadata`); None
-        leaves a setting at the server's default.
+        `recall_filters` are `search`'s (`session_id`, `since`, `until`, `metadata`);
+        `backend` is "local" or "openai" (the daemon's configured endpoint). None leaves a
+        setting at the server's default.
         """
         body: dict[str, Any] = _drop_none(
-            system=system, session_id=session_id, max_context_tokens=max_context_tokens
+            system=system,
+            session_id=session_id,
+            max_context_tokens=max_context_tokens,
+            backend=backend,
         )
         if recall_top_k is not None or recall_filters is not None:
             body["recall"] = _drop_none(
@@ -1052,6 +1058,7 @@ class MemosClient(_Api):
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        backend: str | None = None,
     ) -> ChatSession:
         """A `ChatSession`: a new chat on the cube, or with `chat_id` that existing chat,
         resumed (`NotFound` if there is none; the settings are then the chat's own, so giving
@@ -1068,6 +1075,7 @@ class MemosClient(_Api):
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            backend=backend,
         )
         if chat_id is None:
             return ChatSession(self, self.create_chat(cube_id, **options))
@@ -1215,6 +1223,7 @@ class AsyncMemosClient(_Api):
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        backend: str | None = None,
     ) -> AsyncChatSession:
         """`MemosClient.chat`, awaited: an `AsyncChatSession`."""
         from memos.client_chat import AsyncChatSession
@@ -1228,6 +1237,7 @@ class AsyncMemosClient(_Api):
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            backend=backend,
         )
         if chat_id is None:
             return AsyncChatSession(self, await self.create_chat(cube_id, **options))

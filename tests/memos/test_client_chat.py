@@ -76,7 +76,7 @@ def test_a_chat_session_sends_streams_reads_back_resumes_and_deletes(
     assert chat.session_id == chat.id and chat.info.turns == 0 and chat.info.system == SYSTEM
     assert chat.info.recall is not None and chat.info.recall.top_k == 2
     assert chat.info.sampling is not None and chat.info.sampling.seed == 7
-    assert chat.info.max_context_tokens == 512
+    assert chat.info.max_context_tokens == 512 and chat.info.backend == "local"
 
     first = chat.send("What does Melanie paint?", max_tokens=4)
     assert isinstance(first, ChatReply) and first.reply
