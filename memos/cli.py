@@ -12,7 +12,7 @@ Heavy imports (the daemon, settings and through them torch) happen inside the co
 them, so `memos --help` and the client commands start fast. SDK errors print
 `error: <code>: <message>` on stderr and exit 1, without a traceback. What the commands share
 is in `memos.cli_support` (imported under the short private names the commands use); `import`
-and `export` are in `memos.cli_jsonl`.
+and `export` are in `memos.cli_jsonl`, `chat` in `memos.cli_chat`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from memos.cli_chat import chat
 from memos.cli_jsonl import export, import_
 from memos.cli_support import DEFAULT_TIMEOUT_S, CliTarget, DateOpt, JsonOpt, SessionOpt
 from memos.cli_support import fail as _fail
@@ -470,3 +471,19 @@ def generate(
 
 app.command("import")(import_)
 app.command()(export)
+
+# --------------------------------------------------------------------------- chat, MCP
+
+app.command()(chat)
+
+
+@app.command()
+def mcp(ctx: typer.Context) -> None:
+    """Serve the Model Context Protocol on stdin/stdout (for agents and IDEs): tools
+    `add_memories`, `search` and `chat`, acting with this CLI's key on the daemon at its URL
+    (`MEMOS_API_KEY`, `MEMOS_URL`)."""
+    from memos.cli_support import admin_key, daemon_url
+    from memos.mcp_server import serve_stdio  # lazy: the mcp package is only needed here
+
+    target: CliTarget = ctx.obj
+    serve_stdio(target.url or daemon_url(), target.api_key or admin_key(), target.timeout)

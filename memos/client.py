@@ -24,13 +24,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from memos import __version__
+
+if TYPE_CHECKING:
+    from memos.client_chat import AsyncChatSession, ChatSession
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 MAX_PAGE_SIZE = 500  # the server's cap on `?limit=`; used when the SDK walks all pages itself
@@ -186,6 +189,61 @@ class Generation(_Model):
     finish_reason: str | None = None  # "stop" or "length"
 
 
+class ChatRecall(_Model):
+    top_k: int  # notes recalled a turn (0: none)
+    filters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChatSampling(_Model):
+    temperature: float
+    top_p: float
+    seed: int | None = None
+
+
+class Chat(_Model):
+    """A chat on a cube: its turns are memories of `session_id` (default: the chat's id)."""
+
+    id: str
+    cube_id: str
+    session_id: str
+    system: str | None = None
+    recall: ChatRecall | None = None
+    max_context_tokens: int | None = None
+    sampling: ChatSampling | None = None
+    backend: str | None = None  # "local" (the daemon's model, KV reuse) or "openai"
+    turns: int  # memories in the chat's session: both sides of each turn
+    created_at: datetime
+    last_active_at: datetime
+
+
+class ChatMessage(_Model):
+    memory_id: str
+    role: str  # "user" or "assistant"
+    speaker: str | None = None
+    content: str
+    timestamp: datetime
+
+
+class Citation(_Model):
+    """A note recalled into a turn's prompt, with its search score."""
+
+    memory_id: str
+    score: float
+
+
+class ChatReply(_Model):
+    """One answered turn. The memory ids are None when the turn was not stored."""
+
+    reply: str
+    user_memory_id: str | None = None
+    assistant_memory_id: str | None = None
+    recalled: list[Citation] = Field(default_factory=list)
+    ttft_ms: float
+    prompt_tokens: int
+    reused_tokens: int  # of `prompt_tokens`, already in the chat's KV prefix
+    finish_reason: str  # "stop" or "length" (stored); "cancelled" (not stored)
+
+
 class Job(_Model):
     name: str
     next_run_at: datetime | None = None
@@ -246,6 +304,10 @@ class Conflict(MemosError):
 
 class ActivationMismatch(Conflict):
     """409 `activation_mismatch`: the activation was built by another model, tokenizer or dtype."""
+
+
+class ChatBusy(Conflict):
+    """409 `chat_busy`: the chat is answering another message; send when that turn is done."""
 
 
 class PreconditionFailed(MemosError):
@@ -310,6 +372,12 @@ _TOO_MANY: dict[str, type[TooManyRequests]] = {
 }
 
 
+_CONFLICTS: dict[str, type[Conflict]] = {
+    "activation_mismatch": ActivationMismatch,
+    "chat_busy": ChatBusy,
+}
+
+
 def error_from_response(response: httpx.Response) -> MemosError:
     """The typed exception for a non-2xx reply, from `{"error": {"code", "message"}}` if present.
 
@@ -340,8 +408,8 @@ def error_from_response(response: httpx.Response) -> MemosError:
         elif "detail" in body:
             detail = body["detail"]
             message = detail if isinstance(detail, str) else json.dumps(detail)
-    if status == 409 and code == "activation_mismatch":
-        cls = ActivationMismatch
+    if status == 409:
+        cls = _CONFLICTS.get(code, cls)
     if status == 429:
         too_many = _TOO_MANY.get(code, TooManyRequests)
         return too_many(
@@ -440,6 +508,14 @@ def _if_match(version: int | str | None) -> dict[str, str] | None:
 def _memory_input(item: MemoryInput | Mapping[str, Any]) -> dict[str, Any]:
     model = item if isinstance(item, MemoryInput) else MemoryInput.model_validate(item)
     return model.model_dump(mode="json", exclude_none=True)
+
+
+def _chat_message(
+    content: str, speaker: str | None, timestamp: datetime | str | None, max_tokens: int | None
+) -> dict[str, Any]:
+    return _drop_none(
+        content=content, speaker=speaker, timestamp=_iso(timestamp), max_tokens=max_tokens
+    )
 
 
 class _Routes:
@@ -637,6 +713,75 @@ class _Routes:
         user has no grant."""
         return _Call("DELETE", _path("cubes", cube_id, "grants", user_id), _nothing)
 
+    @staticmethod
+    def create_chat(
+        cube_id: str,
+        system: str | None = None,
+        session_id: str | None = None,
+        recall_top_k: int | None = None,
+        recall_filters: Mapping[str, Any] | None = None,
+        max_context_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        backend: str | None = None,
+    ) -> _Call[Chat]:
+        """Writer+. Open a chat; `client.chat(...)` wraps this in a `ChatSession`.
+
+        `recall_filters` are `search`'s (`session_id`, `since`, `until`, `metadata`);
+        `backend` is "local" or "openai" (the daemon's configured endpoint). None leaves a
+        setting at the server's default.
+        """
+        body: dict[str, Any] = _drop_none(
+            system=system,
+            session_id=session_id,
+            max_context_tokens=max_context_tokens,
+            backend=backend,
+        )
+        if recall_top_k is not None or recall_filters is not None:
+            body["recall"] = _drop_none(
+                top_k=recall_top_k,
+                filters=dict(recall_filters) if recall_filters is not None else None,
+            )
+        if sampling := _drop_none(temperature=temperature, top_p=top_p, seed=seed):
+            body["sampling"] = sampling
+        return _Call("POST", _path("cubes", cube_id, "chats"), _one(Chat), body=body)
+
+    @staticmethod
+    def get_chat(cube_id: str, chat_id: str) -> _Call[Chat]:
+        return _Call("GET", _path("cubes", cube_id, "chats", chat_id), _one(Chat))
+
+    @staticmethod
+    def delete_chat(cube_id: str, chat_id: str, purge: bool = False) -> _Call[None]:
+        """Writer+. The chat goes; its turns stay as memories unless `purge=True`.
+        `ChatBusy` while a turn runs."""
+        params = {"purge": "true"} if purge else None
+        return _Call("DELETE", _path("cubes", cube_id, "chats", chat_id), _nothing, params=params)
+
+    @staticmethod
+    def list_chat_messages(
+        cube_id: str, chat_id: str, limit: int | None = None, cursor: str | None = None
+    ) -> _Call[Page[ChatMessage]]:
+        """One page of the chat's turns, oldest first; `ChatSession.history` walks them all."""
+        path = _path("cubes", cube_id, "chats", chat_id, "messages")
+        params = _drop_none(limit=limit, cursor=cursor)
+        return _Call("GET", path, _page(ChatMessage), params=params)
+
+    @staticmethod
+    def send_chat_message(
+        cube_id: str,
+        chat_id: str,
+        content: str,
+        speaker: str | None = None,
+        timestamp: datetime | str | None = None,
+        max_tokens: int | None = None,
+    ) -> _Call[ChatReply]:
+        """Writer+. One turn: the model answers and both turns are stored (see `ChatSession`).
+        `ChatBusy` while another turn of the chat runs."""
+        path = _path("cubes", cube_id, "chats", chat_id, "messages")
+        body = _chat_message(content, speaker, timestamp, max_tokens)
+        return _Call("POST", path, _one(ChatReply), body=body)
+
     # Lists that the clients walk to the end themselves (see `_walk`).
 
     @staticmethod
@@ -664,6 +809,11 @@ class _Routes:
     def list_grants(cube_id: str, cursor: str | None) -> _Call[Page[Grant]]:
         path = _path("cubes", cube_id, "grants")
         return _Call("GET", path, _page(Grant), params=_drop_none(cursor=cursor))
+
+    @staticmethod
+    def list_chats(cube_id: str, cursor: str | None) -> _Call[Page[Chat]]:
+        path = _path("cubes", cube_id, "chats")
+        return _Call("GET", path, _page(Chat), params=_drop_none(cursor=cursor))
 
 
 # --------------------------------------------------------------------------- clients
@@ -722,11 +872,12 @@ class _ServerSentEvents:
         return None
 
 
-def _piece_or_result(event: str, data: Any) -> str | Generation:
-    if event == "error":  # decoding failed after the stream began
+def _piece_or_result(event: str, data: Any, parse: Callable[[Any], M]) -> str | M:
+    """A `piece` event's text, or the `done` event's body parsed; an `error` event raises."""
+    if event == "error":  # decoding failed after the stream began; nothing was stored
         err = data.get("error", {}) if isinstance(data, dict) else {}
         raise ServerError(str(err.get("message")), code=str(err.get("code", "error")))
-    return str(data["text"]) if event == "piece" else Generation.model_validate(data)
+    return str(data["text"]) if event == "piece" else parse(data)
 
 
 def _stream_body(prompt: str, activation_id: str | None, max_tokens: int | None) -> dict[str, Any]:
@@ -760,6 +911,11 @@ class _Api:
     create_key = _Endpoint(_Routes.create_key)
     revoke_key = _Endpoint(_Routes.revoke_key)
     revoke_grant = _Endpoint(_Routes.revoke_grant)
+    create_chat = _Endpoint(_Routes.create_chat)
+    get_chat = _Endpoint(_Routes.get_chat)
+    delete_chat = _Endpoint(_Routes.delete_chat)
+    list_chat_messages = _Endpoint(_Routes.list_chat_messages)
+    send_chat_message = _Endpoint(_Routes.send_chat_message)
 
     def __init__(self, base_url: str, api_key: str | None) -> None:
         self.base_url = base_url.rstrip("/")
@@ -871,6 +1027,11 @@ class MemosClient(_Api):
         """`generate`, streamed: text pieces as they are decoded, then the `Generation`."""
         path = _path("cubes", cube_id, "generate")
         body = _stream_body(prompt, activation_id, max_tokens)
+        for event, data in self._events(path, body):
+            yield _piece_or_result(event, data, Generation.model_validate)
+
+    def _events(self, path: str, body: Any) -> Iterator[tuple[str, Any]]:
+        """POST `body` and yield the reply's server-sent events; a non-2xx reply raises."""
         with self._http.stream("POST", path, json=body) as response:
             if not response.is_success:
                 response.read()
@@ -878,7 +1039,49 @@ class MemosClient(_Api):
             events = _ServerSentEvents()
             for line in response.iter_lines():
                 if (complete := events.feed(line)) is not None:
-                    yield _piece_or_result(*complete)
+                    yield complete
+
+    def list_chats(self, cube_id: str) -> list[Chat]:
+        """The cube's chats, oldest first (reader+)."""
+        return list(self._walk(lambda c: _Routes.list_chats(cube_id, c)))
+
+    def chat(
+        self,
+        cube_id: str,
+        chat_id: str | None = None,
+        *,
+        system: str | None = None,
+        session_id: str | None = None,
+        recall_top_k: int | None = None,
+        recall_filters: Mapping[str, Any] | None = None,
+        max_context_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        backend: str | None = None,
+    ) -> ChatSession:
+        """A `ChatSession`: a new chat on the cube, or with `chat_id` that existing chat,
+        resumed (`NotFound` if there is none; the settings are then the chat's own, so giving
+        any is a `TypeError`). `recall_filters` are `search`'s filters; None leaves a setting at
+        the server's default (`ChatSession.info` shows what it chose)."""
+        from memos.client_chat import ChatSession
+
+        options = _drop_none(
+            system=system,
+            session_id=session_id,
+            recall_top_k=recall_top_k,
+            recall_filters=recall_filters,
+            max_context_tokens=max_context_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            backend=backend,
+        )
+        if chat_id is None:
+            return ChatSession(self, self.create_chat(cube_id, **options))
+        if options:
+            raise TypeError(f"a resumed chat keeps its own settings; got {sorted(options)}")
+        return ChatSession(self, self.get_chat(cube_id, chat_id))
 
     def wait_activation(
         self, cube_id: str, activation_id: str, timeout: float = 600.0, poll: float = 0.5
@@ -915,11 +1118,16 @@ class AsyncMemosClient(_Api):
     """
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float | None = 30.0
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport`: httpx's, e.g. `httpx.ASGITransport(app)` to call an app in process."""
         super().__init__(base_url, api_key)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
         )
 
     async def __aenter__(self) -> Self:
@@ -985,6 +1193,11 @@ class AsyncMemosClient(_Api):
         """`generate`, streamed: text pieces as they are decoded, then the `Generation`."""
         path = _path("cubes", cube_id, "generate")
         body = _stream_body(prompt, activation_id, max_tokens)
+        async for event, data in self._events(path, body):
+            yield _piece_or_result(event, data, Generation.model_validate)
+
+    async def _events(self, path: str, body: Any) -> AsyncIterator[tuple[str, Any]]:
+        """POST `body` and yield the reply's server-sent events; a non-2xx reply raises."""
         async with self._http.stream("POST", path, json=body) as response:
             if not response.is_success:
                 await response.aread()
@@ -992,7 +1205,45 @@ class AsyncMemosClient(_Api):
             events = _ServerSentEvents()
             async for line in response.aiter_lines():
                 if (complete := events.feed(line)) is not None:
-                    yield _piece_or_result(*complete)
+                    yield complete
+
+    async def list_chats(self, cube_id: str) -> list[Chat]:
+        return [c async for c in self._walk(lambda c: _Routes.list_chats(cube_id, c))]
+
+    async def chat(
+        self,
+        cube_id: str,
+        chat_id: str | None = None,
+        *,
+        system: str | None = None,
+        session_id: str | None = None,
+        recall_top_k: int | None = None,
+        recall_filters: Mapping[str, Any] | None = None,
+        max_context_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        backend: str | None = None,
+    ) -> AsyncChatSession:
+        """`MemosClient.chat`, awaited: an `AsyncChatSession`."""
+        from memos.client_chat import AsyncChatSession
+
+        options = _drop_none(
+            system=system,
+            session_id=session_id,
+            recall_top_k=recall_top_k,
+            recall_filters=recall_filters,
+            max_context_tokens=max_context_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            backend=backend,
+        )
+        if chat_id is None:
+            return AsyncChatSession(self, await self.create_chat(cube_id, **options))
+        if options:
+            raise TypeError(f"a resumed chat keeps its own settings; got {sorted(options)}")
+        return AsyncChatSession(self, await self.get_chat(cube_id, chat_id))
 
     async def wait_activation(
         self, cube_id: str, activation_id: str, timeout: float = 600.0, poll: float = 0.5

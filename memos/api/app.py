@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from memos import __version__
 from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
+from memos.api.mcp_http import PATH, McpEndpoint
 from memos.api.middleware import Metrics, RequestMiddleware
 from memos.api.routes import activations, chats, cubes, keys, memories, openai, ops, users
 from memos.daemon import Daemon
@@ -20,7 +22,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         daemon.start()
         try:
-            yield
+            async with mcp.running():
+                yield
         finally:
             daemon.stop()
 
@@ -40,6 +43,10 @@ def create_app(daemon: Daemon) -> FastAPI:
         app.include_router(module.router)
     openapi.install(app, daemon.settings)
     docs.install(app)
+    mcp = McpEndpoint(app, daemon)
+    app.router.routes.append(
+        Route(PATH, mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    )
     app.add_middleware(
         RequestMiddleware,
         metrics=app.state.metrics,
