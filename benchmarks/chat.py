@@ -402,15 +402,23 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/locomo/locomo_dev.json"))
     parser.add_argument("--conversation", default="conv-26", help="a sample_id of the file")
     parser.add_argument("--sessions", type=int, default=4, help="sessions imported as notes")
-    parser.add_argument("--history-tokens", type=int, default=1500,
-                        help="the chat's history before its first turn (later sessions' turns)")  # fmt: skip
-    parser.add_argument("--turns", type=int, default=40)
+    parser.add_argument(
+        "--history-tokens",
+        type=int,
+        default=1700,
+        help="the chat's history before its first turn (later sessions' turns)",
+    )
+    parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--max-context-tokens", type=int, default=4096)
     parser.add_argument("--near", type=int, default=256, help="'~2K' is 2048 +- this many tokens")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, in the daemon and here (1: steadier on a busy CPU)")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, in the daemon and here (1: steadier on a busy CPU)",
+    )
     parser.add_argument("--json", type=Path, help="write the turns and the summary here")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the daemon")
     args = parser.parse_args()
