@@ -295,12 +295,11 @@ def run_turns(
         naive.sync(history_ids)
         naive_ms, _ = naive.first_token_ms(turn_ids)
 
-        search = daemon.call(
-            "POST",
-            f"/v1/cubes/{cube}/search",
-            json={"query": question.text, "top_k": args.top_k, "filters": {"metadata": NOTES}},
-        )
-        searched = [dia.get(h["memory"]["id"], "") for h in search["hits"]]
+        searched: list[str] = []
+        if args.top_k:  # (top_k 0: no recall, so nothing to compare)
+            body = {"query": question.text, "top_k": args.top_k, "filters": {"metadata": NOTES}}
+            search = daemon.call("POST", f"/v1/cubes/{cube}/search", json=body)
+            searched = [dia.get(h["memory"]["id"], "") for h in search["hits"]]
         recalled = [dia.get(item["memory_id"], "") for item in reply["recalled"]]
         rows.append(
             {
