@@ -162,6 +162,7 @@ class Daemon:
 
     def _erased(self, cube_id: str, session_id: str | None) -> None:
         self.activations.loaded.drop_cube(cube_id)  # the erased memory's activations went
+        self.activations.dequantized.drop_cube(cube_id)
         if session_id is not None:
             self.chats.drop_session(cube_id, session_id)
 
