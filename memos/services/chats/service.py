@@ -339,16 +339,20 @@ class ChatService:
     def _recall(
         self, principal: Principal, chat: ChatRecord, query: str, shown: set[str]
     ) -> list[Note]:
+        """The chat's top_k notes for `query`, as a search with that top_k ranks them; only
+        when some of those are turns already in the window is a larger pool asked for (the
+        ranking depends on the pool: fusion standardises over the candidates it scores)."""
         top_k = int(chat.spec.recall.get("top_k", 0))
         if top_k <= 0 or not query.strip():
             return []
-        pool = min(self.search.max_top_k, top_k + len(shown))
-        result = self.search.search(
-            principal, chat.cube_id, query, pool, filters_of(chat.spec.recall.get("filters", {}))
-        )
+        filters = filters_of(chat.spec.recall.get("filters", {}))
+        hits = self.search.search(principal, chat.cube_id, query, top_k, filters).hits
+        if any(h.memory.id in shown for h in hits):
+            pool = min(self.search.max_top_k, top_k + len(shown))
+            hits = self.search.search(principal, chat.cube_id, query, pool, filters).hits
         notes = [
             Note(h.memory.id, h.score, h.memory.speaker, h.memory.timestamp, h.memory.content)
-            for h in result.hits
+            for h in hits
             if h.memory.id not in shown
         ]
         return notes[:top_k]

@@ -282,3 +282,28 @@ def test_a_message_over_the_prompt_limit_is_413_and_stores_nothing(tenant, conte
     r = client.post(f"/v1/cubes/{cube_id}/chats/{chat['id']}/messages", json={"content": content})
     assert r.status_code == 413
     assert client.get(f"/v1/cubes/{cube_id}/chats/{chat['id']}/messages").json()["items"] == []
+
+
+def test_recall_is_the_searchs_top_k_when_the_window_holds_none_of_it(tenant):
+    """The notes a turn recalls are those a search with the chat's top_k and filters ranks
+    first (asking search for a larger pool would rank differently)."""
+    client, cube_id = tenant
+    facts = [
+        "Caroline went to the LGBTQ support group on Tuesday.",
+        "Melanie painted a sunrise over the lake last week.",
+        "Caroline is researching adoption agencies.",
+        "Melanie's kids love pottery and camping.",
+        "Caroline gave a talk at a school about her journey.",
+        "Melanie ran a charity race for mental health.",
+    ]
+    items = [{"content": f, "metadata": {"kind": "note"}} for f in facts]
+    client.post(f"/v1/cubes/{cube_id}/memories", json={"items": items})
+    filters = {"metadata": {"kind": "note"}}
+    chat = open_chat(client, cube_id, recall={"top_k": 2, "filters": filters})
+    for question in ("What did Melanie paint?", "What is Caroline researching?"):
+        reply = send(client, cube_id, chat["id"], question)
+        hits = client.post(
+            f"/v1/cubes/{cube_id}/search",
+            json={"query": question, "top_k": 2, "filters": filters},
+        ).json()["hits"]
+        assert [h["memory_id"] for h in reply["recalled"]] == [h["memory"]["id"] for h in hits]
