@@ -8,7 +8,8 @@ and forwards from many server threads would fight over the cores. Work comes in 
 A lane serves the most urgent kind first, FIFO within a kind. A caller hands a lane one bounded
 chunk at a time and waits for it, so more urgent work waits at most for the forward in flight,
 and a lane's queue never holds more than one chunk per waiting caller (callers are bounded by
-the server's thread pool).
+the server's thread pool). A kind may have a forward of its own on a lane: background work runs
+a one-thread session, so it never takes every core from the work someone waits on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import itertools
 import queue
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import IntEnum
@@ -96,11 +97,19 @@ _STOP = len(Kind)  # after every kind of work
 
 
 class Lane:
-    """One thread running `forward` on submitted batches, most urgent kind first."""
+    """One thread running `forward` on submitted batches, most urgent kind first; a kind in
+    `forwards` runs that forward instead."""
 
-    def __init__(self, name: str, forward: Forward, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        name: str,
+        forward: Forward,
+        recorder: Recorder,
+        forwards: Mapping[Kind, Forward] | None = None,
+    ) -> None:
         self.name = name
         self._forward = forward
+        self._forwards = dict(forwards or {})
         self._recorder = recorder
         self._order = itertools.count()  # FIFO among equal kinds
         self._queue: queue.PriorityQueue[tuple[int, int, dict[str, np.ndarray] | None, Future]]
@@ -134,7 +143,7 @@ class Lane:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                vectors = self._forward(batch)
+                vectors = self._forwards.get(Kind(kind), self._forward)(batch)
             except BaseException as exc:  # handed to the waiting caller
                 future.set_exception(exc)
             else:

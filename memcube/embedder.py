@@ -10,14 +10,12 @@ The forward pass is a backend plug-in (`memcube/embed_backends.py`: `onnx` by de
   so a search never waits behind an add or enrichment; adds are served before background work
   on the bulk lane (`memcube/embed_lanes.py`). With `query_threads = 0` queries share the bulk
   lane and are served first there, waiting for at most the forward in flight;
-- background work (enrichment, re-embedding) runs on a lane of its own (`background_threads`
-  > 0: a thread with its own ONNX session of that many intra-op threads, 1 by default), so it
-  never takes every core from a search's query or an add, and a caller may `pause` it before
-  each chunk. With `background_threads = 0` it shares the bulk lane, after adds. The torch
-  backends share one model and torch's thread pool between lanes, so for them the lane only
-  keeps background forwards out of the bulk lane's queue. (The lane's thread is not given a
-  lower CPU priority: on a host busy with other processes that starved enrichment, ~6x slower
-  on the shared 2-core VM.)
+- background work (enrichment, re-embedding) runs, on the bulk lane after adds, an ONNX session
+  of its own with `background_threads` intra-op threads (1 by default; 0: the bulk session with
+  every core), so it never takes every core from a search's query or an add; a caller may
+  `pause` it before each chunk. The torch backends share one model and torch's thread pool, so
+  for them it changes nothing. (The lane's thread is not given a lower CPU priority: on a host
+  busy with other processes a nice-10 thread enriched ~6x slower on the shared 2-core VM.)
 
 Vectors are float32 unit vectors, so inner product is cosine similarity.
 """
@@ -139,7 +137,10 @@ class Embedder:
         backend = load_backend(path, config)
         self.dim = backend.dim
         self._recorder = Recorder()
-        self._bulk = Lane("bulk", backend.forward, self._recorder)
+        background = {}
+        if config.background_threads:
+            background[Kind.BACKGROUND] = backend.lane_forward(config.background_threads)
+        self._bulk = Lane("bulk", backend.forward, self._recorder, background)
         self._bulk_tokenizer = _Tokenizer(path, config.max_seq_length)
         if config.query_threads:
             forward = backend.lane_forward(config.query_threads)
@@ -147,12 +148,6 @@ class Embedder:
             self._query_tokenizer = _Tokenizer(path, config.max_seq_length)
         else:
             self._query, self._query_tokenizer = self._bulk, self._bulk_tokenizer
-        if config.background_threads:
-            forward = backend.lane_forward(config.background_threads)
-            self._background = Lane("background", forward, self._recorder)
-            self._background_tokenizer = _Tokenizer(path, config.max_seq_length)
-        else:
-            self._background, self._background_tokenizer = self._bulk, self._bulk_tokenizer
         # The first forward of each lane pays one-off allocation costs.
         self.embed_one("warm-up")
         self.embed_query("warm-up")
@@ -173,12 +168,10 @@ class Embedder:
     def embed_background(
         self, texts: Sequence[str], pause: Callable[[], object] | None = None
     ) -> np.ndarray:
-        """`embed` for work nobody is waiting on: on the background lane (or after adds on the
-        bulk lane), in smaller forwards; `pause`, if given, is called before each of them
-        (the caller's chance to step aside for work someone is waiting on)."""
-        return self._embed(
-            texts, Kind.BACKGROUND, self._background, self._background_tokenizer, pause
-        )
+        """`embed` for work nobody is waiting on: served after adds, in smaller forwards (so an
+        add waits behind one small chunk) on fewer threads; `pause`, if given, is called
+        before each forward (the caller's chance to step aside for work someone waits on)."""
+        return self._embed(texts, Kind.BACKGROUND, self._bulk, self._bulk_tokenizer, pause)
 
     def embed_one(self, text: str) -> np.ndarray:
         """text -> (dim,) float32 unit vector, for a write (an edit's new content)."""
@@ -195,9 +188,8 @@ class Embedder:
     def close(self) -> None:
         """Stop the lanes' threads (in-flight calls finish first)."""
         self._bulk.close()
-        for lane in (self._query, self._background):
-            if lane is not self._bulk:
-                lane.close()
+        if self._query is not self._bulk:
+            self._query.close()
 
     def _embed(
         self,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from memcube.embed_lanes import Kind, Lane, Recorder
 from memcube.embedder import Embedder, EmbedderConfig, packaged_minilm_path
 
 TEXTS = [
@@ -62,6 +63,7 @@ def test_long_text_is_cut_before_tokenizing(embedder):
 
 
 def test_query_and_background_lanes_match_the_bulk_lane(embedder):
+    assert list(embedder._bulk._forwards) == [Kind.BACKGROUND]  # its own one-thread session
     batch = embedder.embed(TEXTS)
     np.testing.assert_allclose(embedder.embed_background(TEXTS), batch, atol=1e-5)
     for i, text in enumerate(TEXTS):
@@ -97,12 +99,8 @@ def _next_serial(embedder) -> int:
 
 @pytest.fixture(scope="module")
 def one_lane(model_cache):
-    """Queries and background work share the bulk lane; background work goes one text per
-    forward."""
-    config = EmbedderConfig(
-        cache_dir=model_cache, query_threads=0, background_threads=0, background_chunk=1
-    )
-    shared = Embedder(config)
+    """Queries share the bulk lane; background work goes one text per forward."""
+    shared = Embedder(EmbedderConfig(cache_dir=model_cache, query_threads=0, background_chunk=1))
     yield shared
     shared.close()
 
@@ -136,20 +134,23 @@ def test_queries_have_their_own_lane(embedder):
         worker.join()
 
 
-def test_background_work_has_a_lane_of_its_own(embedder):
-    """Enrichment's forwards run on the background lane (a thread with a one-thread session),
-    so neither a search's query nor an add queues behind them."""
-    since = _next_serial(embedder)
-    workers, _ = _background(embedder, count=512, threads=1)
-    embedder.embed(["a new note someone is waiting to store"])
-    embedder.embed_query("what did we talk about in May?")
-    served = [entry for serial, *entry in embedder.stats().served if serial >= since]
-    assert {lane for lane, kind in served if kind == "background"} == {"background"}
-    assert ["bulk", "write"] in served and ["query", "query"] in served
-    # Both were served before the batch's remaining chunks: 512 texts are 64 forwards of 8.
-    assert _background_before(embedder, "bulk", "write", since) < 64
-    for worker in workers:
-        worker.join()
+def test_a_kind_with_a_forward_of_its_own_runs_it_on_the_lane():
+    """How background work gets its one-thread session: the lane picks the forward by kind."""
+
+    def bulk(batch):
+        return np.zeros((len(batch["input_ids"]), 2), np.float32)
+
+    def background(batch):
+        return np.ones((len(batch["input_ids"]), 2), np.float32)
+
+    lane = Lane("bulk", bulk, Recorder(), {Kind.BACKGROUND: background})
+    batch = {"input_ids": np.zeros((3, 4), np.int64)}
+    try:
+        assert lane.run(Kind.BACKGROUND, batch).tolist() == [[1.0, 1.0]] * 3
+        assert lane.run(Kind.WRITE, batch).tolist() == [[0.0, 0.0]] * 3
+        assert lane.run(Kind.QUERY, batch).tolist() == [[0.0, 0.0]] * 3
+    finally:
+        lane.close()
 
 
 def test_background_embedding_pauses_before_each_chunk(embedder):
