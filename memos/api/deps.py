@@ -15,7 +15,9 @@ from memos.services.views import Principal
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
 
 
-def get_daemon(request: Request) -> Daemon:
+async def get_daemon(request: Request) -> Daemon:
+    """Async on purpose: FastAPI runs a plain `def` dependency on the thread pool, one more
+    thread hand-off per request (each a wait for the interpreter while enrichment runs)."""
     daemon: Daemon = request.app.state.daemon
     return daemon
 
