@@ -8,6 +8,8 @@ Modules, one concept each:
     config      RuntimeConfig, CompressionConfig (frozen pydantic, ranges checked)
     model       GGUF conversion cached as safetensors, Fingerprint
     forward     ModelRunner: the model lock, forward passes, query capture
+    turns       ModelLock: the model handed over in turn, interactive before background
+    throughput  the model's measured speed (moving averages), for estimates of work
     cache       KVCache: per-layer keys/values, token ids, original positions
     prefill     chunked prefill with progress
     prefix      PrefixCache: a conversation's cache, grown in place by its owner
@@ -47,6 +49,7 @@ from kv_runtime.store import (
     save_activation,
 )
 from kv_runtime.template import ChatTemplate
+from kv_runtime.throughput import Speed, Throughput
 
 __all__ = [
     "NO_COMPRESSION",
@@ -70,6 +73,8 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "TokenLogprob",
+    "Speed",
+    "Throughput",
     "delete_activation",
     "load_activation",
     "open_activation",

@@ -3,7 +3,9 @@
 Why a lock: on CPU one forward already uses every core, so running two at once only slows both;
 on CUDA a single stream serialises them anyway. Requests therefore interleave step by step
 (a decode step is a few milliseconds to a few hundred), each with its own transformers cache, and
-nothing a forward touches is shared between requests except the (read-only) weights.
+nothing a forward touches is shared between requests except the (read-only) weights. The lock
+(`kv_runtime.turns.ModelLock`) is handed over in turn, interactive work before background work,
+so no request starves; every pass's running time feeds `throughput`, the model's measured speed.
 
 Query capture for SnapKV: the attention queries of an observation window are read where the model
 itself hands them to its attention function, through a capturing implementation registered in
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +25,8 @@ import torch
 from transformers import Cache
 
 from kv_runtime.errors import Cancelled
+from kv_runtime.throughput import Throughput
+from kv_runtime.turns import ModelLock
 
 _CAPTURE = "memosd_capture_queries"
 _captured = threading.local()  # the dict the capturing attention writes into, per thread
@@ -54,12 +59,14 @@ def _register_capture() -> None:
 
 
 class ModelRunner:
-    """A causal LM in eval mode on one device, with the lock its forward passes share."""
+    """A causal LM in eval mode on one device, with the lock its forward passes share and the
+    moving averages of their speed."""
 
     def __init__(self, model: Any, device: torch.device) -> None:
         self.model = model
         self.device = device
-        self.lock = threading.Lock()
+        self.lock = ModelLock()
+        self.throughput = Throughput()
         _register_capture()
 
     def forward(
@@ -76,26 +83,16 @@ class ModelRunner:
         returns: (vocab,) float32 logits of the last token, or (tokens, vocab) for every token
         when `all_logits`. The positions are RoPE positions; the cache may hold fewer entries
         than `start` (evicted tokens), the causal mask only depends on how many it holds.
-        `cancel`: checked while waiting for the model (another request's long prefill chunk may
-        hold it for seconds); once it returns True, `Cancelled` is raised and nothing runs.
+        `cancel`: checked while waiting for the model (another request's prefill chunk may hold
+        it for a while); once it returns True, `Cancelled` is raised and nothing runs.
         """
-        self._acquire(cancel)
+        if not self.lock.acquire(cancel):
+            raise Cancelled("cancelled while waiting for the model")
         try:
             logits = self._run(token_ids, cache, start, all_logits)
         finally:
             self.lock.release()
         return logits if all_logits else logits[-1]
-
-    def _acquire(self, cancel: Callable[[], bool] | None) -> None:
-        if cancel is None:
-            self.lock.acquire()
-            return
-        while not self.lock.acquire(timeout=0.05):
-            if cancel():
-                raise Cancelled("cancelled while waiting for the model")
-        if cancel():
-            self.lock.release()
-            raise Cancelled("cancelled while waiting for the model")
 
     def capture_queries(
         self, token_ids: Sequence[int], cache: Cache, start: int
@@ -127,6 +124,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """(tokens or 1, vocab) float32 logits; the caller holds the lock."""
         assert len(token_ids) > 0, "nothing to run"
+        started = time.perf_counter()
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
         with torch.no_grad():
@@ -137,7 +135,11 @@ class ModelRunner:
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
             )
-        return out.logits[0].float()
+            logits = out.logits[0].float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the pass's real time, for `throughput`
+        self.throughput.observe(len(token_ids), time.perf_counter() - started)
+        return logits
 
 
 ProgressCallback = Callable[[int, int], None]

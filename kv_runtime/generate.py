@@ -113,6 +113,9 @@ class Generation(Iterator[str]):
         self._scored: tuple[TokenLogprob | None, ...] | None = None
         self._pieces = self._run()
         self.result: GenerationResult | None = None
+        # Progress, for estimates of the work left: prompt tokens run, tokens decoded.
+        self.prefilled = 0
+        self.decoded = 0
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -172,6 +175,7 @@ class Generation(Iterator[str]):
                 self._finish(text, generated, "cancelled", ttft_ms)
                 return
             position += len(piece)
+            self.prefilled += len(piece)
             if params.prompt_logprobs is not None:
                 targets = todo[start + 1 : start + 1 + len(piece)]
                 scored += token_logprobs(logits[: len(targets)], targets, params.prompt_logprobs)
@@ -194,6 +198,7 @@ class Generation(Iterator[str]):
             generated.append(token)
             if params.logprobs is not None:
                 self._logprobs += token_logprobs(logits[None], [token], params.logprobs)
+            self.decoded = len(generated)
             new = decoder.push(token)
             if new:
                 searched, text = len(text), text + new

@@ -9,9 +9,9 @@
     result = runtime.generate("Question: ...", kv=compressed).collect()
 
 Thread-safety: every method may be called from many threads. Forward passes are serialised by
-one lock (see `kv_runtime.forward`), tokenizer calls by another; caches are never shared
-mutably (a request's cache reads the shared tensors and appends into its own copies, see
-`kv_runtime.cache`), so concurrent generations on one activation are safe.
+one lock, handed over in turn (see `kv_runtime.forward` and `kv_runtime.turns`), tokenizer calls
+by another; caches are never shared mutably (copy-on-read), so concurrent generations on one
+activation are safe. `throughput` is the model's measured speed, for admission estimates.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from kv_runtime.store import (
 )
 from kv_runtime.template import ChatTemplate
 from kv_runtime.text import TextCodec
+from kv_runtime.throughput import Throughput
+from kv_runtime.turns import background
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,12 @@ class Runtime:
             ),
         )
         runner = ModelRunner(model, device)
-        _check_shared_cache(runner, int(tokenizer.eos_token_id or 0), source.name)  # warm-up
+        eos = int(tokenizer.eos_token_id or 0)
+        _check_shared_cache(runner, eos, source.name)  # warm-up (the first pass is the slowest)
+        runner.throughput = Throughput()  # then a first measure of each kind of pass
+        measured = DynamicCache()
+        runner.forward([eos] * 16, measured, 0)
+        runner.forward([eos], measured, 16)
         return cls(
             config, runner, TextCodec(tokenizer, _eos_ids(model, tokenizer)), fingerprint, info
         )
@@ -201,6 +209,17 @@ class Runtime:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._codec.eos_token_ids
+
+    @property
+    def throughput(self) -> Throughput:
+        """The model's measured speed: `throughput.seconds(prefill, decode)` estimates work."""
+        return self._runner.throughput
+
+    @staticmethod
+    def background() -> AbstractContextManager[None]:
+        """`with runtime.background():` this thread's forward passes (prefill, compression)
+        wait as background work: interactive requests go first (see `kv_runtime.turns`)."""
+        return background()
 
     @property
     def runner(self) -> ModelRunner:

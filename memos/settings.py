@@ -121,6 +121,13 @@ class ActivationsConfig(BaseModel):
     inline_max_tokens: int = Field(
         1024, ge=0, le=1_048_576, description="larger builds run as a background job"
     )
+    inline_wait_s: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="a short build runs inside its request only when the model work ahead of "
+        "it and its own are estimated within this; otherwise it builds in the background",
+    )
     max_text_bytes: int = Field(
         1 << 20, ge=1, le=64 << 20, description="an activation's rendered text, before tokenizing"
     )
@@ -146,12 +153,18 @@ class ActivationsConfig(BaseModel):
         4, ge=1, le=100_000, description="builds queued or running per cube owner (429 beyond)"
     )
     build_retry_after_s: int = Field(10, ge=1, le=3600, description="Retry-After of a 429")
-    max_generations: int = Field(4, ge=1, le=1024, description="generations decoding at once")
+    # A 2-core machine decodes one SmolLM2-135M token in tens of ms idle and a few hundred ms
+    # when shared; more generations at once only interleave on the one model lock.
+    max_generations: int = Field(2, ge=1, le=1024, description="generations decoding at once")
     max_waiting_generations: int = Field(
-        8, ge=0, le=100_000, description="generations waiting for a slot (429 beyond)"
+        4, ge=0, le=100_000, description="generations waiting for a slot (429 beyond)"
     )
     generation_wait_s: float = Field(
-        5.0, ge=0, le=600, description="how long a generation waits for a slot before 429"
+        10.0,
+        ge=0,
+        le=600,
+        description="the wait budget: a generation is refused at once (429) when the model work "
+        "ahead of it is estimated above this, and waits for a slot at most this long",
     )
     generation_kv_bytes: int = Field(
         2 << 30,

@@ -57,6 +57,26 @@ class ActivationCollector(Collector):
         for outcome, count in sorted(builds.finished.items()):
             ended.add_metric([outcome], count)
         yield ended
+        yield CounterMetricFamily(
+            "memos_activation_builds_deferred",
+            "short builds run in the background because the model was busy",
+            value=stats.builds_deferred,
+        )
+        if stats.backlog_s is not None:
+            yield GaugeMetricFamily(
+                "memos_model_backlog_seconds",
+                "estimated model time ahead of a new generation (the admission estimate)",
+                value=stats.backlog_s,
+            )
+        if stats.speed is not None:
+            speed = GaugeMetricFamily(
+                "memos_model_tokens_per_second",
+                "the model's measured speed (moving average), by kind of pass",
+                labels=["kind"],
+            )
+            speed.add_metric(["prefill"], stats.speed.prefill_tokens_per_s)
+            speed.add_metric(["decode"], stats.speed.decode_tokens_per_s)
+            yield speed
         yield GaugeMetricFamily(
             "memos_loaded_activations_bytes",
             "bytes of the activations kept loaded in memory",

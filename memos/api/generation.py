@@ -55,6 +55,7 @@ class GenerationRun:
         self._body = body
         self.cancel = cancel or threading.Event()
         self._loop = asyncio.get_running_loop()
+        self._next_look = self._loop.time() + POLL_S  # when to look for the client again
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(
             target=self._work, args=(open_stream,), name="memos-generate", daemon=True
@@ -87,14 +88,19 @@ class GenerationRun:
 
     async def next(self, request: Request) -> tuple[str, Any]:
         """The next event, cancelling the run if the client leaves meanwhile (or the route is
-        cancelled itself, as on shutdown)."""
+        cancelled itself, as on shutdown). The client is looked for every `POLL_S` whether
+        events flow or not: pieces decoded faster than that must not hide its leaving."""
         try:
             while True:
+                now = self._loop.time()
+                if now >= self._next_look and not self.cancel.is_set():
+                    self._next_look = now + POLL_S
+                    if await request.is_disconnected():
+                        self.cancel.set()  # the thread ends within a token, posts its last event
                 try:
                     return await asyncio.wait_for(self._events.get(), POLL_S)
                 except TimeoutError:
-                    if not self.cancel.is_set() and await request.is_disconnected():
-                        self.cancel.set()  # the thread ends within a token, posts its last event
+                    pass
         except asyncio.CancelledError:
             self.cancel.set()
             raise

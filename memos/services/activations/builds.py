@@ -3,7 +3,9 @@
 Every build, inline or in the background, holds a place from admission to its end: at most
 `max_builds` daemon-wide and `max_per_user` per cube owner, so one tenant cannot fill the
 queue for everyone; past either `admit` returns None (the service answers 429). Background
-builds run on `workers` threads in arrival order.
+builds run on `workers` threads in arrival order, their forward passes as background work (the
+model lock serves interactive requests first, see `kv_runtime.turns`). While a build runs, its
+tokens are work in the model's backlog (`backlog`), so admission sees what it has left.
 
 Cancellation: deleting an activation (or its cube, or stopping the daemon) sets its ticket's
 event. A queued build is dropped at once; a running one stops at its next prefill chunk, from
@@ -19,9 +21,11 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from kv_runtime import CompressionConfig
+from memos.services.activations.backlog import Backlog
 from memos.services.activations.catalogue import CUBE_DELETED, INTERRUPTED, Catalogue
 from memos.services.runtime import RuntimeHolder
 
@@ -51,6 +55,7 @@ class BuildTicket:
     job: BuildJob
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
+    background: bool = False  # on a worker thread: nobody waits for it
 
     def cancel(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -115,6 +120,7 @@ class BuildQueue:
     def enqueue(self, ticket: BuildTicket) -> None:
         """Build on a worker thread, after the builds queued before it."""
         with self._lock:
+            ticket.background = True
             self._queue.append(ticket)
             if not self._threads:
                 for i in range(self._workers):
@@ -214,16 +220,19 @@ def _id(ticket: BuildTicket) -> str:
 class Builder:
     """One build: prefill (reporting progress, checking for cancellation), compress, store."""
 
-    def __init__(self, catalogue: Catalogue, runtime: RuntimeHolder) -> None:
+    def __init__(self, catalogue: Catalogue, runtime: RuntimeHolder, backlog: Backlog) -> None:
         self.catalogue = catalogue
         self.runtime = runtime
+        self.backlog = backlog
 
     def __call__(self, ticket: BuildTicket) -> str:
         """Build; the outcome ("ready", "failed", "cancelled"). Failures are also raised."""
         job, catalogue = ticket.job, self.catalogue
         last_report = [0.0]
+        work = self.backlog.add(len(job.token_ids), background=ticket.background)
 
         def on_progress(done: int, total: int) -> None:
+            work.advance(done)
             if ticket.cancelled.is_set():
                 raise BuildCancelled(ticket.reason)
             now = time.monotonic()
@@ -236,8 +245,13 @@ class Builder:
             if ticket.cancelled.is_set():
                 raise BuildCancelled(ticket.reason)
             runtime = self.runtime.get()
-            kv = runtime.prefill(job.token_ids, on_progress=on_progress)
-            compressed = runtime.compress(kv, job.settings)
+            turn: AbstractContextManager[None] = (
+                runtime.background() if ticket.background else nullcontext()
+            )
+            with turn:
+                kv = runtime.prefill(job.token_ids, on_progress=on_progress)
+                compressed = runtime.compress(kv, job.settings)
+            work.done()  # the rest (writing) does not need the model
             on_progress(len(job.token_ids), len(job.token_ids))  # last look before writing
             path = catalogue.path(job.cube_id, job.activation_id)
             manifest = runtime.save_activation(path, compressed, job.messages)
@@ -248,6 +262,8 @@ class Builder:
             catalogue.remove_files(job.cube_id, job.activation_id)
             catalogue.mark_failed(job.activation_id, f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            work.done()  # (once: it left the backlog when the model's part was over)
         if ticket.cancelled.is_set() or not catalogue.mark_ready(
             job.activation_id, manifest.kept_tokens, manifest.bytes
         ):  # deleted while it was written: its files must not outlive it

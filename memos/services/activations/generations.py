@@ -6,10 +6,12 @@ optionally continuing an activation's tokens); both go through the same checks a
 `open` refuses everything it can before any real work: `max_tokens`, the prompt's size, the
 activation's state, the context length (activation + question + answer within the model's
 positions) and the memory the full-precision cache will take, all from the catalogue row and the
-manifest. Only then does it wait for admission (`admission.GenerationGate`), load the activation
-(`loaded`: byte-bounded), take its dequantized cache (`loaded` too: kept for the next request)
-and start decoding, with a cancel switch the runtime checks before every token, so a request
-whose client left ends within one forward pass.
+manifest. Only then does it ask for admission (`admission.GenerationGate`: refused at once when
+the model's work ahead would make it wait too long, else a bounded wait for a slot), load the
+activation (`loaded`: byte-bounded), take its dequantized cache (`loaded` too: kept for the next
+request) and start decoding, with a cancel switch the runtime checks
+before every token, so a request whose client left ends within one forward pass. As it decodes,
+its progress goes to its `Work` in the backlog, so later requests see the work it has left.
 """
 
 from __future__ import annotations
@@ -71,8 +73,11 @@ class GenerationStream:
         self._on_finish, self._on_close = on_finish, on_close
 
     def __iter__(self) -> Iterator[str]:
+        generation, work = self._generation, self._slot.work
         try:
-            yield from self._generation
+            for piece in generation:
+                work.advance(generation.prefilled, generation.decoded)
+                yield piece
         finally:
             self.close()
 
@@ -226,7 +231,13 @@ class Generations:
                 f"{self.gate.limits.max_kv_bytes} (fewer max_tokens or a compressed activation)",
                 code="generation_too_large",
             )
-        slot = self.gate.acquire(kv_bytes, cancel.is_set)
+        slot = self.gate.acquire(
+            kv_bytes,
+            cancel.is_set,
+            prefill=len(question),
+            decode=max_tokens,
+            estimate=runtime.throughput.seconds,
+        )
         if isinstance(slot, Refusal):
             raise self._busy(slot)
         try:
@@ -279,11 +290,21 @@ class Generations:
 
     def _busy(self, refusal: Refusal) -> TooManyRequests:
         limits = self.gate.limits
+        retry_after = max(1, math.ceil(refusal.retry_after_s))
+        if refusal.reason == "busy":
+            message = (
+                f"the model has about {limits.wait_s + refusal.retry_after_s:.0f} s of work "
+                f"ahead of this generation and generations wait at most {limits.wait_s:g} s"
+            )
+        else:
+            message = (
+                f"{limits.max_active} generations are running and {limits.max_waiting} may "
+                f"wait ({refusal.reason.replace('_', ' ')})"
+            )
         return TooManyRequests(
-            f"{limits.max_active} generations are running and {limits.max_waiting} may wait "
-            f"({refusal.reason.replace('_', ' ')}); try again shortly",
+            f"{message}; try again in {retry_after} s",
             code="too_many_generations",
-            retry_after=max(1, math.ceil(limits.wait_s)),
+            retry_after=retry_after,
         )
 
     def finished(self) -> dict[str, int]:

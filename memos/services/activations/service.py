@@ -5,7 +5,8 @@ prompts      text / memories / session -> a context's tokens; a question after a
 builds       bounded build queue, progress, cancellation
 sweep        files without rows removed, rows without files failed
 loaded       loaded activations in memory, bounded by bytes
-admission    generations at once and waiting, bounded by number and by cache bytes
+backlog      the model work admitted and not done, and its estimate in seconds
+admission    generations: refused when the work ahead is too long, bounded by number and bytes
 generations  checked up front, admitted, cancellable generation
 """
 
@@ -16,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kv_runtime import CompressionConfig, KVCache, Runtime
+from kv_runtime import CompressionConfig, KVCache, Runtime, Speed
 from memcube.errors import TooManyRequests
 from memos.db.engine import Database
 from memos.db.models import Activation
 from memos.db.types import utcnow
 from memos.services.activations.admission import AdmissionLimits, AdmissionStats, GenerationGate
+from memos.services.activations.backlog import Backlog
 from memos.services.activations.builds import Builder, BuildJob, BuildQueue, BuildStats
 from memos.services.activations.catalogue import CUBE_DELETED, DELETED, Catalogue
 from memos.services.activations.generations import Generations, GenerationStream
@@ -64,12 +66,15 @@ class ActivationStats:
     """For /metrics."""
 
     builds: BuildStats
+    builds_deferred: int  # small enough to build inline, built in the background (busy model)
     generations: AdmissionStats
     generations_finished: dict[str, int]
     generations_cancelling: int
     loaded_bytes: int
     loaded_entries: int
     dequantized_bytes: int
+    backlog_s: float | None  # estimated model seconds ahead of a new generation
+    speed: Speed | None  # the model's measured speed (None before it is loaded)
 
 
 class ActivationService:
@@ -91,8 +96,9 @@ class ActivationService:
                 config.max_text_bytes, config.max_source_memories, config.max_prompt_bytes
             ),
         )
+        self.backlog = Backlog(runtime.config.prefill_chunk)
         self.builds = BuildQueue(
-            Builder(self.catalogue, runtime),
+            Builder(self.catalogue, runtime, self.backlog),
             workers=config.build_workers,
             max_builds=config.max_queued_builds,
             max_per_user=config.max_queued_builds_per_user,
@@ -106,8 +112,11 @@ class ActivationService:
                 max_waiting=config.max_waiting_generations,
                 wait_s=config.generation_wait_s,
                 max_kv_bytes=config.generation_kv_bytes,
-            )
+            ),
+            self.backlog,
         )
+        self._deferred = 0
+        self._deferred_lock = threading.Lock()
         self.generations = Generations(
             self.catalogue, runtime, self.prompts, self.loaded, self.dequantized, self.gate,
             config.max_generate_tokens,
@@ -172,11 +181,24 @@ class ActivationService:
         except BaseException:
             self.builds.abandon(ticket)
             raise
-        if len(job.token_ids) <= self.config.inline_max_tokens:
+        if self._inline(runtime, len(job.token_ids)):
             self.builds.run_inline(ticket)
         else:
             self.builds.enqueue(ticket)
         return self.catalogue.view(cube_id, job.activation_id)
+
+    def _inline(self, runtime: Runtime, tokens: int) -> bool:
+        """Whether a build of `tokens` runs inside its request: when it is short and the model
+        work ahead of it plus its own is estimated within `inline_wait_s`; otherwise it builds
+        in the background and the request answers at once ("building")."""
+        if tokens > self.config.inline_max_tokens:
+            return False
+        estimate = runtime.throughput.seconds
+        if self.gate.ahead_s(estimate) + estimate(tokens, 0) <= self.config.inline_wait_s:
+            return True
+        with self._deferred_lock:
+            self._deferred += 1
+        return False
 
     @staticmethod
     def _row(runtime: Runtime, job: BuildJob, context: Context, bits: int) -> Activation:
@@ -248,12 +270,16 @@ class ActivationService:
         return self.generations.open(cube_id, prompt, activation_id, max_tokens, cancel)
 
     def stats(self) -> ActivationStats:
+        runtime = self.runtime.get() if self.runtime.loaded else None
         return ActivationStats(
             builds=self.builds.stats(),
+            builds_deferred=self._deferred,
             generations=self.gate.stats(),
             generations_finished=self.generations.finished(),
             generations_cancelling=self.generations.cancelling(),
             loaded_bytes=self.loaded.bytes,
             loaded_entries=len(self.loaded.order()),
             dequantized_bytes=self.dequantized.bytes,
+            backlog_s=self.gate.ahead_s(runtime.throughput.seconds) if runtime else None,
+            speed=runtime.throughput.speed() if runtime else None,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from dataclasses import replace
 
 import httpx
 
@@ -176,7 +177,10 @@ def test_generations_beyond_the_slot_and_the_queue_get_429_with_retry_after(
     act = build(client, cube_id, SHORT).json()
     refused_before = metric(limited, "memos_generations_refused_total", reason="queue_full")
     with model_held(limited):
-        running, first = in_thread(lambda: generate(client, cube_id, activation_id=act["id"]))
+        # A few tokens each: the work ahead stays well within the 60 s wait on any machine.
+        running, first = in_thread(
+            lambda: generate(client, cube_id, activation_id=act["id"], max_tokens=4)
+        )
         wait_until(lambda: metric(limited, "memos_generations_active") == 1, "one runs")
         waiting, second = in_thread(lambda: generate(client, cube_id, max_tokens=2))
         wait_until(lambda: metric(limited, "memos_generations_waiting") == 1, "one waits")
@@ -190,6 +194,41 @@ def test_generations_beyond_the_slot_and_the_queue_get_429_with_retry_after(
         refused_before + 1
     )
     assert metric(limited, "memos_generations_active") == 0
+
+
+def test_a_generation_is_refused_at_once_when_the_work_ahead_exceeds_its_wait(
+    limited, limited_tenant, monkeypatch
+):
+    """The model cannot decode while the test holds it: a generation admitted now would wait
+    behind the 200 tokens of another. It is refused up front, with the wait it would have had
+    beyond the budget as its Retry-After, and never queues."""
+    client, cube_id = limited_tenant
+    gate = limited.daemon.activations.gate
+    runtime = limited.daemon.runtime.get()
+    # 200 decoding steps take well over a quarter of a second on any CPU.
+    monkeypatch.setattr(gate, "limits", replace(gate.limits, wait_s=0.25))
+    busy_before = metric(limited, "memos_generations_refused_total", reason="busy")
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    with model_held(limited):
+        sock = _post_raw(limited, key, cube_id, COUNTING)
+        try:
+            wait_until(lambda: metric(limited, "memos_generations_active") == 1, "it runs")
+            ahead = gate.ahead_s(runtime.throughput.seconds)
+            assert ahead > 0.25
+            r = generate(client, cube_id, max_tokens=2)
+            assert (r.status_code, r.json()["error"]["code"]) == (429, "too_many_generations")
+            assert "of work ahead of this generation" in r.json()["error"]["message"]
+            retry_after = int(r.headers["Retry-After"])
+            assert retry_after == r.json()["error"]["retry_after"]
+            assert retry_after >= 1 and abs(retry_after - (ahead - 0.25)) <= 1
+            # Refused while the model was still held: it never waited for a slot or the model.
+            assert metric(limited, "memos_generations_waiting") == 0
+            assert metric(limited, "memos_generations_active") == 1
+        finally:
+            sock.close()  # the running one's client leaves: it stops at its next token
+        wait_until(lambda: _noticed(limited), "the server noticed")
+    wait_until(lambda: metric(limited, "memos_generations_active") == 0, "it ended")
+    assert metric(limited, "memos_generations_refused_total", reason="busy") == busy_before + 1
 
 
 def test_oversized_generations_are_refused_before_any_work(limited, limited_tenant):
@@ -268,6 +307,18 @@ def test_a_generation_whose_client_left_stops_at_its_next_token(limited, limited
         sock.close()
         wait_until(lambda: _noticed(limited), "the server noticed")
     # 200 tokens would take ~200 forward passes; it ends after the one it was blocked in.
+    _stopped_after_its_client_left(limited, cancelled)
+
+
+def test_a_generation_whose_client_left_while_it_decodes_stops_early(limited, limited_tenant):
+    """Pieces coming faster than the route looks for its client must not hide that it left."""
+    client, cube_id = limited_tenant
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    cancelled = metric(limited, "memos_generations_total", finish_reason="cancelled")
+    backlog = limited.daemon.activations.backlog
+    sock = _post_raw(limited, key, cube_id, COUNTING)
+    wait_until(lambda: any(w.decoded for w in backlog.work()), "it decodes")
+    sock.close()  # ~200 tokens to go
     _stopped_after_its_client_left(limited, cancelled)
 
 
