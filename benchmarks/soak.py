@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,12 @@ class Sampler(threading.Thread):
     """The daemon's RSS, threads and open files from /proc, and `/healthz` and `/metrics`
     latency, every `every` seconds; notices a daemon that died."""
 
-    def __init__(self, pid: int, url: str, every: float, recorder: Recorder) -> None:
+    def __init__(
+        self, pid: int, url: str, every: float, recorder: Recorder, live: Callable[[], int]
+    ) -> None:
         super().__init__(name="soak-sampler", daemon=True)
         self.pid, self.url, self.every, self.recorder = pid, url, every, recorder
+        self.live = live  # the clients' live memories: the data's size
         self.samples: list[dict[str, float]] = []
         self.stopped = threading.Event()
         self.started_at = time.monotonic()
@@ -88,6 +92,7 @@ class Sampler(threading.Thread):
             "threads": int(fields["Threads"]),
             "fds": fds,
             "healthz_ms": round(took * 1000, 1),
+            "live_memories": self.live(),
         }
 
     def run(self) -> None:
@@ -141,9 +146,14 @@ def memory_summary(
     if not load:
         return {}
     after = [s for s in load if s["t_s"] >= warmup_s] or load[-1:]
-    t = np.array([s["t_s"] for s in after]) / 60
-    rss = np.array([s["rss_mib"] for s in after])
-    slope = float(np.polyfit(t, rss, 1)[0]) if len(after) >= 3 and np.ptp(t) > 0 else None
+
+    def slope(part: list[dict[str, float]]) -> float | None:
+        t = np.array([s["t_s"] for s in part]) / 60
+        rss = np.array([s["rss_mib"] for s in part])
+        fits = len(part) >= 3 and np.ptp(t) > 0
+        return round(float(np.polyfit(t, rss, 1)[0]), 2) if fits else None
+
+    last_half = [s for s in after if s["t_s"] >= (after[0]["t_s"] + load[-1]["t_s"]) / 2]
     return {
         "warmup_s": warmup_s,
         "rss_start_mib": load[0]["rss_mib"],
@@ -151,7 +161,10 @@ def memory_summary(
         "rss_end_mib": load[-1]["rss_mib"],
         "rss_max_mib": max(s["rss_mib"] for s in load),
         "rss_growth_after_warmup_mib": round(load[-1]["rss_mib"] - after[0]["rss_mib"], 1),
-        "rss_slope_after_warmup_mib_per_min": None if slope is None else round(slope, 2),
+        "rss_slope_after_warmup_mib_per_min": slope(after),
+        "rss_slope_last_half_mib_per_min": slope(last_half),
+        "live_memories_at_warmup": after[0].get("live_memories"),
+        "live_memories_end": load[-1].get("live_memories"),
         "threads_at_warmup": after[0]["threads"],
         "threads_end": load[-1]["threads"],
         "fds_at_warmup": after[0]["fds"],
@@ -228,9 +241,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     try:
         tenants, shared = setup(url, admin_key, args.tenants)
         recorder = Recorder()
-        sampler = Sampler(proc.pid, url, args.sample_s, recorder)
+        clients: list[Client] = []
+        sampler = Sampler(
+            proc.pid, url, args.sample_s, recorder, lambda: sum(len(c.live) for c in clients)
+        )
         stop_at = time.monotonic() + args.seconds
-        clients = [
+        clients[:] = [
             Client(i, tenants[i % len(tenants)], shared, url, recorder, stop_at, args.timeout,
                    seed=args.seed * 1000 + i, max_live=args.max_live)
             for i in range(args.clients)
@@ -350,6 +366,7 @@ def print_report(report: dict[str, Any]) -> None:
             ("threads", "threads", ">d"),
             ("open fds", "fds", ">d"),
             ("healthz ms", "healthz_ms", ">.1f"),
+            ("live memories", "live_memories", ">d"),
         ],
         samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else []),
     )

@@ -43,9 +43,17 @@ class RuntimeConfig(BaseModel):
     # with avx512_bf16 (one thread: 512-token prefill 1.0 s vs 1.9 s, decode 74 vs 95 ms);
     # float16 prefill is ~3x slower than float32 on CPU.
     dtype: DType = Field(default="auto", description="'auto': bfloat16 on CUDA, float32 on CPU")
-    threads: int = Field(default=0, ge=0, le=256, description="torch intra-op threads; 0: keep")
+    # Half the cores by default: the model shares the CPU with the embedder and the server, and
+    # torch's threads wait for each other at every op, so one that is descheduled stalls the
+    # rest. Measured on a shared 2-vCPU VM (load ~7; docs/benchmarks.md, "Soak"): 1 thread
+    # decoded at 260 ms a token, 2 threads at 1.6 s; prefill 80 vs 25 tokens/s.
+    threads: int = Field(
+        default=0, ge=0, le=256, description="torch intra-op threads; 0: half the cores, at least 1"
+    )
+    # A prefill chunk is one forward pass: the longest an interactive request waits behind a
+    # background build. With one thread, 128-token chunks prefilled ~12% slower than 512.
     prefill_chunk: int = Field(
-        default=512, ge=16, le=65_536, description="tokens per forward pass during prefill"
+        default=256, ge=16, le=65_536, description="tokens per forward pass during prefill"
     )
     max_context: int = Field(
         default=8192, ge=64, le=1_048_576, description="longest context + generation accepted"

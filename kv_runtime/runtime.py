@@ -120,8 +120,7 @@ class Runtime:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or disk
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) // 2))
         device = loading.resolve_device(config.device)
         dtype = loading.resolve_dtype(config.dtype, device)
         source, directory, gguf = loading.load_directory(config)

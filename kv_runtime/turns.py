@@ -8,10 +8,12 @@ queues behind them. With N requests decoding, each waits at most one forward pas
 
 Two classes of waiters: interactive (someone waits for the answer: a generation, a build inside
 its request) and background (a build nobody waits on). Interactive waiters go first, in arrival
-order; a background waiter goes first once it has waited `background_turn_s`, so background work
-cannot starve either: under a steady interactive load it still gets one forward pass (one prefill
-chunk) every `background_turn_s`, and an interactive request is delayed by at most one such pass
-that often.
+order. A background waiter goes first once it has waited `background_turn_s` and long enough
+that background work keeps at most `background_share` of the model's time: after a background
+pass of p seconds the next one waits at least p * (1 - share) / share. So background work
+cannot starve (under a steady interactive load it still gets its share), and an interactive
+request is delayed by at most one background pass (one prefill chunk) now and then, whatever
+the chunk's length on this machine.
 
 Which class a thread's forward passes take is set with `background()` (thread-local), so the
 code between the caller and the lock (prefill, compression, query capture) needs no flag.
@@ -55,12 +57,21 @@ class _Waiter:
 class ModelLock:
     """A FIFO lock with an interactive and a background queue; also a context manager."""
 
-    def __init__(self, background_turn_s: float = 2.0) -> None:
-        self.background_turn_s = background_turn_s
+    def __init__(
+        self,
+        background_turn_s: float = 1.0,
+        background_share: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert 0 < background_share < 1, "a share of the model's time"
+        self.background_turn_s, self.background_share = background_turn_s, background_share
+        self._clock = clock
         self._mutex = threading.Lock()
         self._held = False  # invariant: a waiter is queued only while the lock is held
         self._interactive: deque[_Waiter] = deque()
         self._background: deque[_Waiter] = deque()
+        self._holder_background, self._held_since = False, 0.0
+        self._background_wait_s = background_turn_s  # before the next background turn
 
     def acquire(
         self, cancel: Callable[[], bool] | None = None, *, background: bool | None = None
@@ -75,8 +86,9 @@ class ModelLock:
             free = not self._held
             if free:
                 self._held = True
+                self._holding(background)
             else:
-                me = _Waiter(background, time.monotonic())
+                me = _Waiter(background, self._clock())
                 queue = self._background if background else self._interactive
                 queue.append(me)
         if free:
@@ -104,17 +116,26 @@ class ModelLock:
     def release(self) -> None:
         with self._mutex:
             assert self._held, "release of a lock that is not held"
-            waiter = self._next()
+            now = self._clock()
+            if self._holder_background:  # the next background turn waits in proportion
+                share = self.background_share
+                held = now - self._held_since
+                self._background_wait_s = max(self.background_turn_s, held * (1 - share) / share)
+            waiter = self._next(now)
             if waiter is None:
                 self._held = False
             else:
+                self._holding(waiter.background)
                 waiter.granted.set()  # it holds the lock now; _held stays True
 
-    def _next(self) -> _Waiter | None:
+    def _holding(self, background: bool) -> None:
+        """Who holds it from now (the mutex is held)."""
+        self._holder_background, self._held_since = background, self._clock()
+
+    def _next(self, now: float) -> _Waiter | None:
         """The waiter whose turn it is (the mutex is held)."""
         if self._background and (
-            not self._interactive
-            or time.monotonic() - self._background[0].since >= self.background_turn_s
+            not self._interactive or now - self._background[0].since >= self._background_wait_s
         ):
             return self._background.popleft()
         if self._interactive:

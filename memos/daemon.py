@@ -223,10 +223,11 @@ def serve(settings: Settings) -> None:
     """Run the daemon in the foreground until interrupted."""
     import uvicorn
 
-    from memos import logs
+    from memos import heap, logs
     from memos.api.app import create_app
 
     logs.configure(settings.log_level)
+    heap.limit_arenas(settings.heap.arena_max)  # before the daemon's threads start
     daemon = Daemon(settings)
     app = create_app(daemon)
     log.info(
@@ -235,11 +236,18 @@ def serve(settings: Settings) -> None:
             "fields": {"host": settings.host, "port": settings.port, **settings.public_summary()}
         },
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    trimmer = heap.Trimmer(settings.heap.trim_interval_s) if settings.heap.trim_interval_s else None
+    if trimmer is not None:
+        trimmer.start()
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if trimmer is not None:
+            trimmer.stop()

@@ -218,6 +218,15 @@ class OpenAIConfig(BaseModel):
 
     max_prompts: int = Field(
         16, ge=1, le=1024, description="prompts in one /v1/completions request (422 beyond)"
+class HeapConfig(BaseModel):
+    """The C heap of `memos serve` (glibc only; see memos/heap.py): fewer malloc arenas, and
+    freed memory given back to the system, so RSS follows what is in use."""
+
+    arena_max: int = Field(
+        2, ge=0, le=1024, description="malloc arenas at most; 0: glibc's default (8 a core)"
+    )
+    trim_interval_s: float = Field(
+        10.0, ge=0, le=3600, description="how often free heap memory is given back; 0: never"
     )
 
 
@@ -249,6 +258,7 @@ class Settings(BaseSettings):
     activations: ActivationsConfig = ActivationsConfig()
     chats: ChatsConfig = ChatsConfig()
     openai: OpenAIConfig = OpenAIConfig()
+    heap: HeapConfig = HeapConfig()
 
     @classmethod
     def settings_customise_sources(

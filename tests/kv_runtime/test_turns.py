@@ -116,3 +116,35 @@ def test_a_cancelled_waiter_leaves_the_queue_without_the_lock() -> None:
     assert not lock.locked()
     assert lock.acquire(cancel=gone.is_set) is False  # free, but its caller has gone
     assert not lock.locked()
+
+
+def test_background_work_keeps_to_its_share_of_the_model_time() -> None:
+    """After a background pass of 10 s, with a 25% share, the next background turn waits
+    30 s of interactive work; then it goes before the interactive waiters."""
+    now = [0.0]
+    lock = ModelLock(background_turn_s=0, background_share=0.25, clock=lambda: now[0])
+    order: list[str] = []
+    assert lock.acquire(background=True)  # a background pass, from 0 s ...
+    now[0] = 10.0  # ... to 10 s
+    build = _take(lock, order, "build", background=True)
+    _until(lambda: lock.waiting() == (0, 1), "the build queued")
+    go_on = threading.Event()
+
+    def first() -> None:
+        assert lock.acquire()
+        order.append("first")
+        go_on.wait(60)
+        now[0] = 40.0  # 30 s of interactive work later
+        lock.release()
+
+    holder = threading.Thread(target=first, daemon=True)
+    holder.start()
+    _until(lambda: lock.waiting() == (1, 1), "an interactive request queued")
+    lock.release()  # the build waited 0 of its 30 s: the interactive request goes first
+    _until(lambda: order == ["first"], "it holds the model")
+    second = _take(lock, order, "second")
+    _until(lambda: lock.waiting() == (1, 1), "another one queued")
+    go_on.set()
+    for thread in (holder, build, second):
+        thread.join(60)
+    assert order == ["first", "build", "second"]

@@ -117,9 +117,11 @@ async def generate(
     With `"stream": true` the answer is `text/event-stream`: one `piece` event per piece of text
     (`{"text": ...}`) as it is decoded, then one `done` event with the response body (or one
     `error` event with the error body if decoding fails). Refusals (404, 409, 413, 422, 429,
-    ...) still come as ordinary error responses, before any event. Generations are admitted up
-    to `activations.max_generations` at once, with a short wait queue (429
-    `too_many_generations` beyond); one whose client disconnects stops at its next token."""
+    ...) still come as ordinary error responses, before any event. A generation is refused at
+    once (429 `too_many_generations`, `Retry-After`) when the model work ahead of it is
+    estimated beyond `activations.generation_wait_s`; otherwise up to
+    `activations.max_generations` run at once, with a short wait queue (429 beyond); one whose
+    client disconnects stops at its next token."""
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # the default, within this daemon's limit
         max_tokens = min(max_tokens, daemon.settings.activations.max_generate_tokens)
