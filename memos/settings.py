@@ -218,6 +218,9 @@ class OpenAIConfig(BaseModel):
 
     max_prompts: int = Field(
         16, ge=1, le=1024, description="prompts in one /v1/completions request (422 beyond)"
+    )
+
+
 class HeapConfig(BaseModel):
     """The C heap of `memos serve` (glibc only; see memos/heap.py): fewer malloc arenas, and
     freed memory given back to the system, so RSS follows what is in use."""

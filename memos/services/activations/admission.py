@@ -17,6 +17,7 @@ Capacity is a normal outcome here: `acquire` returns a `Slot` or a `Refusal`, ne
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from memcube.errors import TooManyRequests
 from memos.services.activations.backlog import Backlog, Estimate, Work
 
 Reason = Literal["busy", "queue_full", "timed_out", "cancelled"]
@@ -154,3 +156,23 @@ class GenerationGate:
             return AdmissionStats(
                 self._active, len(self._waiting), self._kv_bytes, dict(self._refused)
             )
+
+
+def refused(limits: AdmissionLimits, refusal: Refusal) -> TooManyRequests:
+    """The 429 a refused generation (or chat turn) answers with."""
+    retry_after = max(1, math.ceil(refusal.retry_after_s))
+    if refusal.reason == "busy":
+        message = (
+            f"the model has about {limits.wait_s + refusal.retry_after_s:.0f} s of work "
+            f"ahead of this generation and generations wait at most {limits.wait_s:g} s"
+        )
+    else:
+        message = (
+            f"{limits.max_active} generations are running and {limits.max_waiting} may "
+            f"wait ({refusal.reason.replace('_', ' ')})"
+        )
+    return TooManyRequests(
+        f"{message}; try again in {retry_after} s",
+        code="too_many_generations",
+        retry_after=retry_after,
+    )

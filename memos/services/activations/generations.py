@@ -16,7 +16,6 @@ its progress goes to its `Work` in the backlog, so later requests see the work i
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import Counter
@@ -27,8 +26,8 @@ from typing import NoReturn
 
 import kv_runtime
 from kv_runtime import Generation, GenerationResult, KVCache, Runtime
-from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests
-from memos.services.activations.admission import GenerationGate, Refusal, Slot
+from memcube.errors import Conflict, InvalidArgument, TooLarge
+from memos.services.activations.admission import GenerationGate, Refusal, Slot, refused
 from memos.services.activations.catalogue import Catalogue, activation_not_found
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
 from memos.services.activations.prompts import Prompts
@@ -234,12 +233,12 @@ class Generations:
         slot = self.gate.acquire(
             kv_bytes,
             cancel.is_set,
-            prefill=len(question),
+            prefill=len(token_ids),
             decode=max_tokens,
             estimate=runtime.throughput.seconds,
         )
         if isinstance(slot, Refusal):
-            raise self._busy(slot)
+            raise refused(self.gate.limits, slot)
         try:
             kv = self._dequantized(runtime, row) if row is not None else None
             loaded_ms = (time.perf_counter() - started) * 1000
@@ -287,25 +286,6 @@ class Generations:
             if stream in self._open:
                 self._open.remove(stream)
                 self._finished[result.finish_reason if result else "failed"] += 1
-
-    def _busy(self, refusal: Refusal) -> TooManyRequests:
-        limits = self.gate.limits
-        retry_after = max(1, math.ceil(refusal.retry_after_s))
-        if refusal.reason == "busy":
-            message = (
-                f"the model has about {limits.wait_s + refusal.retry_after_s:.0f} s of work "
-                f"ahead of this generation and generations wait at most {limits.wait_s:g} s"
-            )
-        else:
-            message = (
-                f"{limits.max_active} generations are running and {limits.max_waiting} may "
-                f"wait ({refusal.reason.replace('_', ' ')})"
-            )
-        return TooManyRequests(
-            f"{message}; try again in {retry_after} s",
-            code="too_many_generations",
-            retry_after=retry_after,
-        )
 
     def finished(self) -> dict[str, int]:
         """Generations ended since start, by finish reason ("stop", "length", "cancelled"), or

@@ -10,7 +10,6 @@ turns      one turn: recall, prompt, prefix, generation, both turns stored
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,11 +20,12 @@ from typing import Any
 import httpx
 
 from kv_runtime import Runtime
-from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests, Unavailable
+from kv_runtime.prefix import common_prefix
+from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
 from memcube.types import SearchFilters
 from memos.db.engine import Database
 from memos.services.activations import ActivationService
-from memos.services.activations.admission import Refusal, Slot
+from memos.services.activations.admission import Refusal, Slot, refused
 from memos.services.chats.catalogue import ChatCatalogue, ChatRecord, ChatSpec
 from memos.services.chats.history import ChatHistory, Turn
 from memos.services.chats.prefixes import LoadedPrefix, LoadedPrefixes, PrefixStore, QuotaCheck
@@ -250,7 +250,7 @@ class ChatService:
                     recall_tokens=self.config.recall_tokens,
                     context_tokens=endpoint.context_tokens, max_tokens=max_tokens,
                 )  # fmt: skip
-                slot = self._admit(0, cancel)
+                slot = self._admit(None, 0, cancel, 0, 0)  # a remote turn: a slot, no model work
                 return RemoteTurn(
                     self._endpoint(), endpoint, request, messages, user, kept, slot, cancel,
                     store, self._turn_ended, started,
@@ -264,9 +264,13 @@ class ChatService:
                 recall_tokens=self.config.recall_tokens, max_tokens=max_tokens,
             )  # fmt: skip
             tokens = len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens
-            slot = self._admit(tokens * runtime.kv_bytes_per_token, cancel)
             entry = self._entry(runtime, chat)
+            cached = common_prefix(entry.prefix.token_ids, prompt.history_ids)
+            prefill = len(prompt.history_ids) - cached + len(prompt.turn_ids)
+            slot = self._admit(runtime, tokens * runtime.kv_bytes_per_token, cancel, prefill,
+                               max_tokens)  # fmt: skip
             reused = entry.prefix.sync(prompt.history_ids, cancel.is_set)
+            slot.work.advance(len(prompt.history_ids) - reused)
             entry.messages = prompt.history
             return ChatTurn(
                 runtime, request, prompt, entry, slot, cancel, store, self._turn_ended,
@@ -281,7 +285,17 @@ class ChatService:
             self._count("failed")
             raise
 
-    def _admit(self, kv_bytes: int, cancel: threading.Event) -> Slot:
+    def _admit(
+        self,
+        runtime: Runtime | None,
+        kv_bytes: int,
+        cancel: threading.Event,
+        prefill: int,
+        decode: int,
+    ) -> Slot:
+        """A generation slot for a turn that will prefill and decode that many tokens on
+        `runtime` (None: a remote turn), refused at once (429) when the model's work ahead
+        would make it wait too long."""
         gate = self.activations.gate
         if kv_bytes > gate.limits.max_kv_bytes:
             raise TooLarge(
@@ -289,9 +303,15 @@ class ChatService:
                 f"{gate.limits.max_kv_bytes} (a smaller max_context_tokens or max_tokens)",
                 code="generation_too_large",
             )
-        admitted = gate.acquire(kv_bytes, cancel.is_set)
+        if runtime is None:
+            admitted = gate.acquire(kv_bytes, cancel.is_set)
+        else:
+            admitted = gate.acquire(
+                kv_bytes, cancel.is_set, prefill=prefill, decode=decode,
+                estimate=runtime.throughput.seconds,
+            )  # fmt: skip
         if isinstance(admitted, Refusal):
-            raise self._busy_error(admitted)
+            raise refused(gate.limits, admitted)
         return admitted
 
     def _endpoint(self) -> httpx.Client:
@@ -412,15 +432,6 @@ class ChatService:
         except Conflict:
             return False
         return True
-
-    def _busy_error(self, refusal: Refusal) -> TooManyRequests:
-        limits = self.activations.gate.limits
-        return TooManyRequests(
-            f"{limits.max_active} generations are running and {limits.max_waiting} may wait "
-            f"({refusal.reason.replace('_', ' ')}); try again shortly",
-            code="too_many_generations",
-            retry_after=max(1, math.ceil(limits.wait_s)),
-        )
 
     def _count(self, outcome: str) -> None:
         with self._lock:

@@ -111,7 +111,11 @@ class ChatTurn:
         )
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._generation)
+        generation, work = self._generation, self._slot.work
+        synced = work.prefilled  # the history the prefix was brought up to date with
+        for piece in generation:
+            work.advance(synced + generation.prefilled, generation.decoded)
+            yield piece
 
     def cancel(self) -> None:
         self._cancel.set()
