@@ -81,8 +81,11 @@ class Sampler(threading.Thread):
         took = time.perf_counter() - started
         self.recorder.record("GET /healthz", health, took)
         started = time.perf_counter()
+        caches: float | None = None
         try:
-            metrics: int | str = httpx.get(f"{self.url}/metrics", timeout=30).status_code
+            answer = httpx.get(f"{self.url}/metrics", timeout=30)
+            metrics: int | str = answer.status_code
+            caches = cache_bytes(answer.text) / (1 << 20)
         except httpx.HTTPError as exc:
             metrics = type(exc).__name__
         self.recorder.record("GET /metrics", metrics, time.perf_counter() - started)
@@ -93,6 +96,7 @@ class Sampler(threading.Thread):
             "fds": fds,
             "healthz_ms": round(took * 1000, 1),
             "live_memories": self.live(),
+            "caches_mib": None if caches is None else round(caches, 1),
         }
 
     def run(self) -> None:
@@ -102,6 +106,27 @@ class Sampler(threading.Thread):
                 return
             self.samples.append(sample)
             self.stopped.wait(self.every)
+
+
+# The daemon's byte-bounded caches, as its /metrics reports them: RSS may grow while these fill
+# up to their budgets; what grows beyond them is what would be a leak.
+CACHE_GAUGES = (
+    "memos_loaded_activations_bytes",
+    "memos_dequantized_activations_bytes",
+    "memos_generation_cache_bytes",
+    "memos_indexes_loaded_bytes",
+    "memos_chat_prefixes_bytes",
+)
+
+
+def cache_bytes(exposition: str) -> float:
+    """The sum of the cache gauges in a Prometheus text exposition."""
+    total = 0.0
+    for line in exposition.splitlines():
+        name, _, value = line.partition(" ")
+        if name in CACHE_GAUGES:
+            total += float(value)
+    return total
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -147,11 +172,20 @@ def memory_summary(
         return {}
     after = [s for s in load if s["t_s"] >= warmup_s] or load[-1:]
 
-    def slope(part: list[dict[str, float]]) -> float | None:
+    def slope(part: list[dict[str, float]], less_caches: bool = False) -> float | None:
+        if less_caches:
+            part = [s for s in part if s.get("caches_mib") is not None]
         t = np.array([s["t_s"] for s in part]) / 60
-        rss = np.array([s["rss_mib"] for s in part])
+        rss = np.array([s["rss_mib"] - (s["caches_mib"] if less_caches else 0) for s in part])
         fits = len(part) >= 3 and np.ptp(t) > 0
         return round(float(np.polyfit(t, rss, 1)[0]), 2) if fits else None
+
+    # Once the clients' live memories stop growing, the data has its steady size.
+    final = load[-1].get("live_memories", 0)
+    steady_from = next(
+        (s["t_s"] for s in load if s.get("live_memories", 0) >= 0.99 * final), load[-1]["t_s"]
+    )
+    steady = [s for s in after if s["t_s"] >= steady_from]
 
     last_half = [s for s in after if s["t_s"] >= (after[0]["t_s"] + load[-1]["t_s"]) / 2]
     return {
@@ -163,6 +197,11 @@ def memory_summary(
         "rss_growth_after_warmup_mib": round(load[-1]["rss_mib"] - after[0]["rss_mib"], 1),
         "rss_slope_after_warmup_mib_per_min": slope(after),
         "rss_slope_last_half_mib_per_min": slope(last_half),
+        "steady_data_from_s": steady_from,
+        "rss_slope_steady_data_mib_per_min": slope(steady),
+        "rss_less_caches_slope_steady_data_mib_per_min": slope(steady, less_caches=True),
+        "caches_at_warmup_mib": after[0].get("caches_mib"),
+        "caches_end_mib": load[-1].get("caches_mib"),
         "live_memories_at_warmup": after[0].get("live_memories"),
         "live_memories_end": load[-1].get("live_memories"),
         "threads_at_warmup": after[0]["threads"],
@@ -359,10 +398,11 @@ def print_report(report: dict[str, Any]) -> None:
     samples = report["samples"]
     step = max(1, -(-len(samples) // 12))  # about 12 rows
     print_table(
-        "The daemon over time (RSS from /proc, /healthz latency)",
+        "The daemon over time (RSS from /proc, its caches from /metrics, /healthz latency)",
         [
             ("t (s)", "t_s", ">.0f"),
             ("RSS MiB", "rss_mib", ">.1f"),
+            ("caches MiB", "caches_mib", ">.1f"),
             ("threads", "threads", ">d"),
             ("open fds", "fds", ">d"),
             ("healthz ms", "healthz_ms", ">.1f"),

@@ -11,6 +11,7 @@ from starlette.routing import Route
 from memos import __version__
 from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
+from memos.api.cache_metrics import CacheCollector
 from memos.api.mcp_http import PATH, McpEndpoint
 from memos.api.middleware import Metrics, RequestMiddleware
 from memos.api.routes import activations, chats, cubes, keys, memories, openai, ops, users
@@ -38,6 +39,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.daemon = daemon
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
+    app.state.metrics.registry.register(CacheCollector(daemon))
     errors.install(app)
     for module in (ops, users, keys, cubes, memories, activations, chats, openai):
         app.include_router(module.router)

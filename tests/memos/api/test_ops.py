@@ -28,6 +28,22 @@ def test_metrics_count_requests_by_route(server):
     assert "memos_request_duration_seconds_bucket" in text
 
 
+def gauge(text: str, name: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_metrics_show_the_loaded_index_and_chat_prefix_bytes(server):
+    _, key = server.new_user()
+    with server.client(key) as user:
+        cube = user.post("/v1/cubes", json={"name": f"m-{secrets.token_hex(4)}"}).json()["id"]
+        before = gauge(httpx.get(f"{server.url}/metrics").text, "memos_indexes_loaded_bytes")
+        added = user.post(f"/v1/cubes/{cube}/memories", json={"items": [{"content": "a note"}]})
+        assert added.status_code == 201, added.text
+    text = httpx.get(f"{server.url}/metrics").text
+    assert gauge(text, "memos_indexes_loaded_bytes") > before  # the new cube's index is loaded
+    assert gauge(text, "memos_chat_prefixes_bytes") >= 0
+
+
 def test_openapi_and_docs_are_served(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert "/v1/cubes/{cube_id}/search" in spec["paths"]
