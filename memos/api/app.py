@@ -13,7 +13,17 @@ from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
 from memos.api.mcp_http import PATH, McpEndpoint
 from memos.api.middleware import Metrics, RequestMiddleware
-from memos.api.routes import activations, chats, cubes, keys, memories, openai, ops, users
+from memos.api.routes import (
+    activations,
+    chats,
+    cubes,
+    keys,
+    memories,
+    openai,
+    ops,
+    policies,
+    users,
+)
 from memos.daemon import Daemon
 
 
@@ -39,7 +49,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
     errors.install(app)
-    for module in (ops, users, keys, cubes, memories, activations, chats, openai):
+    for module in (ops, users, keys, cubes, policies, memories, activations, chats, openai):
         app.include_router(module.router)
     openapi.install(app, daemon.settings)
     docs.install(app)
