@@ -220,3 +220,28 @@ def test_a_new_note_after_a_purge_is_searchable(daemon):
                                                               "Caroline", when, {})])  # fmt: skip
     hits = daemon.search.search(ADMIN, cube_id, "red kayak", 1, SearchFilters()).hits
     assert hits[0].memory.id == added.id
+
+
+def test_chat_recall_and_activation_loads_are_counted(daemon):
+    """The notes a chat turn recalls count once each; an activation counts a use per
+    generation and a load per read from disk (the second generation finds it loaded)."""
+    from memos.services.activations import ActivationSource
+
+    cube_id, ids = add_turns(daemon)
+    chat = daemon.chats.create(ADMIN, cube_id, session_id="chat", recall_top_k=2)
+    question = "Which adoption agencies did you look at?"
+    expected = daemon.search.search(ADMIN, cube_id, question, 2, SearchFilters(), count=False)
+    daemon.chats.send(ADMIN, cube_id, chat.id, question, max_tokens=1)
+    act = daemon.activations.create(ADMIN, cube_id, ActivationSource(text="Max is a puppy."), 16,
+                                    None)  # fmt: skip
+    for _ in range(2):
+        daemon.activations.generate(ADMIN, cube_id, "Who is Max?", act.id, 1)
+    assert run(daemon, "usage_flush") == {"memories": 2, "recalls": 2, "activations": 1,
+                                          "loads": 1}  # fmt: skip
+    counts = recalls(daemon, cube_id)
+    recalled = {h.memory.id for h in expected.hits}
+    assert {i: counts[i] for i in ids} == {i: int(i in recalled) for i in ids}
+    with daemon.db.read() as s:
+        assert s.execute(
+            select(Activation.uses, Activation.loads).where(Activation.id == act.id)
+        ).one() == (2, 1)
