@@ -11,6 +11,7 @@ from starlette.routing import Route
 from memos import __version__
 from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
+from memos.api.lifecycle_metrics import LifecycleCollector
 from memos.api.mcp_http import PATH, McpEndpoint
 from memos.api.middleware import Metrics, RequestMiddleware
 from memos.api.routes import (
@@ -48,6 +49,9 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.daemon = daemon
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
+    app.state.metrics.registry.register(
+        LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs)
+    )
     errors.install(app)
     for module in (ops, users, keys, cubes, policies, memories, activations, chats, openai):
         app.include_router(module.router)

@@ -84,6 +84,7 @@ def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             "within lifecycle.activation_disk_bytes, by the eviction policy",
             interval_s=config.evict_interval_s,
             run=lambda: evict(system),
+            run_cube=lambda cube_id: system.evict(cube_id).as_dict(),
         ),
         JobSpec(
             name="fuse",
@@ -91,5 +92,6 @@ def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             "fuse threshold) into their earliest note, in cubes whose policy enables fuse",
             interval_s=config.fuse_interval_s,
             run=lambda: fuse(system),
+            run_cube=lambda cube_id: system.fuse(cube_id).as_dict(),
         ),
     ]

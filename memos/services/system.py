@@ -20,6 +20,7 @@ from sqlalchemy import select
 from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Cube
+from memos.services.cubes import cube_not_found
 from memos.services.enrichment import EnrichmentService, RetryReport
 from memos.services.indexes import IndexRegistry
 from memos.services.lifecycle import (
@@ -87,6 +88,12 @@ class SystemService:
         return self.enrichment.retry_due(now)
 
     # -- lifecycle (memos/services/lifecycle/) ----------------------------------------------
+
+    def require_cube(self, cube_id: str) -> None:
+        """404 `cube_not_found` unless the cube exists (a job asked to run on one cube)."""
+        with self.db.read() as s:
+            if s.get(Cube, cube_id) is None:
+                raise cube_not_found(cube_id)
 
     def flush_usage(self) -> FlushReport:
         """Write the recall and load counts gathered since the last flush."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -128,6 +128,8 @@ class Evictor:
         self.activations = activations
         self.config = config
         self.clock = GdsfClock()
+        # Since start, for /metrics: expired, purged, evicted, evicted_bytes.
+        self.totals: Counter[str] = Counter()
 
     def run(self, cube_id: str | None = None, now: datetime | None = None) -> EvictReport:
         """One run over every cube (or one cube: then the daemon-wide budget is left alone)."""
@@ -158,7 +160,17 @@ class Evictor:
         report.held_bytes = sum(a.item.bytes for a in self._stored())
         report.gdsf_clock = self.clock.value
         report.took_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.totals.update(
+            expired=sum(report.expired.values()),
+            purged=sum(c["memories"] for c in report.purged.values()),
+            evicted=report.evicted_count,
+            evicted_bytes=report.evicted_bytes,
+        )
         return report
+
+    def held_bytes(self) -> int:
+        """Activation bytes on disk now (ready or corrupt rows)."""
+        return sum(a.item.bytes for a in self._stored())
 
     # -- notes ------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ exactly what is left.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ class Fuser:
         self.config = config
         # With enrichment off, "pending" is final: such notes may fuse too.
         self.unsettled = ("pending", "retrying") if enrichment_enabled else ("retrying",)
+        self.totals: Counter[str] = Counter()  # since start, for /metrics: groups, notes
 
     def run(self, cube_id: str | None = None) -> FuseReport:
         started = time.perf_counter()
@@ -133,6 +135,7 @@ class Fuser:
                 if len(report.fused) < LISTED:
                     report.fused.append(fused)
         report.took_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.totals.update(groups=report.groups, notes=report.notes)
         return report
 
     # -- finding groups ---------------------------------------------------------------------
