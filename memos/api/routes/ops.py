@@ -67,7 +67,11 @@ def run_job(
     return RunAccepted(run_id=daemon.jobs.run_now(name, cube_id=cube_id))
 
 
-@router.get("/v1/jobs/runs", response_model=RunList)
+@router.get(
+    "/v1/jobs/runs",
+    response_model=RunList,
+    responses=errors({404: "`job_not_found`: no job has that name"}),
+)
 def list_runs(
     daemon: DaemonDep,
     _: AdminDep,
