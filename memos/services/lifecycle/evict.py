@@ -23,7 +23,7 @@ import bisect
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -89,17 +89,7 @@ class EvictReport:
     took_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "expired": self.expired,
-            "purged": self.purged,
-            "swept": self.swept,
-            "evicted": self.evicted,
-            "evicted_count": self.evicted_count,
-            "evicted_bytes": self.evicted_bytes,
-            "held_bytes": self.held_bytes,
-            "gdsf_clock": self.gdsf_clock,
-            "took_ms": self.took_ms,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,14 +60,7 @@ class FuseReport:
     took_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "cubes": self.cubes,
-            "groups": self.groups,
-            "notes": self.notes,
-            "skipped": self.skipped,
-            "fused": self.fused,
-            "took_ms": self.took_ms,
-        }
+        return asdict(self)
 
 
 class _Sets:

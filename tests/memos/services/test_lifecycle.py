@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -20,11 +21,29 @@ def run(daemon, name: str) -> dict:
     return view.result
 
 
-@pytest.fixture
-def daemon(tmp_path, embedder):
-    daemon = make_daemon(tmp_path, embedder)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def daemon(request, tmp_path, embedder):
+    """A daemon on SQLite, then on a fresh PostgreSQL database of its own (the jobs walk
+    every cube of their database: a shared one would hold other tests' cubes)."""
+    if request.param == "sqlite":
+        daemon = make_daemon(tmp_path, embedder)
+        yield daemon
+        daemon.stop()
+        return
+    import psycopg
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    admin = POSTGRES_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    name = f"memos_lifecycle_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    daemon = make_daemon(tmp_path, embedder, database_url=url)
     yield daemon
     daemon.stop()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def recalls(daemon, cube_id) -> dict[str, int]:
