@@ -93,3 +93,45 @@ def test_evict_killed_mid_run_is_finished_by_the_next_run(tmp_path):
         assert orphans == 0 and live_count == FRESH
     finally:
         daemon.stop()
+
+
+def test_fuse_killed_mid_run_is_finished_by_the_next_run(tmp_path):
+    daemon = make_daemon_process(tmp_path, MEMOS_LIFECYCLE__FUSE__ENABLED="true")
+    daemon.start()
+    pairs = 80
+    try:
+        with daemon.client() as admin:
+            cube_id = admin.post("/v1/cubes", json={"name": "fuse"}).json()["id"]
+            items = [
+                {"content": f"My cousin number {i} lives in town {secrets.token_hex(3)}.",
+                 "speaker": f"speaker{i}"}
+                for i in range(pairs)
+            ]  # fmt: skip
+            first = admin.post(f"/v1/cubes/{cube_id}/memories", json={"items": items})
+            second = admin.post(f"/v1/cubes/{cube_id}/memories", json={"items": items})
+            originals = [m["id"] for m in first.json()["items"]]
+            repeats = [m["id"] for m in second.json()["items"]]
+            started = admin.post("/v1/jobs/fuse/run").json()["run_id"]
+            time.sleep(0.5)  # somewhere among the groups
+        daemon.kill()
+        daemon.start()
+        _wait_healed(daemon)
+        with daemon.client() as admin:
+            assert admin.get(f"/v1/jobs/runs/{started}").json()["status"] in ("interrupted", "ok")
+            rerun = _run_job(admin, "fuse")
+            assert rerun["status"] == "ok", rerun
+            assert _run_job(admin, "fuse")["result"]["groups"] == 0
+            live = admin.get(f"/v1/cubes/{cube_id}/memories", params={"limit": 500}).json()
+            assert [m["id"] for m in live["items"]] == originals
+            for keep, gone in list(zip(originals, repeats, strict=True))[::10]:
+                path = f"/v1/cubes/{cube_id}/memories"
+                kept = [h["reason"] for h in admin.get(f"{path}/{keep}/history").json()["items"]]
+                fused = [h["reason"] for h in admin.get(f"{path}/{gone}/history").json()["items"]]
+                assert kept == ["created", f"fused from ['{gone}']"]
+                assert fused == ["created", f"fused into {keep}"]
+            actions = _run_job(admin, "index_maintenance")["result"]["actions"]
+            assert set(actions) <= {"clean", "saved"}, actions
+            stats = admin.get(f"/v1/cubes/{cube_id}").json()["stats"]
+            assert stats["memories"] == pairs
+    finally:
+        daemon.stop()
