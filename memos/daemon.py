@@ -140,11 +140,11 @@ class Daemon:
         self.policies = PolicyService(self.db, self.cubes, settings.lifecycle)
         self.evictor = Evictor(
             self.db, self.policies, self.memories, self.erasure, self.activations,
-            settings.lifecycle,
+            settings.lifecycle, pause=self.foreground.pause,
         )  # fmt: skip
         self.fuser = Fuser(
             self.db, self.policies, self.indexes, self._embed_background, settings.lifecycle,
-            enrichment_enabled=settings.enrichment.enabled,
+            enrichment_enabled=settings.enrichment.enabled, pause=self.foreground.pause,
         )  # fmt: skip
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(

@@ -23,6 +23,7 @@ import bisect
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -110,8 +111,10 @@ class Evictor:
         erasure: ErasureService,
         activations: ActivationService,
         config: LifecycleConfig,
+        pause: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.db = db
+        self.pause = pause  # before each transaction: step aside while searches run
         self.policies = policies
         self.memories = memories
         self.erasure = erasure
@@ -190,6 +193,7 @@ class Evictor:
                 )
             if not ids:
                 break
+            self.pause()
             done += len(self.memories.retire(cube_id, ids, reason))
         if done:
             report.expired[cube_id] = done
@@ -215,6 +219,7 @@ class Evictor:
                         .limit(min(BATCH, left - counts["memories"]))
                     )
                 )
+            self.pause()
             erased = self.erasure.purge(cube_id, ids)
             if erased is None:
                 break

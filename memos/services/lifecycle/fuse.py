@@ -97,8 +97,10 @@ class Fuser:
         embed: Embed,
         config: LifecycleConfig,
         enrichment_enabled: bool,
+        pause: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.db = db
+        self.pause = pause  # before each group: step aside while searches run
         self.policies = policies
         self.indexes = indexes
         self.embed = embed
@@ -193,7 +195,8 @@ class Fuser:
             context = " ".join(_union([[r.context] for r in rows if r.context]))
             text = enriched_text(s, survivor, keywords, tags, context)
             versions = {r.seq: r.version for r in rows}
-        vector = self.embed([text])[0].astype(np.float32)
+        vector = self.embed([text])[0].astype(np.float32)  # pauses for searches itself
+        self.pause()
         others = [r.id for r in rows[1:]]
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
