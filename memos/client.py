@@ -259,7 +259,30 @@ class JobRun(_Model):
     status: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    result: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+
+
+class FusePolicy(_Model):
+    enabled: bool
+    threshold: float
+
+
+class Policy(_Model):
+    """A cube's lifecycle policy (`get_policy`, `set_policy`)."""
+
+    cube_id: str
+    activation_bytes_max: int | None = None
+    memory_ttl_days: float | None = None
+    deleted_retention_days: float
+    hot_recalls: int
+    demote_after_days: float
+    fuse: FusePolicy
+    eviction: str
+    overrides: list[str] = Field(default_factory=list)
+    version: int = 0
+    changed_at: datetime | None = None
+    changed_by: str | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -687,9 +710,22 @@ class _Routes:
         return _Call("POST", _path("cubes", cube_id, "generate"), _one(Generation), body=body)
 
     @staticmethod
-    def run_job(name: str) -> _Call[JobRun]:
-        """Admin only. Starts the job now; the reply (202) carries its `run_id`."""
-        return _Call("POST", _path("jobs", name, "run"), _one(JobRun))
+    def run_job(name: str, cube_id: str | None = None) -> _Call[JobRun]:
+        """Admin only. Starts the job now (`evict` and `fuse` on one cube if `cube_id`); the
+        reply (202) carries its `run_id`."""
+        body = {"cube_id": cube_id} if cube_id is not None else None
+        return _Call("POST", _path("jobs", name, "run"), _one(JobRun), body=body)
+
+    @staticmethod
+    def get_policy(cube_id: str) -> _Call[Policy]:
+        """The cube's lifecycle policy in force (reader+)."""
+        return _Call("GET", _path("cubes", cube_id, "policy"), _one(Policy))
+
+    @staticmethod
+    def set_policy(cube_id: str, **fields: Any) -> _Call[Policy]:
+        """Owner only: set these policy fields (others keep their value), e.g.
+        `set_policy(cube_id, memory_ttl_days=90, fuse={"enabled": True})`."""
+        return _Call("PUT", _path("cubes", cube_id, "policy"), _one(Policy), body=fields)
 
     @staticmethod
     def get_job_run(run_id: str) -> _Call[JobRun]:
@@ -907,6 +943,8 @@ class _Api:
     delete_activation = _Endpoint(_Routes.delete_activation)
     generate = _Endpoint(_Routes.generate)
     run_job = _Endpoint(_Routes.run_job)
+    get_policy = _Endpoint(_Routes.get_policy)
+    set_policy = _Endpoint(_Routes.set_policy)
     get_job_run = _Endpoint(_Routes.get_job_run)
     create_key = _Endpoint(_Routes.create_key)
     revoke_key = _Endpoint(_Routes.revoke_key)

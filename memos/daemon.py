@@ -26,6 +26,7 @@ from memos.services.erasure import ErasureService
 from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.keys import KeyService
+from memos.services.lifecycle import Evictor, Fuser, PolicyService, UsageCounter
 from memos.services.memories import MemoryService
 from memos.services.quotas import QuotaService
 from memos.services.ratelimit import RateLimiter
@@ -95,6 +96,9 @@ class Daemon:
             on_write=self.enrichment_worker.wake,
             quotas=self.quotas,
         )
+        # Recall and load counts, written in batches by the `usage_flush` job and at stop.
+        self.usage = UsageCounter(self.db)
+        self.activations.catalogue.on_load = self.usage.loaded
         self.search = SearchService(
             self.db,
             self.cubes,
@@ -102,6 +106,7 @@ class Daemon:
             self.embedder,
             settings.limits.max_top_k,
             self.foreground,
+            usage=self.usage,
         )
         self.chats = ChatService(
             self.db,
@@ -132,6 +137,15 @@ class Daemon:
                 recall_tokens=settings.chats.recall_tokens,
             ),
         )
+        self.policies = PolicyService(self.db, self.cubes, settings.lifecycle)
+        self.evictor = Evictor(
+            self.db, self.policies, self.memories, self.erasure, self.activations,
+            settings.lifecycle, pause=self.foreground.pause,
+        )  # fmt: skip
+        self.fuser = Fuser(
+            self.db, self.policies, self.indexes, self._embed_background, settings.lifecycle,
+            enrichment_enabled=settings.enrichment.enabled, pause=self.foreground.pause,
+        )  # fmt: skip
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(
             self.db,
@@ -140,6 +154,9 @@ class Daemon:
             settings.enrichment.enabled,
             sweep_activations=lambda: self.activations.sweep().as_dict(),
             save_chat_prefixes=self.chats.save_idle,
+            usage=self.usage,
+            evictor=self.evictor,
+            fuser=self.fuser,
         )
         self.jobs = JobRunner(
             self.db,
@@ -207,6 +224,10 @@ class Daemon:
     def stop(self) -> None:
         self.enrichment_worker.stop()
         self.jobs.stop()
+        try:
+            self.usage.flush()  # counts since the last flush; lost only on a kill
+        except Exception:
+            log.exception("usage flush at stop failed")
         if self.runtime.loaded:
             self.chats.save_all()  # the next start loads them instead of prefilling again
         self.chats.close()

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from kv_runtime.config import RuntimeConfig
 from memcube.embedder import EmbedderConfig
 from memcube.enrichment import LlmEnricherConfig, LocalEnricherConfig
 from memcube.linking import LinkingConfig
+from memcube.policies import policy
 from memcube.retrieval import RetrievalConfig
 from memcube.vector_index import HnswConfig
 
@@ -76,6 +77,71 @@ class SchedulerConfig(BaseModel):
     )
     chat_prefix_save_interval_s: int = Field(
         60, ge=5, le=7 * 86_400, description="how often idle chat prefixes are saved to disk"
+    )
+    usage_flush_interval_s: int = Field(
+        30, ge=1, le=86_400, description="how often recall and use counts are written"
+    )
+    evict_interval_s: int = Field(
+        600, ge=5, le=7 * 86_400, description="how often budgets, TTLs and retention are kept"
+    )
+    fuse_interval_s: int = Field(
+        3600, ge=5, le=7 * 86_400, description="how often near-duplicate notes are fused"
+    )
+
+
+class FuseConfig(BaseModel):
+    """Fusing near-duplicate notes of a cube into one (the `fuse` job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    threshold: float = Field(
+        0.95, ge=0.5, le=1.0, description="least cosine of two notes of one speaker to fuse"
+    )
+
+
+class LifecyclePolicy(BaseModel):
+    """A cube's lifecycle policy (`GET`/`PUT /v1/cubes/{cube_id}/policy`); the defaults of
+    every cube are in `LifecycleConfig`, which extends this with the daemon-wide settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation_bytes_max: int | None = Field(
+        None, ge=0, le=1 << 50, description="a cube's activations on disk; null: daemon-wide only"
+    )
+    memory_ttl_days: float | None = Field(
+        None, gt=0, le=36_500, description="notes older than this are soft-deleted; null: never"
+    )
+    deleted_retention_days: float = Field(
+        30.0, ge=0, le=36_500, description="soft-deleted notes are erased for good after this"
+    )
+    hot_recalls: int = Field(5, ge=1, le=1_000_000, description="recalls that make a note hot")
+    demote_after_days: float = Field(
+        7.0, gt=0, le=36_500, description="an activation unused this long is cold"
+    )
+    fuse: FuseConfig = FuseConfig()
+    eviction: str = Field("gdsf", description="eviction policy: lru, lfu or gdsf")
+
+    @field_validator("eviction")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        policy(name)  # ValueError naming the valid ones
+        return name
+
+
+class LifecycleConfig(LifecyclePolicy):
+    """Every cube's lifecycle policy until its owner sets its own, and the daemon-wide budget
+    over all cubes. The budget for loaded caches in RAM is `activations.loaded_cache_bytes`
+    (+ `dequantized_cache_bytes`), kept by those caches on every load."""
+
+    activation_disk_bytes: int = Field(
+        0, ge=0, le=1 << 50, description="all activations on disk, daemon-wide; 0: no limit"
+    )
+    max_items_per_run: int = Field(
+        10_000, ge=1, le=10_000_000, description="notes one job run expires, purges or fuses"
+    )
+    fuse_max_notes: int = Field(
+        5_000, ge=2, le=1_000_000, description="notes of one speaker compared in one fuse run"
     )
 
 
@@ -262,6 +328,7 @@ class Settings(BaseSettings):
     chats: ChatsConfig = ChatsConfig()
     openai: OpenAIConfig = OpenAIConfig()
     heap: HeapConfig = HeapConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
 
     @classmethod
     def settings_customise_sources(

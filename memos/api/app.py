@@ -12,9 +12,20 @@ from memos import __version__
 from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
 from memos.api.cache_metrics import CacheCollector
+from memos.api.lifecycle_metrics import LifecycleCollector
 from memos.api.mcp_http import PATH, McpEndpoint
 from memos.api.middleware import Metrics, RequestMiddleware
-from memos.api.routes import activations, chats, cubes, keys, memories, openai, ops, users
+from memos.api.routes import (
+    activations,
+    chats,
+    cubes,
+    keys,
+    memories,
+    openai,
+    ops,
+    policies,
+    users,
+)
 from memos.daemon import Daemon
 
 
@@ -40,8 +51,11 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
     app.state.metrics.registry.register(CacheCollector(daemon))
+    app.state.metrics.registry.register(
+        LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs)
+    )
     errors.install(app)
-    for module in (ops, users, keys, cubes, memories, activations, chats, openai):
+    for module in (ops, users, keys, cubes, policies, memories, activations, chats, openai):
         app.include_router(module.router)
     openapi.install(app, daemon.settings)
     docs.install(app)

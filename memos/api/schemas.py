@@ -237,6 +237,10 @@ class JobList(BaseModel):
     items: list[JobOut]
 
 
+class JobRunBody(Strict):
+    cube_id: str | None = Field(None, description="run on this cube only (evict, fuse)")
+
+
 class RunAccepted(BaseModel):
     run_id: str
 
@@ -250,6 +254,11 @@ class RunOut(Out):
     finished_at: datetime | None
     result: dict[str, Any]
     error: str | None
+
+
+class RunList(BaseModel):
+    items: list[RunOut]
+    next_cursor: str | None
 
 
 # -- activations --------------------------------------------------------------------------

@@ -120,6 +120,11 @@ class Memory(Base):
     enrichment_attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed ones
     enrichment_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     enrichment_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the last one
+    # Usage, for the lifecycle jobs: times the note was among a search's top k or recalled
+    # into a chat, and the last time. Counted in memory and flushed in batches
+    # (memos/services/lifecycle/usage.py), so a search never writes.
+    recalls: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_recalled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class MemoryHistory(Base):
@@ -203,6 +208,25 @@ class Activation(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Times it served a generation or a chat (`uses`, with `last_used_at`) and times its files
+    # were read from disk (`loads`: a miss of the loaded cache); eviction policies rank by them.
+    uses: Mapped[int] = mapped_column(BigInteger, default=0)
+    loads: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CubePolicy(Base):
+    """A cube's lifecycle policy, one row per change: the newest version is in force (none:
+    the daemon's defaults), the older ones are its history."""
+
+    __tablename__ = "cube_policies"
+
+    cube_id: Mapped[str] = mapped_column(
+        ForeignKey("cubes.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    policy: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    changed_by: Mapped[str] = mapped_column(String(40))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Chat(Base):

@@ -27,6 +27,24 @@ def enrichment_retry(system: SystemService) -> dict[str, Any]:
     return asdict(report)
 
 
+def usage_flush(system: SystemService) -> dict[str, Any]:
+    return asdict(system.flush_usage())
+
+
+def evict(system: SystemService) -> dict[str, Any]:
+    return system.evict().as_dict()
+
+
+def fuse(system: SystemService) -> dict[str, Any]:
+    return system.fuse().as_dict()
+
+
+# The `migrate` job (promote hot notes to activations, demote cold activations 16 -> 8 -> 4 ->
+# 2 bits, then drop) registers here like the others once episodic activations exist: a
+# `SystemService.migrate()` over the recall counts, activation uses and the cube policies'
+# `hot_recalls` / `demote_after_days` (memos/services/lifecycle/__init__.py).
+
+
 def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
     return [
         JobSpec(
@@ -50,5 +68,30 @@ def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             "is over; park them as failed after the last attempt",
             interval_s=config.enrichment_retry_interval_s,
             run=lambda: enrichment_retry(system),
+        ),
+        JobSpec(
+            name="usage_flush",
+            description="write the recall counts of notes and the load counts of activations "
+            "gathered in memory since the last flush (searches never write)",
+            interval_s=config.usage_flush_interval_s,
+            run=lambda: usage_flush(system),
+        ),
+        JobSpec(
+            name="evict",
+            description="soft-delete notes past their cube's memory_ttl_days; erase for good "
+            "notes deleted longer ago than deleted_retention_days; sweep activation files "
+            "without rows; keep each cube's activations within activation_bytes_max and all "
+            "within lifecycle.activation_disk_bytes, by the eviction policy",
+            interval_s=config.evict_interval_s,
+            run=lambda: evict(system),
+            run_cube=lambda cube_id: system.evict(cube_id).as_dict(),
+        ),
+        JobSpec(
+            name="fuse",
+            description="merge near-duplicate notes (duplicate links; same speaker above the "
+            "fuse threshold) into their earliest note, in cubes whose policy enables fuse",
+            interval_s=config.fuse_interval_s,
+            run=lambda: fuse(system),
+            run_cube=lambda cube_id: system.fuse(cube_id).as_dict(),
         ),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,16 +20,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select, update
 
-from memcube.errors import NotFound
+from memcube.errors import InvalidArgument, NotFound
 from memos.db.engine import Database
 from memos.db.models import JobRun
 from memos.db.types import utcnow
 from memos.scheduler.jobstore import JsonJobStore
-from memos.services.ids import new_id
+from memos.services.ids import decode_cursor, encode_cursor, new_id
 
 log = logging.getLogger("memos.jobs")
 
 JobFn = Callable[[], dict[str, Any]]
+CubeJobFn = Callable[[str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class JobSpec:
     description: str
     interval_s: int
     run: JobFn
+    run_cube: CubeJobFn | None = None  # the job on one cube (`POST .../run {"cube_id"}`)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class JobRunner:
         self.jobs = {job.name: job for job in jobs}
         self.enabled = enabled
         self._locks = {name: threading.Lock() for name in self.jobs}
+        self._durations: dict[str, tuple[int, float]] = {}  # name -> (runs, seconds), metrics
+        self._stats_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memos-job")
         self._scheduler = BackgroundScheduler(
             jobstores={"default": JsonJobStore(db)},
@@ -130,26 +135,45 @@ class JobRunner:
             )
         return job
 
-    def run_now(self, name: str, trigger: str = "manual", wait: bool = False) -> str:
-        """Record a run and execute it (in the background unless `wait`). Returns the run id."""
+    def run_now(
+        self,
+        name: str,
+        trigger: str = "manual",
+        wait: bool = False,
+        cube_id: str | None = None,
+    ) -> str:
+        """Record a run and execute it (in the background unless `wait`), on every cube or on
+        `cube_id` alone. Returns the run id."""
         job = self._spec(name)
+        if cube_id is not None and job.run_cube is None:
+            raise InvalidArgument(
+                f"job {name!r} runs on the whole daemon and takes no cube_id; jobs that do: "
+                f"{sorted(n for n, j in self.jobs.items() if j.run_cube is not None)}"
+            )
         run_id = new_id("run")
         with self.db.write() as s:
             s.add(JobRun(id=run_id, job_name=name, trigger=trigger, status="running"))
         if wait:
-            self._execute(job, run_id)
+            self._execute(job, run_id, cube_id)
         else:
-            self._pool.submit(self._execute, job, run_id)
+            self._pool.submit(self._execute, job, run_id, cube_id)
         return run_id
 
-    def _execute(self, job: JobSpec, run_id: str) -> None:
+    def _execute(self, job: JobSpec, run_id: str, cube_id: str | None = None) -> None:
         with self._locks[job.name]:  # one run of a job at a time
             status, result, error = "ok", {}, None
+            started = time.perf_counter()
             try:
-                result = job.run()
+                if cube_id is not None and job.run_cube is not None:
+                    result = {"cube_id": cube_id, **job.run_cube(cube_id)}
+                else:
+                    result = job.run()
             except Exception as exc:
                 log.exception("job failed", extra={"fields": {"job": job.name, "run_id": run_id}})
                 status, error = "error", f"{type(exc).__name__}: {exc}"
+            with self._stats_lock:
+                runs, seconds = self._durations.get(job.name, (0, 0.0))
+                self._durations[job.name] = (runs + 1, seconds + time.perf_counter() - started)
             with self.db.write() as s:
                 s.execute(
                     update(JobRun)
@@ -181,18 +205,42 @@ class JobRunner:
                 )
         return views
 
+    def durations(self) -> dict[str, tuple[int, float]]:
+        """Runs since start and their seconds in all, by job name (for /metrics)."""
+        with self._stats_lock:
+            return dict(self._durations)
+
+    def runs(
+        self, name: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RunView], str | None]:
+        """Runs newest first (of one job, if named), a page at a time."""
+        if name is not None:
+            self._spec(name)
+        start = decode_cursor(cursor) or 0
+        query = select(JobRun).order_by(JobRun.started_at.desc(), JobRun.id.desc())
+        if name is not None:
+            query = query.where(JobRun.job_name == name)
+        with self.db.read() as s:
+            rows = s.scalars(query.offset(start).limit(limit + 1)).all()
+        more = len(rows) > limit
+        return [_run_view(r) for r in rows[:limit]], encode_cursor(start + limit) if more else None
+
     def get_run(self, run_id: str) -> RunView:
         with self.db.read() as s:
             run = s.get(JobRun, run_id)
         if run is None:
             raise NotFound(f"job run {run_id!r} not found", code="run_not_found")
-        return RunView(
-            run_id=run.id,
-            name=run.job_name,
-            trigger=run.trigger,
-            status=run.status,
-            started_at=run.started_at,
-            finished_at=run.finished_at,
-            result=run.result or {},
-            error=run.error,
-        )
+        return _run_view(run)
+
+
+def _run_view(run: JobRun) -> RunView:
+    return RunView(
+        run_id=run.id,
+        name=run.job_name,
+        trigger=run.trigger,
+        status=run.status,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        result=run.result or {},
+        error=run.error,
+    )

@@ -13,7 +13,7 @@ dead tuples stay in the table files until VACUUM runs (the operator's job, like 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ log = logging.getLogger("memos.erasure")
 
 @dataclass(frozen=True)
 class ErasureReport:
-    memory_id: str
+    memory_ids: tuple[str, ...]
     history_rows: int
     links: int
     activations: tuple[str, ...]  # ids of the activations dropped with it
@@ -84,35 +84,60 @@ class ErasureService:
     ) -> ErasureReport:
         """Erase a live or soft-deleted memory (owner only: it destroys the history too)."""
         self.cubes.require(principal, cube_id, Role.OWNER)
+        report = self._erase(cube_id, [memory_id], if_match)
+        log.info("memory erased", extra={"fields": {"cube_id": cube_id, **report.__dict__}})
+        return report
+
+    def purge(self, cube_id: str, memory_ids: Sequence[str]) -> ErasureReport | None:
+        """Erase these soft-deleted memories of the cube for good, in one transaction: the
+        system path (no principal) the `evict` job takes past the retention. Ids that are
+        live again, or gone, are skipped; None when none was left to erase."""
+        if not memory_ids:
+            return None
+        report = self._erase(cube_id, memory_ids, None, deleted_only=True)
+        return report if report.memory_ids else None
+
+    def _erase(
+        self,
+        cube_id: str,
+        memory_ids: Sequence[str],
+        if_match: frozenset[int] | None,
+        deleted_only: bool = False,
+    ) -> ErasureReport:
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
-                row = s.scalar(
-                    select(Memory)
-                    .where(Memory.id == memory_id, Memory.cube_id == cube_id)
-                    .with_for_update()
-                )
-                if row is None:
-                    raise memory_not_found(memory_id)
-                check_version(row, if_match)
-                live = row.deleted_at is None
-                generation = bump_generation(s, cube_id, live_delta=-1 if live else 0)
-                seq, session_id = row.seq, row.session_id
+                query = select(Memory).where(Memory.id.in_(memory_ids), Memory.cube_id == cube_id)
+                if deleted_only:
+                    query = query.where(Memory.deleted_at.is_not(None))
+                rows = list(s.scalars(query.order_by(Memory.seq).with_for_update()))
+                if not deleted_only and not rows:
+                    raise memory_not_found(memory_ids[0])
+                for row in rows:
+                    check_version(row, if_match)
+                if not rows:
+                    return ErasureReport((), 0, 0, (), False)
+                live = sum(1 for row in rows if row.deleted_at is None)
+                generation = bump_generation(s, cube_id, live_delta=-live)
+                seqs = [row.seq for row in rows]
                 links = s.execute(
-                    delete(Link).where(or_(Link.src_seq == seq, Link.dst_seq == seq))
+                    delete(Link).where(or_(Link.src_seq.in_(seqs), Link.dst_seq.in_(seqs)))
                 ).rowcount  # type: ignore[attr-defined]
                 history = s.execute(
-                    delete(MemoryHistory).where(MemoryHistory.memory_seq == seq)
+                    delete(MemoryHistory).where(MemoryHistory.memory_seq.in_(seqs))
                 ).rowcount  # type: ignore[attr-defined]
-                s.execute(delete(Memory).where(Memory.seq == seq))
-                activations = drop_activations_built_from(s, cube_id, memory_id, session_id)
-            index.erase([seq], generation)
+                s.execute(delete(Memory).where(Memory.seq.in_(seqs)))
+                activations: list[str] = []
+                for row in rows:
+                    activations += drop_activations_built_from(s, cube_id, row.id, row.session_id)
+            index.erase(seqs, generation)
             index.save(self.indexes.directory(cube_id))
         for activation_id in activations:
             kv_runtime.delete_activation(self.activation_dir / cube_id / activation_id)
-        self.on_erased(cube_id, session_id)
+        for session_id in sorted({row.session_id or "" for row in rows}):
+            self.on_erased(cube_id, session_id or None)
         truncated = self.db.checkpoint()
-        report = ErasureReport(memory_id, int(history), int(links), tuple(activations), truncated)
-        log.info("memory erased", extra={"fields": {"cube_id": cube_id, **report.__dict__}})
         if not truncated:
             log.warning("WAL still in use after an erasure; the next checkpoint truncates it")
-        return report
+        return ErasureReport(
+            tuple(row.id for row in rows), int(history), int(links), tuple(activations), truncated
+        )

@@ -218,6 +218,38 @@ class MemoryService:
             index.apply([], [row.seq for row in rows], generation)
         return len(rows)
 
+    def retire(self, cube_id: str, memory_ids: Sequence[str], reason: str) -> list[str]:
+        """Soft-delete these live memories of the cube in one transaction, with `reason` in
+        their history: the system path (no principal) lifecycle jobs take. Returns the ids
+        deleted; ones already deleted or gone are skipped, so a rerun changes nothing."""
+        if not memory_ids:
+            return []
+        with self.indexes.writing(cube_id) as index:
+            with self.db.write() as s:
+                rows = list(
+                    s.scalars(
+                        select(Memory)
+                        .where(
+                            Memory.cube_id == cube_id,
+                            Memory.id.in_(memory_ids),
+                            Memory.deleted_at.is_(None),
+                        )
+                        .order_by(Memory.seq)
+                        .with_for_update()
+                    )
+                )
+                if not rows:
+                    return []
+                generation = bump_generation(s, cube_id, live_delta=-len(rows))
+                now = utcnow()
+                for row in rows:
+                    row.version += 1
+                    row.change_seq = generation
+                    row.updated_at = row.deleted_at = now
+                    s.add(history_row(row, reason))
+            index.apply([], [row.seq for row in rows], generation)
+        return [row.id for row in rows]
+
     # -- reads ------------------------------------------------------------------------------
 
     def _live_row(

@@ -17,6 +17,7 @@ from memos.db.models import Link, Memory
 from memos.services.cubes import CubeService
 from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry
+from memos.services.lifecycle.usage import UsageCounter
 from memos.services.repository import memory_views
 from memos.services.views import HitView, Principal, Role
 
@@ -43,6 +44,7 @@ class SearchService:
         embedder: Embedder,
         max_top_k: int,
         foreground: Foreground | None = None,
+        usage: UsageCounter | None = None,
     ) -> None:
         self.db = db
         self.cubes = cubes
@@ -51,6 +53,8 @@ class SearchService:
         self.max_top_k = max_top_k
         # Marks each search in flight, so background work steps aside (services/foreground.py).
         self.foreground = foreground or Foreground(0.0)
+        # Hits are counted in memory, never written here: a search stays a read.
+        self.usage = usage
 
     def search(
         self,
@@ -61,9 +65,20 @@ class SearchService:
         filters: SearchFilters,
         mode: str = "hybrid",
         exact: bool = False,
+        count: bool = True,
     ) -> SearchResult:
+        """`count`: count the hits as recalled (a caller that shows only some of them, such
+        as a chat's recall, passes False and counts those it used)."""
         with self.foreground.active():
-            return self._search(principal, cube_id, query, top_k, filters, mode, exact)
+            result = self._search(principal, cube_id, query, top_k, filters, mode, exact)
+        if count:
+            self.record([hit.memory.id for hit in result.hits])
+        return result
+
+    def record(self, memory_ids: list[str]) -> None:
+        """These notes were recalled (among a search's top k, or into a chat's prompt)."""
+        if self.usage is not None and memory_ids:
+            self.usage.recalled(memory_ids)
 
     def _search(
         self,

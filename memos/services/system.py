@@ -20,8 +20,17 @@ from sqlalchemy import select
 from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Cube
+from memos.services.cubes import cube_not_found
 from memos.services.enrichment import EnrichmentService, RetryReport
 from memos.services.indexes import IndexRegistry
+from memos.services.lifecycle import (
+    Evictor,
+    EvictReport,
+    FlushReport,
+    Fuser,
+    FuseReport,
+    UsageCounter,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,9 @@ class SystemService:
         enrichment_enabled: bool,
         sweep_activations: Callable[[], Any],
         save_chat_prefixes: Callable[[], dict[str, int]] = dict,
+        usage: UsageCounter | None = None,
+        evictor: Evictor | None = None,
+        fuser: Fuser | None = None,
     ) -> None:
         self.db = db
         self.indexes = indexes
@@ -46,6 +58,9 @@ class SystemService:
         self.enrichment_enabled = enrichment_enabled
         self.sweep_activations = sweep_activations  # files without rows, rows without files
         self.save_chat_prefixes = save_chat_prefixes  # idle, changed chat prefixes to disk
+        self.usage = usage
+        self.evictor = evictor
+        self.fuser = fuser
 
     def maintain_indexes(self) -> MaintenanceReport:
         """Verify every cube's ANN index against the database; replay, rebuild and save what
@@ -71,3 +86,26 @@ class SystemService:
         if not self.enrichment_enabled:
             return None
         return self.enrichment.retry_due(now)
+
+    # -- lifecycle (memos/services/lifecycle/) ----------------------------------------------
+
+    def require_cube(self, cube_id: str) -> None:
+        """404 `cube_not_found` unless the cube exists (a job asked to run on one cube)."""
+        with self.db.read() as s:
+            if s.get(Cube, cube_id) is None:
+                raise cube_not_found(cube_id)
+
+    def flush_usage(self) -> FlushReport:
+        """Write the recall and load counts gathered since the last flush."""
+        assert self.usage is not None, "the daemon wires the usage counter"
+        return self.usage.flush()
+
+    def evict(self, cube_id: str | None = None) -> EvictReport:
+        """TTL expiry, retention purge, orphan sweep, activation byte budgets."""
+        assert self.evictor is not None, "the daemon wires the evictor"
+        return self.evictor.run(cube_id)
+
+    def fuse(self, cube_id: str | None = None) -> FuseReport:
+        """Near-duplicate notes merged, in cubes whose policy enables it."""
+        assert self.fuser is not None, "the daemon wires the fuser"
+        return self.fuser.run(cube_id)

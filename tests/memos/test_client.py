@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -477,6 +478,22 @@ def test_jobs(admin: MemosClient, client: MemosClient) -> None:
         client.list_jobs()
     with pytest.raises(Forbidden):
         client.run_job("index_maintenance")
+
+
+def test_policy_and_a_job_on_one_cube(admin: MemosClient, client: MemosClient, cube: Cube) -> None:
+    assert client.get_policy(cube.id).version == 0
+    policy = client.set_policy(cube.id, memory_ttl_days=90, fuse={"enabled": True})
+    assert (policy.version, policy.memory_ttl_days, policy.fuse.enabled) == (1, 90.0, True)
+    assert policy.overrides == ["memory_ttl_days", "fuse"]
+    with pytest.raises(ValidationFailed):
+        client.set_policy(cube.id, eviction="fifo")
+    run = admin.run_job("fuse", cube_id=cube.id)
+    deadline = time.time() + 120
+    while (done := admin.get_job_run(run.run_id)).status == "running":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert done.status == "ok" and done.result["cube_id"] == cube.id
+    assert (done.result["cubes"], done.result["groups"]) == (1, 0)
 
 
 # --------------------------------------------------------------------------- activations

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from memcube.errors import Forbidden
 from memos import __version__
 from memos.api.deps import AdminDep, DaemonDep
 from memos.api.openapi import errors
-from memos.api.schemas import JobList, JobOut, RunAccepted, RunOut
+from memos.api.schemas import JobList, JobOut, JobRunBody, RunAccepted, RunList, RunOut
 
 router = APIRouter(tags=["operations"])
 
@@ -56,8 +57,31 @@ def list_jobs(daemon: DaemonDep, _: AdminDep) -> JobList:
 
 
 @router.post("/v1/jobs/{name}/run", status_code=202, response_model=RunAccepted)
-def run_job(name: str, daemon: DaemonDep, _: AdminDep) -> RunAccepted:
-    return RunAccepted(run_id=daemon.jobs.run_now(name))
+def run_job(
+    name: str, daemon: DaemonDep, _: AdminDep, body: JobRunBody | None = None
+) -> RunAccepted:
+    """Run a job now, in the background; `{"cube_id"}` runs `evict` or `fuse` on one cube."""
+    cube_id = body.cube_id if body is not None else None
+    if cube_id is not None:
+        daemon.system.require_cube(cube_id)
+    return RunAccepted(run_id=daemon.jobs.run_now(name, cube_id=cube_id))
+
+
+@router.get(
+    "/v1/jobs/runs",
+    response_model=RunList,
+    responses=errors({404: "`job_not_found`: no job has that name"}),
+)
+def list_runs(
+    daemon: DaemonDep,
+    _: AdminDep,
+    name: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> RunList:
+    """Job runs with their results, newest first (`?name=` for one job's)."""
+    runs, next_cursor = daemon.jobs.runs(name, limit, cursor)
+    return RunList(items=[RunOut.model_validate(r) for r in runs], next_cursor=next_cursor)
 
 
 @router.get("/v1/jobs/runs/{run_id}", response_model=RunOut)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ class Catalogue:
     def __init__(self, db: Database, directory: Path) -> None:
         self.db = db
         self.directory = directory
+        # Counts loads in memory (memos/services/lifecycle/usage.py); set by the daemon.
+        self.on_load: Callable[[str], None] = lambda activation_id: None
 
     def path(self, cube_id: str, activation_id: str) -> Path:
         return self.directory / cube_id / activation_id
@@ -139,7 +142,12 @@ class Catalogue:
         self._update(activation_id, state="corrupt", error=error)
 
     def touch(self, activation_id: str) -> None:
-        self._update(activation_id, last_used_at=utcnow())
+        """It served a generation or a chat: one more use, now."""
+        self._update(activation_id, last_used_at=utcnow(), uses=Activation.uses + 1)
+
+    def loaded(self, activation_id: str) -> None:
+        """Its files were read from disk: counted in memory, written by the usage flush."""
+        self.on_load(activation_id)
 
     def recover(self) -> list[tuple[str, str]]:
         """Builds no thread will finish (a restart or shutdown cut them) are failed; their

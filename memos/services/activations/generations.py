@@ -335,6 +335,7 @@ class Generations:
             raise Conflict(exc.message, code="activation_mismatch") from exc
         except kv_runtime.ActivationCorrupt as exc:
             self._corrupt(row, exc)
+        self.catalogue.loaded(row.id)
         history = manifest.messages
         if history is None:  # stored before messages were recorded; `_history` checked it
             history = tuple(runtime.template.recover_turn(compressed.token_ids, "system") or ())

@@ -229,6 +229,19 @@ class ActivationService:
         """The row, then its build (cancelled), its loaded copy and its files."""
         self.cubes.require(principal, cube_id, Role.WRITER)
         self.catalogue.delete(cube_id, activation_id)
+        self._forget(cube_id, activation_id)
+
+    def discard(self, cube_id: str, activation_id: str) -> bool:
+        """`delete` on the system path (no principal), for eviction: False when the row was
+        gone already. The row goes first, so a kill between the two leaves files without a
+        row, which the sweep removes."""
+        if not self.catalogue.exists(activation_id):
+            return False
+        self.catalogue.delete_if_exists(activation_id)
+        self._forget(cube_id, activation_id)
+        return True
+
+    def _forget(self, cube_id: str, activation_id: str) -> None:
         self.builds.cancel(activation_id, DELETED)
         self.loaded.pop((cube_id, activation_id))
         self.dequantized.pop((cube_id, activation_id))

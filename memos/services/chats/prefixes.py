@@ -149,6 +149,7 @@ class PrefixStore:
         except (kv_runtime.ActivationMismatch, OSError) as exc:
             log.info("chat prefix not loaded: %s", exc, extra={"fields": {"chat_id": chat.id}})
             return None
+        self.activations.loaded(activation_id)
         self.activations.touch(activation_id)
         return LoadedPrefix(
             chat.cube_id,

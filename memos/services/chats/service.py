@@ -366,16 +366,18 @@ class ChatService:
         if top_k <= 0 or not query.strip():
             return []
         filters = filters_of(chat.spec.recall.get("filters", {}))
-        hits = self.search.search(principal, chat.cube_id, query, top_k, filters).hits
+        search = self.search.search
+        hits = search(principal, chat.cube_id, query, top_k, filters, count=False).hits
         if any(h.memory.id in shown for h in hits):
             pool = min(self.search.max_top_k, top_k + len(shown))
-            hits = self.search.search(principal, chat.cube_id, query, pool, filters).hits
+            hits = search(principal, chat.cube_id, query, pool, filters, count=False).hits
         notes = [
             Note(h.memory.id, h.score, h.memory.speaker, h.memory.timestamp, h.memory.content)
             for h in hits
             if h.memory.id not in shown
-        ]
-        return notes[:top_k]
+        ][:top_k]
+        self.search.record([note.memory_id for note in notes])  # what the prompt recalls
+        return notes
 
     def _entry(self, runtime: Runtime, chat: ChatRecord) -> LoadedPrefix:
         entry = self.loaded.take(chat.id)

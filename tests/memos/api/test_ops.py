@@ -70,7 +70,10 @@ def test_jobs_are_admin_only_and_run_records_status(server):
         assert [j["name"] for j in jobs] == [
             "chat_prefix_save",
             "enrichment_retry",
+            "evict",
+            "fuse",
             "index_maintenance",
+            "usage_flush",
         ]
         assert set(jobs[1]) >= {"name", "next_run_at", "last_run_at", "last_status"}
         assert all(job["next_run_at"] is not None for job in jobs)
