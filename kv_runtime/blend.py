@@ -139,7 +139,7 @@ def rerotate(chunk: ChunkKV, new_start: int, rotary: Rotary) -> ChunkKV:
     device = chunk.kv.device
     source = torch.arange(chunk.start, chunk.start + n, device=device)
     target = torch.arange(new_start, new_start + n, device=device)
-    keys = tuple(rotary.move(k, source, target) for k in chunk.kv.keys)
+    keys = rotary.move(chunk.kv.keys, source, target)
     kv = KVCache(keys=keys, values=chunk.kv.values, token_ids=chunk.kv.token_ids)
     return ChunkKV(kv=kv, start=new_start)
 
@@ -152,14 +152,17 @@ class _Scatter:
     attention then reads whole. At the check layer the values they replace are kept first.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
-        self.keys, self.values, self.rows = keys, values, rows
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, check: bool
+    ) -> None:
+        self.keys, self.values, self.rows, self.check = keys, values, rows, check
         self.replaced: torch.Tensor | None = None
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.replaced = self.values[:, :, self.rows].float()
+        if self.check:
+            self.replaced = self.values[:, :, self.rows].float()
         self.keys[:, :, self.rows] = key.to(self.keys.dtype)
         self.values[:, :, self.rows] = value.to(self.values.dtype)
         return self.keys, self.values
@@ -268,12 +271,13 @@ def blend(
             if hidden is not None and rows.numel():
                 cos, sin = rotary.embeddings(rows, hidden.dtype)
                 mask = (everything[None, :] <= rows[:, None])[None, None]  # (1, 1, rows, total)
-                sink = _Scatter(keys, values, rows)
+                checking = recompute and index == check_layer and selected_count < chunk_tokens
+                sink = _Scatter(keys, values, rows, checking)
                 # Positional: the cache argument is named differently across transformers versions.
                 hidden = layer(hidden, mask, rows[None], sink, position_embeddings=(cos, sin))
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
-                if recompute and index == check_layer and selected_count < chunk_tokens:
+                if checking:
                     assert sink.replaced is not None, "the attention did not update its cache"
                     rows, hidden, recomputed = _select(
                         sink.replaced, values, rows, hidden, chunk_at, selected_count

@@ -19,6 +19,7 @@ so a key's rotation is not a function of its position alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -70,17 +71,28 @@ class Rotary:
             cos, sin = self._embedding(probe, positions[None])
         return cos, sin
 
-    def move(self, keys: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def move(
+        self, keys: Sequence[torch.Tensor], source: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """Keys rotated for `source` positions, re-rotated for `target` positions.
 
-        keys: (1, kv_heads, n, head_dim), any float dtype; source, target: (n,) int64.
-        returns: a new tensor, same shape and dtype. Source == target gives the keys back up to
-        float32 rounding (not bit-identical: use the keys themselves then).
+        keys: per layer (1, kv_heads, n, head_dim), any float dtype, one device;
+        source, target: (n,) int64. returns: new tensors, same shapes and dtypes (the tables
+        are computed once for all layers). Source == target gives the keys back up to float32
+        rounding (not bit-identical: use the keys themselves then).
         """
-        assert keys.shape[2] == source.numel() == target.numel(), "one position per key"
-        cos0, sin0 = self.tables(source.to(keys.device))
-        cos1, sin1 = self.tables(target.to(keys.device))
-        k = keys.float()
-        # R(p0)^-1: transpose over the squared norm (1 unless the rope type scales attention).
-        plain = (k * cos0 - rotate_half(k) * sin0) / (cos0 * cos0 + sin0 * sin0)
-        return (plain * cos1 + rotate_half(plain) * sin1).to(keys.dtype)
+        assert all(k.shape[2] == source.numel() == target.numel() for k in keys), (
+            "one position per key"
+        )
+        if not keys:
+            return ()
+        device = keys[0].device
+        cos0, sin0 = self.tables(source.to(device))
+        cos1, sin1 = self.tables(target.to(device))
+        norm = cos0 * cos0 + sin0 * sin0  # 1 unless the rope type scales attention
+        moved = []
+        for key in keys:
+            k = key.float()
+            plain = (k * cos0 - rotate_half(k) * sin0) / norm  # R(p0)^-1: transpose over norm
+            moved.append((plain * cos1 + rotate_half(plain) * sin1).to(key.dtype))
+        return tuple(moved)
