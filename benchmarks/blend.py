@@ -18,7 +18,10 @@ Quality, against the full prefill: KL(full || row) of the next-token distributio
 agreement over the full prefill's greedy continuation (`--continuation` tokens, teacher-forced),
 and the gold answer's log-likelihood (summed over its tokens; `ll delta` is relative to full).
 TTFT is the wall time of building the notes block and the question's logits (median over the
-questions); `speedup` is full's over the row's.
+questions); `speedup` is full's over the row's. `cpu ms` is this process's CPU time for the same
+(least of `--repeats`): with `--threads 1` it is the work itself, which a busy machine inflates
+far less than wall time. `blend 1.0` recomputes everything: its quality must equal full's (a
+check of the harness) and its time is the cost of the layer-by-layer pass.
 
     python benchmarks/blend.py --threads 1 --questions 8 --json out.json
 """
@@ -47,7 +50,7 @@ from kv_runtime import ChunkKV, KVCache, Runtime, RuntimeConfig  # noqa: E402
 
 SYSTEM = "You are a helpful assistant. Answer the user's message in one short sentence."
 NOTES_HEADER = "Notes recalled from memory (they may help):"  # as memos.services.chats.prompt
-RATIOS = (0.0, 0.05, 0.15, 0.3)
+RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 
 Row = tuple[str, float, bool, bool]  # (name, ratio, rerotate, preamble); ratio < 0: full prefill
 ROWS: tuple[Row, ...] = (
@@ -112,11 +115,11 @@ def measure_question(
         logits = runner.forward(block, cache, prefix.length)
         return KVCache.from_transformers(cache, [*prefix.token_ids, *block]), logits
 
-    results: dict[str, tuple[KVCache, torch.Tensor, float, int]] = {}
+    results: dict[str, tuple[KVCache, torch.Tensor, float, float, int]] = {}
     for name, ratio, rotate, preamble in ROWS:
-        times = []
+        times, cpu = [], []
         for _ in range(args.repeats):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             if ratio < 0:
                 kv, logits = full()
                 recomputed = len(block)
@@ -126,8 +129,9 @@ def measure_question(
                 assert result.logits is not None
                 kv, logits, recomputed = result.kv, result.logits, result.recomputed_tokens
             times.append((time.perf_counter() - started) * 1000)
-        results[name] = (kv, logits, statistics.median(times), recomputed)
-    reference_kv, reference_logits, full_ms, _ = results["full"]
+            cpu.append((time.process_time() - started_cpu) * 1000)
+        results[name] = (kv, logits, statistics.median(times), min(cpu), recomputed)
+    reference_kv, reference_logits, full_ms, full_cpu, _ = results["full"]
     greedy = runtime.generate(
         [], kv=reference_kv, max_tokens=args.continuation, stop_token_ids=[]
     ).collect()
@@ -135,7 +139,7 @@ def measure_question(
     ref_cont, ref_ans = quality(runtime, reference_kv, reference_logits, continuation, answer)
     ref_ll = float(ref_ans.gather(1, torch.tensor(answer)[:, None]).sum())
     rows = []
-    for name, (kv, logits, ms, recomputed) in results.items():
+    for name, (kv, logits, ms, cpu_ms, recomputed) in results.items():
         cont, ans = quality(runtime, kv, logits, continuation, answer)
         p = ref_cont[0].exp()
         kl = float((p * (ref_cont[0] - cont[0])).sum())
@@ -148,6 +152,8 @@ def measure_question(
                 "recomputed_tokens": recomputed,
                 "ttft_ms": ms,
                 "speedup": full_ms / ms,
+                "cpu_ms": cpu_ms,
+                "cpu_speedup": full_cpu / cpu_ms,
                 "kl": kl,
                 "top1": agree,
                 "answer_ll": ll,
@@ -170,6 +176,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "recomputed_tokens": statistics.mean(r["recomputed_tokens"] for r in mine),
                 "ttft_ms": statistics.median(r["ttft_ms"] for r in mine),
                 "speedup": statistics.median(r["speedup"] for r in mine),
+                "cpu_ms": statistics.median(r["cpu_ms"] for r in mine),
+                "cpu_speedup": statistics.median(r["cpu_speedup"] for r in mine),
                 "kl": statistics.mean(r["kl"] for r in mine),
                 "top1": statistics.mean(r["top1"] for r in mine),
                 "ll_delta": statistics.mean(r["ll_delta"] for r in mine),
@@ -232,6 +240,8 @@ def main() -> None:
             ("recomputed", "recomputed_tokens", ">10.1f"),
             ("ttft ms", "ttft_ms", ">8.1f"),
             ("speedup", "speedup", ">7.2f"),
+            ("cpu ms", "cpu_ms", ">8.1f"),
+            ("cpu speedup", "cpu_speedup", ">11.2f"),
             ("KL", "kl", ">8.4f"),
             ("top-1", "top1", ">6.3f"),
             ("ll delta", "ll_delta", ">+8.2%"),

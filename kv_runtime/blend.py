@@ -20,7 +20,7 @@ chunk's own cache anyway and repairs what is missing, the chunk's attention to w
 
 With recompute_ratio = 1 every token is recomputed in every layer: the result is a full prefill's
 (the tests check the logits). recompute_ratio = 0 is the "no recompute" baseline: chunks are only
-re-rotated, nothing of theirs is computed; `rerotate=False` is the naive baseline on top, the bare
+re-rotated, nothing of theirs is computed; `rerotate_keys=False` is the naive baseline, the bare
 concatenation MemOS does (its issue #2315): every chunk keeps the positions it was computed at.
 
 Deviations from the reference code, and why: the check layer's fresh keys and values are kept for
@@ -28,10 +28,13 @@ every chunk token, not only the selected ones (they are computed anyway, and the
 deviation uses values, as the paper's vLLM code does (LMCache's uses keys).
 
 Preamble: a chunk prefilled from position 0 makes its first token an attention sink (the first
-token of a sequence collects most of the attention mass, with outsized activations to match);
-blended mid-prompt, that sink pulls attention it should not. `build_chunk(preamble=...)`
-prefills the chunk after a fixed preamble (for memosd: the start of the chat template's system
-turn) and keeps only the chunk's entries, so no chunk token was ever a sequence's first.
+token of a sequence collects much of the attention mass); `build_chunk(preamble=...)` can instead
+prefill the chunk after a fixed preamble (e.g. the chat's system turn) and keep only the chunk's
+entries. Measured on SmolLM2-135M with LoCoMo notes (benchmarks/blend.py), the preamble made
+things worse, not better (next-token KL against a full prefill 0.45 vs 0.16 at r = 0.15, 0.64 vs
+0.48 at r = 0): every note then reads as the first after the header, while the per-chunk sinks
+are exactly the tokens the check layer picks for recompute. So chunks start at position 0 by
+default; the option stays, to be measured again on other models.
 """
 
 from __future__ import annotations
@@ -204,6 +207,11 @@ def blend(
         raise InvalidArgument("the prefix cache was evicted; blending needs every prefix entry")
     rotary = Rotary(model)
     device = runner.device
+    for i, part in enumerate([prefix, *segments]):
+        kv = part.kv if isinstance(part, ChunkKV) else part
+        if isinstance(kv, KVCache) and kv.layers != len(layers):
+            where = "prefix" if i == 0 else f"segments[{i - 1}]"
+            raise InvalidArgument(f"{where} has {kv.layers} layers; the model has {len(layers)}")
     start = prefix.length if prefix is not None else 0
 
     # Lay the segments out: every chunk re-rotated to where it now sits, new text as ids.

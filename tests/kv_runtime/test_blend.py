@@ -273,6 +273,10 @@ def test_bad_arguments_are_refused_by_name(
     for kwargs, message in cases:
         with pytest.raises(InvalidArgument, match=message.replace("[", r"\[")):
             runtime.blend(**kwargs)  # type: ignore[arg-type]
+    a = chunks["a"].kv
+    shallow = ChunkKV(KVCache(keys=a.keys[:2], values=a.values[:2], token_ids=a.token_ids))
+    with pytest.raises(InvalidArgument, match=r"segments\[0\] has 2 layers"):
+        runtime.blend([shallow, ids["q"]])
     with pytest.raises(InvalidArgument, match="token_ids is empty"):
         build_chunk(runtime.runner, [])
     too_long = [ids["q"][0]] * (runtime.info.max_positions + 1)
