@@ -16,7 +16,9 @@ Notes per question: this is not the daemon's recall (no embedder, no store): the
 evidence turns plus other turns of the same conversation up to `--notes`, in a seeded shuffle.
 Quality, against the full prefill: KL(full || row) of the next-token distribution, top-1
 agreement over the full prefill's greedy continuation (`--continuation` tokens, teacher-forced),
-and the gold answer's log-likelihood (summed over its tokens; `ll delta` is relative to full).
+and the gold answer's log-likelihood (summed over its tokens; `ll delta` is relative to full,
+its mean over the questions; `ll |delta|` the mean of its absolute value: the deltas of single
+questions go both ways and cancel in the mean).
 TTFT is the wall time of building the notes block and the question's logits (median over the
 questions); `speedup` is full's over the row's. `cpu ms` is this process's CPU time for the same
 (least of `--repeats`): with `--threads 1` it is the work itself, which a busy machine inflates
@@ -181,6 +183,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "kl": statistics.mean(r["kl"] for r in mine),
                 "top1": statistics.mean(r["top1"] for r in mine),
                 "ll_delta": statistics.mean(r["ll_delta"] for r in mine),
+                "ll_abs_delta": statistics.mean(abs(r["ll_delta"]) for r in mine),
             }
         )
     return table
@@ -245,6 +248,7 @@ def main() -> None:
             ("KL", "kl", ">8.4f"),
             ("top-1", "top1", ">6.3f"),
             ("ll delta", "ll_delta", ">+8.2%"),
+            ("ll |delta|", "ll_abs_delta", ">10.2%"),
         ],
         table,
     )
