@@ -142,6 +142,16 @@ def test_recomputing_every_token_equals_a_full_prefill(
     assert all(torch.equal(a, b) for a, b in zip(after, kept, strict=True))
 
 
+def test_a_generation_continues_a_blend_like_a_full_prompt(
+    runtime: Runtime, ids: dict[str, list[int]], chunks: dict[str, ChunkKV], prefix: KVCache
+) -> None:
+    whole = ids["pre"] + ids["a"] + ids["b"] + ids["q"]
+    expected = runtime.generate(whole, max_tokens=8).collect().token_ids
+    blended = _blend(runtime, prefix, chunks, ids, recompute_ratio=1.0)
+    assert runtime.generate([], kv=blended.kv, max_tokens=8).collect().token_ids == expected
+    assert len(expected) > 0
+
+
 def test_new_text_between_chunks_without_a_prefix_is_exact_at_ratio_one(
     runtime: Runtime, ids: dict[str, list[int]], chunks: dict[str, ChunkKV]
 ) -> None:
