@@ -13,6 +13,8 @@ Modules, one concept each:
     cache       KVCache: per-layer keys/values, token ids, original positions
     prefill     chunked prefill with progress
     prefix      PrefixCache: a conversation's cache, grown in place by its owner
+    rope        moving cached keys to new positions with the model's rotary tables
+    blend       chunk caches blended into a prompt at new positions (CacheBlend)
     eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
     store       safetensors + JSON manifest, checksums, atomic writes
@@ -24,6 +26,7 @@ Modules, one concept each:
     text        thread-safe tokenizer and chat template
 """
 
+from kv_runtime.blend import BlendResult, ChunkKV
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV
 from kv_runtime.config import NO_COMPRESSION, CompressionConfig, RuntimeConfig
@@ -57,8 +60,10 @@ __all__ = [
     "ActivationCorrupt",
     "ActivationManifest",
     "ActivationMismatch",
+    "BlendResult",
     "CancelHook",
     "ChatTemplate",
+    "ChunkKV",
     "CompressedKV",
     "CompressionConfig",
     "Fingerprint",

@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from kv_runtime import model as loading
+from kv_runtime.blend import BlendResult, ChunkKV, Segment, blend, build_chunk
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV, compress, decompress
 from kv_runtime.config import CompressionConfig, RuntimeConfig
@@ -273,6 +274,49 @@ class Runtime:
         assert cut > 0, "the window must leave a prefix (budget >= window < length)"
         cache = kv.head(cut).to_transformers()
         return self._runner.capture_queries(kv.token_ids[cut:], cache, cut)
+
+    # -- blending (kv_runtime.blend) --------------------------------------------------------
+
+    def build_chunk(self, token_ids: Sequence[int], preamble: Sequence[int] = ()) -> ChunkKV:
+        """A chunk's own cache (a note's rendered text), computed after `preamble` (not kept),
+        to be blended into prompts later at any position."""
+        if len(preamble) + len(token_ids) > self.info.max_positions:
+            raise InvalidArgument(
+                f"preamble {len(preamble)} + chunk {len(token_ids)} tokens exceed "
+                f"{self.info.max_positions} positions"
+            )
+        return build_chunk(self._runner, token_ids, preamble=preamble)
+
+    def blend(
+        self,
+        segments: Sequence[Segment],
+        prefix: KVCache | CompressedKV | None = None,
+        *,
+        recompute_ratio: float = 0.15,
+        check_layer: int = 1,
+        rerotate: bool = True,
+    ) -> BlendResult:
+        """The cache of [prefix | segments...]: chunks re-rotated to their new positions, a
+        `recompute_ratio` share of their tokens recomputed (CacheBlend), new text computed in
+        full. recompute_ratio=1 equals a full prefill; 0 and rerotate=False are baselines.
+        Continue it with `generate(prompt, kv=result.kv)`."""
+        if isinstance(prefix, CompressedKV):
+            prefix = self.decompress(prefix)
+        total = (prefix.length if prefix is not None else 0) + sum(
+            s.length if isinstance(s, ChunkKV) else len(s) for s in segments
+        )
+        if total > self.info.max_positions:
+            raise InvalidArgument(
+                f"blended prompt of {total} tokens exceeds {self.info.max_positions} positions"
+            )
+        return blend(
+            self._runner,
+            prefix,
+            segments,
+            recompute_ratio=recompute_ratio,
+            check_layer=check_layer,
+            rerotate_keys=rerotate,
+        )
 
     # -- generation -------------------------------------------------------------------------
 
