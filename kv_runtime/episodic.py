@@ -329,6 +329,11 @@ def prefill_under_budget(
             "use positions='compacted' (or 'auto')"
         )
     compacted = positions == "compacted"
+    if compacted and max_positions is not None and budget_tokens + block_tokens > max_positions:
+        raise InvalidArgument(
+            f"budget_tokens + block_tokens = {budget_tokens + block_tokens} exceeds the model's "
+            f"{max_positions} positions, which compacted positions must stay below"
+        )
     rotary = _Rotary.of(runner) if compacted else None
 
     cache = DynamicCache()
@@ -418,8 +423,10 @@ def _check_arguments(
         raise InvalidArgument("cannot prefill an empty context: token_ids is empty")
     if block < 1:
         raise InvalidArgument(f"block_tokens={block} must be at least 1")
-    if sinks < 0 or recent < 0:
-        raise InvalidArgument(f"sink_tokens={sinks} and recent_tokens={recent} must be >= 0")
+    if sinks < 0:
+        raise InvalidArgument(f"sink_tokens={sinks} must be >= 0")
+    if recent < 1:  # a generation with prompt logprobs re-feeds the context's last token
+        raise InvalidArgument(f"recent_tokens={recent} must be >= 1: the last token is kept")
     if budget < sinks + recent + 1:
         raise InvalidArgument(
             f"budget_tokens={budget} must exceed sink_tokens + recent_tokens = {sinks + recent}, "

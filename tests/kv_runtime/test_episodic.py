@@ -215,6 +215,11 @@ def test_invalid_arguments_are_refused(runtime: Runtime, context_ids: list[int])
     bad = [
         ({"budget_tokens": 10}, "budget_tokens=10 must exceed"),
         ({"budget_tokens": BUDGET, "block_tokens": 0}, "block_tokens=0"),
+        ({"budget_tokens": BUDGET, "recent_tokens": 0}, "recent_tokens=0 must be >= 1"),
+        (
+            {"budget_tokens": 8000, "block_tokens": 1024, "positions": "compacted"},
+            "exceeds the model.s 8192 positions",
+        ),
         ({"budget_tokens": BUDGET, "scorer": "h2o"}, "scorer='h2o' is unknown"),
         ({"budget_tokens": BUDGET, "scorer": "prompt"}, "needs query_ids"),
         ({"budget_tokens": BUDGET, "scorer": "snapkv", "query_ids": [1]}, "only used by"),
