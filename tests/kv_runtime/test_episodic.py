@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from kv_runtime import InvalidArgument, KVCache, Runtime
 from kv_runtime.episodic import (
@@ -180,6 +181,12 @@ def test_compacted_positions_move_keys_exactly(runtime: Runtime, kv: KVCache) ->
     delta = torch.full((kv.kv_heads, kv.length), 37)
     back = rotary.rotate(rotary.rotate(kv.keys[3], delta), -delta)
     torch.testing.assert_close(back, kv.keys[3], atol=1e-5, rtol=1e-5)
+    # Layer 0's keys depend on the token and its position only: the context prefilled 37
+    # positions later has exactly the keys rotated by 37.
+    later = DynamicCache()
+    runtime.runner.forward(list(kv.token_ids), later, 37)
+    moved_keys = later.layers[0].keys
+    torch.testing.assert_close(rotary.rotate(kv.keys[0], delta), moved_keys, atol=1e-4, rtol=0)
     # Shifting every key by the same amount leaves relative positions, hence attention, intact.
     shifted = KVCache(
         keys=tuple(rotary.rotate(k, torch.full_like(delta, 5)) for k in kv.keys),
