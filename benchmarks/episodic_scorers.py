@@ -86,6 +86,10 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["full", "snapkv", "kvzip", "recent", "prompt"]
     )
+    parser.add_argument(
+        "--positions", default="original", choices=["original", "compacted"],
+        help="where kept tokens sit (kv_runtime.episodic); the same for every method",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--model-cache", type=Path)
     parser.add_argument("--json", type=Path)
@@ -112,7 +116,7 @@ def main() -> None:
         started = time.perf_counter()
         built = runtime.prefill_budgeted(
             context, budget_tokens=args.budget, block_tokens=args.block, scorer=scorer,
-            query_ids=query,
+            query_ids=query, positions=args.positions,
         )  # fmt: skip
         return built, time.perf_counter() - started
 
@@ -157,7 +161,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     print_table(
         f"Block-wise prefill scorers on LoCoMo {conv.sample_id}: {len(context)} context tokens, "
-        f"budget {args.budget}, block {args.block}, {len(asked)} questions; "
+        f"budget {args.budget}, block {args.block}, {args.positions} positions, "
+        f"{len(asked)} questions; "
         f"{runtime.info.name} ({runtime.info.device}, {runtime.info.dtype}, "
         f"{torch.get_num_threads()} threads)",
         [
