@@ -248,12 +248,14 @@ def make_block_scorer(
     repeat_ids: Sequence[int] = (),
     continue_ids: Sequence[int] = (),
     window_tokens: int = 64,
+    chunk_tokens: int = 256,
 ) -> BlockScorer:
     """The block scorer called `name` (one of `BLOCK_SCORERS`); InvalidArgument otherwise.
 
     prompt_ids: the scoring prompt of `prompt`; repeat_ids, continue_ids: KVzip's instructions
     (`KVZIP_PROMPT`, `KVZIP_CONTINUE_PROMPT` tokenized);
-    window_tokens: SnapKV's observation window (EpiCache's baseline uses the block's last 64).
+    window_tokens: SnapKV's observation window (EpiCache's baseline uses the block's last 64);
+    chunk_tokens: how much of a block KVzip repeats in one pass.
     """
     if name == "prompt":
         return PromptScorer(prompt_ids=tuple(int(t) for t in prompt_ids))
@@ -261,6 +263,7 @@ def make_block_scorer(
         return KVzipScorer(
             repeat_ids=tuple(int(t) for t in repeat_ids),
             continue_ids=tuple(int(t) for t in continue_ids),
+            chunk_tokens=chunk_tokens,
         )
     if name == "snapkv":
         return KeyScorer(window_tokens=window_tokens, scorer=SnapKVScorer())
