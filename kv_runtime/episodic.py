@@ -26,6 +26,11 @@ generation re-feeds the context's last token, and a question reads its immediate
 rest of the budget goes to the best scores, chosen per layer and KV head so the cache stays
 rectangular (EpiCache's "uniform" variant; its non-uniform one needs a custom attention kernel).
 
+Layer budgets. EpiCache gives layers whose keys change most under block-wise prefill more of the
+budget. That needs layers of different lengths, and a `KVCache` (with the KIVI assembly, the
+store and transformers' causal mask behind it) keeps the same number of entries in every layer,
+so every layer gets `budget_tokens` here and `layer_budgets` only accepts that.
+
 Positions. EpiCache keeps the kept entries at their original RoPE positions and continues the
 next block at its true position (`positions="original"`, an ordinary evicted `KVCache`). The
 default here re-rotates the kept keys to consecutive positions 0..kept-1 after each selection
