@@ -96,7 +96,7 @@ def main() -> None:
         "--positions", default="original", choices=["original", "compacted"],
         help="where kept tokens sit (kv_runtime.episodic); the same for every method",
     )  # fmt: skip
-    parser.add_argument("--kvzip-chunk", type=int, default=256, help="tokens repeated a pass")
+    parser.add_argument("--kvzip-chunk", type=int, default=1024, help="tokens repeated a pass")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--model-cache", type=Path)
     parser.add_argument("--json", type=Path)
