@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from kv_runtime import InvalidArgument, KVCache, Runtime
+from kv_runtime import CompressionConfig, InvalidArgument, KVCache, Runtime
 from kv_runtime.episodic import (
     BLOCK_SCORERS,
     KVZIP_CONTINUE_PROMPT,
@@ -255,3 +257,22 @@ def test_invalid_arguments_are_refused(runtime: Runtime, context_ids: list[int])
             runtime.runner, context_ids, budget_tokens=BUDGET, scorer=make_block_scorer("recent"),
             max_positions=64,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("positions", ["original", "compacted"])
+def test_a_budgeted_cache_is_stored_and_continued_like_any_activation(
+    runtime: Runtime, context_ids: list[int], tmp_path: Path, positions: str
+) -> None:
+    """KIVI-compressed, saved and loaded, it continues like the cache it was built as."""
+    built = runtime.prefill_budgeted(
+        context_ids * 2, budget_tokens=BUDGET, block_tokens=BLOCK, scorer="snapkv",
+        recent_tokens=8, positions=positions,  # type: ignore[arg-type]
+    )  # fmt: skip
+    compressed = runtime.compress(built.kv, CompressionConfig(bits=16, residual_tokens=8))
+    runtime.save_activation(tmp_path / "a", compressed)
+    loaded = runtime.load_activation(tmp_path / "a")
+    assert loaded.length == built.kv.length and loaded.positions is not None
+    prompt = runtime.tokenize(" Caroline will bring")
+    torch.testing.assert_close(
+        runtime.logits(prompt, loaded), runtime.logits(prompt, built.kv), atol=2e-2, rtol=0
+    )
