@@ -16,6 +16,7 @@ Modules, one concept each:
     rope        moving cached keys to new positions with the model's rotary tables
     blend       chunk caches blended into a prompt at new positions (CacheBlend)
     eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
+    episodic    block-wise prefill under a KV budget (EpiCache); prompt and kvzip scorers
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
     store       safetensors + JSON manifest, checksums, atomic writes
     sampling    greedy / temperature / top-p
@@ -30,6 +31,7 @@ from kv_runtime.blend import BlendResult, ChunkKV
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV
 from kv_runtime.config import NO_COMPRESSION, CompressionConfig, RuntimeConfig
+from kv_runtime.episodic import BLOCK_SCORERS, BudgetedPrefill
 from kv_runtime.errors import (
     ActivationCorrupt,
     ActivationMismatch,
@@ -55,12 +57,14 @@ from kv_runtime.template import ChatTemplate
 from kv_runtime.throughput import Speed, Throughput
 
 __all__ = [
+    "BLOCK_SCORERS",
     "NO_COMPRESSION",
     "SCORERS",
     "ActivationCorrupt",
     "ActivationManifest",
     "ActivationMismatch",
     "BlendResult",
+    "BudgetedPrefill",
     "CancelHook",
     "ChatTemplate",
     "ChunkKV",
