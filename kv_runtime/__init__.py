@@ -13,7 +13,7 @@ Modules, one concept each:
     prefix      PrefixCache: a conversation's cache, grown in place by its owner
     eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
-    store       safetensors + JSON manifest, checksums, atomic writes
+    store       safetensors + JSON manifest, checksums, atomic writes; episodic activations
     sampling    greedy / temperature / top-p
     logprobs    a token's log-probability and the most likely alternatives
     generate    streaming generation on a copied cache, cancellable
@@ -40,11 +40,14 @@ from kv_runtime.prefix import PrefixCache
 from kv_runtime.runtime import ModelInfo, Runtime
 from kv_runtime.store import (
     ActivationManifest,
+    EpisodeManifest,
     delete_activation,
     load_activation,
     open_activation,
+    open_episodes,
     read_manifest,
     save_activation,
+    save_episodes,
 )
 from kv_runtime.template import ChatTemplate
 
@@ -58,6 +61,7 @@ __all__ = [
     "ChatTemplate",
     "CompressedKV",
     "CompressionConfig",
+    "EpisodeManifest",
     "Fingerprint",
     "Generation",
     "GenerationResult",
@@ -73,6 +77,8 @@ __all__ = [
     "delete_activation",
     "load_activation",
     "open_activation",
+    "open_episodes",
     "read_manifest",
     "save_activation",
+    "save_episodes",
 ]

@@ -71,7 +71,7 @@ def segment(utterances: Sequence[Utterance], size: int = WINDOW_UTTERANCES) -> l
     """Consecutive windows of `size` utterances (the last may be shorter), in time order."""
     if size < 1:
         raise ValueError(f"window size must be >= 1, not {size}")
-    out = []
+    out: list[Window] = []
     for first in range(0, len(utterances), size):
         chunk = utterances[first : first + size]
         text = "".join(utterance_line(u) + "\n" for u in chunk)

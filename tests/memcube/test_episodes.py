@@ -36,7 +36,10 @@ def test_windows_are_consecutive_utterances_written_as_the_reference_writes_them
     utterances = [*conversation(HIKING, BAKING), Utterance(None, "bye")]
     windows = segment(utterances, 4)
     assert [(w.index, w.first, w.count) for w in windows] == [(0, 0, 4), (1, 4, 4), (2, 8, 1)]
-    assert windows[0].text.splitlines()[1] == 'Ben said, "Did you see the glacier lake below the pass?"'
+    assert (
+        windows[0].text.splitlines()[1]
+        == 'Ben said, "Did you see the glacier lake below the pass?"'
+    )
     assert windows[2].text == 'Someone said, "bye"\n'
     assert segment([], 4) == []
     with pytest.raises(ValueError):
@@ -74,7 +77,7 @@ def test_clusters_follow_the_topics_and_are_seeded():
         )
     again = cluster(vectors, 2, medoids=3)
     assert [e.windows for e in again] == [e.windows for e in episodes]
-    assert all(np.array_equal(x.centroid, y.centroid) for x, y in zip(again, episodes))
+    assert all(np.array_equal(x.centroid, y.centroid) for x, y in zip(again, episodes, strict=True))
 
 
 def test_episodes_are_capped_by_the_windows_and_empty_clusters_dropped():
