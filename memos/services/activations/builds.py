@@ -10,6 +10,9 @@ event. A queued build is dropped at once; a running one stops at its next prefil
 the progress callback (the runtime's hook for aborting a prefill), and removes whatever files
 it wrote. A build that finishes after its row was deleted removes its files too, so a deleted
 activation never leaves any behind.
+
+An episodic build (`job.episodic`) runs the same way: `episodes.build` prefills each episode in
+turn, with the same progress callback and so the same cancellation.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kv_runtime import CompressionConfig
+from memcube.embedder import Embedder
+from memcube.errors import Unavailable
+from memos.services.activations import episodes
 from memos.services.activations.catalogue import CUBE_DELETED, INTERRUPTED, Catalogue
+from memos.services.activations.episodes import EpisodicPlan
 from memos.services.runtime import RuntimeHolder
 
 log = logging.getLogger("memos.activations")
@@ -42,6 +49,7 @@ class BuildJob:
     token_ids: tuple[int, ...]
     messages: tuple[Mapping[str, str], ...]
     settings: CompressionConfig
+    episodic: EpisodicPlan | None = None  # an episodic activation's windows and budget
 
 
 @dataclass(eq=False)
@@ -214,9 +222,12 @@ def _id(ticket: BuildTicket) -> str:
 class Builder:
     """One build: prefill (reporting progress, checking for cancellation), compress, store."""
 
-    def __init__(self, catalogue: Catalogue, runtime: RuntimeHolder) -> None:
+    def __init__(
+        self, catalogue: Catalogue, runtime: RuntimeHolder, embedder: Embedder | None = None
+    ) -> None:
         self.catalogue = catalogue
         self.runtime = runtime
+        self.embedder = embedder  # episodic builds cluster with it
 
     def __call__(self, ticket: BuildTicket) -> str:
         """Build; the outcome ("ready", "failed", "cancelled"). Failures are also raised."""
@@ -236,11 +247,27 @@ class Builder:
             if ticket.cancelled.is_set():
                 raise BuildCancelled(ticket.reason)
             runtime = self.runtime.get()
-            kv = runtime.prefill(job.token_ids, on_progress=on_progress)
-            compressed = runtime.compress(kv, job.settings)
-            on_progress(len(job.token_ids), len(job.token_ids))  # last look before writing
             path = catalogue.path(job.cube_id, job.activation_id)
-            manifest = runtime.save_activation(path, compressed, job.messages)
+            compression = None
+            if job.episodic is not None:
+                if self.embedder is None:
+                    raise Unavailable("episodic activations need the daemon's embedder")
+                manifest, built = episodes.build(
+                    runtime, self.embedder, job.episodic, job.token_ids, job.messages,
+                    job.settings.bits, path, on_progress,
+                )  # fmt: skip
+                compression = {
+                    **job.settings.model_dump(),
+                    "episodic": {
+                        **job.episodic.settings.as_dict(),
+                        "built": [e.as_dict() for e in built],
+                    },
+                }
+            else:
+                kv = runtime.prefill(job.token_ids, on_progress=on_progress)
+                compressed = runtime.compress(kv, job.settings)
+                on_progress(len(job.token_ids), len(job.token_ids))  # last look before writing
+                manifest = runtime.save_activation(path, compressed, job.messages)
         except BuildCancelled:
             self._discard(ticket)
             return "cancelled"
@@ -249,7 +276,7 @@ class Builder:
             catalogue.mark_failed(job.activation_id, f"{type(exc).__name__}: {exc}")
             raise
         if ticket.cancelled.is_set() or not catalogue.mark_ready(
-            job.activation_id, manifest.kept_tokens, manifest.bytes
+            job.activation_id, manifest.kept_tokens, manifest.bytes, compression
         ):  # deleted while it was written: its files must not outlive it
             self._discard(ticket)
             return "cancelled"
