@@ -31,6 +31,13 @@ from kv_runtime import model as loading
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV, compress, decompress
 from kv_runtime.config import CompressionConfig, RuntimeConfig
+from kv_runtime.episodic import (
+    KVZIP_PROMPT,
+    BudgetedPrefill,
+    PositionMode,
+    make_block_scorer,
+    prefill_under_budget,
+)
 from kv_runtime.errors import InvalidArgument, ModelUnavailable
 from kv_runtime.eviction import evict, make_scorer
 from kv_runtime.forward import ModelRunner, ProgressCallback
@@ -223,6 +230,53 @@ class Runtime:
             )
         return prefill(
             self._runner, token_ids, chunk_tokens=self.config.prefill_chunk, on_progress=on_progress
+        )
+
+    def prefill_budgeted(
+        self,
+        token_ids: Sequence[int],
+        *,
+        budget_tokens: int,
+        block_tokens: int | None = None,
+        query_ids: Sequence[int] | None = None,
+        scorer: str = "kvzip",
+        sink_tokens: int = 4,
+        recent_tokens: int = 32,
+        positions: PositionMode = "auto",
+        progress: ProgressCallback | None = None,
+        cancel: CancelHook | None = None,
+    ) -> BudgetedPrefill:
+        """Prefill a context of any length block by block, never holding more than
+        `budget_tokens` + one block (+ the scoring pass) of KV (see `kv_runtime.episodic`).
+
+        scorer: "prompt" (attention from `query_ids`, e.g. an EpiCache patched prompt), "kvzip"
+        (query-agnostic reconstruction), "snapkv", "recent" or "knorm". block_tokens: default
+        1024. positions: "auto" keeps original RoPE positions when the context fits the model
+        and compacts them otherwise.
+        """
+        if query_ids is not None and scorer != "prompt":
+            raise InvalidArgument(f"query_ids are only used by scorer='prompt', not {scorer!r}")
+        if scorer == "prompt" and not query_ids:
+            raise InvalidArgument("scorer='prompt' needs query_ids (the scoring prompt)")
+        if any(not 0 <= int(t) < self._vocab_size for t in (*token_ids, *(query_ids or ()))):
+            raise InvalidArgument(f"token ids must lie in 0..{self._vocab_size - 1}")
+        block_scorer = make_block_scorer(
+            scorer,
+            prompt_ids=query_ids or (),
+            repeat_ids=self.tokenize(KVZIP_PROMPT) if scorer == "kvzip" else (),
+        )
+        return prefill_under_budget(
+            self._runner,
+            token_ids,
+            budget_tokens=budget_tokens,
+            block_tokens=1024 if block_tokens is None else block_tokens,
+            sink_tokens=sink_tokens,
+            recent_tokens=recent_tokens,
+            scorer=block_scorer,
+            positions=positions,
+            max_positions=self.info.max_positions,
+            progress=progress,
+            cancel=cancel,
         )
 
     def compress(self, kv: KVCache, settings: CompressionConfig) -> CompressedKV:
