@@ -107,14 +107,17 @@ def build(
     for n, episode in enumerate(found):
         patch = episodes.patched_prompt(plan.windows, episode, PATCH_MAX_CHARS)
         query_ids = runtime.template.render_delta(messages, [{"role": "user", "content": patch}])
-        done = n * len(token_ids)
+
+        def step(done: int, _total: int, before: int = n * len(token_ids)) -> None:
+            progress(before + done, total)
+
         budgeted = runtime.prefill_budgeted(
             token_ids,
             budget_tokens=settings.budget_tokens,
             block_tokens=settings.block_tokens,
             query_ids=query_ids,
             scorer="prompt",
-            progress=lambda d, _t, done=done: progress(done + d, total),
+            progress=step,
         )
         caches.append(runtime.compress(budgeted.kv, CompressionConfig(bits=bits)))
         metas.append(

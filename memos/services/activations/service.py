@@ -245,12 +245,15 @@ class ActivationService:
 
     @staticmethod
     def _row(runtime: Runtime, job: BuildJob, context: Context, bits: int) -> Activation:
+        compression = job.settings.model_dump()
+        if job.episodic is not None:  # its episodes are listed once built
+            compression["episodic"] = {**job.episodic.settings.as_dict(), "built": []}
         return Activation(
             id=job.activation_id,
             cube_id=job.cube_id,
             model=runtime.fingerprint.model,
             source=context.described,
-            compression=job.settings.model_dump(),
+            compression=compression,
             tokens=len(job.token_ids),
             bits=bits,
             state="building",
