@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import _start_live_server, free_port
-from tests.memos.api.conftest import wait_until
+from tests.memos.api.conftest import model_held, wait_until
 
 # Two topics, four utterances each, alternating: windows 0 and 2 are about hiking, 1 and 3 about
 # baking (windows hold 4 utterances).
@@ -213,3 +213,18 @@ def test_episodic_tenancy_readers_ask_writers_build_strangers_see_nothing(server
             json={"prompt": HIKING_QUESTION, "activation_id": act["id"]},
         )
         assert r.status_code == 404
+
+
+def test_deleting_an_episodic_activation_while_it_builds_cancels_it(server, tenant):
+    client, cube_id = tenant
+    add_conversation(client, cube_id)
+    body = {"session_id": "s1", "episodic": EPISODIC}
+    with model_held(server):  # the build cannot finish a forward pass meanwhile
+        r = client.post(f"/v1/cubes/{cube_id}/activations", json=body)
+        assert r.status_code == 201 and r.json()["state"] == "building", r.text
+        assert r.json()["episodes"] == []
+        url = f"/v1/cubes/{cube_id}/activations/{r.json()['id']}"
+        assert client.delete(url).status_code == 204
+    assert server.daemon.activations.builds.join(timeout=300)
+    assert client.get(url).status_code == 404
+    assert not (server.daemon.settings.activation_dir / cube_id / r.json()["id"]).exists()
