@@ -142,6 +142,7 @@ def test_an_episodic_activation_routes_questions_to_their_episode_and_survives_a
                   "max_tokens": 4, "activation_id": act["id"]},
         )  # fmt: skip
         assert completion.status_code == 200, completion.text
+        assert completion.json()["memos"] == {"episodes": [hiking]}
         before = client.get(f"/v1/cubes/{cube_id}/activations/{act['id']}").json()
 
     live = own_daemon()  # a new daemon on the same data dir
