@@ -12,6 +12,7 @@ Modules, one concept each:
     prefill     chunked prefill with progress
     prefix      PrefixCache: a conversation's cache, grown in place by its owner
     eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
+    episodic    block-wise prefill under a KV budget (EpiCache); prompt and kvzip scorers
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
     store       safetensors + JSON manifest, checksums, atomic writes; episodic activations
     sampling    greedy / temperature / top-p
@@ -25,6 +26,7 @@ Modules, one concept each:
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV
 from kv_runtime.config import NO_COMPRESSION, CompressionConfig, RuntimeConfig
+from kv_runtime.episodic import BLOCK_SCORERS, BudgetedPrefill
 from kv_runtime.errors import (
     ActivationCorrupt,
     ActivationMismatch,
@@ -52,11 +54,13 @@ from kv_runtime.store import (
 from kv_runtime.template import ChatTemplate
 
 __all__ = [
+    "BLOCK_SCORERS",
     "NO_COMPRESSION",
     "SCORERS",
     "ActivationCorrupt",
     "ActivationManifest",
     "ActivationMismatch",
+    "BudgetedPrefill",
     "CancelHook",
     "ChatTemplate",
     "CompressedKV",

@@ -13,9 +13,10 @@ tokens, whatever the length of the conversation. What decides the result is the 
   ml-epicache (and the KVzip code it adapts) does.
 - `kvzip` (Kim et al. 2025, https://arxiv.org/abs/2505.23416): query-agnostic. After each block
   the model is asked to repeat that block ("Repeat the previous context exactly:" + the block's
-  tokens, teacher-forced), and an entry's score is the most attention it received during any
-  reconstruction so far (a running max: each entry is scored when its own block is repeated,
-  as KVzip scores a context chunk by chunk). The pass is one block long, so it stays bounded.
+  tokens, teacher-forced, in chunks as KVzip repeats a long context), and an entry's score is
+  the most attention it received during any reconstruction so far (a running max: each entry is
+  scored when its own block is repeated, as KVzip scores a context chunk by chunk). Each chunk's
+  pass is cut off before the next, so the transient KV is one chunk.
 - `snapkv`, `recent`, `knorm`: the one-shot scorers of `kv_runtime.eviction`, applied after each
   block (SnapKV's observation window is the block's last `window_tokens`, as EpiCache's
   baseline does).
@@ -59,6 +60,7 @@ Meter = Callable[[DynamicCache], None]
 SCORING_PIECE_TOKENS = 256
 
 KVZIP_PROMPT = "\n\nRepeat the previous context exactly:\n"
+KVZIP_CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 
 
 # -- scorers ----------------------------------------------------------------------------------
@@ -121,15 +123,25 @@ class PromptScorer(BlockScorer):
 
 @dataclass(frozen=True)
 class KVzipScorer(BlockScorer):
-    """Attention received while the model repeats the block (query-agnostic)."""
+    """Attention received while the model repeats the block (query-agnostic).
+
+    The block is repeated in chunks of `chunk_tokens`, as KVzip repeats a long context: the
+    first after `repeat_ids` ("Repeat the previous context exactly:"), each later one after
+    `continue_ids` ("Repeat the part of the previous context exactly, starting with") and the
+    previous chunk's last `overlap_tokens`. Each chunk's pass is cut off before the next, so the
+    transient KV is one chunk, not the block.
+    """
 
     name: ClassVar[str] = "kvzip"
     accumulate: ClassVar[bool] = True
     repeat_ids: tuple[int, ...] = ()
+    continue_ids: tuple[int, ...] = ()
+    chunk_tokens: int = 256
+    overlap_tokens: int = 8
 
     def __post_init__(self) -> None:
-        if not self.repeat_ids:
-            raise InvalidArgument("the kvzip scorer needs the token ids of its repeat prompt")
+        if not self.repeat_ids or not self.continue_ids:
+            raise InvalidArgument("the kvzip scorer needs the token ids of its repeat prompts")
 
     def score(
         self,
@@ -141,8 +153,20 @@ class KVzipScorer(BlockScorer):
         window_queries: tuple[torch.Tensor, ...] | None,
         meter: Meter,
     ) -> list[torch.Tensor]:
-        ids = (*self.repeat_ids, *block_ids)
-        return attention_received(runner, cache, ids, next_position, meter)
+        best: list[torch.Tensor] | None = None
+        for offset in range(0, len(block_ids), self.chunk_tokens):
+            chunk = block_ids[offset : offset + self.chunk_tokens]
+            if offset == 0:
+                ids = (*self.repeat_ids, *chunk)
+            else:
+                tail = block_ids[max(0, offset - self.overlap_tokens) : offset]
+                ids = (*self.continue_ids, *tail, *chunk)
+            scores = attention_received(runner, cache, ids, next_position, meter)
+            if best is not None:
+                scores = [torch.maximum(a, b) for a, b in zip(best, scores, strict=True)]
+            best = scores
+        assert best is not None, "empty block"
+        return best
 
 
 @dataclass(frozen=True)
@@ -217,17 +241,22 @@ def make_block_scorer(
     *,
     prompt_ids: Sequence[int] = (),
     repeat_ids: Sequence[int] = (),
+    continue_ids: Sequence[int] = (),
     window_tokens: int = 64,
 ) -> BlockScorer:
     """The block scorer called `name` (one of `BLOCK_SCORERS`); InvalidArgument otherwise.
 
-    prompt_ids: the scoring prompt of `prompt`; repeat_ids: KVzip's repeat instruction;
+    prompt_ids: the scoring prompt of `prompt`; repeat_ids, continue_ids: KVzip's instructions
+    (`KVZIP_PROMPT`, `KVZIP_CONTINUE_PROMPT` tokenized);
     window_tokens: SnapKV's observation window (EpiCache's baseline uses the block's last 64).
     """
     if name == "prompt":
         return PromptScorer(prompt_ids=tuple(int(t) for t in prompt_ids))
     if name == "kvzip":
-        return KVzipScorer(repeat_ids=tuple(int(t) for t in repeat_ids))
+        return KVzipScorer(
+            repeat_ids=tuple(int(t) for t in repeat_ids),
+            continue_ids=tuple(int(t) for t in continue_ids),
+        )
     if name == "snapkv":
         return KeyScorer(window_tokens=window_tokens, scorer=SnapKVScorer())
     if name in ("recent", "knorm"):
@@ -300,6 +329,11 @@ def prefill_under_budget(
             "use positions='compacted' (or 'auto')"
         )
     compacted = positions == "compacted"
+    if compacted and max_positions is not None and budget_tokens + block_tokens > max_positions:
+        raise InvalidArgument(
+            f"budget_tokens + block_tokens = {budget_tokens + block_tokens} exceeds the model's "
+            f"{max_positions} positions, which compacted positions must stay below"
+        )
     rotary = _Rotary.of(runner) if compacted else None
 
     cache = DynamicCache()
@@ -389,8 +423,10 @@ def _check_arguments(
         raise InvalidArgument("cannot prefill an empty context: token_ids is empty")
     if block < 1:
         raise InvalidArgument(f"block_tokens={block} must be at least 1")
-    if sinks < 0 or recent < 0:
-        raise InvalidArgument(f"sink_tokens={sinks} and recent_tokens={recent} must be >= 0")
+    if sinks < 0:
+        raise InvalidArgument(f"sink_tokens={sinks} must be >= 0")
+    if recent < 1:  # a generation with prompt logprobs re-feeds the context's last token
+        raise InvalidArgument(f"recent_tokens={recent} must be >= 1: the last token is kept")
     if budget < sinks + recent + 1:
         raise InvalidArgument(
             f"budget_tokens={budget} must exceed sink_tokens + recent_tokens = {sinks + recent}, "

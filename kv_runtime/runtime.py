@@ -32,6 +32,7 @@ from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV, compress, decompress
 from kv_runtime.config import CompressionConfig, RuntimeConfig
 from kv_runtime.episodic import (
+    KVZIP_CONTINUE_PROMPT,
     KVZIP_PROMPT,
     BudgetedPrefill,
     PositionMode,
@@ -263,7 +264,8 @@ class Runtime:
         block_scorer = make_block_scorer(
             scorer,
             prompt_ids=query_ids or (),
-            repeat_ids=self.tokenize(KVZIP_PROMPT) if scorer == "kvzip" else (),
+            repeat_ids=self.tokenize(KVZIP_PROMPT),
+            continue_ids=self.tokenize(KVZIP_CONTINUE_PROMPT),
         )
         return prefill_under_budget(
             self._runner,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from kv_runtime import InvalidArgument, KVCache, Runtime
 from kv_runtime.episodic import (
     BLOCK_SCORERS,
+    KVZIP_CONTINUE_PROMPT,
+    KVZIP_PROMPT,
     BudgetedPrefill,
     KVzipScorer,
     _Rotary,
@@ -118,19 +121,29 @@ def test_the_prompt_scorer_keeps_what_the_prompt_attends_to(
     assert _retention(by_prompt, span) > BUDGET / len(ids)  # more than a uniform choice keeps
 
 
-def test_kvzip_runs_bounded_by_block_plus_its_reconstruction(
+def test_kvzip_runs_bounded_by_one_reconstruction_chunk(
     runtime: Runtime, context_ids: list[int]
 ) -> None:
-    repeat = runtime.tokenize("\n\nRepeat the previous context exactly:\n")
+    repeat = runtime.tokenize(KVZIP_PROMPT)
+    again = runtime.tokenize(KVZIP_CONTINUE_PROMPT)
     ids = context_ids * 2
     built = runtime.prefill_budgeted(
         ids, budget_tokens=BUDGET, block_tokens=BLOCK, scorer="kvzip", recent_tokens=8
     )
     assert built.kv.kept == BUDGET
-    # The reconstruction pass is the repeat prompt plus one block, on top of budget + block.
-    assert built.peak_kv_bytes <= _held_bound(runtime, BUDGET + 2 * BLOCK + len(repeat))
-    assert KVzipScorer.accumulate
-    # Query-agnostic: it differs from a plain recency choice.
+    # One block is repeated in one chunk here: the pass is the repeat prompt plus the block.
+    assert built.peak_kv_bytes == _held_bound(runtime, BUDGET + 2 * BLOCK + len(repeat))
+    # In chunks of 8 (each after the continue prompt and 4 tokens of overlap), the transient KV
+    # is one chunk, not the block.
+    chunked = prefill_under_budget(
+        runtime.runner, ids, budget_tokens=BUDGET, block_tokens=BLOCK, recent_tokens=8,
+        scorer=KVzipScorer(
+            repeat_ids=tuple(repeat), continue_ids=tuple(again), chunk_tokens=8, overlap_tokens=4
+        ),
+    )  # fmt: skip
+    transient = max(len(repeat) + 8, len(again) + 4 + 8)
+    assert chunked.peak_kv_bytes == _held_bound(runtime, BUDGET + BLOCK + transient)
+    # Query-agnostic, but not recency: it keeps other entries than StreamingLLM does.
     recent = runtime.prefill_budgeted(
         ids, budget_tokens=BUDGET, block_tokens=BLOCK, scorer="recent", recent_tokens=8
     )
@@ -168,6 +181,12 @@ def test_compacted_positions_move_keys_exactly(runtime: Runtime, kv: KVCache) ->
     delta = torch.full((kv.kv_heads, kv.length), 37)
     back = rotary.rotate(rotary.rotate(kv.keys[3], delta), -delta)
     torch.testing.assert_close(back, kv.keys[3], atol=1e-5, rtol=1e-5)
+    # Layer 0's keys depend on the token and its position only: the context prefilled 37
+    # positions later has exactly the keys rotated by 37.
+    later = DynamicCache()
+    runtime.runner.forward(list(kv.token_ids), later, 37)
+    moved_keys = later.layers[0].keys
+    torch.testing.assert_close(rotary.rotate(kv.keys[0], delta), moved_keys, atol=1e-4, rtol=0)
     # Shifting every key by the same amount leaves relative positions, hence attention, intact.
     shifted = KVCache(
         keys=tuple(rotary.rotate(k, torch.full_like(delta, 5)) for k in kv.keys),
@@ -203,6 +222,11 @@ def test_invalid_arguments_are_refused(runtime: Runtime, context_ids: list[int])
     bad = [
         ({"budget_tokens": 10}, "budget_tokens=10 must exceed"),
         ({"budget_tokens": BUDGET, "block_tokens": 0}, "block_tokens=0"),
+        ({"budget_tokens": BUDGET, "recent_tokens": 0}, "recent_tokens=0 must be >= 1"),
+        (
+            {"budget_tokens": 8000, "block_tokens": 1024, "positions": "compacted"},
+            "exceeds the model.s 8192 positions",
+        ),
         ({"budget_tokens": BUDGET, "scorer": "h2o"}, "scorer='h2o' is unknown"),
         ({"budget_tokens": BUDGET, "scorer": "prompt"}, "needs query_ids"),
         ({"budget_tokens": BUDGET, "scorer": "snapkv", "query_ids": [1]}, "only used by"),
