@@ -144,23 +144,27 @@ def save_episodes(
     metas: Sequence[Mapping[str, Any]],
     fingerprint: Fingerprint,
     messages: Sequence[Mapping[str, str]] | None = None,
+    token_ids: Sequence[int] | None = None,
 ) -> ActivationManifest:
     """Store the caches of one context's episodes as one activation, atomically; `metas[i]`
-    (JSON) is kept with episode i and read back as `EpisodeManifest.meta`."""
+    (JSON) is kept with episode i and read back as `EpisodeManifest.meta`. `token_ids`: the
+    context's (default: the first cache's); a cache whose own ids differ (one re-positioned
+    to 0..kept-1, see `kv_runtime.episodic`) keeps them in its episode's entry."""
     assert caches and len(caches) == len(metas), "one meta per episode, at least one episode"
     first = caches[0]
-    assert all(c.token_ids == first.token_ids for c in caches), "episodes of one context"
+    context = tuple(int(t) for t in (first.token_ids if token_ids is None else token_ids))
     assert all(c.settings == first.settings for c in caches), "one compression for all"
     assert fingerprint.dtype == str(first.dtype).removeprefix("torch."), "dtype mismatch"
     tensors: dict[str, torch.Tensor] = {}
     episodes = []
     for i, (cache, meta) in enumerate(zip(caches, metas, strict=True)):
         tensors.update(_tensors(cache, f"episodes.{i}."))
-        episodes.append({"index": i, **_cache_body(cache), "meta": dict(meta)})
+        own = {} if cache.token_ids == context else {"token_ids": list(cache.token_ids)}
+        episodes.append({"index": i, **_cache_body(cache), **own, "meta": dict(meta)})
     body = {
         "format": EPISODIC_FORMAT,
         "fingerprint": fingerprint.to_dict(),
-        "token_ids": list(first.token_ids),
+        "token_ids": list(context),
         "kept_tokens": max(c.kept for c in caches),
         "compression": first.settings.model_dump(),
         "dtype": fingerprint.dtype,
@@ -406,7 +410,7 @@ def _rebuild(
     positions = tensors[f"{prefix}positions"].to(torch.int64) if body["evicted"] else None
     compressed = CompressedKV(
         layers=tuple(layers),
-        token_ids=manifest.token_ids,
+        token_ids=tuple(int(t) for t in body["token_ids"]),
         positions=positions,
         settings=settings,
         dtype=dtype,

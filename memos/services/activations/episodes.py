@@ -130,13 +130,23 @@ def build(
             }
         )
     progress(total, total)  # the last look for a cancellation before writing
-    manifest = kv_runtime.save_episodes(directory, caches, metas, runtime.fingerprint, messages)
+    manifest = kv_runtime.save_episodes(
+        directory, caches, metas, runtime.fingerprint, messages, token_ids
+    )
     assert manifest.episodes is not None
     summaries = [
         EpisodeSummary(e.index, tuple(e.meta["windows"]), e.kept_tokens, e.kv_bytes)
         for e in manifest.episodes
     ]
     return manifest, summaries
+
+
+def continues_at(tokens: int, kept_tokens: int, max_positions: int) -> int:
+    """The position a generation on an episodic activation continues at, at most. A context
+    that fits the model keeps its tokens' original positions (it continues after the whole
+    context); a longer one is re-positioned to 0..kept-1 (`Runtime.prefill_budgeted`'s "auto"),
+    so each episode continues after its own kept tokens, at most the largest's."""
+    return tokens if tokens <= max_positions else kept_tokens
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from memcube.embedder import Embedder
 from memcube.errors import Conflict, InvalidArgument, TooLarge, TooManyRequests, Unavailable
 from memos.services.activations.admission import GenerationGate, Refusal, Slot
 from memos.services.activations.catalogue import Catalogue, activation_not_found
-from memos.services.activations.episodes import Router
+from memos.services.activations.episodes import Router, continues_at
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation, episode_key
 from memos.services.activations.prompts import Prompts
 from memos.services.runtime import RuntimeHolder
@@ -179,7 +179,7 @@ class Generations:
         if not token_ids and row is None:
             raise InvalidArgument("the prompt is empty")
         if sampling.max_tokens is None:
-            left = runtime.info.max_positions - (row.tokens if row else 0) - len(token_ids)
+            left = runtime.info.max_positions - self._continues_at(runtime, row) - len(token_ids)
             sampling = replace(sampling, max_tokens=max(1, min(self.max_generate_tokens, left)))
         self._check_sampling(sampling)
         if row is not None and row.episodes is not None and route_text is None:
@@ -209,6 +209,16 @@ class Generations:
             )
         return row
 
+    @staticmethod
+    def _continues_at(runtime: Runtime, row: ActivationView | None) -> int:
+        """Where a generation on `row` continues (at most): after its context, or for an
+        episodic activation re-positioned past the model's positions, after its kept tokens."""
+        if row is None:
+            return 0
+        if row.episodes is None:
+            return row.tokens
+        return continues_at(row.tokens, row.kept_tokens, runtime.info.max_positions)
+
     def _start(
         self,
         runtime: Runtime,
@@ -225,7 +235,7 @@ class Generations:
         cancel = cancel or threading.Event()
         max_tokens = sampling.max_tokens
         assert max_tokens is not None, "resolved by the caller"
-        context = row.tokens if row is not None else 0
+        context = self._continues_at(runtime, row)
         end = context + len(token_ids) + max_tokens
         if end > runtime.info.max_positions:
             raise InvalidArgument(

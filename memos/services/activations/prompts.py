@@ -94,13 +94,20 @@ class Prompts:
         assert source.session_id is not None, "the API checks one source is given"
         return self._sessions(cube_id, (source.session_id,)), {"session_id": source.session_id}
 
-    def context(self, runtime: Runtime, text: str, described: dict[str, Any]) -> Context:
-        """Checked text (`source_text`) as a system turn, tokenized."""
+    def context(
+        self, runtime: Runtime, text: str, described: dict[str, Any], limit: int | None = None
+    ) -> Context:
+        """Checked text (`source_text`) as a system turn, tokenized; at most `limit` tokens
+        (default: fewer than the model's positions)."""
         messages = ({"role": "system", "content": text},)
         token_ids = runtime.template.render(messages, add_generation_prompt=False)
-        limit = runtime.info.max_positions
-        if len(token_ids) >= limit:
-            raise TooLarge(f"the context is {len(token_ids)} tokens; the model takes < {limit}")
+        if limit is None and len(token_ids) >= runtime.info.max_positions:
+            raise TooLarge(
+                f"the context is {len(token_ids)} tokens; the model takes "
+                f"< {runtime.info.max_positions}"
+            )
+        if limit is not None and len(token_ids) > limit:
+            raise TooLarge(f"the context is {len(token_ids)} tokens; at most {limit}")
         return Context(messages, tuple(token_ids), described)
 
     def check_prompt(self, prompt: str) -> None:

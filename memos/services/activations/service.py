@@ -174,7 +174,10 @@ class ActivationService:
             described = {**described, "episodic": episodic.as_dict()}
         else:
             text, described = self.prompts.source_text(cube_id, source)
-        context = self.prompts.context(runtime, text, described)
+        # An episodic build takes conversations past the model's positions (kv_runtime.episodic
+        # re-positions what it keeps); its bound is on the tokens prefilled, E times over.
+        limit = self.config.max_episodic_tokens if episodic is not None else None
+        context = self.prompts.context(runtime, text, described, limit)
         if self.check_quota is not None:
             bound = stored_bytes_bound(runtime, len(context.token_ids), settings, episodic)
             self.check_quota(cube_id, bound)

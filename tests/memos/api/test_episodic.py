@@ -81,21 +81,23 @@ def topic_episodes(act: dict) -> tuple[int, int]:
 
 @pytest.fixture
 def own_daemon(tmp_path: Path, embedder):
-    """Start (and restart) a daemon of our own on one data dir: `start()` -> LiveServer."""
+    """Start (and restart) a daemon of our own on one data dir: `start(**runtime settings)`
+    -> LiveServer."""
     from memos.settings import Settings
 
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        admin_key=f"admin-{secrets.token_hex(8)}",
-        port=free_port(),
-        enrichment={"enabled": False},
-        activations={"build_workers": 1},
-    )
+    admin_key, port = f"admin-{secrets.token_hex(8)}", free_port()
     running: list = []
 
-    def start():
+    def start(**runtime: object):
         if running:
             next(running.pop(), None)  # stops the one running
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            admin_key=admin_key,
+            port=port,
+            enrichment={"enabled": False},
+            runtime=runtime,
+        )
         servers = _start_live_server(settings, embedder, "sqlite")
         live = next(servers)
         running.append(servers)
@@ -153,6 +155,23 @@ def test_an_episodic_activation_routes_questions_to_their_episode_and_survives_a
         assert reloaded["episode"] == hiking and reloaded["text"] == first["text"]
         assert client.delete(f"/v1/cubes/{cube_id}/activations/{act['id']}").status_code == 204
         assert not files.exists()
+
+
+def test_a_conversation_longer_than_the_models_positions_still_builds_and_answers(own_daemon):
+    live = own_daemon(max_context=400)  # the conversation is ~540 tokens
+    _, key = live.new_user()
+    with live.client(key) as client:
+        cube_id = client.post("/v1/cubes", json={"name": "main"}).json()["id"]
+        add_conversation(client, cube_id)
+        plain = client.post(f"/v1/cubes/{cube_id}/activations", json={"session_id": "s1"})
+        assert plain.status_code == 413, plain.text  # one cache cannot hold it
+        act = build(client, cube_id)
+        assert act["tokens"] > 400 >= act["kept_tokens"]
+        hiking, baking = topic_episodes(act)
+        asked = ask(client, cube_id, act["id"], HIKING_QUESTION)
+        assert asked["episode"] == hiking
+        assert asked["reused_tokens"] == act["episodes"][hiking]["kept_tokens"]
+        assert ask(client, cube_id, act["id"], BAKING_QUESTION)["episode"] == baking
 
 
 @pytest.mark.parametrize(
