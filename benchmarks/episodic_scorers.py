@@ -38,7 +38,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.locomo import Conversation, Question, load_locomo  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from kv_runtime import KVCache, Runtime, RuntimeConfig  # noqa: E402
-from kv_runtime.episodic import BudgetedPrefill  # noqa: E402
+from kv_runtime.episodic import (  # noqa: E402
+    KVZIP_CONTINUE_PROMPT,
+    KVZIP_PROMPT,
+    BudgetedPrefill,
+    make_block_scorer,
+    prefill_under_budget,
+)
 
 
 def turn_tokens(runtime: Runtime, conv: Conversation) -> tuple[list[int], dict[str, range]]:
@@ -86,6 +92,11 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["full", "snapkv", "kvzip", "recent", "prompt"]
     )
+    parser.add_argument(
+        "--positions", default="original", choices=["original", "compacted"],
+        help="where kept tokens sit (kv_runtime.episodic); the same for every method",
+    )  # fmt: skip
+    parser.add_argument("--kvzip-chunk", type=int, default=1024, help="tokens repeated a pass")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--model-cache", type=Path)
     parser.add_argument("--json", type=Path)
@@ -110,9 +121,14 @@ def main() -> None:
 
     def build(scorer: str, query: list[int] | None = None) -> tuple[BudgetedPrefill, float]:
         started = time.perf_counter()
-        built = runtime.prefill_budgeted(
-            context, budget_tokens=args.budget, block_tokens=args.block, scorer=scorer,
-            query_ids=query,
+        built = prefill_under_budget(
+            runtime.runner, context, budget_tokens=args.budget, block_tokens=args.block,
+            positions=args.positions,
+            scorer=make_block_scorer(
+                scorer, prompt_ids=query or (), repeat_ids=runtime.tokenize(KVZIP_PROMPT),
+                continue_ids=runtime.tokenize(KVZIP_CONTINUE_PROMPT),
+                chunk_tokens=args.kvzip_chunk,
+            ),
         )  # fmt: skip
         return built, time.perf_counter() - started
 
@@ -144,7 +160,9 @@ def main() -> None:
         rows.append(
             {
                 "conversation": conv.sample_id,
-                "method": "prompt(question)" if method == "prompt" else method,
+                "method": {"prompt": "prompt(question)", "kvzip": f"kvzip/{args.kvzip_chunk}"}.get(
+                    method, method
+                ),
                 "budget_tokens": None if method == "full" else args.budget,
                 "answer_nll": statistics.mean(nlls),
                 "evidence_retention": statistics.mean(k for k in kept if k is not None),
@@ -157,7 +175,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     print_table(
         f"Block-wise prefill scorers on LoCoMo {conv.sample_id}: {len(context)} context tokens, "
-        f"budget {args.budget}, block {args.block}, {len(asked)} questions; "
+        f"budget {args.budget}, block {args.block}, {args.positions} positions, "
+        f"{len(asked)} questions; "
         f"{runtime.info.name} ({runtime.info.device}, {runtime.info.dtype}, "
         f"{torch.get_num_threads()} threads)",
         [

@@ -243,7 +243,7 @@ class Runtime:
         scorer: str = "kvzip",
         sink_tokens: int = 4,
         recent_tokens: int = 32,
-        positions: PositionMode = "auto",
+        positions: PositionMode = "compacted",
         progress: ProgressCallback | None = None,
         cancel: CancelHook | None = None,
     ) -> BudgetedPrefill:
@@ -252,8 +252,10 @@ class Runtime:
 
         scorer: "prompt" (attention from `query_ids`, e.g. an EpiCache patched prompt), "kvzip"
         (query-agnostic reconstruction), "snapkv", "recent" or "knorm". block_tokens: default
-        1024. positions: "auto" keeps original RoPE positions when the context fits the model
-        and compacts them otherwise.
+        1024. positions: "compacted" (kept keys re-rotated to 0..kept-1: any context length,
+        and measured better), "original" (EpiCache's), or "auto" (original when it fits).
+        Default scorer kvzip: it beat snapkv, recent and even a question-prompted cache on
+        LoCoMo gold-answer likelihood (benchmarks/episodic_scorers.py).
         """
         if query_ids is not None and scorer != "prompt":
             raise InvalidArgument(f"query_ids are only used by scorer='prompt', not {scorer!r}")

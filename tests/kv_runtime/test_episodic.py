@@ -38,7 +38,7 @@ def test_peak_is_bounded_by_budget_and_block_whatever_the_context_length(
             ids, budget_tokens=BUDGET, block_tokens=BLOCK, scorer="prompt", query_ids=query,
             recent_tokens=8,
         )  # fmt: skip
-        assert built.kv.kept == BUDGET and built.kv.length == len(ids)
+        assert built.kv.kept == BUDGET and built.original_positions.max() == len(ids) - 1
         assert built.prefilled_tokens == len(ids)
         assert built.peak_kv_bytes <= _held_bound(runtime, BUDGET + BLOCK + len(query))
         peaks.append(built.peak_kv_bytes)
@@ -72,8 +72,10 @@ def test_kept_entries_keep_their_original_positions(
     """A kept entry's key is the full prefill's key at its original position (keys carry RoPE),
     sinks and the last recent tokens are kept, and positions ascend per head."""
     built = runtime.prefill_budgeted(
-        context_ids, budget_tokens=BUDGET, block_tokens=BLOCK, scorer="snapkv", recent_tokens=8
-    )
+        context_ids, budget_tokens=BUDGET, block_tokens=BLOCK, scorer="snapkv", recent_tokens=8,
+        positions="original",
+    )  # fmt: skip
+    assert not built.compacted and built.kv.length == len(context_ids)
     positions = built.kv.positions
     assert positions is not None and torch.equal(positions, built.original_positions)
     assert (positions.diff(dim=-1) > 0).all()
@@ -211,8 +213,12 @@ def test_compacted_builds_stay_below_budget_plus_block_positions(
         scorer=make_block_scorer("snapkv"),
         positions="compacted",
     )
-    assert built.compacted and built.kv.positions is None
+    assert built.compacted and built.kv.positions is not None
+    assert (built.kv.positions == torch.arange(BUDGET)).all()  # the slots, still marked evicted
     assert built.kv.length == built.kv.kept == BUDGET  # the next token goes at BUDGET
+    # The last token is kept in the last slot: a generation re-feeds it there.
+    assert (built.original_positions[..., -1] == 3 * len(context_ids) - 1).all()
+    assert built.kv.token_ids[-1] == context_ids[-1]
     result = runtime.generate(" Caroline will bring", kv=built.kv, max_tokens=3).collect()
     assert result.text
 
