@@ -254,7 +254,7 @@ class Builder:
                     raise Unavailable("episodic activations need the daemon's embedder")
                 manifest, built = episodes.build(
                     runtime, self.embedder, job.episodic, job.token_ids, job.messages,
-                    job.settings.bits, path, on_progress,
+                    job.settings, path, on_progress,
                 )  # fmt: skip
                 compression = {
                     **job.settings.model_dump(),

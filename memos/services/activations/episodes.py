@@ -92,13 +92,15 @@ def build(
     plan: EpisodicPlan,
     token_ids: Sequence[int],
     messages: Sequence[Mapping[str, str]],
-    bits: int,
+    compression: CompressionConfig,
     directory: Path,
     progress: Progress,
 ) -> tuple[ActivationManifest, list[EpisodeSummary]]:
-    """Embed, cluster, prefill each episode under the budget, compress, store all as one.
+    """Embed, cluster, prefill each episode under the budget, compress (`compression`: bits
+    only, the budget is the episodes'), store all as one.
     `progress(done, total)` is called between and inside the prefills; raising from it aborts
     the build (nothing is written until every episode is done)."""
+    assert compression.budget_tokens is None, "the service refuses a second budget"
     settings = plan.settings
     vectors = embedder.embed_background([w.text for w in plan.windows])
     found = episodes.cluster(vectors, settings.episodes)
@@ -119,7 +121,7 @@ def build(
             scorer="prompt",
             progress=step,
         )
-        caches.append(runtime.compress(budgeted.kv, CompressionConfig(bits=bits)))
+        caches.append(runtime.compress(budgeted.kv, compression))  # KIVI; nothing evicted
         metas.append(
             {
                 "centroid": [float(x) for x in episode.centroid],
