@@ -18,7 +18,7 @@ Modules, one concept each:
     eviction    budgeted token eviction; scorers (snapkv, recent, knorm) as plug-ins
     episodic    block-wise prefill under a KV budget (EpiCache); prompt and kvzip scorers
     compress    KIVI assembly: sinks | quantized span | residual, via `kernels`
-    store       safetensors + JSON manifest, checksums, atomic writes
+    store       safetensors + JSON manifest, checksums, atomic writes; episodic activations
     sampling    greedy / temperature / top-p
     logprobs    a token's log-probability and the most likely alternatives
     generate    streaming generation on a copied cache, cancellable
@@ -47,11 +47,14 @@ from kv_runtime.prefix import PrefixCache
 from kv_runtime.runtime import ModelInfo, Runtime
 from kv_runtime.store import (
     ActivationManifest,
+    EpisodeManifest,
     delete_activation,
     load_activation,
     open_activation,
+    open_episodes,
     read_manifest,
     save_activation,
+    save_episodes,
 )
 from kv_runtime.template import ChatTemplate
 from kv_runtime.throughput import Speed, Throughput
@@ -70,6 +73,7 @@ __all__ = [
     "ChunkKV",
     "CompressedKV",
     "CompressionConfig",
+    "EpisodeManifest",
     "Fingerprint",
     "Generation",
     "GenerationResult",
@@ -87,6 +91,8 @@ __all__ = [
     "delete_activation",
     "load_activation",
     "open_activation",
+    "open_episodes",
     "read_manifest",
     "save_activation",
+    "save_episodes",
 ]

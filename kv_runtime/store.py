@@ -14,6 +14,12 @@ a crash leaves either the old activation or the new one. Older blobs are removed
 Loading checks, in order: the manifest parses and matches its own checksum, its fingerprint
 equals the runtime's (else `ActivationMismatch`), the blob's size and blake2b match the manifest
 (else `ActivationCorrupt`); only then are the tensors parsed, from the very bytes that were hashed.
+
+An episodic activation (EpiCache) is several caches of one context, each kept under its own
+budget: one blob holds them all (tensors named `episodes.<i>.layers...`), and the manifest
+(format `memosd-episodic/1`) lists per episode its spans, sizes and what the caller recorded
+with it (its centroid, its windows). `save_episodes` / `open_episodes` write and read it, with
+the same atomicity and checks; `open_activation` refuses it (there is no one cache to load).
 """
 
 from __future__ import annotations
@@ -39,14 +45,27 @@ from kv_runtime.model import Fingerprint
 from memcube.atomic import fsync_dir, write_atomic
 
 FORMAT = "memosd-activation/1"
+EPISODIC_FORMAT = "memosd-episodic/1"
 MANIFEST = "manifest.json"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 _SPANS = ("sink_keys", "sink_values", "residual_keys", "residual_values")
 
 
 @dataclass(frozen=True)
+class EpisodeManifest:
+    """One episode's cache in an episodic activation, without its tensors."""
+
+    index: int
+    kept_tokens: int
+    kv_bytes: int
+    fp16_bytes: int
+    meta: Mapping[str, Any]  # what the caller stored with it (JSON)
+
+
+@dataclass(frozen=True)
 class ActivationManifest:
-    """What a stored activation is, without its tensors."""
+    """What a stored activation is, without its tensors. For an episodic one `kept_tokens` is
+    the most any one episode keeps and `kv_bytes` / `fp16_bytes` are summed over them."""
 
     fingerprint: Fingerprint
     token_ids: tuple[int, ...]
@@ -60,6 +79,7 @@ class ActivationManifest:
     # The chat messages whose rendering `token_ids` are; None for activations stored before
     # they were recorded.
     messages: tuple[Mapping[str, str], ...] | None = None
+    episodes: tuple[EpisodeManifest, ...] | None = None  # None: a plain activation
 
     @property
     def tokens(self) -> int:
@@ -70,14 +90,27 @@ def _blake2b(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _tensors(compressed: CompressedKV) -> dict[str, torch.Tensor]:
+def _tensors(compressed: CompressedKV, prefix: str = "") -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(compressed.layers):
         for name, tensor in layer.stored().items():
-            out[f"layers.{i}.{name}"] = tensor.detach().cpu().contiguous()
+            out[f"{prefix}layers.{i}.{name}"] = tensor.detach().cpu().contiguous()
     if compressed.positions is not None:
-        out["positions"] = compressed.positions.to(torch.int32).contiguous()
+        out[f"{prefix}positions"] = compressed.positions.to(torch.int32).contiguous()
     return out
+
+
+def _cache_body(compressed: CompressedKV) -> dict[str, Any]:
+    """What the manifest says of one cache: its spans, settings and sizes."""
+    sink, span, residual = compressed.spans
+    return {
+        "kept_tokens": compressed.kept,
+        "spans": {"sink": sink, "quantized": span, "residual": residual},
+        "compression": compressed.settings.model_dump(),
+        "evicted": compressed.positions is not None,
+        "kv_bytes": compressed.nbytes(),
+        "fp16_bytes": compressed.fp16_nbytes(),
+    }
 
 
 def _manifest_body(body: dict[str, Any]) -> bytes:
@@ -95,27 +128,66 @@ def save_activation(
     """Store `compressed` in `directory` atomically, replacing what was there. `messages`:
     the chat messages its tokens render, if they came from the chat template."""
     assert fingerprint.dtype == str(compressed.dtype).removeprefix("torch."), "dtype mismatch"
-    directory.mkdir(parents=True, exist_ok=True)
-    blob_bytes = save_tensors(_tensors(compressed))
-    checksum = _blake2b(blob_bytes)
-    blob = f"kv-{checksum}.safetensors"
-    write_atomic(directory / blob, blob_bytes)
-    sink, span, residual = compressed.spans
     body = {
         "format": FORMAT,
         "fingerprint": fingerprint.to_dict(),
         "token_ids": list(compressed.token_ids),
-        "kept_tokens": compressed.kept,
-        "spans": {"sink": sink, "quantized": span, "residual": residual},
-        "compression": compressed.settings.model_dump(),
+        **_cache_body(compressed),
         "dtype": fingerprint.dtype,
-        "evicted": compressed.positions is not None,
-        "kv_bytes": compressed.nbytes(),
-        "fp16_bytes": compressed.fp16_nbytes(),
-        "blob": blob,
-        "blob_bytes": len(blob_bytes),
-        "blob_blake2b": checksum,
     }
+    return _write(directory, _tensors(compressed), body, messages)
+
+
+def save_episodes(
+    directory: Path,
+    caches: Sequence[CompressedKV],
+    metas: Sequence[Mapping[str, Any]],
+    fingerprint: Fingerprint,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    token_ids: Sequence[int] | None = None,
+) -> ActivationManifest:
+    """Store the caches of one context's episodes as one activation, atomically; `metas[i]`
+    (JSON) is kept with episode i and read back as `EpisodeManifest.meta`. `token_ids`: the
+    context's (default: the first cache's); a cache whose own ids differ (one re-positioned
+    to 0..kept-1, see `kv_runtime.episodic`) keeps them in its episode's entry."""
+    assert caches and len(caches) == len(metas), "one meta per episode, at least one episode"
+    first = caches[0]
+    context = tuple(int(t) for t in (first.token_ids if token_ids is None else token_ids))
+    assert all(c.settings == first.settings for c in caches), "one compression for all"
+    assert fingerprint.dtype == str(first.dtype).removeprefix("torch."), "dtype mismatch"
+    tensors: dict[str, torch.Tensor] = {}
+    episodes = []
+    for i, (cache, meta) in enumerate(zip(caches, metas, strict=True)):
+        tensors.update(_tensors(cache, f"episodes.{i}."))
+        own = {} if cache.token_ids == context else {"token_ids": list(cache.token_ids)}
+        episodes.append({"index": i, **_cache_body(cache), **own, "meta": dict(meta)})
+    body = {
+        "format": EPISODIC_FORMAT,
+        "fingerprint": fingerprint.to_dict(),
+        "token_ids": list(context),
+        "kept_tokens": max(c.kept for c in caches),
+        "compression": first.settings.model_dump(),
+        "dtype": fingerprint.dtype,
+        "kv_bytes": sum(c.nbytes() for c in caches),
+        "fp16_bytes": sum(c.fp16_nbytes() for c in caches),
+        "episodes": episodes,
+    }
+    return _write(directory, tensors, body, messages)
+
+
+def _write(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    body: dict[str, Any],
+    messages: Sequence[Mapping[str, str]] | None,
+) -> ActivationManifest:
+    """The blob, then the manifest naming it (see the module docstring for the order)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    blob_bytes = save_tensors(tensors)
+    checksum = _blake2b(blob_bytes)
+    blob = f"kv-{checksum}.safetensors"
+    write_atomic(directory / blob, blob_bytes)
+    body = {**body, "blob": blob, "blob_bytes": len(blob_bytes), "blob_blake2b": checksum}
     if messages is not None:
         body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
     manifest_bytes = _manifest_body(body)
@@ -165,7 +237,7 @@ def _read_body(directory: Path) -> tuple[dict[str, Any], int]:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     if _blake2b(canonical) != claimed:
         raise ActivationCorrupt(f"{path} does not match its checksum")
-    if body.get("format") != FORMAT:
+    if body.get("format") not in (FORMAT, EPISODIC_FORMAT):
         raise ActivationCorrupt(f"{path} has format {body.get('format')!r}; expected {FORMAT!r}")
     return body, len(raw)
 
@@ -183,9 +255,26 @@ def _to_manifest(body: dict[str, Any], total_bytes: int) -> ActivationManifest:
             blob=str(body["blob"]),
             blob_blake2b=str(body["blob_blake2b"]),
             messages=_messages(body.get("messages")),
+            episodes=_episodes(body) if body["format"] == EPISODIC_FORMAT else None,
         )
     except (KeyError, TypeError, ValueError, ValidationError) as exc:
         raise ActivationCorrupt(f"manifest is missing or has a bad field: {exc}") from exc
+
+
+def _episodes(body: dict[str, Any]) -> tuple[EpisodeManifest, ...]:
+    episodes = tuple(
+        EpisodeManifest(
+            index=int(e["index"]),
+            kept_tokens=int(e["kept_tokens"]),
+            kv_bytes=int(e["kv_bytes"]),
+            fp16_bytes=int(e["fp16_bytes"]),
+            meta=dict(e["meta"]),
+        )
+        for e in body["episodes"]
+    )
+    if not episodes or [e.index for e in episodes] != list(range(len(episodes))):
+        raise ValueError("episodes must be numbered 0, 1, ... and there must be one at least")
+    return episodes
 
 
 def _messages(raw: Any) -> tuple[dict[str, str], ...] | None:
@@ -219,6 +308,37 @@ def open_activation(
     directory: Path, expected: Fingerprint
 ) -> tuple[CompressedKV, ActivationManifest]:
     """`load_activation`, with the manifest it was read with."""
+    tensors, body, manifest = _open(directory, expected)
+    if manifest.episodes is not None:
+        raise ActivationCorrupt(f"{directory} holds episodes; open it with open_episodes")
+    return _checked_rebuild(directory, tensors, body, manifest, ""), manifest
+
+
+def open_episodes(
+    directory: Path, expected: Fingerprint
+) -> tuple[tuple[CompressedKV, ...], ActivationManifest]:
+    """Load and verify an episodic activation (see `save_episodes`): its caches, in episode
+    order, and its manifest. The same refusals as `load_activation`."""
+    tensors, body, manifest = _open(directory, expected)
+    if manifest.episodes is None:
+        raise ActivationCorrupt(f"{directory} holds no episodes; open it with open_activation")
+    caches = tuple(
+        _checked_rebuild(directory, tensors, {**body, **e}, manifest, f"episodes.{i}.")
+        for i, e in enumerate(body["episodes"])
+    )
+    for cache, episode in zip(caches, manifest.episodes, strict=True):
+        if cache.kept != episode.kept_tokens:
+            raise ActivationCorrupt(
+                f"episode {episode.index} of {directory} keeps {cache.kept} entries; its "
+                f"manifest says {episode.kept_tokens}"
+            )
+    return caches, manifest
+
+
+def _open(
+    directory: Path, expected: Fingerprint
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], ActivationManifest]:
+    """The checked manifest and the tensors of the blob it names, not yet assembled."""
     body, size = _read_body(directory)
     manifest = _to_manifest(body, size)
     differences = manifest.fingerprint.differences(expected)
@@ -235,32 +355,51 @@ def open_activation(
             "or its checksum differs"
         )
     try:
-        compressed = _rebuild(load_tensors(data), body, manifest)
-    except (KeyError, ValueError, kernels.QuantizationError) as exc:
+        tensors = load_tensors(data)
+    except (KeyError, ValueError) as exc:
         raise ActivationCorrupt(f"blob {path} does not hold what its manifest says: {exc}") from exc
-    return compressed, dataclasses.replace(manifest, bytes=size + len(data))
+    return tensors, body, dataclasses.replace(manifest, bytes=size + len(data))
+
+
+def _checked_rebuild(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    body: dict[str, Any],
+    manifest: ActivationManifest,
+    prefix: str,
+) -> CompressedKV:
+    try:
+        return _rebuild(tensors, body, manifest, prefix)
+    except (KeyError, ValueError, TypeError, ValidationError, kernels.QuantizationError) as exc:
+        raise ActivationCorrupt(
+            f"blob in {directory} does not hold what its manifest says: {exc}"
+        ) from exc
 
 
 def _rebuild(
-    tensors: dict[str, torch.Tensor], body: dict[str, Any], manifest: ActivationManifest
+    tensors: dict[str, torch.Tensor],
+    body: dict[str, Any],
+    manifest: ActivationManifest,
+    prefix: str = "",
 ) -> CompressedKV:
-    settings = manifest.compression
+    """One cache from its tensors (names under `prefix`) and its manifest entry `body`."""
+    settings = CompressionConfig.model_validate(body["compression"])
     fp = manifest.fingerprint
     dtype = _DTYPES[fp.dtype]
     value_group = min(settings.value_group_size, fp.head_dim)
     quantized = int(body["spans"]["quantized"])
     layers = []
     for i in range(fp.layers):
-        spans = {name: tensors[f"layers.{i}.{name}"] for name in _SPANS}
+        spans = {name: tensors[f"{prefix}layers.{i}.{name}"] for name in _SPANS}
         q: dict[str, kernels.Quantized | None] = {"keys": None, "values": None}
         if quantized:
             shape = (1, fp.kv_heads, quantized, fp.head_dim)
             for name, axis, group in (("keys", "channel", settings.group_size),
                                       ("values", "token", value_group)):  # fmt: skip
                 q[name] = kernels.Quantized(
-                    packed=tensors[f"layers.{i}.{name}.packed"],
-                    scale=tensors[f"layers.{i}.{name}.scale"].float(),
-                    minimum=tensors[f"layers.{i}.{name}.minimum"].float(),
+                    packed=tensors[f"{prefix}layers.{i}.{name}.packed"],
+                    scale=tensors[f"{prefix}layers.{i}.{name}.scale"].float(),
+                    minimum=tensors[f"{prefix}layers.{i}.{name}.minimum"].float(),
                     bits=settings.bits,
                     group_size=group,
                     axis=axis,  # type: ignore[arg-type]
@@ -268,16 +407,16 @@ def _rebuild(
                     dtype=dtype,
                 )
         layers.append(CompressedLayer(keys=q["keys"], values=q["values"], **spans))
-    positions = tensors["positions"].to(torch.int64) if body["evicted"] else None
+    positions = tensors[f"{prefix}positions"].to(torch.int64) if body["evicted"] else None
     compressed = CompressedKV(
         layers=tuple(layers),
-        token_ids=manifest.token_ids,
+        token_ids=tuple(int(t) for t in body["token_ids"]),
         positions=positions,
         settings=settings,
         dtype=dtype,
         kv_heads=fp.kv_heads,
         head_dim=fp.head_dim,
     )
-    if compressed.kept != manifest.kept_tokens:
-        raise ValueError(f"{compressed.kept} entries stored, manifest says {manifest.kept_tokens}")
+    if compressed.kept != int(body["kept_tokens"]):
+        raise ValueError(f"{compressed.kept} entries stored, manifest says {body['kept_tokens']}")
     return compressed

@@ -392,14 +392,28 @@ def activation_create(
     budget_tokens: Annotated[
         int | None, typer.Option(min=1, help="Keep at most this many tokens.")
     ] = None,
+    episodic_budget: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Episodic: one cache of at most this many tokens per episode of the "
+            "conversation (--session-id or --memory-id).",
+        ),
+    ] = None,
+    episodes: Annotated[int, typer.Option(min=1, help="Episodic: how many episodes.")] = 4,
     wait: Annotated[bool, typer.Option(help="Wait for a background build.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prefill a context once and store its KV cache (from --text, --memory-id or --session-id)."""
+    """Prefill a context once and store its KV cache (from --text, --memory-id or --session-id);
+    with --episodic-budget, one cache per episode of the conversation."""
+    episodic = None
+    if episodic_budget is not None:
+        episodic = {"episodes": episodes, "budget_tokens": episodic_budget}
     with _client(ctx) as client:
         act = client.create_activation(
-            cube_id, text, memory_id, session_id, bits=bits, budget_tokens=budget_tokens
-        )
+            cube_id, text, memory_id, session_id, bits=bits, budget_tokens=budget_tokens,
+            episodic=episodic,
+        )  # fmt: skip
         if wait and act.state == "building":
             act = client.wait_activation(cube_id, act.id)
     if as_json:
@@ -462,7 +476,8 @@ def generate(
                 typer.echo()
                 typer.echo(
                     f"ttft {part.ttft_ms:.1f} ms, prompt {part.prompt_tokens} tokens, "
-                    f"reused {part.reused_tokens}",
+                    f"reused {part.reused_tokens}"
+                    + (f", episode {part.episode}" if part.episode is not None else ""),
                     err=True,
                 )
 

@@ -165,6 +165,15 @@ class Page(_Model, Generic[T]):
     next_cursor: str | None = None  # None on the last page
 
 
+class Episode(_Model):
+    """One episode of an episodic activation: its windows (of 4 utterances) and its cache."""
+
+    index: int
+    windows: list[int]
+    kept_tokens: int
+    bytes: int
+
+
 class Activation(_Model):
     id: str
     cube_id: str
@@ -178,6 +187,7 @@ class Activation(_Model):
     last_used_at: datetime | None = None
     progress: float = 1.0  # of a build in the background, 0..1
     error: str | None = None
+    episodes: list[Episode] | None = None  # an episodic activation's (None: a plain one)
 
 
 class Generation(_Model):
@@ -187,6 +197,7 @@ class Generation(_Model):
     reused_tokens: int
     activation_id: str | None = None
     finish_reason: str | None = None  # "stop" or "length"
+    episode: int | None = None  # the episode of an episodic activation that answered
 
 
 class ChatRecall(_Model):
@@ -681,12 +692,19 @@ class _Routes:
         session_id: str | None = None,
         bits: int | None = None,
         budget_tokens: int | None = None,
+        session_ids: Sequence[str] | None = None,
+        episodic: Mapping[str, int] | None = None,
     ) -> _Call[Activation]:
-        """Build a KV cache from one source (`text`, `memory_ids` or `session_id`)."""
+        """Build a KV cache from one source (`text`, `memory_ids`, `session_id` or
+        `session_ids`); with `episodic` (`{"episodes", "budget_tokens", "block_tokens"?}`)
+        one bounded cache per episode of the conversation, built in the background."""
         ids = list(memory_ids) if memory_ids is not None else None
-        body = _drop_none(text=text, memory_ids=ids, session_id=session_id)
+        sessions = list(session_ids) if session_ids is not None else None
+        body = _drop_none(text=text, memory_ids=ids, session_id=session_id, session_ids=sessions)
         if compression := _drop_none(bits=bits, budget_tokens=budget_tokens):
             body["compression"] = compression
+        if episodic is not None:
+            body["episodic"] = dict(episodic)
         path = _path("cubes", cube_id, "activations")
         return _Call("POST", path, _one(Activation), body=body)
 

@@ -71,6 +71,7 @@ class Daemon:
             settings.activation_dir,
             settings.activations,
             check_quota=self.quotas.check_activation_bytes,
+            embedder=self.embedder,
         )
         self.enrichment = EnrichmentService(
             self.db,

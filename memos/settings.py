@@ -212,6 +212,13 @@ class ActivationsConfig(BaseModel):
         description="recently used activations kept dequantized (full precision), in bytes",
     )
     build_workers: int = Field(1, ge=1, le=64, description="background builds run at once")
+    max_episodes: int = Field(
+        16, ge=1, le=256, description="episodes of one episodic activation (one prefill each)"
+    )
+    max_episodic_tokens: int = Field(
+        131_072, ge=1, le=1 << 24, description="an episodic activation's conversation, in "
+        "tokens (each episode prefills all of it; 413 beyond)"
+    )  # fmt: skip
     max_queued_builds: int = Field(
         16, ge=1, le=100_000, description="builds queued or running, daemon-wide (429 beyond)"
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -274,8 +274,25 @@ def _one_of(*sources: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     return {"oneOf": [{"required": [name], "properties": {name: s}} for name, s in sources]}
 
 
+class EpisodicIn(Strict):
+    """Extension: an episodic activation (EpiCache), one bounded cache per episode."""
+
+    episodes: JsonInt = Field(
+        4, ge=1, le=256, description="E: episodes the conversation is clustered into (at "
+        "most `activations.max_episodes`; fewer when it has fewer windows of 4 utterances)"
+    )  # fmt: skip
+    budget_tokens: JsonInt = Field(
+        ge=64, le=1_048_576, description="M: tokens each episode's cache keeps (below the "
+        "model's positions)"
+    )  # fmt: skip
+    block_tokens: JsonInt | None = Field(
+        None, ge=16, le=1_048_576, description="the conversation is prefilled in blocks of "
+        "this many tokens, evicting to M after each (default 1024)"
+    )  # fmt: skip
+
+
 class ActivationCreate(Strict):
-    """Exactly one of `text`, `memory_ids` and `session_id`."""
+    """Exactly one of `text`, `memory_ids`, `session_id` and `session_ids`."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -283,6 +300,7 @@ class ActivationCreate(Strict):
             ("text", {"type": "string"}),
             ("memory_ids", {"type": "array"}),
             ("session_id", {"type": "string"}),
+            ("session_ids", {"type": "array"}),
         ),
     )
 
@@ -291,16 +309,33 @@ class ActivationCreate(Strict):
     )
     memory_ids: Ids | None = Field(None, min_length=1, max_length=10_000)
     session_id: Text | None = Field(None, max_length=200)
+    session_ids: list[Annotated[Text, Field(max_length=200)]] | None = Field(
+        None, min_length=1, max_length=1000, description="extension: several sessions, each "
+        "one's memories in stored order, the sessions in the order given"
+    )  # fmt: skip
     compression: CompressionIn = Field(default_factory=CompressionIn)
+    episodic: EpisodicIn | None = Field(
+        None, description="extension: build an episodic activation from a conversation "
+        "(session_id, session_ids or memory_ids); not with `compression.budget_tokens`"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_source(self) -> ActivationCreate:
-        given = [n for n in ("text", "memory_ids", "session_id") if getattr(self, n) is not None]
+        names = ("text", "memory_ids", "session_id", "session_ids")
+        given = [n for n in names if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of text, memory_ids, session_id (got {given or 'none'})"
+                f"give exactly one of text, memory_ids, session_id, session_ids (got "
+                f"{given or 'none'})"
             )
         return self
+
+
+class EpisodeOut(Out):
+    index: int
+    windows: list[int] = Field(description="the conversation's windows (of 4 utterances) in it")
+    kept_tokens: int
+    bytes: int
 
 
 class ActivationOut(Out):
@@ -316,6 +351,10 @@ class ActivationOut(Out):
     error: str | None
     created_at: datetime
     last_used_at: datetime | None
+    episodes: list[EpisodeOut] | None = Field(
+        None, description="extension: an episodic activation's episodes (empty while it is "
+        "built); null for a plain activation"
+    )  # fmt: skip
 
 
 class ActivationList(BaseModel):
@@ -340,6 +379,10 @@ class GenerateResponse(Out):
     reused_tokens: int
     activation_id: str | None
     finish_reason: str
+    episode: int | None = Field(
+        None, description="extension: the episode of an episodic activation that answered "
+        "(the one nearest the prompt); null otherwise"
+    )  # fmt: skip
 
 
 # -- chats --------------------------------------------------------------------------------

@@ -275,6 +275,12 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobsOut | None = None
 
 
+class MemosCompletionOut(BaseModel):
+    episodes: list[int] = Field(
+        description="per choice, the episode of the episodic activation it continued"
+    )
+
+
 class TextCompletion(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -283,3 +289,6 @@ class TextCompletion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    memos: MemosCompletionOut | None = Field(
+        None, description="memosd extension, with an episodic `activation_id` (not streamed)"
+    )

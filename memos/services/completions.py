@@ -294,10 +294,12 @@ class CompletionService:
         activation_id: str | None = None,
     ) -> GenerationStream:
         """Check, admit and start one prompt (access to the activation's cube is checked by
-        `activation_cube` first)."""
+        `activation_cube` first). An episodic activation continues from the episode nearest
+        the prompt's text."""
         return self.activations.generations.open_tokens(
-            prompt.token_ids, sampling, cancel, cube_id=cube_id, activation_id=activation_id
-        )
+            prompt.token_ids, sampling, cancel, cube_id=cube_id, activation_id=activation_id,
+            route_text=prompt.text,
+        )  # fmt: skip
 
     # -- logprobs ---------------------------------------------------------------------------
 

@@ -44,7 +44,8 @@ def drop_activations_built_from(
     s: Session, cube_id: str, memory_id: str, session_id: str | None
 ) -> list[str]:
     """Delete the catalogue rows of the cube's activations built from this memory (their
-    `source` names it in `memory_ids`) or from its session; returns their ids. The caller
+    `source` names it in `memory_ids`) or from its session (`session_id` or one of
+    `session_ids`); returns their ids. The caller
     removes their files after the commit. A build still running for one finds its row gone."""
     dropped = []
     for activation_id, source in s.execute(
@@ -52,7 +53,10 @@ def drop_activations_built_from(
     ):
         source = source or {}
         from_memory = memory_id in (source.get("memory_ids") or [])
-        from_session = session_id is not None and source.get("session_id") == session_id
+        from_session = session_id is not None and (
+            source.get("session_id") == session_id
+            or session_id in (source.get("session_ids") or [])
+        )
         if from_memory or from_session:
             dropped.append(activation_id)
     if dropped:

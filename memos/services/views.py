@@ -161,6 +161,16 @@ class ActivationView:
     error: str | None
     created_at: datetime
     last_used_at: datetime | None
+    # An episodic activation's episodes (empty until built); None for a plain activation.
+    episodes: tuple[EpisodeView, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EpisodeView:
+    index: int
+    windows: tuple[int, ...]  # the conversation's windows (of 4 utterances) in the episode
+    kept_tokens: int
+    bytes: int  # its tensors' bytes
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,7 @@ class GenerationView:
     reused_tokens: int
     activation_id: str | None
     finish_reason: str
+    episode: int | None = None  # the episode an episodic activation answered from
     token_ids: tuple[int, ...] = ()  # the generated tokens (an end-of-sequence token is not)
     logprobs: tuple[TokenLogprob, ...] | None = None  # when asked for: of `token_ids`
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # when the prompt is scored

@@ -19,8 +19,11 @@ from kv_runtime import (
     Runtime,
     delete_activation,
     load_activation,
+    open_activation,
+    open_episodes,
     read_manifest,
     save_activation,
+    save_episodes,
 )
 
 SETTINGS = {
@@ -195,3 +198,37 @@ def test_the_messages_a_cache_renders_are_kept_in_its_manifest(
     assert compressed.spans == four_bit.spans
     save_activation(tmp_path, four_bit, runtime.fingerprint)  # as stored before messages were
     assert read_manifest(tmp_path).messages is None
+
+
+def test_episodes_of_one_context_are_stored_as_one_activation(
+    runtime: Runtime, kv: KVCache, four_bit: CompressedKV, tmp_path: Path
+) -> None:
+    other = runtime.compress(kv, SETTINGS["4-bit evicted"].model_copy(update={"budget_tokens": 40}))
+    other = dataclasses.replace(other, settings=four_bit.settings)  # one compression for all
+    metas = [{"centroid": [0.5, -0.5], "windows": [0, 2]}, {"centroid": [1.0, 0.0], "windows": [1]}]
+    manifest = save_episodes(tmp_path, [four_bit, other], metas, runtime.fingerprint)
+    caches, loaded = open_episodes(tmp_path, runtime.fingerprint)
+    assert [c.kept for c in caches] == [72, 40] and manifest.kept_tokens == 72
+    assert manifest.episodes is not None and loaded.episodes == manifest.episodes
+    assert [(e.index, e.kept_tokens, e.meta) for e in manifest.episodes] == [
+        (0, 72, metas[0]), (1, 40, metas[1])
+    ]  # fmt: skip
+    assert manifest.kv_bytes == four_bit.nbytes() + other.nbytes()
+    assert manifest.bytes == loaded.bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    for ours, theirs in zip(caches, (four_bit, other), strict=True):
+        assert ours.positions is not None and theirs.positions is not None
+        assert torch.equal(ours.positions, theirs.positions)
+        for a, b in zip(_stored_tensors(ours), _stored_tensors(theirs), strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ActivationCorrupt, match="holds episodes"):
+        open_activation(tmp_path, runtime.fingerprint)
+    other_model = dataclasses.replace(runtime.fingerprint, weights_hash="f" * 32)
+    with pytest.raises(ActivationMismatch):
+        open_episodes(tmp_path, other_model)
+    _flip_byte(tmp_path / manifest.blob, 1000)
+    with pytest.raises(ActivationCorrupt, match="is corrupt"):
+        open_episodes(tmp_path, runtime.fingerprint)
+    plain = tmp_path / "plain"
+    save_activation(plain, four_bit, runtime.fingerprint)
+    with pytest.raises(ActivationCorrupt, match="holds no episodes"):
+        open_episodes(plain, runtime.fingerprint)

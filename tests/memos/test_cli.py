@@ -373,6 +373,20 @@ def test_activation_commands_and_generate(memos: Any, client: MemosClient, cube:
     assert missing.exit_code != 0 and "activation_not_found" in missing.stderr
 
 
+def test_an_episodic_activation_from_the_shell(memos: Any, client: MemosClient, cube: Cube) -> None:
+    lines = ["We hiked the ridge trail to the summit.", "I baked sourdough bread with rye."]
+    client.add_memories(cube.id, [{"content": c, "speaker": "Ana", "session_id": "s1"}
+                                  for c in [lines[0]] * 4 + [lines[1]] * 4])  # fmt: skip
+    episodic = ["--episodic-budget", "64", "--episodes", "2"]
+    made = json.loads(
+        _ok(memos("activation", "create", cube.id, "--session-id", "s1", *episodic, "--json"))
+    )
+    assert made["state"] == "ready" and [e["windows"] for e in made["episodes"]] == [[0], [1]]
+    result = memos("generate", cube.id, "Where did Ana bake bread?", "--activation", made["id"],
+                   "--max-tokens", "2")  # fmt: skip
+    assert result.exit_code == 0 and "episode 1" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

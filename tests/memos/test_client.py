@@ -543,7 +543,26 @@ def test_activation_from_memories(client: MemosClient, cube: Cube) -> None:
     assert by_ids.tokens > 0
     client.add_memory(cube.id, "in a session", session_id="s1")
     by_session = client.create_activation(cube.id, session_id="s1", bits=8)
-    assert by_session.bits == 8
+    assert by_session.bits == 8 and by_session.episodes is None
+
+
+@pytest.mark.usefixtures("activations_served")
+def test_an_episodic_activation_from_sessions(client: MemosClient, cube: Cube) -> None:
+    talk = {
+        "hike": ["We hiked the ridge trail to the summit.", "The glacier below the pass shone."],
+        "bake": ["I baked sourdough bread with rye.", "The crust came out of the oven dark."],
+    }
+    for session, lines in talk.items():
+        client.add_memories(cube.id, [{"content": c, "speaker": "Ana", "session_id": session}
+                                      for c in lines * 4])  # fmt: skip
+    episodic = {"episodes": 2, "budget_tokens": 64, "block_tokens": 64}
+    act = client.create_activation(cube.id, session_ids=["hike", "bake"], episodic=episodic)
+    assert act.state == "building" and act.episodes == []
+    act = client.wait_activation(cube.id, act.id)
+    assert act.state == "ready" and act.episodes is not None
+    assert [e.windows for e in act.episodes] == [[0, 1], [2, 3]]  # 4 utterances a window
+    gen = client.generate(cube.id, "Which trail did Ana hike?", activation_id=act.id, max_tokens=2)
+    assert gen.episode == 0 and gen.reused_tokens == act.episodes[0].kept_tokens
 
 
 # --------------------------------------------------------------------------- errors, transport

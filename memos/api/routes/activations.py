@@ -16,6 +16,7 @@ from memos.api.schemas import (
     GenerateResponse,
 )
 from memos.services.activations import ActivationSource
+from memos.services.activations.episodes import EpisodicSettings
 
 router = APIRouter(prefix="/v1/cubes/{cube_id}", tags=["activations"])
 
@@ -56,15 +57,26 @@ def create_activation(
     `activations.inline_max_tokens` is built in the background: the answer then has
     `state: "building"` and `progress`; poll GET until `"ready"`. Builds are bounded per cube
     owner and daemon-wide (429 `too_many_builds` beyond); deleting the activation cancels its
-    build."""
+    build.
+
+    Extension: with `episodic` (and a `session_id`, `session_ids` or `memory_ids` source) the
+    conversation is clustered into episodes and each gets its own cache of at most
+    `budget_tokens` tokens, built in the background; `generate` then continues from the episode
+    nearest the prompt and names it (`episode`)."""
     source = ActivationSource(
         text=body.text,
         memory_ids=tuple(body.memory_ids) if body.memory_ids is not None else None,
         session_id=body.session_id,
+        session_ids=tuple(body.session_ids) if body.session_ids is not None else None,
     )
+    episodic = None
+    if body.episodic is not None:
+        e = body.episodic
+        episodic = EpisodicSettings(e.episodes, e.budget_tokens, e.block_tokens)
     view = daemon.activations.create(
-        principal, cube_id, source, body.compression.bits, body.compression.budget_tokens
-    )
+        principal, cube_id, source, body.compression.bits, body.compression.budget_tokens,
+        episodic,
+    )  # fmt: skip
     return ActivationOut.model_validate(view)
 
 

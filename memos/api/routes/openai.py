@@ -36,6 +36,7 @@ from memos.api.schemas_openai import (
     ChatCompletion,
     ChatCompletionRequest,
     CompletionRequest,
+    MemosCompletionOut,
     ModelList,
     ModelOut,
     PromptTokensDetails,
@@ -308,6 +309,7 @@ async def completions(
                 completion_choice, daemon.completions, index, prompt, view, body
             )
         )
+    episodes = [view.episode for view in views if view.episode is not None]
     return TextCompletion(
         id=reply.id,
         created=reply.created,
@@ -315,6 +317,7 @@ async def completions(
         choices=choices,
         usage=usage(views),
         system_fingerprint=reply.fingerprint,
+        memos=MemosCompletionOut(episodes=episodes) if episodes else None,
     )
 
 

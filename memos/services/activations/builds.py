@@ -12,6 +12,9 @@ event. A queued build is dropped at once; a running one stops at its next prefil
 the progress callback (the runtime's hook for aborting a prefill), and removes whatever files
 it wrote. A build that finishes after its row was deleted removes its files too, so a deleted
 activation never leaves any behind.
+
+An episodic build (`job.episodic`) runs the same way: `episodes.build` prefills each episode in
+turn, with the same progress callback and so the same cancellation.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from kv_runtime import CompressionConfig
+from memcube.embedder import Embedder
+from memcube.errors import Unavailable
+from memos.services.activations import episodes
 from memos.services.activations.backlog import Backlog
 from memos.services.activations.catalogue import CUBE_DELETED, INTERRUPTED, Catalogue
+from memos.services.activations.episodes import EpisodicPlan
 from memos.services.runtime import RuntimeHolder
 
 log = logging.getLogger("memos.activations")
@@ -46,6 +53,7 @@ class BuildJob:
     token_ids: tuple[int, ...]
     messages: tuple[Mapping[str, str], ...]
     settings: CompressionConfig
+    episodic: EpisodicPlan | None = None  # an episodic activation's windows and budget
 
 
 @dataclass(eq=False)
@@ -220,10 +228,17 @@ def _id(ticket: BuildTicket) -> str:
 class Builder:
     """One build: prefill (reporting progress, checking for cancellation), compress, store."""
 
-    def __init__(self, catalogue: Catalogue, runtime: RuntimeHolder, backlog: Backlog) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        runtime: RuntimeHolder,
+        backlog: Backlog,
+        embedder: Embedder | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.runtime = runtime
         self.backlog = backlog
+        self.embedder = embedder  # episodic builds cluster with it
 
     def __call__(self, ticket: BuildTicket) -> str:
         """Build; the outcome ("ready", "failed", "cancelled"). Failures are also raised."""
@@ -248,13 +263,30 @@ class Builder:
             turn: AbstractContextManager[None] = (
                 runtime.background() if ticket.background else nullcontext()
             )
-            with turn:
-                kv = runtime.prefill(job.token_ids, on_progress=on_progress)
-                compressed = runtime.compress(kv, job.settings)
-            work.done()  # the rest (writing) does not need the model
-            on_progress(len(job.token_ids), len(job.token_ids))  # last look before writing
             path = catalogue.path(job.cube_id, job.activation_id)
-            manifest = runtime.save_activation(path, compressed, job.messages)
+            compression = None
+            if job.episodic is not None:
+                if self.embedder is None:
+                    raise Unavailable("episodic activations need the daemon's embedder")
+                with turn:  # E budgeted prefills of the whole conversation, each episode saved
+                    manifest, built = episodes.build(
+                        runtime, self.embedder, job.episodic, job.token_ids, job.messages,
+                        job.settings, path, on_progress,
+                    )  # fmt: skip
+                compression = {
+                    **job.settings.model_dump(),
+                    "episodic": {
+                        **job.episodic.settings.as_dict(),
+                        "built": [e.as_dict() for e in built],
+                    },
+                }
+            else:
+                with turn:
+                    kv = runtime.prefill(job.token_ids, on_progress=on_progress)
+                    compressed = runtime.compress(kv, job.settings)
+                work.done()  # the rest (writing) does not need the model
+                on_progress(len(job.token_ids), len(job.token_ids))  # last look before writing
+                manifest = runtime.save_activation(path, compressed, job.messages)
         except BuildCancelled:
             self._discard(ticket)
             return "cancelled"
@@ -265,7 +297,7 @@ class Builder:
         finally:
             work.done()  # (once: it left the backlog when the model's part was over)
         if ticket.cancelled.is_set() or not catalogue.mark_ready(
-            job.activation_id, manifest.kept_tokens, manifest.bytes
+            job.activation_id, manifest.kept_tokens, manifest.bytes, compression
         ):  # deleted while it was written: its files must not outlive it
             self._discard(ticket)
             return "cancelled"

@@ -22,7 +22,7 @@ from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Activation
 from memos.db.types import utcnow
-from memos.services.views import ActivationView
+from memos.services.views import ActivationView, EpisodeView
 
 INTERRUPTED = "interrupted by a restart; build it again"
 DELETED = "deleted while it was built"
@@ -31,6 +31,17 @@ CUBE_DELETED = "its cube was deleted while it was built"
 
 def activation_not_found(activation_id: str) -> NotFound:
     return NotFound(f"activation {activation_id!r} not found", code="activation_not_found")
+
+
+def _episodes(row: Activation) -> tuple[EpisodeView, ...] | None:
+    """An episodic activation's episodes (empty while it is built); None for a plain one."""
+    episodic = (row.compression or {}).get("episodic")
+    if episodic is None:
+        return None
+    return tuple(
+        EpisodeView(e["index"], tuple(e["windows"]), e["kept_tokens"], e["bytes"])
+        for e in episodic.get("built", ())
+    )
 
 
 def _view(row: Activation) -> ActivationView:
@@ -47,6 +58,7 @@ def _view(row: Activation) -> ActivationView:
         error=row.error,
         created_at=row.created_at,
         last_used_at=row.last_used_at,
+        episodes=_episodes(row),
     )
 
 
@@ -124,10 +136,21 @@ class Catalogue:
     def set_progress(self, activation_id: str, progress: float) -> None:
         self._update(activation_id, Activation.state == "building", progress=progress)
 
-    def mark_ready(self, activation_id: str, kept_tokens: int, size: int) -> bool:
-        """Building -> ready. False when the row is gone (deleted while it was built)."""
+    def mark_ready(
+        self,
+        activation_id: str,
+        kept_tokens: int,
+        size: int,
+        compression: dict[str, Any] | None = None,
+    ) -> bool:
+        """Building -> ready (with `compression`: what the build recorded of how, e.g. its
+        episodes). False when the row is gone (deleted while it was built)."""
         building = Activation.state == "building"
-        values = {"state": "ready", "progress": 1.0, "kept_tokens": kept_tokens, "bytes": size}
+        values: dict[str, Any] = {
+            "state": "ready", "progress": 1.0, "kept_tokens": kept_tokens, "bytes": size
+        }  # fmt: skip
+        if compression is not None:
+            values["compression"] = compression
         return self._update(activation_id, building, **values)
 
     def mark_saved(self, activation_id: str, tokens: int, kept_tokens: int, size: int) -> bool:

@@ -12,6 +12,10 @@ activation (`loaded`: byte-bounded), take its dequantized cache (`loaded` too: k
 request) and start decoding, with a cancel switch the runtime checks
 before every token, so a request whose client left ends within one forward pass. As it decodes,
 its progress goes to its `Work` in the backlog, so later requests see the work it has left.
+
+An episodic activation is continued from one of its episodes' caches: the one whose centroid is
+nearest the prompt (`episodes.Router`), chosen once admitted; the answer names it (`episode`).
+Its bounds are checked up front with the largest episode (the row's `kept_tokens`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import NoReturn
 
 import kv_runtime
 from kv_runtime import Generation, GenerationResult, KVCache, Runtime
-from memcube.errors import Conflict, InvalidArgument, TooLarge
+from memcube.embedder import Embedder
+from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
 from memos.services.activations.admission import GenerationGate, Refusal, Slot, refused
 from memos.services.activations.catalogue import Catalogue, activation_not_found
-from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
+from memos.services.activations.episodes import Router, continues_at
+from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation, episode_key
 from memos.services.activations.prompts import Prompts
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView
@@ -118,8 +124,10 @@ class Generations:
         dequantized: ByteBoundedLRU[KVCache],
         gate: GenerationGate,
         max_generate_tokens: int,
+        embedder: Embedder | None = None,
     ) -> None:
         self.catalogue, self.runtime, self.prompts = catalogue, runtime, prompts
+        self.embedder = embedder  # routes prompts to an episodic activation's episodes
         self.loaded, self.dequantized, self.gate = loaded, dequantized, gate
         self.max_generate_tokens = max_generate_tokens
         self._finished: Counter[str] = Counter()
@@ -144,7 +152,7 @@ class Generations:
         row = self._ready(cube_id, activation_id)
         history = self._history(runtime, row) if row is not None else ()
         question = self.prompts.question(runtime, history, prompt)
-        return self._start(runtime, row, question, sampling, cancel, started)
+        return self._start(runtime, row, question, sampling, cancel, started, prompt)
 
     def open_tokens(
         self,
@@ -154,10 +162,12 @@ class Generations:
         *,
         cube_id: str | None = None,
         activation_id: str | None = None,
+        route_text: str | None = None,
     ) -> GenerationStream:
         """Token ids as given (a rendered chat, a completion prompt), continuing the
         activation's tokens when one is given (`cube_id` is then its cube). The same checks,
-        admission and cancellation as `open`."""
+        admission and cancellation as `open`. `route_text`: what picks an episodic
+        activation's episode (default: the prompt's tokens as text)."""
         started = time.perf_counter()
         runtime = self.runtime.get()
         vocab = runtime.vocab_size
@@ -173,10 +183,12 @@ class Generations:
         if not token_ids and row is None:
             raise InvalidArgument("the prompt is empty")
         if sampling.max_tokens is None:
-            left = runtime.info.max_positions - (row.tokens if row else 0) - len(token_ids)
+            left = runtime.info.max_positions - self._continues_at(runtime, row) - len(token_ids)
             sampling = replace(sampling, max_tokens=max(1, min(self.max_generate_tokens, left)))
         self._check_sampling(sampling)
-        return self._start(runtime, row, token_ids, sampling, cancel, started)
+        if row is not None and row.episodes is not None and route_text is None:
+            route_text = runtime.detokenize(token_ids, skip_special_tokens=True)
+        return self._start(runtime, row, token_ids, sampling, cancel, started, route_text)
 
     def _check_sampling(self, sampling: Sampling) -> None:
         least = 0 if sampling.prompt_logprobs is not None else 1
@@ -201,6 +213,16 @@ class Generations:
             )
         return row
 
+    @staticmethod
+    def _continues_at(runtime: Runtime, row: ActivationView | None) -> int:
+        """Where a generation on `row` continues (at most): after its context, or for an
+        episodic activation re-positioned past the model's positions, after its kept tokens."""
+        if row is None:
+            return 0
+        if row.episodes is None:
+            return row.tokens
+        return continues_at(row.tokens, row.kept_tokens, runtime.info.max_positions)
+
     def _start(
         self,
         runtime: Runtime,
@@ -209,13 +231,15 @@ class Generations:
         sampling: Sampling,
         cancel: threading.Event | None,
         started: float,
+        route_text: str | None = None,
     ) -> GenerationStream:
         """The checks every generation shares (positions, cache bytes), then admission,
-        loading and the first forward pass."""
+        loading (an episodic activation's episode chosen by `route_text`) and the first
+        forward pass."""
         cancel = cancel or threading.Event()
         max_tokens = sampling.max_tokens
         assert max_tokens is not None, "resolved by the caller"
-        context = row.tokens if row is not None else 0
+        context = self._continues_at(runtime, row)
         end = context + len(token_ids) + max_tokens
         if end > runtime.info.max_positions:
             raise InvalidArgument(
@@ -239,8 +263,12 @@ class Generations:
         )
         if isinstance(slot, Refusal):
             raise refused(self.gate.limits, slot)
+        episode = None
         try:
-            kv = self._dequantized(runtime, row) if row is not None else None
+            kv = None
+            if row is not None:
+                kv, episode = self._dequantized(runtime, row, route_text)
+                kept = kv.kept
             loaded_ms = (time.perf_counter() - started) * 1000
             generation = runtime.generate(
                 token_ids,
@@ -269,6 +297,7 @@ class Generations:
                 reused_tokens=kept,  # cache entries reused; evicted ones are skipped too
                 activation_id=activation_id,
                 finish_reason=result.finish_reason,
+                episode=episode,
                 token_ids=result.token_ids,
                 logprobs=result.logprobs,
                 prompt_logprobs=result.prompt_logprobs,
@@ -329,8 +358,14 @@ class Generations:
         cached = self.loaded.get(key)
         if cached is not None:
             return cached
+        path = self._path(row)
         try:
-            compressed, manifest = runtime.open_activation(self._path(row))
+            if row.episodes is not None:
+                caches, manifest = kv_runtime.open_episodes(path, runtime.fingerprint)
+                router: Router | None = Router.of(manifest)
+            else:
+                compressed, manifest = runtime.open_activation(path)
+                caches, router = (compressed,), None
         except kv_runtime.ActivationMismatch as exc:
             raise Conflict(exc.message, code="activation_mismatch") from exc
         except kv_runtime.ActivationCorrupt as exc:
@@ -338,21 +373,32 @@ class Generations:
         self.catalogue.loaded(row.id)
         history = manifest.messages
         if history is None:  # stored before messages were recorded; `_history` checked it
-            history = tuple(runtime.template.recover_turn(compressed.token_ids, "system") or ())
-        entry = LoadedActivation(compressed, history)
-        self.loaded.put(key, entry, compressed.memory_nbytes())
+            history = tuple(runtime.template.recover_turn(manifest.token_ids, "system") or ())
+        entry = LoadedActivation(caches, history, router)
+        self.loaded.put(key, entry, entry.memory_nbytes())
         return entry
 
-    def _dequantized(self, runtime: Runtime, row: ActivationView) -> KVCache:
-        """The activation's full-precision cache on the model's device: kept from an earlier
+    def _dequantized(
+        self, runtime: Runtime, row: ActivationView, route_text: str | None
+    ) -> tuple[KVCache, int | None]:
+        """The activation's full-precision cache on the model's device (for an episodic one,
+        the episode `route_text` is nearest to) and that episode: kept from an earlier
         request, else loaded, dequantized and kept. Requests only read it (see
         `kv_runtime.KVCache.to_transformers`), so one copy serves them all."""
-        key = (row.cube_id, row.id)
+        key, episode = (row.cube_id, row.id), None
+        if row.episodes is not None:
+            loaded = self._load(runtime, row)
+            assert loaded.router is not None, "an episodic row's files hold episodes"
+            if self.embedder is None:
+                raise Unavailable("episodic activations need the daemon's embedder")
+            episode = loaded.router.route(self.embedder, row.id, route_text or "")
+            key = episode_key(row.cube_id, row.id, episode)
         kv = self.dequantized.get(key)
         if kv is None:
-            kv = runtime.decompress(self._load(runtime, row).kv)
+            loaded = self._load(runtime, row)
+            kv = runtime.decompress(loaded.caches[episode or 0])
             self.dequantized.put(key, kv, kv.nbytes())
-        return kv
+        return kv, episode
 
     def _corrupt(self, row: ActivationView, exc: kv_runtime.ActivationCorrupt) -> NoReturn:
         if not self.catalogue.exists(row.id):  # deleted meanwhile: its files went first

@@ -21,20 +21,37 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from kv_runtime import CompressedKV
 
+if TYPE_CHECKING:
+    from memos.services.activations.episodes import Router
+
 V = TypeVar("V")
-Key = tuple[str, str]  # (cube id, activation id)
+Key = tuple[str, str]  # (cube id, activation id); an episode's dequantized cache: "<id>#<e>"
 
 
 @dataclass(frozen=True)
 class LoadedActivation:
-    """A verified activation in memory and the chat messages its tokens render."""
+    """A verified activation in memory and the chat messages its tokens render; an episodic
+    one holds a cache per episode and the router that picks one."""
 
-    kv: CompressedKV
+    caches: tuple[CompressedKV, ...]
     history: tuple[Mapping[str, str], ...]
+    router: Router | None = None
+
+    @property
+    def kv(self) -> CompressedKV:
+        assert self.router is None and len(self.caches) == 1, "a plain activation's one cache"
+        return self.caches[0]
+
+    def memory_nbytes(self) -> int:
+        return sum(c.memory_nbytes() for c in self.caches)
+
+
+def episode_key(cube_id: str, activation_id: str, episode: int) -> Key:
+    return (cube_id, f"{activation_id}#{episode}")
 
 
 class ByteBoundedLRU(Generic[V]):
@@ -70,8 +87,13 @@ class ByteBoundedLRU(Generic[V]):
             return evicted
 
     def pop(self, key: Key) -> None:
+        """Forget `key`, and the episodes' entries of the activation it names."""
         with self._lock:
             self._pop(key)
+            cube_id, activation_id = key
+            for other in [k for k in self._entries if k[0] == cube_id]:
+                if other[1].startswith(activation_id + "#"):
+                    self._pop(other)
 
     def drop_cube(self, cube_id: str) -> None:
         with self._lock:

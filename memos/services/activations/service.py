@@ -1,8 +1,9 @@
 """`ActivationService`: the one object routes and the daemon use; each job is a module beside it.
 
 catalogue    rows, states, listing, deletion, file locations
-prompts      text / memories / session -> a context's tokens; a question after a history
+prompts      text / memories / sessions -> a context's tokens; a question after a history
 builds       bounded build queue, progress, cancellation
+episodes     episodic activations (EpiCache): one budgeted cache per episode, routing
 sweep        files without rows removed, rows without files failed
 loaded       loaded activations in memory, bounded by bytes
 backlog      the model work admitted and not done, and its estimate in seconds
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kv_runtime import CompressionConfig, KVCache, Runtime, Speed
-from memcube.errors import TooManyRequests
+from memcube.embedder import Embedder
+from memcube.errors import InvalidArgument, TooManyRequests, Unavailable
 from memos.db.engine import Database
 from memos.db.models import Activation
 from memos.db.types import utcnow
@@ -26,9 +28,16 @@ from memos.services.activations.admission import AdmissionLimits, AdmissionStats
 from memos.services.activations.backlog import Backlog
 from memos.services.activations.builds import Builder, BuildJob, BuildQueue, BuildStats
 from memos.services.activations.catalogue import CUBE_DELETED, DELETED, Catalogue
+from memos.services.activations.episodes import MIN_BUDGET_TOKENS, EpisodicSettings, plan
 from memos.services.activations.generations import Generations, GenerationStream
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
-from memos.services.activations.prompts import ActivationSource, Context, PromptLimits, Prompts
+from memos.services.activations.prompts import (
+    ActivationSource,
+    Context,
+    PromptLimits,
+    Prompts,
+    render_memories,
+)
 from memos.services.activations.sweep import ActivationSweep, SweepReport
 from memos.services.cubes import CubeService
 from memos.services.ids import new_id
@@ -54,9 +63,12 @@ def compression_for(bits: int, budget_tokens: int | None) -> CompressionConfig:
     )
 
 
-def stored_bytes_bound(runtime: Runtime, tokens: int, settings: CompressionConfig) -> int:
-    """At most the bytes a build's tensors take: its kept tokens in float16."""
-    kept = min(tokens, settings.budget_tokens or tokens)
+def stored_bytes_bound(
+    runtime: Runtime, tokens: int, settings: CompressionConfig, episodic: EpisodicSettings | None
+) -> int:
+    """At most the bytes a build's tensors take: its kept tokens in float16 (each episode's)."""
+    budget = episodic.budget_tokens if episodic is not None else settings.budget_tokens
+    kept = min(tokens, budget or tokens) * (episodic.episodes if episodic is not None else 1)
     fp = runtime.fingerprint
     return 2 * fp.layers * fp.kv_heads * fp.head_dim * kept * 2
 
@@ -86,9 +98,11 @@ class ActivationService:
         directory: Path,
         config: ActivationsConfig,
         check_quota: QuotaCheck | None = None,
+        embedder: Embedder | None = None,
     ) -> None:
         self.cubes, self.runtime, self.config = cubes, runtime, config
         self.check_quota = check_quota
+        self.embedder = embedder  # episodic activations cluster and route with it
         self.catalogue = Catalogue(db, directory)
         self.prompts = Prompts(
             db,
@@ -98,7 +112,7 @@ class ActivationService:
         )
         self.backlog = Backlog(runtime.config.prefill_chunk)
         self.builds = BuildQueue(
-            Builder(self.catalogue, runtime, self.backlog),
+            Builder(self.catalogue, runtime, self.backlog, embedder),
             workers=config.build_workers,
             max_builds=config.max_queued_builds,
             max_per_user=config.max_queued_builds_per_user,
@@ -119,7 +133,7 @@ class ActivationService:
         self._deferred_lock = threading.Lock()
         self.generations = Generations(
             self.catalogue, runtime, self.prompts, self.loaded, self.dequantized, self.gate,
-            config.max_generate_tokens,
+            config.max_generate_tokens, embedder,
         )  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -151,14 +165,31 @@ class ActivationService:
         source: ActivationSource,
         bits: int,
         budget_tokens: int | None,
+        episodic: EpisodicSettings | None = None,
     ) -> ActivationView:
+        """Accept a build: checked, admitted, its row inserted; built inline when small, else
+        queued. With `episodic`, one budgeted cache per episode of the source's conversation
+        (see `activations.episodes`), always built in the background."""
         cube = self.cubes.require(principal, cube_id, Role.WRITER)
         settings = compression_for(bits, budget_tokens)
-        text, described = self.prompts.source_text(cube_id, source)
         runtime = self.runtime.get()
-        context = self.prompts.context(runtime, text, described)
+        episodic_plan = None
+        if episodic is not None:
+            self._check_episodic(runtime, source, budget_tokens, episodic)
+            rows, described = self.prompts.source_rows(cube_id, source)
+            text = render_memories(rows)
+            self.prompts.check_text(text)
+            episodic_plan = plan(rows, episodic)
+            described = {**described, "episodic": episodic.as_dict()}
+        else:
+            text, described = self.prompts.source_text(cube_id, source)
+        # An episodic build takes conversations past the model's positions (kv_runtime.episodic
+        # re-positions what it keeps); its bound is on the tokens prefilled, E times over.
+        limit = self.config.max_episodic_tokens if episodic is not None else None
+        context = self.prompts.context(runtime, text, described, limit)
         if self.check_quota is not None:
-            self.check_quota(cube_id, stored_bytes_bound(runtime, len(context.token_ids), settings))
+            bound = stored_bytes_bound(runtime, len(context.token_ids), settings, episodic)
+            self.check_quota(cube_id, bound)
         job = BuildJob(
             activation_id=new_id("act"),
             cube_id=cube_id,
@@ -166,6 +197,7 @@ class ActivationService:
             token_ids=context.token_ids,
             messages=context.messages,
             settings=settings,
+            episodic=episodic_plan,
         )
         ticket = self.builds.admit(job)
         if ticket is None:
@@ -181,7 +213,7 @@ class ActivationService:
         except BaseException:
             self.builds.abandon(ticket)
             raise
-        if self._inline(runtime, len(job.token_ids)):
+        if episodic is None and self._inline(runtime, len(job.token_ids)):
             self.builds.run_inline(ticket)
         else:
             self.builds.enqueue(ticket)
@@ -200,14 +232,53 @@ class ActivationService:
             self._deferred += 1
         return False
 
+    def _check_episodic(
+        self,
+        runtime: Runtime,
+        source: ActivationSource,
+        budget_tokens: int | None,
+        episodic: EpisodicSettings,
+    ) -> None:
+        """Refuse, before any work, what an episodic build cannot do (422)."""
+        if self.embedder is None:
+            raise Unavailable("episodic activations need the daemon's embedder")
+        if source.text is not None:
+            raise InvalidArgument(
+                "an episodic activation is built from a conversation: give session_id, "
+                "session_ids or memory_ids, not text"
+            )
+        if budget_tokens is not None:
+            raise InvalidArgument(
+                "compression.budget_tokens and episodic.budget_tokens conflict: an episodic "
+                "activation keeps episodic.budget_tokens tokens per episode"
+            )
+        most = self.config.max_episodes
+        if not 1 <= episodic.episodes <= most:
+            raise InvalidArgument(f"episodic.episodes is {episodic.episodes}; 1 to {most}")
+        positions = runtime.info.max_positions
+        if not MIN_BUDGET_TOKENS <= episodic.budget_tokens < positions:
+            raise InvalidArgument(
+                f"episodic.budget_tokens is {episodic.budget_tokens}; it must be between "
+                f"{MIN_BUDGET_TOKENS} and {positions - 1} (the model's positions)"
+            )
+        block = episodic.block_tokens
+        if block is not None and not 1 <= block <= positions - episodic.budget_tokens:
+            raise InvalidArgument(
+                f"episodic.block_tokens is {block}; budget_tokens + block_tokens must stay "
+                f"within the model's {positions} positions"
+            )
+
     @staticmethod
     def _row(runtime: Runtime, job: BuildJob, context: Context, bits: int) -> Activation:
+        compression = job.settings.model_dump()
+        if job.episodic is not None:  # its episodes are listed once built
+            compression["episodic"] = {**job.episodic.settings.as_dict(), "built": []}
         return Activation(
             id=job.activation_id,
             cube_id=job.cube_id,
             model=runtime.fingerprint.model,
             source=context.described,
-            compression=job.settings.model_dump(),
+            compression=compression,
             tokens=len(job.token_ids),
             bits=bits,
             state="building",

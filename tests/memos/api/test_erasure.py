@@ -67,6 +67,8 @@ def test_erase_leaves_no_trace(server, tenant):
     from_session = _activation(daemon, cube_id, {"session_id": "s-erase"})
     from_text = _activation(daemon, cube_id, {"text_chars": 5})
     from_b = _activation(daemon, cube_id, {"memory_ids": [b]})
+    from_sessions = _activation(daemon, cube_id, {"session_ids": ["s-other", "s-erase"]})
+    from_other = _activation(daemon, cube_id, {"session_ids": ["s-other"]})
     daemon.indexes.save_all()
     hnsw = daemon.settings.index_dir / cube_id / "hnsw.bin"
     assert vector_a in hnsw.read_bytes()  # the scan can see a vector when it is there
@@ -96,10 +98,11 @@ def test_erase_leaves_no_trace(server, tenant):
         links = select(func.count()).where(or_(Link.src_seq == seq_a, Link.dst_seq == seq_a))
         assert s.scalar(links) == 0
         left = set(s.scalars(select(Activation.id).where(Activation.cube_id == cube_id)))
-    assert left == {from_text, from_b}
+    assert left == {from_text, from_b, from_other}
     activation_dir = daemon.settings.activation_dir / cube_id
-    assert sorted(p.name for p in activation_dir.iterdir()) == sorted([from_text, from_b])
-    assert from_a not in left and from_session not in left
+    assert sorted(p.name for p in activation_dir.iterdir()) == sorted([from_text, from_b,
+                                                                        from_other])  # fmt: skip
+    assert from_a not in left and from_session not in left and from_sessions not in left
     # The saved index holds no copy of the vector, and still agrees with the database.
     assert vector_a not in hnsw.read_bytes()
     index = daemon.indexes.get(cube_id)

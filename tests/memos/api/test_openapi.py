@@ -121,6 +121,7 @@ def test_enforced_limits_are_in_the_schema(spec, server):
         ["text"],
         ["memory_ids"],
         ["session_id"],
+        ["session_ids"],
     ]
     memory_ids = next(s for s in create["properties"]["memory_ids"]["anyOf"] if "items" in s)
     assert memory_ids["uniqueItems"] is True and memory_ids["minItems"] == 1

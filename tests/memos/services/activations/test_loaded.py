@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memos.services.activations.loaded import ByteBoundedLRU
+from memos.services.activations.loaded import ByteBoundedLRU, episode_key
 
 
 def test_least_recently_used_entries_go_until_the_bytes_fit() -> None:
@@ -38,3 +38,13 @@ def test_a_deleted_cube_and_a_deleted_activation_leave_the_cache() -> None:
     cache.pop(("c2", "b"))
     cache.pop(("c2", "zzz"))  # absent: nothing happens
     assert (cache.order(), cache.bytes) == ([("c2", "d")], 10)
+
+
+def test_forgetting_an_activation_forgets_its_episodes_and_nothing_else() -> None:
+    cache: ByteBoundedLRU[str] = ByteBoundedLRU(max_bytes=100)
+    for key in (episode_key("c1", "act_a", 0), episode_key("c1", "act_a", 1), ("c1", "act_a"),
+                episode_key("c1", "act_ab", 0), episode_key("c2", "act_a", 0)):  # fmt: skip
+        cache.put(key, "kv", 10)
+    cache.pop(("c1", "act_a"))
+    assert cache.order() == [("c1", "act_ab#0"), ("c2", "act_a#0")]
+    assert cache.bytes == 20

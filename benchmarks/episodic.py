@@ -1,0 +1,333 @@
+"""Episodic caches (EpiCache) against single bounded caches, on LoCoMo conversations (a sketch).
+
+LongConvQA in the paper's way, with a measure a 135M model can give: for each question whose
+evidence lies in the context, the log-likelihood of the gold answer (teacher-forced, mean over
+its tokens; reported as `answer_nll`, lower is better) after the question, continuing from each
+cache. The context is the conversation as an activation renders it (one `[date] Speaker: text`
+line a turn, the system turn of the chat template), cut to `--max-context` tokens so that the
+full cache fits the model; the question is a user turn after it, as `generate` renders it.
+
+Methods, each at every budget M (`--budgets`), all built by `Runtime.prefill_budgeted` in
+blocks of `--block` tokens, so their peak KV is comparable:
+- episodic: the windows of 4 utterances embedded (the daemon's embedder) and clustered into
+  `--episodes` episodes (`memcube.episodes`); one cache per episode scored by its patched prompt;
+  a question is answered from the episode nearest it (`route`), as the daemon does;
+- snapkv, kvzip: one cache, scored by the block's last 64 tokens / by reconstruction;
+- recent: the last M tokens; streamingllm: 4 sinks and the last M - 4;
+and once: full, the whole context's cache (`Runtime.prefill`).
+
+Also per row: evidence retention (the share of the evidence turns' cache entries kept, over
+layers and heads, in the cache used), peak KV bytes during the build, build seconds (episodic:
+all E prefills plus embedding and clustering) and, for episodic, the query->episode time. The
+caches are not quantized here: this isolates what eviction keeps (KIVI is measured elsewhere).
+
+Targets (issue 10): at M = 1024 the episodic cache closes >= 50% of the answer_nll gap between
+the best single-cache baseline and full KV, its evidence retention >= 2x SnapKV's, and its peak
+KV <= 1/3 of full prefill's.
+
+    python benchmarks/episodic.py --json out.json
+    python benchmarks/episodic.py --conversations 0 --budgets 512 --max-questions 20  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.locomo import Conversation, Question, load_locomo  # noqa: E402
+from benchmarks.report import print_table  # noqa: E402
+from kv_runtime import KVCache, Runtime, RuntimeConfig  # noqa: E402
+from memcube import episodes  # noqa: E402
+from memcube.embedder import Embedder, EmbedderConfig  # noqa: E402
+
+SINGLE = {  # method -> (scorer, sink tokens)
+    "snapkv": ("snapkv", 4),
+    "kvzip": ("kvzip", 4),
+    "recent": ("recent", 0),
+    "streamingllm": ("recent", 4),
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """A conversation cut to fit: its messages, tokens, and each kept turn's token span."""
+
+    messages: tuple[dict[str, str], ...]
+    token_ids: list[int]
+    spans: dict[str, tuple[int, int]]  # dia_id -> [first, end) token positions
+    utterances: list[episodes.Utterance]
+
+
+def build_context(runtime: Runtime, conv: Conversation, max_tokens: int) -> Context:
+    """The longest prefix of the conversation whose rendering has at most `max_tokens` tokens,
+    with the token span of each turn (from the tokens' texts laid along the rendered string)."""
+    lines = [f"[{t.timestamp:%Y-%m-%d %H:%M}] {t.speaker}: {t.render()}" for t in conv.turns]
+    keep = len(lines)
+    while True:
+        messages = ({"role": "system", "content": "\n".join(lines[:keep])},)
+        ids = runtime.template.render(messages, add_generation_prompt=False)
+        if len(ids) <= max_tokens or keep == 1:
+            break
+        keep = max(1, int(keep * max_tokens / len(ids)) - 1)
+    texts = runtime.token_texts(ids)
+    rendered = "".join(texts)
+    starts = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
+    spans, cursor = {}, 0
+    for turn, line in zip(conv.turns[:keep], lines[:keep], strict=True):
+        begin = rendered.index(line, cursor)
+        cursor = begin + len(line)
+        # The tokens overlapping the line: from the one it starts in to the one it ends in.
+        spans[turn.dia_id] = (bisect.bisect_right(starts, begin) - 1,
+                              bisect.bisect_left(starts, cursor))  # fmt: skip
+    utterances = [episodes.Utterance(t.speaker, t.render()) for t in conv.turns[:keep]]
+    return Context(messages, ids, spans, utterances)
+
+
+def answer_nll(runtime: Runtime, context: Context, kv: KVCache, question: Question) -> float:
+    """Mean negative log-likelihood of the gold answer's tokens after the question."""
+    asked = [{"role": "user", "content": question.text}]
+    q_ids = runtime.template.render_delta(context.messages, asked)
+    a_ids = runtime.tokenize(str(question.answer))
+    logits = runtime.logits([*q_ids, *a_ids], kv)
+    rows = logits[len(q_ids) - 1 : len(q_ids) - 1 + len(a_ids)]
+    logp = torch.log_softmax(rows.float(), dim=-1)
+    return float(-logp[torch.arange(len(a_ids)), torch.tensor(a_ids)].mean())
+
+
+def retention(kv: KVCache, context: Context, question: Question) -> float:
+    """Share of the evidence turns' entries the cache keeps, over layers and heads."""
+    wanted = [p for d in question.evidence if d in context.spans for p in range(*context.spans[d])]
+    if not wanted or kv.positions is None:
+        return 1.0
+    target = torch.tensor(wanted)
+    kept = torch.isin(kv.positions, target).sum(dim=-1).float()  # (layers, heads)
+    return float((kept / len(wanted)).mean())
+
+
+def answerable(context: Context, questions: tuple[Question, ...]) -> list[Question]:
+    return [
+        q
+        for q in questions
+        if q.answer is not None and q.evidence and all(d in context.spans for d in q.evidence)
+    ]
+
+
+def evaluate(
+    runtime: Runtime,
+    context: Context,
+    questions: list[Question],
+    pick: Any,
+) -> tuple[list[dict[str, Any]], float]:
+    """Per question: (category, nll, retention); `pick(question) -> kv`; and the route time."""
+    out, picking = [], 0.0
+    for q in questions:
+        started = time.perf_counter()
+        kv = pick(q)
+        picking += time.perf_counter() - started
+        out.append(
+            {
+                "category": q.category_name,
+                "nll": answer_nll(runtime, context, kv, q),
+                "retention": retention(kv, context, q),
+            }
+        )
+    return out, picking / max(1, len(questions))
+
+
+def summarize(
+    conv_id: str,
+    method: str,
+    budget: int | None,
+    per_q: list[dict[str, Any]],
+    peak: int,
+    build_s: float,
+    route_ms: float | None = None,
+) -> list[dict[str, Any]]:
+    """One row for all the questions and one per category."""
+    rows = []
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in per_q:
+        groups["all"].append(item)
+        groups[item["category"]].append(item)
+    for category, items in sorted(groups.items()):
+        rows.append(
+            {
+                "conversation": conv_id,
+                "category": category,
+                "method": method,
+                "budget_tokens": budget,
+                "questions": len(items),
+                "answer_nll": statistics.fmean(i["nll"] for i in items),
+                "evidence_retention": statistics.fmean(i["retention"] for i in items),
+                "peak_kv_bytes": peak,
+                "build_s": build_s,
+                "route_ms": route_ms,
+            }
+        )
+    return rows
+
+
+def run_conversation(
+    runtime: Runtime, embedder: Embedder, conv: Conversation, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    context = build_context(runtime, conv, args.max_context)
+    questions = answerable(context, conv.questions)[: args.max_questions]
+    ids = context.token_ids
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    full = runtime.prefill(ids)
+    per_q, _ = evaluate(runtime, context, questions, lambda q: full)
+    rows += summarize(conv.sample_id, "full", None, per_q, full.nbytes(),
+                      time.perf_counter() - started)  # fmt: skip
+    windows = episodes.segment(context.utterances)
+    for budget in args.budgets:
+        # Episodic: embed, cluster, one budgeted prefill per episode.
+        started = time.perf_counter()
+        vectors = embedder.embed([w.text for w in windows])
+        found = episodes.cluster(vectors, args.episodes)
+        caches, peak = [], 0
+        for episode in found:
+            patch = episodes.patched_prompt(windows, episode, 8_000)
+            query = runtime.template.render_delta(
+                context.messages, [{"role": "user", "content": patch}]
+            )
+            built = runtime.prefill_budgeted(
+                ids, budget_tokens=budget, block_tokens=args.block, query_ids=query,
+                scorer="prompt",
+            )  # fmt: skip
+            caches.append(built.kv)
+            peak = max(peak, built.peak_kv_bytes)
+        build_s = time.perf_counter() - started
+        centroids = np.stack([e.centroid for e in found])
+
+        def routed(
+            q: Question, caches: list[KVCache] = caches, centroids: np.ndarray = centroids
+        ) -> KVCache:
+            return caches[episodes.route(embedder.embed_query(q.text), centroids)]
+
+        per_q, route_s = evaluate(runtime, context, questions, routed)
+        rows += summarize(conv.sample_id, "episodic", budget, per_q, peak, build_s,
+                          route_s * 1000)  # fmt: skip
+        for method, (scorer, sinks) in SINGLE.items():
+            started = time.perf_counter()
+            built = runtime.prefill_budgeted(
+                ids, budget_tokens=budget, block_tokens=args.block, scorer=scorer,
+                sink_tokens=sinks,
+            )  # fmt: skip
+            build_s = time.perf_counter() - started
+            kv = built.kv
+            per_q, _ = evaluate(runtime, context, questions, lambda q, kv=kv: kv)
+            rows += summarize(conv.sample_id, method, budget, per_q, built.peak_kv_bytes,
+                              build_s)  # fmt: skip
+        print(f"{conv.sample_id}: M={budget} done ({len(questions)} questions)", file=sys.stderr)
+    return rows
+
+
+def gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per conversation and budget (all categories): the share of the nll gap between the best
+    single cache and full KV that the episodic cache closes, and retention over SnapKV's."""
+    table = {(r["conversation"], r["method"], r["budget_tokens"]): r
+             for r in rows if r["category"] == "all"}  # fmt: skip
+    out = []
+    for (conv_id, method, budget), episodic in sorted(table.items(), key=str):
+        if method != "episodic":
+            continue
+        full = table[(conv_id, "full", None)]
+        singles = [table[(conv_id, m, budget)] for m in SINGLE]
+        best = min(singles, key=lambda r: r["answer_nll"])
+        gap = best["answer_nll"] - full["answer_nll"]
+        snapkv = table[(conv_id, "snapkv", budget)]
+        out.append(
+            {
+                "conversation": conv_id,
+                "budget_tokens": budget,
+                "best_single": best["method"],
+                "gap_closed": (best["answer_nll"] - episodic["answer_nll"]) / gap if gap else None,
+                "retention_vs_snapkv": episodic["evidence_retention"]
+                / max(snapkv["evidence_retention"], 1e-9),
+                "peak_vs_full": episodic["peak_kv_bytes"] / full["peak_kv_bytes"],
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/locomo/locomo_dev.json"))
+    parser.add_argument("--conversations", type=int, nargs="+", help="indexes (default: all)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--episodes", type=int, default=episodes.EPISODES)
+    parser.add_argument("--block", type=int, default=1024, help="block_tokens of every build")
+    parser.add_argument("--max-context", type=int, default=6500, help="tokens of context kept")
+    parser.add_argument("--max-questions", type=int, default=200, help="per conversation")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--model-cache", type=Path, help="where the converted models are kept")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args()
+    if not args.data.exists():
+        print(f"skipped: {args.data} not found", file=sys.stderr)
+        return
+    cache = args.model_cache or Path(tempfile.gettempdir()) / "memos-bench-models"
+    runtime = Runtime.load(RuntimeConfig(cache_dir=cache, threads=args.threads))
+    embedder = Embedder(EmbedderConfig(cache_dir=cache))
+    conversations = load_locomo(args.data)
+    chosen = args.conversations or list(range(len(conversations)))
+    rows: list[dict[str, Any]] = []
+    for index in chosen:
+        rows += run_conversation(runtime, embedder, conversations[index], args)
+    print_table(
+        f"Answer NLL from each cache (model {runtime.info.name}, block {args.block}, "
+        f"E={args.episodes}, {os.cpu_count()} cpus)",
+        [
+            ("conversation", "conversation", "<12"),
+            ("category", "category", "<12"),
+            ("method", "method", "<13"),
+            ("M", "budget_tokens", ">6"),
+            ("questions", "questions", ">9d"),
+            ("answer nll", "answer_nll", ">10.3f"),
+            ("evidence kept", "evidence_retention", ">13.3f"),
+            ("peak KV bytes", "peak_kv_bytes", ">13,"),
+            ("build s", "build_s", ">8.1f"),
+            ("route ms", "route_ms", ">8.1f"),
+        ],
+        rows,
+    )
+    targets = gap_closed(rows)
+    print_table(
+        "Episodic against the best single cache (targets at M=1024: gap closed >= 0.5, "
+        "retention >= 2x SnapKV's, peak <= 1/3 of full)",
+        [
+            ("conversation", "conversation", "<12"),
+            ("M", "budget_tokens", ">6"),
+            ("best single", "best_single", "<13"),
+            ("gap closed", "gap_closed", ">10.2f"),
+            ("retention x snapkv", "retention_vs_snapkv", ">18.2f"),
+            ("peak / full", "peak_vs_full", ">11.2f"),
+        ],
+        targets,
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"rows": rows, "targets": targets}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
