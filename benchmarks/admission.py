@@ -203,6 +203,9 @@ def main() -> None:
             "MEMOS_ENRICHMENT__ENABLED": "false",
             "MEMOS_ACTIVATIONS__MAX_GENERATIONS": str(args.generations),
             "MEMOS_ACTIVATIONS__INLINE_MAX_TOKENS": "512",
+            # All of them admitted: the point is the probes while that much work runs (by
+            # default a generation this far behind the work ahead is refused with 429 busy).
+            "MEMOS_ACTIVATIONS__GENERATION_WAIT_S": "3600",
             "MEMOS_RUNTIME__THREADS": str(args.threads),
         }
         if os.environ.get("MEMOS_RUNTIME__CACHE_DIR"):
