@@ -227,6 +227,11 @@ def setup(
     notes = [tagged(memory_record(t), "notes") for t in conv.turns if t.session <= args.sessions]
     added = daemon.add(cube, notes)
     dia = {m["id"]: m["metadata"]["dia_id"] for m in added}
+    if args.note_chunks:  # each note's own KV chunk, blended into the turns that recall it
+        ids = [m["id"] for m in added]
+        for start in range(0, len(ids), 64):
+            body = {"memory_ids": ids[start : start + 64], "per_memory": True}
+            daemon.call("POST", f"/v1/cubes/{cube}/activations", json=body)
     session = f"chat-history-{secrets.token_hex(3)}"
     history, spent = [], 0
     for turn in conv.turns:
@@ -313,6 +318,7 @@ def run_turns(
                 "ttft_prefill_ms": round(full.ttft_ms, 2),
                 "ttft_naive_ms": round(naive_ms, 2),
                 "reused_tokens": reply["reused_tokens"],
+                "recomputed_tokens": reply.get("recomputed_tokens"),
                 "prefill_ratio": round(full.ttft_ms / reply["ttft_ms"], 2),
                 "naive_ratio": round(full.ttft_ms / naive_ms, 2),
                 "evidence_recalled": round(recall(recalled, question.evidence, args.top_k), 4),
@@ -420,6 +426,11 @@ def main() -> None:
         default=1,
         help="torch threads, in the daemon and here (1: steadier on a busy CPU)",
     )
+    parser.add_argument(
+        "--note-chunks",
+        action="store_true",
+        help="build each note's KV chunk first (per_memory), so turns blend the recalled notes",
+    )
     parser.add_argument("--json", type=Path, help="write the turns and the summary here")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the daemon")
     args = parser.parse_args()
@@ -453,6 +464,7 @@ def main() -> None:
     summary.update(
         conversation=conv.sample_id,
         note_sessions=args.sessions,
+        note_chunks=args.note_chunks,
         top_k=args.top_k,
         max_tokens=args.max_tokens,
         max_context_tokens=args.max_context_tokens,
@@ -468,6 +480,7 @@ def main() -> None:
             ("turn", "turn", ">4d"),
             ("history", "history_tokens", ">7d"),
             ("reused", "reused_tokens", ">6d"),
+            ("recomputed", "recomputed_tokens", ">6d"),
             ("new", "turn_tokens", ">5d"),
             ("reuse", "ttft_reuse_ms", ">8.1f"),
             ("client", "client_ttft_ms", ">8.1f"),
