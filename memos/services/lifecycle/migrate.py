@@ -189,9 +189,13 @@ class Migrator:
         if idle < timedelta(days=cube_policy.demote_after_days):
             return
         self.pause()
-        runtime = self.activations.runtime.get()
-        path = self.activations.catalogue.path(activation.cube_id, activation.id)
         item = {"activation_id": activation.id, "cube_id": activation.cube_id}
+        try:
+            runtime = self.activations.runtime.get()
+        except DomainError as exc:  # the runtime is disabled or cannot load: nothing to read
+            report.add("skipped", **item, why=f"not demoted: {exc.message}")
+            return
+        path = self.activations.catalogue.path(activation.cube_id, activation.id)
         cold = f"unused for {idle.total_seconds() / 86400:.1f} days (demote_after_days=" \
             f"{cube_policy.demote_after_days:g})"  # fmt: skip
         try:

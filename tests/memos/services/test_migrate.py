@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
+from memos.api.lifecycle_metrics import LifecycleCollector
 from memos.db.models import Activation
 from memos.db.types import utcnow
 from memos.services.activations import ActivationSource
@@ -72,6 +73,10 @@ def test_a_hot_session_is_promoted_once_and_generate_reuses_it(daemon):
     assert row.source["session_id"] == "s" and row.source["promoted_by"] == "migrate"
     assert rows(daemon, cold_cube) == []
 
+    metrics = LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs, daemon.migrator)
+    (moved,) = [m for m in metrics.collect() if m.name == "memos_lifecycle_migrations"]
+    assert [(s.labels, s.value) for s in moved.samples] == [({"action": "promoted"}, 1)]
+
     second = run(daemon)  # a current activation exists: nothing to do
     assert second["counts"] == {} and second["moved"] == []
     assert len(rows(daemon, hot_cube)) == 1
@@ -89,6 +94,36 @@ def _turn(speaker: str, text: str):
     from memos.services.views import NewMemory
 
     return NewMemory(text, "s", speaker, utcnow(), {})
+
+
+def test_a_long_session_is_promoted_episodic_and_demoted_like_any(tmp_path, embedder):
+    # "Long" set to 1 token here, so the four-turn session is promoted as an episodic one.
+    daemon = make_daemon(tmp_path, embedder, lifecycle={
+        "hot_recalls": 1, "promote_episodic_tokens": 1, "promote_episodes": 2,
+        "promote_episode_budget_tokens": 64, "promote_bits": 8,
+    })  # fmt: skip
+    try:
+        pin_costs(daemon, FAST_DISK)
+        cube_id, ids = add_turns(daemon)
+        daemon.usage.recalled(ids[:1])
+        run(daemon, "usage_flush")
+        (item,) = run(daemon)["moved"]
+        assert (item["action"], item["kind"], item["bits"]) == ("promoted", "episodic", 8)
+        assert daemon.activations.builds.join(timeout=300)
+        (row,) = rows(daemon, cube_id)
+        assert row.state == "ready" and len(row.compression["episodic"]["built"]) == 2
+        report = daemon.migrator.run(now=utcnow() + timedelta(days=8))
+        assert report.counts == {"demoted": 1}
+        (demoted,) = rows(daemon, cube_id)
+        assert (demoted.bits, demoted.compression["bits"]) == (4, 4)
+        assert demoted.bytes < row.bytes
+        assert sum(e["bytes"] for e in demoted.compression["episodic"]["built"]) < sum(
+            e["bytes"] for e in row.compression["episodic"]["built"]
+        )
+        answer = daemon.activations.generate(ADMIN, cube_id, "Who paints?", row.id, 2)
+        assert answer.episode in (0, 1) and answer.text
+    finally:
+        daemon.stop()
 
 
 def test_cold_activations_step_down_16_8_4_2_then_drop(daemon):
