@@ -13,7 +13,9 @@ One run, in this order, each step its own short transaction (a search never wait
    dropped instead of re-quantized. Chat prefixes (saved by the chat routes, losslessly, and
    replaced at every save) are left alone.
 2. promote: a session whose notes were recalled at least the cube's `hot_recalls` times in
-   all (the `recalls` column the usage flush writes) gets an activation, built in the
+   all (the `recalls` column the usage flush writes), counting only notes recalled within the
+   last `demote_after_days` (a session nobody recalls any more is not promoted again after its
+   activation was demoted and dropped), gets an activation, built in the
    background at `promote_bits`: episodic (EpiCache) when its context is longer than
    `promote_episodic_tokens`, else plain, so generate and chat can continue from it. A
    session that has a current activation (building or ready, built after its latest note
@@ -43,7 +45,7 @@ from sqlalchemy import func, select, update
 import kv_runtime
 from kv_runtime import CompressedKV, Runtime
 from kv_runtime.compress import compress as quantize
-from memcube.errors import DomainError
+from memcube.errors import DomainError, TooManyRequests
 from memos.db.engine import Database
 from memos.db.models import Activation, Memory
 from memos.db.types import utcnow
@@ -138,7 +140,7 @@ class Migrator:
             self._demote(activation, policies[activation.cube_id], now, report)
         left = self.config.promote_max_per_run
         for cid, cube_policy in policies.items():
-            left -= self._promote(cid, cube_policy, left, report)
+            left -= self._promote(cid, cube_policy, now, left, report)
         if cube_id is None:
             self._unload(report)
         report.bytes_after = sum(a.bytes for a in self._stored(list(policies)))
@@ -168,17 +170,9 @@ class Migrator:
             compression = compression or {}
             steps = compression.get("demoted") or []
             moments = [used or created] + [datetime.fromisoformat(s["at"]) for s in steps]
-            stored.append(
-                Stored(
-                    aid,
-                    cid,
-                    int(bits),
-                    int(size),
-                    int(tokens),
-                    max(moments),
-                    "episodic" in compression,
-                )  # fmt: skip
-            )
+            idle_since = max(moments)
+            episodic = "episodic" in compression
+            stored.append(Stored(aid, cid, int(bits), int(size), int(tokens), idle_since, episodic))
         return stored
 
     def _demote(
@@ -208,8 +202,10 @@ class Migrator:
             return  # generate marks it corrupt on its next use; evict drops corrupt ones first
         stored_bits = manifest.compression.bits
         if stored_bits != activation.bits or manifest.bytes != activation.bytes:
-            # A kill after the blob was replaced and before the row was: the files are the truth.
-            if self._set_row(activation, stored_bits, manifest, now, activation.bits, record=False):
+            # A kill after the blob was replaced and before the row was: the files are the truth
+            # (and the step they hold is recorded, so the next one waits its turn).
+            stepped = stored_bits != activation.bits
+            if self._set_row(activation, stored_bits, manifest, now, activation.bits, stepped):
                 report.add(
                     "reconciled", **item, bits=stored_bits, bytes=manifest.bytes,
                     why=f"the row said {activation.bits} bits, {activation.bytes} bytes; "
@@ -219,7 +215,7 @@ class Migrator:
         verdict = self.costs.verdict(manifest.bytes, activation.tokens)
         costs = verdict.as_dict()
         if not verdict.keep or activation.bits not in STEPS:
-            why = verdict.why if not verdict.keep else f"{cold}; at 2 bits, the last step"
+            why = f"{cold}; " + (verdict.why if not verdict.keep else "at 2 bits, the last step")
             if self.activations.discard(activation.cube_id, activation.id):
                 report.add("dropped", **item, bits=activation.bits, bytes=activation.bytes,
                            why=why, **costs)  # fmt: skip
@@ -271,11 +267,17 @@ class Migrator:
     # -- promotion --------------------------------------------------------------------------
 
     def _promote(
-        self, cube_id: str, cube_policy: LifecyclePolicy, left: int, report: MigrateReport
-    ) -> int:
+        self, cube_id: str, cube_policy: LifecyclePolicy, now: datetime, left: int,
+        report: MigrateReport,
+    ) -> int:  # fmt: skip
         """Hot sessions of one cube get an activation; how many builds were queued."""
         hot = cube_policy.hot_recalls
-        live = (Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
+        recent = now - timedelta(days=cube_policy.demote_after_days)
+        live = (
+            Memory.cube_id == cube_id,
+            Memory.deleted_at.is_(None),
+            Memory.last_recalled_at >= recent,
+        )
         with self.db.read() as s:
             sessions = s.execute(
                 select(Memory.session_id, func.sum(Memory.recalls), func.max(Memory.updated_at))
@@ -323,6 +325,9 @@ class Migrator:
                     self.config.promote_episodic_tokens,
                     {"promoted_by": PROMOTED_BY, "recalls": int(recalls)},
                 )
+            except TooManyRequests as exc:  # the build queue is full: the next run tries again
+                report.add("deferred", **item, why=f"not promoted yet: {exc.message}")
+                continue
             except DomainError as exc:
                 report.add("skipped", **item, why=f"not promoted: {exc.message}")
                 continue
@@ -331,7 +336,8 @@ class Migrator:
             report.add(
                 "promoted", **item, activation_id=view.id, tokens=view.tokens, kind=kind,
                 bits=view.bits,
-                why=f"its notes were recalled {int(recalls)} times (hot_recalls={hot}); "
+                why=f"its notes were recalled {int(recalls)} times (hot_recalls={hot}; those "
+                f"recalled in the last {cube_policy.demote_after_days:g} days); "
                 f"{view.tokens} tokens: {kind}",
             )  # fmt: skip
         return done

@@ -53,8 +53,10 @@ def daemon(tmp_path, embedder):
 def test_a_hot_session_is_promoted_once_and_generate_reuses_it(daemon):
     hot_cube, hot_ids = add_turns(daemon)
     cold_cube, cold_ids = add_turns(daemon)
+    once_cube, once_ids = add_turns(daemon)
     daemon.usage.recalled(hot_ids[:2])  # 2 recalls: below hot_recalls=3
     daemon.usage.recalled(cold_ids[:2])
+    daemon.usage.recalled(once_ids, when=utcnow() - timedelta(days=8))  # hot, but long ago
     run(daemon, "usage_flush")
     assert run(daemon)["counts"] == {}
     daemon.usage.recalled(hot_ids[2:3])  # the session's notes: 3 recalls in all
@@ -66,12 +68,12 @@ def test_a_hot_session_is_promoted_once_and_generate_reuses_it(daemon):
     assert item["action"] == "promoted"
     assert (item["cube_id"], item["session_id"], item["recalls"]) == (hot_cube, "s", 3)
     assert (item["kind"], item["bits"]) == ("plain", 16)  # short: below 2048 tokens
-    assert item["why"].startswith("its notes were recalled 3 times (hot_recalls=3)")
+    assert item["why"].startswith("its notes were recalled 3 times (hot_recalls=3; those recalled")
     assert daemon.activations.builds.join(timeout=300)
     (row,) = rows(daemon, hot_cube)
     assert (row.id, row.state, row.bits) == (item["activation_id"], "ready", 16)
     assert row.source["session_id"] == "s" and row.source["promoted_by"] == "migrate"
-    assert rows(daemon, cold_cube) == []
+    assert rows(daemon, cold_cube) == rows(daemon, once_cube) == []
 
     metrics = LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs, daemon.migrator)
     (moved,) = [m for m in metrics.collect() if m.name == "memos_lifecycle_migrations"]
