@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 import kv_runtime
 from kv_runtime import CompressedKV, Runtime
@@ -273,23 +273,26 @@ class Migrator:
         """Hot sessions of one cube get an activation; how many builds were queued."""
         hot = cube_policy.hot_recalls
         recent = now - timedelta(days=cube_policy.demote_after_days)
-        live = (
-            Memory.cube_id == cube_id,
-            Memory.deleted_at.is_(None),
-            Memory.last_recalled_at >= recent,
-        )
+        live = (Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
+        # Recalls of the notes recalled lately; the session changed when any live note did.
+        recalls = func.sum(case((Memory.last_recalled_at >= recent, Memory.recalls), else_=0))
         with self.db.read() as s:
             sessions = s.execute(
-                select(Memory.session_id, func.sum(Memory.recalls), func.max(Memory.updated_at))
+                select(Memory.session_id, recalls, func.max(Memory.updated_at))
                 .where(*live, Memory.session_id.is_not(None))
                 .group_by(Memory.session_id)
-                .having(func.sum(Memory.recalls) >= hot)
-                .order_by(func.sum(Memory.recalls).desc(), Memory.session_id)
+                .having(recalls >= hot)
+                .order_by(recalls.desc(), Memory.session_id)
             ).all()
             loose = list(
                 s.scalars(
                     select(Memory.id)
-                    .where(*live, Memory.session_id.is_(None), Memory.recalls >= hot)
+                    .where(
+                        *live,
+                        Memory.session_id.is_(None),
+                        Memory.recalls >= hot,
+                        Memory.last_recalled_at >= recent,
+                    )
                     .order_by(Memory.recalls.desc(), Memory.seq)
                     .limit(LISTED)
                 )
@@ -301,8 +304,8 @@ class Migrator:
             ).all()
         self._hot_notes(cube_id, loose, report)
         done = 0
-        for session_id, recalls, changed in sessions:
-            item = {"cube_id": cube_id, "session_id": session_id, "recalls": int(recalls)}
+        for session_id, count, changed in sessions:
+            item = {"cube_id": cube_id, "session_id": session_id, "recalls": int(count)}
             current = _current(built, session_id, changed)
             if current is not None:
                 continue  # nothing to do: not listed (a rerun's result stays quiet)
@@ -323,7 +326,7 @@ class Migrator:
                         self.config.promote_episodes, self.config.promote_episode_budget_tokens
                     ),
                     self.config.promote_episodic_tokens,
-                    {"promoted_by": PROMOTED_BY, "recalls": int(recalls)},
+                    {"promoted_by": PROMOTED_BY, "recalls": int(count)},
                 )
             except TooManyRequests as exc:  # the build queue is full: the next run tries again
                 report.add("deferred", **item, why=f"not promoted yet: {exc.message}")
@@ -336,7 +339,7 @@ class Migrator:
             report.add(
                 "promoted", **item, activation_id=view.id, tokens=view.tokens, kind=kind,
                 bits=view.bits,
-                why=f"its notes were recalled {int(recalls)} times (hot_recalls={hot}; those "
+                why=f"its notes were recalled {int(count)} times (hot_recalls={hot}; those "
                 f"recalled in the last {cube_policy.demote_after_days:g} days); "
                 f"{view.tokens} tokens: {kind}",
             )  # fmt: skip
