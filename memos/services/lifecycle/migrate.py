@@ -15,9 +15,10 @@ One run, in this order, each step its own short transaction (a search never wait
 2. promote: a session whose notes were recalled at least the cube's `hot_recalls` times in
    all (the `recalls` column the usage flush writes), counting only notes recalled within the
    last `demote_after_days` (a session nobody recalls any more is not promoted again after its
-   activation was demoted and dropped), gets an activation, built in the
-   background at `promote_bits`: episodic (EpiCache) when its context is longer than
-   `promote_episodic_tokens`, else plain, so generate and chat can continue from it. A
+   activation was demoted and dropped), gets an activation, built in the background at
+   `promote_bits`: episodic (EpiCache) when its context is longer than
+   `promote_episodic_tokens`, else plain. It is listed with the cube's activations (its
+   source names the session and `"promoted_by": "migrate"`) for generate to continue from. A
    session that has a current activation (building or ready, built after its latest note
    changed) is skipped, so a rerun promotes nothing twice.
 3. unload: loaded and dequantized caches in RAM unused for `unload_idle_s` are dropped from
@@ -27,6 +28,11 @@ Crash safety: a re-quantized blob is written before the row is updated; a kill i
 leaves a row whose bits differ from its manifest's, which the next run reconciles from the
 manifest (the files are the truth for what is stored). A promotion's build that a kill cuts is
 failed at restart (`ActivationService.start`) and promoted again by the next run.
+
+Known race: a generation that reads an activation's manifest just before a demotion replaces
+its blob finds the old blob gone and marks the row corrupt (evict then drops it). Only cold
+activations are demoted, so it needs a first use in `demote_after_days` to land in that
+millisecond; a reader that retried once on a missing blob would close it.
 
 The result lists, item by item (bounded), what moved and why.
 """
