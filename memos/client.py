@@ -729,8 +729,8 @@ class _Routes:
 
     @staticmethod
     def run_job(name: str, cube_id: str | None = None) -> _Call[JobRun]:
-        """Admin only. Starts the job now (`evict` and `fuse` on one cube if `cube_id`); the
-        reply (202) carries its `run_id`."""
+        """Admin only. Starts the job now (`evict`, `fuse` and `migrate` on one cube if
+        `cube_id`); the reply (202) carries its `run_id`."""
         body = {"cube_id": cube_id} if cube_id is not None else None
         return _Call("POST", _path("jobs", name, "run"), _one(JobRun), body=body)
 

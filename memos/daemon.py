@@ -26,7 +26,7 @@ from memos.services.erasure import ErasureService
 from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.keys import KeyService
-from memos.services.lifecycle import Evictor, Fuser, PolicyService, UsageCounter
+from memos.services.lifecycle import Evictor, Fuser, Migrator, PolicyService, UsageCounter
 from memos.services.memories import MemoryService
 from memos.services.quotas import QuotaService
 from memos.services.ratelimit import RateLimiter
@@ -147,6 +147,10 @@ class Daemon:
             self.db, self.policies, self.indexes, self._embed_background, settings.lifecycle,
             enrichment_enabled=settings.enrichment.enabled, pause=self.foreground.pause,
         )  # fmt: skip
+        self.migrator = Migrator(
+            self.db, self.policies, self.activations, settings.lifecycle,
+            pause=self.foreground.pause,
+        )  # fmt: skip
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(
             self.db,
@@ -158,6 +162,7 @@ class Daemon:
             usage=self.usage,
             evictor=self.evictor,
             fuser=self.fuser,
+            migrator=self.migrator,
         )
         self.jobs = JobRunner(
             self.db,

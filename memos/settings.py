@@ -87,6 +87,10 @@ class SchedulerConfig(BaseModel):
     fuse_interval_s: int = Field(
         3600, ge=5, le=7 * 86_400, description="how often near-duplicate notes are fused"
     )
+    migrate_interval_s: int = Field(
+        3600, ge=5, le=7 * 86_400, description="how often hot sessions are promoted to "
+        "activations, cold activations demoted and idle loaded caches unloaded",
+    )  # fmt: skip
 
 
 class FuseConfig(BaseModel):
@@ -143,6 +147,26 @@ class LifecycleConfig(LifecyclePolicy):
     fuse_max_notes: int = Field(
         5_000, ge=2, le=1_000_000, description="notes of one speaker compared in one fuse run"
     )
+    # The `migrate` job (memos/services/lifecycle/migrate.py).
+    promote_bits: Literal[2, 4, 8, 16] = Field(
+        16, description="bits of an activation promoted from a hot session (demotion steps "
+        "down from there)",
+    )  # fmt: skip
+    promote_episodic_tokens: int = Field(
+        2048, ge=1, le=1 << 24, description="a hot session longer than this (tokens) is "
+        "promoted to an episodic activation; shorter ones to a plain one",
+    )  # fmt: skip
+    promote_episodes: int = Field(4, ge=1, le=64, description="episodes of a promoted session")
+    promote_episode_budget_tokens: int = Field(
+        512, ge=64, le=1 << 20, description="tokens each episode of a promoted session keeps"
+    )
+    promote_max_per_run: int = Field(
+        8, ge=0, le=10_000, description="activations one migrate run promotes (builds queued)"
+    )
+    unload_idle_s: float = Field(
+        1800.0, ge=0, le=30 * 86_400, description="loaded (and dequantized) caches unused this "
+        "long are unloaded from RAM by migrate; 0: never",
+    )  # fmt: skip
 
 
 class EnrichmentConfig(BaseModel):

@@ -52,7 +52,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
     app.state.metrics.registry.register(CacheCollector(daemon))
     app.state.metrics.registry.register(
-        LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs)
+        LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs, daemon.migrator)
     )
     errors.install(app)
     for module in (ops, users, keys, cubes, policies, memories, activations, chats, openai):

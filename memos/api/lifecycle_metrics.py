@@ -1,5 +1,6 @@
-"""Prometheus families of the lifecycle: bytes held, evictions, expiries, purges, fusions and
-job durations, read from the services' counters at scrape time."""
+"""Prometheus families of the lifecycle: bytes held, evictions, expiries, purges, fusions,
+migrations (promotions, demotions, drops, unloads) and job durations, read from the services'
+counters at scrape time."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from memos.scheduler.runner import JobRunner
-from memos.services.lifecycle import Evictor, Fuser
+from memos.services.lifecycle import Evictor, Fuser, Migrator
 
 
 class LifecycleCollector(Collector):
-    def __init__(self, evictor: Evictor, fuser: Fuser, jobs: JobRunner) -> None:
+    def __init__(
+        self, evictor: Evictor, fuser: Fuser, jobs: JobRunner, migrator: Migrator | None = None
+    ) -> None:
         self.evictor, self.fuser, self.jobs = evictor, fuser, jobs
+        self.migrator = migrator
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         evicted, fused = self.evictor.totals, self.fuser.totals
@@ -35,6 +39,15 @@ class LifecycleCollector(Collector):
             ("memos_lifecycle_fused_notes", "notes fused into a survivor", fused["notes"]),
         ]:  # fmt: skip
             yield CounterMetricFamily(name, help_text, value=value)
+        if self.migrator is not None:
+            moved = CounterMetricFamily(
+                "memos_lifecycle_migrations",
+                "items the migrate job moved, by action (promoted, demoted, dropped, ...)",
+                labels=["action"],
+            )
+            for action, count in sorted(self.migrator.totals.items()):
+                moved.add_metric([action], count)
+            yield moved
         runs = CounterMetricFamily("memos_job_runs", "job runs since start", labels=["job"])
         seconds = CounterMetricFamily(
             "memos_job_duration_seconds", "seconds job runs took in all", labels=["job"]

@@ -238,7 +238,7 @@ class JobList(BaseModel):
 
 
 class JobRunBody(Strict):
-    cube_id: str | None = Field(None, description="run on this cube only (evict, fuse)")
+    cube_id: str | None = Field(None, description="run on this cube only (evict, fuse, migrate)")
 
 
 class RunAccepted(BaseModel):

@@ -39,10 +39,8 @@ def fuse(system: SystemService) -> dict[str, Any]:
     return system.fuse().as_dict()
 
 
-# The `migrate` job (promote hot notes to activations, demote cold activations 16 -> 8 -> 4 ->
-# 2 bits, then drop) registers here like the others once episodic activations exist: a
-# `SystemService.migrate()` over the recall counts, activation uses and the cube policies'
-# `hot_recalls` / `demote_after_days` (memos/services/lifecycle/__init__.py).
+def migrate(system: SystemService) -> dict[str, Any]:
+    return system.migrate().as_dict()
 
 
 def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
@@ -93,5 +91,16 @@ def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             interval_s=config.fuse_interval_s,
             run=lambda: fuse(system),
             run_cube=lambda cube_id: system.fuse(cube_id).as_dict(),
+        ),
+        JobSpec(
+            name="migrate",
+            description="demote activations unused for demote_after_days one step (16 -> 8 "
+            "-> 4 -> 2 bits, then drop; dropped at once when loading them costs more than "
+            "prefilling their text again); promote sessions recalled hot_recalls times to an "
+            "activation (episodic when long), built in the background; unload caches idle in "
+            "RAM for lifecycle.unload_idle_s",
+            interval_s=config.migrate_interval_s,
+            run=lambda: migrate(system),
+            run_cube=lambda cube_id: system.migrate(cube_id).as_dict(),
         ),
     ]

@@ -29,6 +29,8 @@ from memos.services.lifecycle import (
     FlushReport,
     Fuser,
     FuseReport,
+    MigrateReport,
+    Migrator,
     UsageCounter,
 )
 
@@ -51,6 +53,7 @@ class SystemService:
         usage: UsageCounter | None = None,
         evictor: Evictor | None = None,
         fuser: Fuser | None = None,
+        migrator: Migrator | None = None,
     ) -> None:
         self.db = db
         self.indexes = indexes
@@ -61,6 +64,7 @@ class SystemService:
         self.usage = usage
         self.evictor = evictor
         self.fuser = fuser
+        self.migrator = migrator
 
     def maintain_indexes(self) -> MaintenanceReport:
         """Verify every cube's ANN index against the database; replay, rebuild and save what
@@ -109,3 +113,9 @@ class SystemService:
         """Near-duplicate notes merged, in cubes whose policy enables it."""
         assert self.fuser is not None, "the daemon wires the fuser"
         return self.fuser.run(cube_id)
+
+    def migrate(self, cube_id: str | None = None) -> MigrateReport:
+        """Cold activations demoted a step (or dropped), hot sessions promoted, idle caches
+        unloaded from RAM."""
+        assert self.migrator is not None, "the daemon wires the migrator"
+        return self.migrator.run(cube_id)

@@ -135,3 +135,49 @@ def test_fuse_killed_mid_run_is_finished_by_the_next_run(tmp_path):
             assert stats["memories"] == pairs
     finally:
         daemon.stop()
+
+
+def test_migrate_killed_mid_run_leaves_rows_and_files_agreeing(tmp_path):
+    """Activations unused for ~1 s are cold here, so every run re-quantizes each a step; a
+    `kill -9` during one, a restart and a rerun leave every row matching its files."""
+    import kv_runtime
+
+    daemon = make_daemon_process(tmp_path, MEMOS_LIFECYCLE__DEMOTE_AFTER_DAYS="0.00001")
+    daemon.start()
+    try:
+        with daemon.client() as admin:
+            cube_id = admin.post("/v1/cubes", json={"name": "migrate"}).json()["id"]
+            acts = [
+                admin.post(f"/v1/cubes/{cube_id}/activations",
+                           json={"text": f"Note {i}: Caroline painted {i} red boats. " * 12})
+                .json()["id"]
+                for i in range(8)
+            ]  # fmt: skip
+            time.sleep(1.5)  # all cold
+            first = admin.post("/v1/jobs/migrate/run").json()["run_id"]
+            time.sleep(0.15)  # somewhere inside the run: re-quantizing one of them
+        daemon.kill()
+        daemon.start()
+        with daemon.client() as admin:
+            assert admin.get(f"/v1/jobs/runs/{first}").json()["status"] in ("interrupted", "ok")
+            time.sleep(1.0)
+            rerun = _run_job(admin, "migrate")
+            assert rerun["status"] == "ok", rerun
+            assert _run_job(admin, "index_maintenance")["result"]["activations"]["removed"] == 0
+            rows = {a["id"]: a for a in
+                    admin.get(f"/v1/cubes/{cube_id}/activations").json()["items"]}  # fmt: skip
+            assert set(rows) <= set(acts) and rows  # 16 -> 8 -> 4 -> 2: none dropped yet
+            folder = tmp_path / "activations" / cube_id
+            assert {p.name for p in folder.iterdir()} == set(rows)  # no file without a row
+            for act_id, row in rows.items():
+                manifest = kv_runtime.read_manifest(folder / act_id)
+                assert (row["state"], row["bits"], row["bytes"]) == (
+                    "ready", manifest.compression.bits, manifest.bytes
+                )  # fmt: skip
+                assert row["bits"] < 16  # each stepped at least once over the two runs
+                r = admin.post(f"/v1/cubes/{cube_id}/generate",
+                               json={"prompt": "What did Caroline paint?", "max_tokens": 2,
+                                     "activation_id": act_id})  # fmt: skip
+                assert r.status_code == 200, r.text
+    finally:
+        daemon.stop()

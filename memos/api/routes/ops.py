@@ -60,7 +60,8 @@ def list_jobs(daemon: DaemonDep, _: AdminDep) -> JobList:
 def run_job(
     name: str, daemon: DaemonDep, _: AdminDep, body: JobRunBody | None = None
 ) -> RunAccepted:
-    """Run a job now, in the background; `{"cube_id"}` runs `evict` or `fuse` on one cube."""
+    """Run a job now, in the background; `{"cube_id"}` runs `evict`, `fuse` or `migrate` on one
+    cube."""
     cube_id = body.cube_id if body is not None else None
     if cube_id is not None:
         daemon.system.require_cube(cube_id)

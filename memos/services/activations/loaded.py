@@ -12,12 +12,14 @@ Two tiers, each a `ByteBoundedLRU` with its own budget:
 Entries differ in size by orders of magnitude (a 2-bit 100-token cache and a 16-bit 8K-token
 one), so the bound is on bytes, not on a number of entries: after every insert the least
 recently used entries are dropped until the total fits `max_bytes`. An entry larger than the
-whole budget is not kept at all.
+whole budget is not kept at all. Each entry remembers when it was last used, so the `migrate`
+job can unload what nobody used for long (`idle`), and not only what a new entry pushes out.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ class ByteBoundedLRU(Generic[V]):
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Key, tuple[V, int]] = OrderedDict()
+        self._used: dict[Key, float] = {}  # monotonic time of each entry's last get or put
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -69,6 +72,7 @@ class ByteBoundedLRU(Generic[V]):
             if entry is None:
                 return None
             self._entries.move_to_end(key)
+            self._used[key] = time.monotonic()
             return entry[0]
 
     def put(self, key: Key, value: V, size: int) -> list[Key]:
@@ -78,6 +82,7 @@ class ByteBoundedLRU(Generic[V]):
             if size > self.max_bytes:
                 return []
             self._entries[key] = (value, size)
+            self._used[key] = time.monotonic()
             self._bytes += size
             evicted = []
             while self._bytes > self.max_bytes:
@@ -102,8 +107,23 @@ class ByteBoundedLRU(Generic[V]):
 
     def _pop(self, key: Key) -> None:
         entry = self._entries.pop(key, None)
+        self._used.pop(key, None)
         if entry is not None:
             self._bytes -= entry[1]
+
+    def unload_idle(self, idle_s: float) -> list[tuple[Key, int]]:
+        """Drop the entries not used for `idle_s` seconds; their keys and sizes."""
+        cutoff = time.monotonic() - idle_s
+        with self._lock:
+            gone = [(k, self._entries[k][1]) for k in self._entries if self._used[k] <= cutoff]
+            for key, _ in gone:
+                self._pop(key)
+        return gone
+
+    def size_of(self, key: Key) -> int | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[1]
 
     def order(self) -> list[Key]:
         """Least recently used first."""

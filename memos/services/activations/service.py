@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from kv_runtime import CompressionConfig, KVCache, Runtime, Speed
 from memcube.embedder import Embedder
-from memcube.errors import InvalidArgument, TooManyRequests, Unavailable
+from memcube.errors import InvalidArgument, NotFound, TooManyRequests, Unavailable
 from memos.db.engine import Database
-from memos.db.models import Activation
+from memos.db.models import Activation, Cube
 from memos.db.types import utcnow
 from memos.services.activations.admission import AdmissionLimits, AdmissionStats, GenerationGate
 from memos.services.activations.backlog import Backlog
 from memos.services.activations.builds import Builder, BuildJob, BuildQueue, BuildStats
 from memos.services.activations.catalogue import CUBE_DELETED, DELETED, Catalogue
-from memos.services.activations.episodes import MIN_BUDGET_TOKENS, EpisodicSettings, plan
+from memos.services.activations.episodes import (
+    MIN_BUDGET_TOKENS,
+    EpisodicPlan,
+    EpisodicSettings,
+    plan,
+)
 from memos.services.activations.generations import Generations, GenerationStream
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
 from memos.services.activations.prompts import (
@@ -187,13 +193,69 @@ class ActivationService:
         # re-positions what it keeps); its bound is on the tokens prefilled, E times over.
         limit = self.config.max_episodic_tokens if episodic is not None else None
         context = self.prompts.context(runtime, text, described, limit)
+        return self._submit(
+            runtime, cube_id, cube.owner_id, context, settings, bits, episodic, episodic_plan
+        )
+
+    def build_for_system(
+        self,
+        cube_id: str,
+        source: ActivationSource,
+        bits: int,
+        episodic: EpisodicSettings,
+        episodic_over_tokens: int,
+        described: dict[str, Any],
+    ) -> ActivationView:
+        """`create` on the system path (no principal: the `migrate` job promoting a hot
+        session), always built in the background. A context longer than
+        `episodic_over_tokens` (or than the model's positions) becomes an episodic activation
+        with `episodic`, a shorter one a plain one. `described` is added to the row's source
+        (who asked for it and why). Refused as `create` refuses (DomainError)."""
+        with self.catalogue.db.read() as s:
+            cube = s.get(Cube, cube_id)
+            if cube is None:
+                raise NotFound(f"cube {cube_id!r} not found", code="cube_not_found")
+            owner_id = cube.owner_id
+        runtime = self.runtime.get()
+        text, what = self.prompts.source_text(cube_id, source)
+        context = self.prompts.context(
+            runtime, text, {**what, **described}, self.config.max_episodic_tokens
+        )
+        tokens = len(context.token_ids)
+        if tokens <= episodic_over_tokens and tokens < runtime.info.max_positions:
+            return self._submit(
+                runtime, cube_id, owner_id, context, compression_for(bits, None), bits,
+                background=True,
+            )  # fmt: skip
+        self._check_episodic(runtime, source, None, episodic)
+        rows, _ = self.prompts.source_rows(cube_id, source)
+        context = replace(context, described={**context.described, "episodic": episodic.as_dict()})
+        return self._submit(
+            runtime, cube_id, owner_id, context, compression_for(bits, None), bits, episodic,
+            plan(rows, episodic),
+        )  # fmt: skip
+
+    def _submit(
+        self,
+        runtime: Runtime,
+        cube_id: str,
+        owner_id: str,
+        context: Context,
+        settings: CompressionConfig,
+        bits: int,
+        episodic: EpisodicSettings | None = None,
+        episodic_plan: EpisodicPlan | None = None,
+        background: bool = False,
+    ) -> ActivationView:
+        """Quota, admission, the row, then the build: inline when small (and not
+        `background`), else queued."""
         if self.check_quota is not None:
             bound = stored_bytes_bound(runtime, len(context.token_ids), settings, episodic)
             self.check_quota(cube_id, bound)
         job = BuildJob(
             activation_id=new_id("act"),
             cube_id=cube_id,
-            owner_id=cube.owner_id,
+            owner_id=owner_id,
             token_ids=context.token_ids,
             messages=context.messages,
             settings=settings,
@@ -213,7 +275,8 @@ class ActivationService:
         except BaseException:
             self.builds.abandon(ticket)
             raise
-        if episodic is None and self._inline(runtime, len(job.token_ids)):
+        inline = episodic is None and not background
+        if inline and self._inline(runtime, len(job.token_ids)):
             self.builds.run_inline(ticket)
         else:
             self.builds.enqueue(ticket)

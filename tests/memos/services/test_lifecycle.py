@@ -55,7 +55,7 @@ def recalls(daemon, cube_id) -> dict[str, int]:
 def test_jobs_are_registered_with_their_intervals(daemon):
     assert sorted(daemon.jobs.jobs) == [
         "chat_prefix_save", "enrichment_retry", "evict", "fuse", "index_maintenance",
-        "usage_flush",
+        "migrate", "usage_flush",
     ]  # fmt: skip
     assert daemon.jobs.jobs["evict"].interval_s == 600
     assert daemon.jobs.jobs["usage_flush"].interval_s == 30

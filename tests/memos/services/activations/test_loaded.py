@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from memos.services.activations.loaded import ByteBoundedLRU, episode_key
 
 
@@ -48,3 +50,14 @@ def test_forgetting_an_activation_forgets_its_episodes_and_nothing_else() -> Non
     cache.pop(("c1", "act_a"))
     assert cache.order() == [("c1", "act_ab#0"), ("c2", "act_a#0")]
     assert cache.bytes == 20
+
+
+def test_entries_unused_for_long_are_unloaded_and_a_get_keeps_one() -> None:
+    cache: ByteBoundedLRU[str] = ByteBoundedLRU(max_bytes=100)
+    cache.put(("c1", "a"), "A", 10)
+    cache.put(("c1", "b"), "B", 20)
+    time.sleep(0.2)
+    assert cache.get(("c1", "a")) == "A"  # used again: not idle
+    assert cache.unload_idle(0.1) == [(("c1", "b"), 20)]
+    assert (cache.order(), cache.bytes) == ([("c1", "a")], 10)
+    assert cache.unload_idle(60) == []  # nothing idle that long
