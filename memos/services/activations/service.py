@@ -9,6 +9,8 @@ loaded       loaded activations in memory, bounded by bytes
 backlog      the model work admitted and not done, and its estimate in seconds
 admission    generations: refused when the work ahead is too long, bounded by number and bytes
 generations  checked up front, admitted, cancellable generation
+notes        one KV chunk per note, for blending (CacheBlend)
+blending     a prompt's notes assembled from their chunks
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from memos.services.activations.catalogue import CUBE_DELETED, DELETED, Catalogu
 from memos.services.activations.episodes import MIN_BUDGET_TOKENS, EpisodicSettings, plan
 from memos.services.activations.generations import Generations, GenerationStream
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
+from memos.services.activations.notes import NoteChunks
 from memos.services.activations.prompts import (
     ActivationSource,
     Context,
@@ -40,7 +43,7 @@ from memos.services.activations.prompts import (
 )
 from memos.services.activations.sweep import ActivationSweep, SweepReport
 from memos.services.cubes import CubeService
-from memos.services.ids import new_id
+from memos.services.ids import new_id, note_chunk_id
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView, Principal, Role
 from memos.settings import ActivationsConfig
@@ -129,6 +132,7 @@ class ActivationService:
             ),
             self.backlog,
         )
+        self.notes = NoteChunks(self.catalogue, runtime, self.prompts, self.dequantized, config)
         self._deferred = 0
         self._deferred_lock = threading.Lock()
         self.generations = Generations(
@@ -218,6 +222,39 @@ class ActivationService:
         else:
             self.builds.enqueue(ticket)
         return self.catalogue.view(cube_id, job.activation_id)
+
+    def create_note_chunks(
+        self,
+        principal: Principal,
+        cube_id: str,
+        source: ActivationSource,
+        bits: int | None,
+        budget_tokens: int | None,
+        episodic: bool = False,
+    ) -> list[ActivationView]:
+        """`per_memory`: one KV chunk per note of `source.memory_ids` (see `notes`), built
+        inline; notes with a current chunk keep theirs. `bits` None: `note_chunk_bits`."""
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        if source.memory_ids is None:
+            raise InvalidArgument(
+                "per_memory builds one chunk per note: give memory_ids, not text, session_id "
+                "or session_ids"
+            )
+        if episodic:
+            raise InvalidArgument("per_memory and episodic conflict: a note chunk is one cache")
+        if budget_tokens is not None:
+            raise InvalidArgument(
+                "per_memory and compression.budget_tokens conflict: a note chunk keeps every "
+                "token (blending re-rotates and recomputes them)"
+            )
+        rows = self.notes.notes(cube_id, source.memory_ids)
+        chosen = self.config.note_chunk_bits if bits is None else bits
+        return self.notes.build(cube_id, rows, chosen, self.check_quota)
+
+    def drop_note_chunks(self, cube_id: str, notes: list[tuple[str, int]]) -> int:
+        """After notes were edited or deleted: their chunks (of these (id, version) pairs, the
+        versions before the change) go, like any activation; how many there were."""
+        return sum(self.discard(cube_id, note_chunk_id(m, v)) for m, v in notes)
 
     def _inline(self, runtime: Runtime, tokens: int) -> bool:
         """Whether a build of `tokens` runs inside its request: when it is short and the model

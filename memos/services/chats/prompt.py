@@ -22,6 +22,7 @@ from datetime import datetime
 
 from kv_runtime import Runtime
 from memcube.errors import TooLarge
+from memos.services.activations.notes import note_line
 from memos.services.chats.history import USER, Message, Turn
 
 NOTES_HEADER = "Notes recalled from memory (they may help):"
@@ -36,10 +37,12 @@ class Note:
     speaker: str | None
     timestamp: datetime
     content: str
+    version: int = 0
+    has_kv: bool = False  # a KV chunk of this version is stored: the turn may blend it
 
     def line(self) -> str:
-        who = f"{self.speaker}: " if self.speaker else ""
-        return f"- [{self.timestamp.date().isoformat()}] {who}{self.content}"
+        """One line of the notes block; a note's KV chunk holds exactly this line's tokens."""
+        return note_line(self.speaker, self.timestamp, self.content)
 
 
 def with_notes(content: str, notes: Sequence[Note]) -> str:
