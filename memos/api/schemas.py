@@ -379,6 +379,12 @@ class ActivationList(BaseModel):
 class GenerateRequest(Strict):
     prompt: Visible
     activation_id: StrictStr | None = None
+    memory_ids: Ids | None = Field(
+        None, min_length=1, max_length=10_000, description="extension: notes the prompt "
+        "carries (a chat turn's notes block, in this order; at most "
+        "`activations.max_note_chunks`); those with a KV chunk are blended in (CacheBlend), "
+        "the others prefilled. Not with `activation_id`"
+    )  # fmt: skip
     max_tokens: JsonInt = Field(
         64, ge=1, le=65_536, description="at most `activations.max_generate_tokens`"
     )
@@ -397,6 +403,10 @@ class GenerateResponse(Out):
     episode: int | None = Field(
         None, description="extension: the episode of an episodic activation that answered "
         "(the one nearest the prompt); null otherwise"
+    )  # fmt: skip
+    recomputed_tokens: int = Field(
+        0, description="extension: with `memory_ids`, the notes' KV-chunk tokens the blend "
+        "recomputed (`reused_tokens`: those it kept)"
     )  # fmt: skip
 
 

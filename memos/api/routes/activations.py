@@ -146,14 +146,25 @@ async def generate(
     once (429 `too_many_generations`, `Retry-After`) when the model work ahead of it is
     estimated beyond `activations.generation_wait_s`; otherwise up to
     `activations.max_generations` run at once, with a short wait queue (429 beyond); one whose
-    client disconnects stops at its next token."""
+    client disconnects stops at its next token.
+
+    Extension: with `memory_ids` the prompt carries those notes (as a chat turn's notes block);
+    notes with a KV chunk (`per_memory` activations) are blended in (CacheBlend: re-rotated,
+    `activations.blend_recompute_ratio` of their tokens recomputed), the rest prefilled;
+    `reused_tokens` / `recomputed_tokens` say how many chunk tokens were kept / recomputed."""
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # the default, within this daemon's limit
         max_tokens = min(max_tokens, daemon.settings.activations.max_generate_tokens)
     run = GenerationRun(
         lambda cancel: daemon.activations.stream(
-            principal, cube_id, body.prompt, body.activation_id, max_tokens, cancel
-        )
+            principal,
+            cube_id,
+            body.prompt,
+            body.activation_id,
+            max_tokens,
+            cancel,
+            memory_ids=body.memory_ids,
+        )  # fmt: skip
     )
     await run.started(request)
     if not body.stream:

@@ -47,6 +47,19 @@ def note_line(speaker: str | None, timestamp: datetime, content: str) -> str:
     return f"- [{timestamp.date().isoformat()}] {who}{content}"
 
 
+NOTES_HEADER = "Notes recalled from memory (they may help):"
+NOTES_FOOTER = "Message:"
+
+
+def with_notes(content: str, lines: Sequence[str]) -> str:
+    """A message as the model reads it: the notes block (`note_line`s) first, when there are
+    notes. Chat turns and generate with `memory_ids` render notes alike, so chunks fit both."""
+    if not lines:
+        return content
+    block = "\n".join(lines)
+    return f"{NOTES_HEADER}\n{block}\n\n{NOTES_FOOTER}\n{content}"
+
+
 def kv_nbytes(kv: KVCache) -> int:
     return sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values))
 

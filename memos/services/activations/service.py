@@ -16,7 +16,7 @@ blending     a prompt's notes assembled from their chunks
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +137,7 @@ class ActivationService:
         self._deferred_lock = threading.Lock()
         self.generations = Generations(
             self.catalogue, runtime, self.prompts, self.loaded, self.dequantized, self.gate,
-            config.max_generate_tokens, embedder,
+            config.max_generate_tokens, embedder, self.notes,
         )  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -371,9 +371,12 @@ class ActivationService:
         prompt: str,
         activation_id: str | None,
         max_tokens: int,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationView:
         """`stream`, decoded to the end."""
-        return self.stream(principal, cube_id, prompt, activation_id, max_tokens).collect()
+        return self.stream(
+            principal, cube_id, prompt, activation_id, max_tokens, memory_ids=memory_ids
+        ).collect()
 
     def stream(
         self,
@@ -383,12 +386,15 @@ class ActivationService:
         activation_id: str | None,
         max_tokens: int,
         cancel: threading.Event | None = None,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationStream:
         """Check the request, wait for admission, load the activation and start decoding:
         every refusal is raised here, before the first piece of text. Setting `cancel` stops
-        it (while waiting too); iterate the stream, then call `finish()`, or `close()` it."""
+        it (while waiting too); iterate the stream, then call `finish()`, or `close()` it.
+        `memory_ids`: notes the prompt carries, blended from their KV chunks where they have
+        one (not with an activation)."""
         self.cubes.require(principal, cube_id, Role.READER)
-        return self.generations.open(cube_id, prompt, activation_id, max_tokens, cancel)
+        return self.generations.open(cube_id, prompt, activation_id, max_tokens, cancel, memory_ids)
 
     def stats(self) -> ActivationStats:
         runtime = self.runtime.get() if self.runtime.loaded else None

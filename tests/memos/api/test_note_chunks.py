@@ -128,12 +128,15 @@ def test_readers_cannot_build_chunks_and_strangers_see_nothing(server, tenant):
     grant = {"user_id": reader_id, "role": "reader"}
     assert client.post(f"/v1/cubes/{cube_id}/grants", json=grant).status_code in (200, 201)
     body = {"memory_ids": ids, "per_memory": True}
+    asked = {"prompt": "Who paints?", "memory_ids": ids, "max_tokens": 2}
     with server.client(reader_key) as reader:
         r = reader.post(f"/v1/cubes/{cube_id}/activations", json=body)
         assert r.status_code == 403, r.text
+        assert reader.post(f"/v1/cubes/{cube_id}/generate", json=asked).status_code == 200
     with server.client(stranger_key) as stranger:
         r = stranger.post(f"/v1/cubes/{cube_id}/activations", json=body)
         assert r.status_code == 404, r.text
+        assert stranger.post(f"/v1/cubes/{cube_id}/generate", json=asked).status_code == 404
     assert has_kv(client, cube_id) == dict.fromkeys(ids, False)
 
 
@@ -197,3 +200,55 @@ def test_a_blended_turn_leaves_the_chat_prefix_without_its_notes(server, tenant)
     held = len(runtime.template.render(history, False))
     assert second["recomputed_tokens"] > 0
     assert second["reused_tokens"] == held + chunk_tokens - second["recomputed_tokens"]
+
+
+def generate(client, cube_id: str, **body) -> dict:
+    r = client.post(
+        f"/v1/cubes/{cube_id}/generate",
+        json={"prompt": "What does Melanie paint?", "max_tokens": 6, **body},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_generate_blends_the_chunks_of_the_notes_it_names(server, tenant):
+    client, cube_id = tenant
+    ids = [n["id"] for n in add_notes(client, cube_id)]
+    plain = generate(client, cube_id, memory_ids=ids)
+    assert (plain["reused_tokens"], plain["recomputed_tokens"]) == (0, 0)
+    bare = generate(client, cube_id)
+    assert plain["prompt_tokens"] > bare["prompt_tokens"]  # the notes are in the prompt
+
+    chunk_tokens = sum(a["tokens"] for a in chunk(client, cube_id, ids))
+    blended = generate(client, cube_id, memory_ids=ids)
+    assert 0 < blended["recomputed_tokens"] < chunk_tokens
+    assert blended["reused_tokens"] == chunk_tokens - blended["recomputed_tokens"]
+    assert blended["prompt_tokens"] == plain["prompt_tokens"]
+    with recompute_ratio(server, 1.0):
+        exact = generate(client, cube_id, memory_ids=ids)
+    assert (exact["reused_tokens"], exact["recomputed_tokens"]) == (0, chunk_tokens)
+    assert exact["text"] == plain["text"]
+
+    # Only the notes named are in the prompt; one with a chunk, one without, is fine too.
+    r = client.patch(f"/v1/cubes/{cube_id}/memories/{ids[1]}", json={"content": "Caroline sings."})
+    assert r.status_code == 200
+    (kept,) = chunk(client, cube_id, [ids[0]])  # its current chunk, unchanged
+    mixed = generate(client, cube_id, memory_ids=ids)
+    assert mixed["reused_tokens"] + mixed["recomputed_tokens"] == kept["tokens"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"memory_ids": "IDS", "activation_id": "act_x"}, 422, "invalid_argument"),
+        ({"memory_ids": []}, 422, "validation_error"),
+        ({"memory_ids": ["mem_nope"]}, 404, "memory_not_found"),
+    ],
+)
+def test_bad_generate_with_memory_ids_is_refused(tenant, body, status, code):
+    client, cube_id = tenant
+    ids = [n["id"] for n in add_notes(client, cube_id)]
+    if body.get("memory_ids") == "IDS":
+        body = {**body, "memory_ids": ids}
+    r = client.post(f"/v1/cubes/{cube_id}/generate", json={"prompt": "hi", **body})
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
