@@ -36,12 +36,13 @@ import kv_runtime
 from kv_runtime import ChunkKV, Generation, GenerationResult, KVCache, Runtime
 from memcube.embedder import Embedder
 from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
+from memos.db.models import Memory
 from memos.services.activations.admission import GenerationGate, Refusal, Slot, refused
 from memos.services.activations.blending import Blended, blend_prompt
 from memos.services.activations.catalogue import Catalogue, activation_not_found
 from memos.services.activations.episodes import Router, continues_at
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation, episode_key
-from memos.services.activations.notes import NoteChunks, note_line, with_notes
+from memos.services.activations.notes import NoteChunks, note_line, notes_prefix, with_notes
 from memos.services.activations.prompts import Prompts
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView
@@ -187,11 +188,7 @@ class Generations:
         rows = self.notes.notes(cube_id, memory_ids)
         lines = [note_line(r.speaker, r.timestamp, r.content) for r in rows]
         question = self.prompts.question(runtime, (), with_notes(prompt, lines))
-        chunks = [
-            chunk
-            for r in rows
-            if (chunk := self.notes.load(runtime, cube_id, r.id, r.version)) is not None
-        ]
+        chunks = self._chunks(runtime, cube_id, rows)
         return self._start(runtime, None, question, sampling, cancel, started, chunks=chunks)
 
     def open_tokens(
@@ -203,11 +200,14 @@ class Generations:
         cube_id: str | None = None,
         activation_id: str | None = None,
         route_text: str | None = None,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationStream:
         """Token ids as given (a rendered chat, a completion prompt), continuing the
         activation's tokens when one is given (`cube_id` is then its cube). The same checks,
         admission and cancellation as `open`. `route_text`: what picks an episodic
-        activation's episode (default: the prompt's tokens as text)."""
+        activation's episode (default: the prompt's tokens as text). `memory_ids`: notes of
+        `cube_id` put before the tokens as a notes block (`notes_prefix`), their chunks
+        blended in; not with an activation or a scored prompt."""
         started = time.perf_counter()
         runtime = self.runtime.get()
         vocab = runtime.vocab_size
@@ -222,13 +222,34 @@ class Generations:
             row = self._ready(cube_id, activation_id)
         if not token_ids and row is None:
             raise InvalidArgument("the prompt is empty")
+        chunks: list[ChunkKV] = []
+        if memory_ids is not None:
+            assert cube_id is not None and self.notes is not None, "notes are of a cube"
+            if row is not None:
+                raise InvalidArgument("memory_ids and activation_id conflict; give one of them")
+            if sampling.prompt_logprobs is not None:
+                raise InvalidArgument(
+                    "memory_ids cannot be used to score a prompt (echo with logprobs, or "
+                    "max_tokens 0): the notes' blended tokens have no exact logprobs"
+                )
+            rows = self.notes.notes(cube_id, memory_ids)
+            lines = [note_line(r.speaker, r.timestamp, r.content) for r in rows]
+            token_ids = [*runtime.tokenize(notes_prefix(lines)), *token_ids]
+            chunks = self._chunks(runtime, cube_id, rows)
         if sampling.max_tokens is None:
             left = runtime.info.max_positions - self._continues_at(runtime, row) - len(token_ids)
             sampling = replace(sampling, max_tokens=max(1, min(self.max_generate_tokens, left)))
         self._check_sampling(sampling)
         if row is not None and row.episodes is not None and route_text is None:
             route_text = runtime.detokenize(token_ids, skip_special_tokens=True)
-        return self._start(runtime, row, token_ids, sampling, cancel, started, route_text)
+        return self._start(runtime, row, token_ids, sampling, cancel, started, route_text,
+                           chunks=chunks)  # fmt: skip
+
+    def _chunks(self, runtime: Runtime, cube_id: str, rows: Sequence[Memory]) -> list[ChunkKV]:
+        """The notes' current KV chunks, those they have (the others are prefilled)."""
+        assert self.notes is not None, "the service wires note chunks in"
+        notes = self.notes
+        return [c for r in rows if (c := notes.load(runtime, cube_id, r.id, r.version)) is not None]
 
     def _check_sampling(self, sampling: Sampling) -> None:
         least = 0 if sampling.prompt_logprobs is not None else 1
@@ -342,7 +363,9 @@ class Generations:
             return GenerationView(
                 text=result.text,
                 ttft_ms=round(loaded_ms + result.ttft_ms, 3),
-                prompt_tokens=len(token_ids) if blended is not None else result.prompt_tokens,
+                # Of a blend: the prompt's tokens but the kept chunk tokens (`reused_tokens`),
+                # as for an activation, whose tokens are not counted here either.
+                prompt_tokens=len(token_ids) - kept if blended else result.prompt_tokens,
                 # Cache entries reused (evicted ones are skipped too); of a blend, the chunk
                 # tokens kept, and those it recomputed.
                 reused_tokens=kept,

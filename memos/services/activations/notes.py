@@ -60,6 +60,13 @@ def with_notes(content: str, lines: Sequence[str]) -> str:
     return f"{NOTES_HEADER}\n{block}\n\n{NOTES_FOOTER}\n{content}"
 
 
+def notes_prefix(lines: Sequence[str]) -> str:
+    """The notes block before a completion's prompt (no chat template): header, lines, a
+    blank line; the prompt follows as it is."""
+    block = "\n".join(lines)
+    return f"{NOTES_HEADER}\n{block}\n\n"
+
+
 def kv_nbytes(kv: KVCache) -> int:
     return sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values))
 

@@ -223,11 +223,12 @@ def test_generate_blends_the_chunks_of_the_notes_it_names(server, tenant):
     blended = generate(client, cube_id, memory_ids=ids)
     assert 0 < blended["recomputed_tokens"] < chunk_tokens
     assert blended["reused_tokens"] == chunk_tokens - blended["recomputed_tokens"]
-    assert blended["prompt_tokens"] == plain["prompt_tokens"]
+    # As with an activation, the tokens reused are not counted as the prompt's.
+    assert blended["prompt_tokens"] + blended["reused_tokens"] == plain["prompt_tokens"]
     with recompute_ratio(server, 1.0):
         exact = generate(client, cube_id, memory_ids=ids)
     assert (exact["reused_tokens"], exact["recomputed_tokens"]) == (0, chunk_tokens)
-    assert exact["text"] == plain["text"]
+    assert exact["text"] == plain["text"] and exact["prompt_tokens"] == plain["prompt_tokens"]
 
     # Only the notes named are in the prompt; one with a chunk, one without, is fine too.
     r = client.patch(f"/v1/cubes/{cube_id}/memories/{ids[1]}", json={"content": "Caroline sings."})
@@ -252,3 +253,46 @@ def test_bad_generate_with_memory_ids_is_refused(tenant, body, status, code):
         body = {**body, "memory_ids": ids}
     r = client.post(f"/v1/cubes/{cube_id}/generate", json={"prompt": "hi", **body})
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+
+
+def complete(server, client, cube_id: str, ids: list[str]) -> dict:
+    body = {
+        "model": server.daemon.runtime.get().fingerprint.model,
+        "prompt": "Melanie paints",
+        "max_tokens": 5,
+        "temperature": 0,
+        "memos": {"cube_id": cube_id, "memory_ids": ids},
+    }
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completions_blend_the_chunks_of_the_notes_they_name(server, tenant):
+    client, cube_id = tenant
+    ids = [n["id"] for n in add_notes(client, cube_id)]
+    plain = complete(server, client, cube_id, ids)
+    assert plain["memos"] == {"episodes": [], "reused_tokens": [0], "recomputed_tokens": [0]}
+    chunk_tokens = sum(a["tokens"] for a in chunk(client, cube_id, ids))
+    blended = complete(server, client, cube_id, ids)
+    (recomputed,) = blended["memos"]["recomputed_tokens"]
+    assert 0 < recomputed < chunk_tokens
+    assert blended["memos"]["reused_tokens"] == [chunk_tokens - recomputed]
+    assert blended["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    with recompute_ratio(server, 1.0):
+        exact = complete(server, client, cube_id, ids)
+    assert exact["memos"]["recomputed_tokens"] == [chunk_tokens]
+    assert exact["choices"][0]["text"] == plain["choices"][0]["text"]
+    # Not with an activation, nor to score a prompt; a stranger's cube is not found.
+    model = server.daemon.runtime.get().fingerprint.model
+    memos = {"cube_id": cube_id, "memory_ids": ids}
+    scored = {"model": model, "prompt": "x", "max_tokens": 0, "echo": True, "memos": memos}
+    r = client.post("/v1/completions", json=scored)
+    assert r.status_code == 422, r.text
+    both = {"model": model, "prompt": "x", "activation_id": "act_x", "memos": memos}
+    r = client.post("/v1/completions", json=both)
+    assert r.status_code == 422, r.text
+    _, stranger_key = server.new_user()
+    with server.client(stranger_key) as stranger:
+        r = stranger.post("/v1/completions", json={"model": model, "prompt": "x", "memos": memos})
+        assert r.status_code == 404, r.text
