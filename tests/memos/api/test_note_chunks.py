@@ -95,6 +95,19 @@ def test_per_memory_builds_one_chunk_per_note_skips_current_ones_and_follows_edi
     assert [a["id"] for a in left] == [fresh["id"]]
 
 
+def test_erasing_a_note_erases_its_chunk_files_and_all(server, tenant):
+    client, cube_id = tenant
+    ids = [n["id"] for n in add_notes(client, cube_id)]
+    built = chunk(client, cube_id, ids)
+    folder = server.daemon.settings.activation_dir / cube_id
+    assert (folder / built[0]["id"]).exists()
+    r = client.delete(f"/v1/cubes/{cube_id}/memories/{ids[0]}", params={"erase": "true"})
+    assert r.status_code == 204
+    left = client.get(f"/v1/cubes/{cube_id}/activations").json()["items"]
+    assert [a["id"] for a in left] == [built[1]["id"]]
+    assert not (folder / built[0]["id"]).exists()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
