@@ -93,8 +93,8 @@ class NoteChunks:
         unique = list({row.id: row for row in rows}.values())
         if len(unique) > self.config.max_note_chunks:
             raise TooLarge(
-                f"memory_ids names {len(unique)} notes; one per_memory build chunks at most "
-                f"{self.config.max_note_chunks}"
+                f"memory_ids names {len(unique)} notes; one request takes at most "
+                f"{self.config.max_note_chunks} (activations.max_note_chunks)"
             )
         return unique
 
