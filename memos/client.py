@@ -122,6 +122,7 @@ class Memory(_Model):
     version: int
     created_at: datetime  # when the daemon stored it
     updated_at: datetime
+    has_kv: bool = False  # a KV chunk of this version is stored (`per_memory` activations)
 
 
 class MemoryInput(_Model):
@@ -188,6 +189,8 @@ class Activation(_Model):
     progress: float = 1.0  # of a build in the background, 0..1
     error: str | None = None
     episodes: list[Episode] | None = None  # an episodic activation's (None: a plain one)
+    kind: str = "context"  # "context", "episodic", "chat_prefix" or "note" (a note's chunk)
+    memory_id: str | None = None  # a "note" chunk's note
 
 
 class Generation(_Model):
@@ -198,6 +201,7 @@ class Generation(_Model):
     activation_id: str | None = None
     finish_reason: str | None = None  # "stop" or "length"
     episode: int | None = None  # the episode of an episodic activation that answered
+    recomputed_tokens: int = 0  # with memory_ids: note-chunk tokens the blend recomputed
 
 
 class ChatRecall(_Model):
@@ -251,8 +255,9 @@ class ChatReply(_Model):
     recalled: list[Citation] = Field(default_factory=list)
     ttft_ms: float
     prompt_tokens: int
-    reused_tokens: int  # of `prompt_tokens`, already in the chat's KV prefix
+    reused_tokens: int  # of `prompt_tokens`, in the chat's KV prefix or kept note chunks
     finish_reason: str  # "stop" or "length" (stored); "cancelled" (not stored)
+    recomputed_tokens: int = 0  # recalled notes' chunk tokens the blend recomputed
 
 
 class Job(_Model):

@@ -96,6 +96,7 @@ class Daemon:
             settings.limits,
             on_write=self.enrichment_worker.wake,
             quotas=self.quotas,
+            on_changed=self.activations.drop_note_chunks,  # an edited note's chunk goes
         )
         # Recall and load counts, written in batches by the `usage_flush` job and at stop.
         self.usage = UsageCounter(self.db)

@@ -269,6 +269,21 @@ class ActivationsConfig(BaseModel):
         le=1 << 44,
         description="full-precision caches of the running generations together, in bytes",
     )
+    # Notes as activation memory (issue 12): per-note KV chunks, blended into prompts.
+    note_chunk_bits: Literal[16, 8, 4, 2] = Field(
+        16, description="how a note's KV chunk is stored: 16 (float16) or KIVI 8/4/2 bits"
+    )
+    max_note_chunks: int = Field(
+        64, ge=1, le=10_000, description="notes one per_memory build may chunk (413 beyond)"
+    )
+    blend_recompute_ratio: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="CacheBlend's r: the share of a blended note chunk's tokens recomputed in "
+        "every layer (1: exact, a full prefill's; 0: re-rotated only). 0.15 per "
+        "docs/benchmarks.md (3.3x less notes-block compute on SmolLM2-135M)",
+    )
 
 
 class ChatEndpointConfig(BaseModel):

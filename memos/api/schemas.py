@@ -156,6 +156,10 @@ class MemoryOut(Out):
     enrichment_error: str | None = Field(
         None, description="extension: why the last attempt failed (retrying or failed)"
     )
+    has_kv: bool = Field(
+        False, description="extension: a KV chunk of this version of the note is stored "
+        "(`per_memory` activations); chat turns and generate blend it instead of prefilling"
+    )  # fmt: skip
 
 
 class MemoryList(BaseModel):
@@ -318,6 +322,12 @@ class ActivationCreate(Strict):
         None, description="extension: build an episodic activation from a conversation "
         "(session_id, session_ids or memory_ids); not with `compression.budget_tokens`"
     )  # fmt: skip
+    per_memory: StrictBool = Field(
+        False, description="extension: with `memory_ids`, one KV chunk per note (kind "
+        "`note`), built now; notes that have a current chunk keep it. The answer is then a "
+        "list. `compression.bits` default: `activations.note_chunk_bits`; no `budget_tokens`, "
+        "no `episodic`"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_source(self) -> ActivationCreate:
@@ -355,6 +365,11 @@ class ActivationOut(Out):
         None, description="extension: an episodic activation's episodes (empty while it is "
         "built); null for a plain activation"
     )  # fmt: skip
+    kind: Literal["context", "episodic", "chat_prefix", "note"] = Field(
+        "context", description="extension: built from a context (text, memories, sessions), "
+        "episodic, a chat's saved prefix, or one note's KV chunk (`per_memory`)"
+    )  # fmt: skip
+    memory_id: str | None = Field(None, description="extension: a `note` chunk's note")
 
 
 class ActivationList(BaseModel):
@@ -364,6 +379,12 @@ class ActivationList(BaseModel):
 class GenerateRequest(Strict):
     prompt: Visible
     activation_id: StrictStr | None = None
+    memory_ids: Ids | None = Field(
+        None, min_length=1, max_length=10_000, description="extension: notes the prompt "
+        "carries (a chat turn's notes block, in this order; at most "
+        "`activations.max_note_chunks`); those with a KV chunk are blended in (CacheBlend), "
+        "the others prefilled. Not with `activation_id`"
+    )  # fmt: skip
     max_tokens: JsonInt = Field(
         64, ge=1, le=65_536, description="at most `activations.max_generate_tokens`"
     )
@@ -382,6 +403,10 @@ class GenerateResponse(Out):
     episode: int | None = Field(
         None, description="extension: the episode of an episodic activation that answered "
         "(the one nearest the prompt); null otherwise"
+    )  # fmt: skip
+    recomputed_tokens: int = Field(
+        0, description="extension: with `memory_ids`, the notes' KV-chunk tokens the blend "
+        "recomputed (`reused_tokens`: those it kept)"
     )  # fmt: skip
 
 
@@ -488,10 +513,17 @@ class ChatReply(Out):
     recalled: list[RecalledOut]
     ttft_ms: float
     prompt_tokens: int = Field(description="tokens of the whole prompt (history included)")
-    reused_tokens: int = Field(description="of those, already in the chat's KV prefix")
+    reused_tokens: int = Field(
+        description="of those, already in the chat's KV prefix, plus the recalled notes' "
+        "KV-chunk tokens blended in and not recomputed"
+    )
     finish_reason: str = Field(
         description="`stop` or `length` (the turn is stored), `cancelled` (not stored)"
     )
+    recomputed_tokens: int = Field(
+        0, description="extension: recalled notes' KV-chunk tokens recomputed by the blend "
+        "(`activations.blend_recompute_ratio` of them); 0 when no note had a chunk"
+    )  # fmt: skip
 
 
 class FieldProblem(BaseModel):

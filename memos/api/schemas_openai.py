@@ -15,12 +15,14 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictStr,
+    model_serializer,
     model_validator,
 )
 
-from memos.api.fields import JsonInt, Text
+from memos.api.fields import Ids, JsonInt, Text
 from memos.api.schemas import RecalledOut, Strict
 
 
@@ -219,7 +221,15 @@ class ChatCompletionChunk(BaseModel):
 
 
 class MemosCompletionExtension(Strict):
-    cube_id: StrictStr = Field(max_length=200, description="the cube of `activation_id`")
+    cube_id: StrictStr = Field(
+        max_length=200, description="the cube of `activation_id`, or of `memory_ids`"
+    )
+    memory_ids: Ids | None = Field(
+        None, min_length=1, max_length=10_000, description="notes of the cube put before "
+        "each prompt (a chat turn's notes block: header and lines, in this order); those with "
+        "a KV chunk are blended in (CacheBlend), the rest prefilled. Not with "
+        "`activation_id` or a scored prompt (`echo` with `logprobs`, `max_tokens: 0`)"
+    )  # fmt: skip
 
 
 class CompletionRequest(_Sampling):
@@ -247,8 +257,11 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _extension(self) -> CompletionRequest:
-        if self.memos is not None and self.activation_id is None:
+        memos = self.memos
+        if memos is not None and self.activation_id is None and memos.memory_ids is None:
             raise ValueError("memos.cube_id names the cube of activation_id; give both")
+        if memos is not None and self.activation_id is not None and memos.memory_ids:
+            raise ValueError("memos.memory_ids and activation_id conflict; give one of them")
         return self
 
     @property
@@ -277,8 +290,21 @@ class CompletionChoice(BaseModel):
 
 class MemosCompletionOut(BaseModel):
     episodes: list[int] = Field(
-        description="per choice, the episode of the episodic activation it continued"
+        default_factory=list,
+        description="per choice, the episode of the episodic activation it continued",
     )
+    reused_tokens: list[int] | None = Field(
+        None, description="with `memos.memory_ids`, per choice: the notes' KV-chunk tokens "
+        "blended in and kept"
+    )  # fmt: skip
+    recomputed_tokens: list[int] | None = Field(
+        None, description="with `memos.memory_ids`, per choice: those the blend recomputed"
+    )  # fmt: skip
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only what applies: the blend's counts appear with `memory_ids` only."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class TextCompletion(BaseModel):

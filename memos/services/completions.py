@@ -284,6 +284,11 @@ class CompletionService:
             raise activation_not_found(activation_id) from exc
         return found
 
+    def notes_cube(self, principal: Principal, cube_id: str) -> str:
+        """The cube whose notes (`memos.memory_ids`) the completion's prompts carry."""
+        self.cubes.require(principal, cube_id, Role.READER)
+        return cube_id
+
     def complete(
         self,
         prompt: CompletionPrompt,
@@ -292,13 +297,15 @@ class CompletionService:
         *,
         cube_id: str | None = None,
         activation_id: str | None = None,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationStream:
-        """Check, admit and start one prompt (access to the activation's cube is checked by
-        `activation_cube` first). An episodic activation continues from the episode nearest
-        the prompt's text."""
+        """Check, admit and start one prompt (access to the activation's or the notes' cube
+        is checked by `activation_cube` / `notes_cube` first). An episodic activation
+        continues from the episode nearest the prompt's text; `memory_ids` go before the
+        prompt, blended from their KV chunks where they have one."""
         return self.activations.generations.open_tokens(
             prompt.token_ids, sampling, cancel, cube_id=cube_id, activation_id=activation_id,
-            route_text=prompt.text,
+            route_text=prompt.text, memory_ids=memory_ids,
         )  # fmt: skip
 
     # -- logprobs ---------------------------------------------------------------------------

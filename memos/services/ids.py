@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 
 from memcube.errors import InvalidArgument
@@ -33,3 +34,11 @@ def decode_cursor(cursor: str | None) -> int | None:
             f"cursor {cursor!r} is not one this server issued; pass next_cursor back unchanged",
             code="invalid_cursor",
         ) from None
+
+
+def note_chunk_id(memory_id: str, version: int) -> str:
+    """The activation id of a note's KV chunk (`activations.notes`): derived from the note and
+    its version, so "has this note a current chunk" is one primary-key lookup, and a chunk of
+    an older version can never pass for the current one."""
+    digest = hashlib.blake2b(f"{memory_id}@{version}".encode(), digest_size=10).hexdigest()
+    return f"kvn_{digest}"

@@ -44,6 +44,8 @@ from memos.services.views import (
 )
 from memos.settings import LimitsConfig
 
+Changed = Callable[[str, list[tuple[str, int]]], object]
+
 
 class MemoryService:
     def __init__(
@@ -55,8 +57,12 @@ class MemoryService:
         limits: LimitsConfig,
         on_write: Callable[[], None] = lambda: None,
         quotas: QuotaService | None = None,
+        on_changed: Changed = lambda cube_id, notes: None,
     ) -> None:
         self.on_write = on_write  # wakes the enrichment worker
+        # After a commit that edited or deleted notes: (cube id, [(memory id, the version
+        # before the change)]); drops what was derived from those versions (their KV chunks).
+        self.on_changed = on_changed
         self.quotas = quotas
         self.db = db
         self.cubes = cubes
@@ -168,6 +174,7 @@ class MemoryService:
                 s.flush()
                 (view,) = memory_views(s, [row])
             index.apply([to_doc(row)], [], generation)
+        self.on_changed(cube_id, [(memory_id, view.version - 1)])
         self.on_write()
         return view
 
@@ -189,6 +196,7 @@ class MemoryService:
                 row.updated_at = row.deleted_at = utcnow()
                 s.add(history_row(row, "deleted"))
             index.apply([], [row.seq], generation)
+        self.on_changed(cube_id, [(memory_id, row.version - 1)])
 
     def delete_session(self, principal: Principal, cube_id: str, session_id: str) -> int:
         """Soft-delete every live memory of a session in one transaction; how many."""
@@ -216,6 +224,7 @@ class MemoryService:
                     row.updated_at = row.deleted_at = now
                     s.add(history_row(row, "deleted"))
             index.apply([], [row.seq for row in rows], generation)
+        self.on_changed(cube_id, [(row.id, row.version - 1) for row in rows])
         return len(rows)
 
     def retire(self, cube_id: str, memory_ids: Sequence[str], reason: str) -> list[str]:
@@ -248,6 +257,7 @@ class MemoryService:
                     row.updated_at = row.deleted_at = now
                     s.add(history_row(row, reason))
             index.apply([], [row.seq for row in rows], generation)
+        self.on_changed(cube_id, [(row.id, row.version - 1) for row in rows])
         return [row.id for row in rows]
 
     # -- reads ------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from memcube.errors import NotFound, PreconditionFailed
 from memcube.notes import embedding_text
-from memos.db.models import Cube, Link, Memory, MemoryHistory
+from memos.db.models import Activation, Cube, Link, Memory, MemoryHistory
 from memos.services.cubes import cube_not_found
+from memos.services.ids import note_chunk_id
 from memos.services.views import LinkView, MemoryView
 
 # Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
@@ -67,6 +68,19 @@ def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
             found = links.get((cube_id, src))
             if found is not None:
                 found.append(LinkView(id=dst_id, kind=kind, score=float(score)))
+    # Notes with a KV chunk of their current version: one primary-key lookup for all of them.
+    chunk_ids = [note_chunk_id(row.id, row.version) for row in rows]
+    chunked = (
+        set(
+            s.scalars(
+                select(Activation.id).where(
+                    Activation.id.in_(chunk_ids), Activation.state == "ready"
+                )
+            )
+        )
+        if rows
+        else set()
+    )
     return [
         MemoryView(
             id=row.id,
@@ -85,6 +99,7 @@ def memory_views(s: Session, rows: Sequence[Memory]) -> list[MemoryView]:
             dates=[date.fromisoformat(d) for d in row.dates or []],
             enrichment_attempts=row.enrichment_attempts or 0,
             enrichment_error=row.enrichment_error,
+            has_kv=note_chunk_id(row.id, row.version) in chunked,
             created_at=row.created_at,
             updated_at=row.updated_at,
         )

@@ -108,6 +108,7 @@ class MemoryView:
     dates: list[date] = field(default_factory=list)  # resolved by enrichment, in mention order
     enrichment_attempts: int = 0  # failed enrichment attempts of this content
     enrichment_error: str | None = None  # the last attempt's error, while retrying or failed
+    has_kv: bool = False  # a KV chunk of this version is stored (activations.notes)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,10 @@ class ActivationView:
     last_used_at: datetime | None
     # An episodic activation's episodes (empty until built); None for a plain activation.
     episodes: tuple[EpisodeView, ...] | None = None
+    # "context" (text, memories, sessions), "episodic", "chat_prefix" or "note" (one note's KV
+    # chunk, for blending; `memory_id` names the note).
+    kind: str = "context"
+    memory_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ class GenerationView:
     token_ids: tuple[int, ...] = ()  # the generated tokens (an end-of-sequence token is not)
     logprobs: tuple[TokenLogprob, ...] | None = None  # when asked for: of `token_ids`
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # when the prompt is scored
+    recomputed_tokens: int = 0  # blended note chunks' tokens recomputed (activations.blending)
 
 
 @dataclass(frozen=True)
@@ -230,3 +236,4 @@ class ChatReplyView:
     reused_tokens: int
     finish_reason: str
     completion_tokens: int = 0  # the reply's tokens (an end-of-sequence token is not)
+    recomputed_tokens: int = 0  # blended note chunks' tokens recomputed (activations.blending)

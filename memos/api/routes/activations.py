@@ -41,7 +41,7 @@ GENERATED = {
 @router.post(
     "/activations",
     status_code=201,
-    response_model=ActivationOut,
+    response_model=ActivationOut | ActivationList,
     responses=errors(
         {
             413: "`payload_too_large`: the body, the text or the rendered context (in tokens) "
@@ -52,7 +52,7 @@ GENERATED = {
 )
 def create_activation(
     cube_id: str, body: ActivationCreate, daemon: DaemonDep, principal: PrincipalDep
-) -> ActivationOut:
+) -> ActivationOut | ActivationList:
     """Prefill the context once and store its (compressed) KV cache. A context longer than
     `activations.inline_max_tokens` is built in the background: the answer then has
     `state: "building"` and `progress`; poll GET until `"ready"`. Builds are bounded per cube
@@ -62,7 +62,13 @@ def create_activation(
     Extension: with `episodic` (and a `session_id`, `session_ids` or `memory_ids` source) the
     conversation is clustered into episodes and each gets its own cache of at most
     `budget_tokens` tokens, built in the background; `generate` then continues from the episode
-    nearest the prompt and names it (`episode`)."""
+    nearest the prompt and names it (`episode`).
+
+    Extension: with `"per_memory": true` (and `memory_ids`) each note gets its own KV chunk
+    (`kind: "note"`), computed alone, built now; the answer lists one activation per note (a
+    note that already has a current chunk keeps it). Chat turns and `generate` with
+    `memory_ids` blend these chunks (CacheBlend) instead of prefilling the notes; editing or
+    deleting a note drops its chunk."""
     source = ActivationSource(
         text=body.text,
         memory_ids=tuple(body.memory_ids) if body.memory_ids is not None else None,
@@ -70,6 +76,13 @@ def create_activation(
         session_ids=tuple(body.session_ids) if body.session_ids is not None else None,
     )
     episodic = None
+    if body.per_memory:
+        bits = body.compression.bits if "bits" in body.compression.model_fields_set else None
+        views = daemon.activations.create_note_chunks(
+            principal, cube_id, source, bits, body.compression.budget_tokens,
+            episodic=body.episodic is not None,
+        )  # fmt: skip
+        return ActivationList(items=[ActivationOut.model_validate(v) for v in views])
     if body.episodic is not None:
         e = body.episodic
         episodic = EpisodicSettings(e.episodes, e.budget_tokens, e.block_tokens)
@@ -133,14 +146,25 @@ async def generate(
     once (429 `too_many_generations`, `Retry-After`) when the model work ahead of it is
     estimated beyond `activations.generation_wait_s`; otherwise up to
     `activations.max_generations` run at once, with a short wait queue (429 beyond); one whose
-    client disconnects stops at its next token."""
+    client disconnects stops at its next token.
+
+    Extension: with `memory_ids` the prompt carries those notes (as a chat turn's notes block);
+    notes with a KV chunk (`per_memory` activations) are blended in (CacheBlend: re-rotated,
+    `activations.blend_recompute_ratio` of their tokens recomputed), the rest prefilled;
+    `reused_tokens` / `recomputed_tokens` say how many chunk tokens were kept / recomputed."""
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # the default, within this daemon's limit
         max_tokens = min(max_tokens, daemon.settings.activations.max_generate_tokens)
     run = GenerationRun(
         lambda cancel: daemon.activations.stream(
-            principal, cube_id, body.prompt, body.activation_id, max_tokens, cancel
-        )
+            principal,
+            cube_id,
+            body.prompt,
+            body.activation_id,
+            max_tokens,
+            cancel,
+            memory_ids=body.memory_ids,
+        )  # fmt: skip
     )
     await run.started(request)
     if not body.stream:

@@ -279,12 +279,18 @@ async def completions(
     )
     prompts, cube_id = await run_in_threadpool(_prepare, daemon, principal, body)
     cancel = threading.Event()  # one switch for every prompt of the response
+    memory_ids = body.memos.memory_ids if body.memos is not None else None
 
     def run_for(prompt: CompletionPrompt) -> GenerationRun:
         return GenerationRun(
             lambda c: daemon.completions.complete(
-                prompt, sampling, c, cube_id=cube_id, activation_id=body.activation_id
-            ),
+                prompt,
+                sampling,
+                c,
+                cube_id=cube_id,
+                activation_id=body.activation_id,
+                memory_ids=memory_ids,
+            ),  # fmt: skip
             body=_same,
             cancel=cancel,
         )
@@ -310,6 +316,13 @@ async def completions(
             )
         )
     episodes = [view.episode for view in views if view.episode is not None]
+    memos = MemosCompletionOut(episodes=episodes) if episodes else None
+    if memory_ids is not None:
+        memos = MemosCompletionOut(
+            episodes=episodes,
+            reused_tokens=[view.reused_tokens for view in views],
+            recomputed_tokens=[view.recomputed_tokens for view in views],
+        )
     return TextCompletion(
         id=reply.id,
         created=reply.created,
@@ -317,7 +330,7 @@ async def completions(
         choices=choices,
         usage=usage(views),
         system_fingerprint=reply.fingerprint,
-        memos=MemosCompletionOut(episodes=episodes) if episodes else None,
+        memos=memos,
     )
 
 
@@ -330,4 +343,6 @@ def _prepare(
     if body.activation_id is not None:
         given = body.memos.cube_id if body.memos is not None else None
         cube_id = daemon.completions.activation_cube(principal, body.activation_id, given)
+    elif body.memos is not None:  # its memory_ids: notes of a cube the caller may read
+        cube_id = daemon.completions.notes_cube(principal, body.memos.cube_id)
     return daemon.completions.prepare(body.prompts), cube_id

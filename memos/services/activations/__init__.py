@@ -11,6 +11,10 @@ prompt, admitted under bounds on concurrent generations and their memory.
 An episodic activation (EpiCache, `episodes.py`) holds one bounded cache per episode of a
 conversation; `generate` continues from the episode nearest the prompt.
 
+A note can hold its own KV chunk (`notes.py`, kind "note"), blended into any prompt that
+carries the note (`blending.py`, CacheBlend): chat turns, `generate` and completions with
+`memory_ids`.
+
 `ActivationService` (service.py) is the facade; each job has a module of its own.
 """
 

@@ -44,7 +44,19 @@ def _episodes(row: Activation) -> tuple[EpisodeView, ...] | None:
     )
 
 
+def kind_of(source: dict[str, Any], compression: dict[str, Any]) -> str:
+    """What an activation is, from what it was built from (no column of its own)."""
+    if "note" in source:
+        return "note"
+    if "chat_id" in source:
+        return "chat_prefix"
+    if "episodic" in compression:
+        return "episodic"
+    return "context"
+
+
 def _view(row: Activation) -> ActivationView:
+    source = row.source or {}
     return ActivationView(
         id=row.id,
         cube_id=row.cube_id,
@@ -59,6 +71,8 @@ def _view(row: Activation) -> ActivationView:
         created_at=row.created_at,
         last_used_at=row.last_used_at,
         episodes=_episodes(row),
+        kind=kind_of(source, row.compression or {}),
+        memory_id=(source.get("note") or {}).get("memory_id"),
     )
 
 

@@ -13,6 +13,10 @@ request) and start decoding, with a cancel switch the runtime checks
 before every token, so a request whose client left ends within one forward pass. As it decodes,
 its progress goes to its `Work` in the backlog, so later requests see the work it has left.
 
+With `memory_ids` (and no activation) the prompt carries those notes, rendered as a chat turn's
+notes block; notes with a KV chunk are blended in (`blending`) once admitted, the others and
+the prompt computed in the same pass.
+
 An episodic activation is continued from one of its episodes' caches: the one whose centroid is
 nearest the prompt (`episodes.Router`), chosen once admitted; the answer names it (`episode`).
 Its bounds are checked up front with the largest episode (the row's `kept_tokens`).
@@ -29,13 +33,16 @@ from pathlib import Path
 from typing import NoReturn
 
 import kv_runtime
-from kv_runtime import Generation, GenerationResult, KVCache, Runtime
+from kv_runtime import ChunkKV, Generation, GenerationResult, KVCache, Runtime
 from memcube.embedder import Embedder
 from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
+from memos.db.models import Memory
 from memos.services.activations.admission import GenerationGate, Refusal, Slot, refused
+from memos.services.activations.blending import Blended, blend_prompt
 from memos.services.activations.catalogue import Catalogue, activation_not_found
 from memos.services.activations.episodes import Router, continues_at
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation, episode_key
+from memos.services.activations.notes import NoteChunks, note_line, notes_prefix, with_notes
 from memos.services.activations.prompts import Prompts
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView
@@ -125,8 +132,10 @@ class Generations:
         gate: GenerationGate,
         max_generate_tokens: int,
         embedder: Embedder | None = None,
+        notes: NoteChunks | None = None,
     ) -> None:
         self.catalogue, self.runtime, self.prompts = catalogue, runtime, prompts
+        self.notes = notes  # generate with memory_ids blends their chunks
         self.embedder = embedder  # routes prompts to an episodic activation's episodes
         self.loaded, self.dequantized, self.gate = loaded, dequantized, gate
         self.max_generate_tokens = max_generate_tokens
@@ -141,18 +150,46 @@ class Generations:
         activation_id: str | None,
         max_tokens: int,
         cancel: threading.Event | None = None,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationStream:
-        """`prompt` as a user turn after the activation's context (its chat history), greedy.
-        Check, admit, load and start; every refusal is raised here, before any text."""
+        """`prompt` as a user turn after the activation's context (its chat history), greedy;
+        with `memory_ids`, after those notes (blended from their KV chunks where they have
+        one). Check, admit, load and start; every refusal is raised here, before any text."""
         started = time.perf_counter()
         sampling = Sampling(max_tokens=max_tokens)
         self._check_sampling(sampling)
         self.prompts.check_prompt(prompt)
         runtime = self.runtime.get()
+        if memory_ids is not None:
+            if activation_id is not None:
+                raise InvalidArgument(
+                    "memory_ids and activation_id conflict: notes are blended into a prompt of "
+                    "their own; give one of them"
+                )
+            return self._open_notes(runtime, cube_id, prompt, memory_ids, sampling, cancel,
+                                    started)  # fmt: skip
         row = self._ready(cube_id, activation_id)
         history = self._history(runtime, row) if row is not None else ()
         question = self.prompts.question(runtime, history, prompt)
         return self._start(runtime, row, question, sampling, cancel, started, prompt)
+
+    def _open_notes(
+        self,
+        runtime: Runtime,
+        cube_id: str,
+        prompt: str,
+        memory_ids: Sequence[str],
+        sampling: Sampling,
+        cancel: threading.Event | None,
+        started: float,
+    ) -> GenerationStream:
+        """The notes' block, then `prompt`, as one user turn; their chunks blended in."""
+        assert self.notes is not None, "the service wires note chunks in"
+        rows = self.notes.notes(cube_id, memory_ids)
+        lines = [note_line(r.speaker, r.timestamp, r.content) for r in rows]
+        question = self.prompts.question(runtime, (), with_notes(prompt, lines))
+        chunks = self._chunks(runtime, cube_id, rows)
+        return self._start(runtime, None, question, sampling, cancel, started, chunks=chunks)
 
     def open_tokens(
         self,
@@ -163,11 +200,14 @@ class Generations:
         cube_id: str | None = None,
         activation_id: str | None = None,
         route_text: str | None = None,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationStream:
         """Token ids as given (a rendered chat, a completion prompt), continuing the
         activation's tokens when one is given (`cube_id` is then its cube). The same checks,
         admission and cancellation as `open`. `route_text`: what picks an episodic
-        activation's episode (default: the prompt's tokens as text)."""
+        activation's episode (default: the prompt's tokens as text). `memory_ids`: notes of
+        `cube_id` put before the tokens as a notes block (`notes_prefix`), their chunks
+        blended in; not with an activation or a scored prompt."""
         started = time.perf_counter()
         runtime = self.runtime.get()
         vocab = runtime.vocab_size
@@ -182,13 +222,34 @@ class Generations:
             row = self._ready(cube_id, activation_id)
         if not token_ids and row is None:
             raise InvalidArgument("the prompt is empty")
+        chunks: list[ChunkKV] = []
+        if memory_ids is not None:
+            assert cube_id is not None and self.notes is not None, "notes are of a cube"
+            if row is not None:
+                raise InvalidArgument("memory_ids and activation_id conflict; give one of them")
+            if sampling.prompt_logprobs is not None:
+                raise InvalidArgument(
+                    "memory_ids cannot be used to score a prompt (echo with logprobs, or "
+                    "max_tokens 0): the notes' blended tokens have no exact logprobs"
+                )
+            rows = self.notes.notes(cube_id, memory_ids)
+            lines = [note_line(r.speaker, r.timestamp, r.content) for r in rows]
+            token_ids = [*runtime.tokenize(notes_prefix(lines)), *token_ids]
+            chunks = self._chunks(runtime, cube_id, rows)
         if sampling.max_tokens is None:
             left = runtime.info.max_positions - self._continues_at(runtime, row) - len(token_ids)
             sampling = replace(sampling, max_tokens=max(1, min(self.max_generate_tokens, left)))
         self._check_sampling(sampling)
         if row is not None and row.episodes is not None and route_text is None:
             route_text = runtime.detokenize(token_ids, skip_special_tokens=True)
-        return self._start(runtime, row, token_ids, sampling, cancel, started, route_text)
+        return self._start(runtime, row, token_ids, sampling, cancel, started, route_text,
+                           chunks=chunks)  # fmt: skip
+
+    def _chunks(self, runtime: Runtime, cube_id: str, rows: Sequence[Memory]) -> list[ChunkKV]:
+        """The notes' current KV chunks, those they have (the others are prefilled)."""
+        assert self.notes is not None, "the service wires note chunks in"
+        notes = self.notes
+        return [c for r in rows if (c := notes.load(runtime, cube_id, r.id, r.version)) is not None]
 
     def _check_sampling(self, sampling: Sampling) -> None:
         least = 0 if sampling.prompt_logprobs is not None else 1
@@ -232,10 +293,11 @@ class Generations:
         cancel: threading.Event | None,
         started: float,
         route_text: str | None = None,
+        chunks: Sequence[ChunkKV] = (),
     ) -> GenerationStream:
         """The checks every generation shares (positions, cache bytes), then admission,
-        loading (an episodic activation's episode chosen by `route_text`) and the first
-        forward pass."""
+        loading (an episodic activation's episode chosen by `route_text`), blending `chunks`
+        (note chunks, into a prompt without an activation) and the first forward pass."""
         cancel = cancel or threading.Event()
         max_tokens = sampling.max_tokens
         assert max_tokens is not None, "resolved by the caller"
@@ -264,14 +326,22 @@ class Generations:
         if isinstance(slot, Refusal):
             raise refused(self.gate.limits, slot)
         episode = None
+        blended: Blended | None = None
         try:
             kv = None
+            prompt = token_ids
             if row is not None:
                 kv, episode = self._dequantized(runtime, row, route_text)
                 kept = kv.kept
+            elif chunks:
+                assert self.notes is not None, "chunks come from the note chunks"
+                ratio = self.notes.config.blend_recompute_ratio
+                blended = blend_prompt(runtime, None, token_ids, chunks, ratio)
+                if blended is not None:  # its last token is left for the generation to run
+                    kv, prompt, kept = blended.kv, blended.tail, blended.reused_tokens
             loaded_ms = (time.perf_counter() - started) * 1000
             generation = runtime.generate(
-                token_ids,
+                prompt,
                 kv=kv,
                 max_tokens=max_tokens,
                 temperature=sampling.temperature,
@@ -293,8 +363,13 @@ class Generations:
             return GenerationView(
                 text=result.text,
                 ttft_ms=round(loaded_ms + result.ttft_ms, 3),
-                prompt_tokens=result.prompt_tokens,
-                reused_tokens=kept,  # cache entries reused; evicted ones are skipped too
+                # Of a blend: the prompt's tokens but the kept chunk tokens (`reused_tokens`),
+                # as for an activation, whose tokens are not counted here either.
+                prompt_tokens=len(token_ids) - kept if blended else result.prompt_tokens,
+                # Cache entries reused (evicted ones are skipped too); of a blend, the chunk
+                # tokens kept, and those it recomputed.
+                reused_tokens=kept,
+                recomputed_tokens=blended.recomputed_tokens if blended is not None else 0,
                 activation_id=activation_id,
                 finish_reason=result.finish_reason,
                 episode=episode,

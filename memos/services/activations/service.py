@@ -9,12 +9,14 @@ loaded       loaded activations in memory, bounded by bytes
 backlog      the model work admitted and not done, and its estimate in seconds
 admission    generations: refused when the work ahead is too long, bounded by number and bytes
 generations  checked up front, admitted, cancellable generation
+notes        one KV chunk per note, for blending (CacheBlend)
+blending     a prompt's notes assembled from their chunks
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from memos.services.activations.episodes import (
 )
 from memos.services.activations.generations import Generations, GenerationStream
 from memos.services.activations.loaded import ByteBoundedLRU, LoadedActivation
+from memos.services.activations.notes import NoteChunks
 from memos.services.activations.prompts import (
     ActivationSource,
     Context,
@@ -46,7 +49,7 @@ from memos.services.activations.prompts import (
 )
 from memos.services.activations.sweep import ActivationSweep, SweepReport
 from memos.services.cubes import CubeService
-from memos.services.ids import new_id
+from memos.services.ids import new_id, note_chunk_id
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView, Principal, Role
 from memos.settings import ActivationsConfig
@@ -135,11 +138,12 @@ class ActivationService:
             ),
             self.backlog,
         )
+        self.notes = NoteChunks(self.catalogue, runtime, self.prompts, self.dequantized, config)
         self._deferred = 0
         self._deferred_lock = threading.Lock()
         self.generations = Generations(
             self.catalogue, runtime, self.prompts, self.loaded, self.dequantized, self.gate,
-            config.max_generate_tokens, embedder,
+            config.max_generate_tokens, embedder, self.notes,
         )  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -282,6 +286,39 @@ class ActivationService:
             self.builds.enqueue(ticket)
         return self.catalogue.view(cube_id, job.activation_id)
 
+    def create_note_chunks(
+        self,
+        principal: Principal,
+        cube_id: str,
+        source: ActivationSource,
+        bits: int | None,
+        budget_tokens: int | None,
+        episodic: bool = False,
+    ) -> list[ActivationView]:
+        """`per_memory`: one KV chunk per note of `source.memory_ids` (see `notes`), built
+        inline; notes with a current chunk keep theirs. `bits` None: `note_chunk_bits`."""
+        self.cubes.require(principal, cube_id, Role.WRITER)
+        if source.memory_ids is None:
+            raise InvalidArgument(
+                "per_memory builds one chunk per note: give memory_ids, not text, session_id "
+                "or session_ids"
+            )
+        if episodic:
+            raise InvalidArgument("per_memory and episodic conflict: a note chunk is one cache")
+        if budget_tokens is not None:
+            raise InvalidArgument(
+                "per_memory and compression.budget_tokens conflict: a note chunk keeps every "
+                "token (blending re-rotates and recomputes them)"
+            )
+        rows = self.notes.notes(cube_id, source.memory_ids)
+        chosen = self.config.note_chunk_bits if bits is None else bits
+        return self.notes.build(cube_id, rows, chosen, self.check_quota)
+
+    def drop_note_chunks(self, cube_id: str, notes: list[tuple[str, int]]) -> int:
+        """After notes were edited or deleted: their chunks (of these (id, version) pairs, the
+        versions before the change) go, like any activation; how many there were."""
+        return sum(self.discard(cube_id, note_chunk_id(m, v)) for m, v in notes)
+
     def _inline(self, runtime: Runtime, tokens: int) -> bool:
         """Whether a build of `tokens` runs inside its request: when it is short and the model
         work ahead of it plus its own is estimated within `inline_wait_s`; otherwise it builds
@@ -397,9 +434,12 @@ class ActivationService:
         prompt: str,
         activation_id: str | None,
         max_tokens: int,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationView:
         """`stream`, decoded to the end."""
-        return self.stream(principal, cube_id, prompt, activation_id, max_tokens).collect()
+        return self.stream(
+            principal, cube_id, prompt, activation_id, max_tokens, memory_ids=memory_ids
+        ).collect()
 
     def stream(
         self,
@@ -409,12 +449,15 @@ class ActivationService:
         activation_id: str | None,
         max_tokens: int,
         cancel: threading.Event | None = None,
+        memory_ids: Sequence[str] | None = None,
     ) -> GenerationStream:
         """Check the request, wait for admission, load the activation and start decoding:
         every refusal is raised here, before the first piece of text. Setting `cancel` stops
-        it (while waiting too); iterate the stream, then call `finish()`, or `close()` it."""
+        it (while waiting too); iterate the stream, then call `finish()`, or `close()` it.
+        `memory_ids`: notes the prompt carries, blended from their KV chunks where they have
+        one (not with an activation)."""
         self.cubes.require(principal, cube_id, Role.READER)
-        return self.generations.open(cube_id, prompt, activation_id, max_tokens, cancel)
+        return self.generations.open(cube_id, prompt, activation_id, max_tokens, cancel, memory_ids)
 
     def stats(self) -> ActivationStats:
         runtime = self.runtime.get() if self.runtime.loaded else None

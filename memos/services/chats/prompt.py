@@ -22,10 +22,10 @@ from datetime import datetime
 
 from kv_runtime import Runtime
 from memcube.errors import TooLarge
+from memos.services.activations import notes as rendering
+from memos.services.activations.notes import note_line
 from memos.services.chats.history import USER, Message, Turn
 
-NOTES_HEADER = "Notes recalled from memory (they may help):"
-NOTES_FOOTER = "Message:"
 MESSAGE_OVERHEAD = 6  # template tokens around one turn's content (ChatML: 5), a safe estimate
 
 
@@ -36,18 +36,17 @@ class Note:
     speaker: str | None
     timestamp: datetime
     content: str
+    version: int = 0
+    has_kv: bool = False  # a KV chunk of this version is stored: the turn may blend it
 
     def line(self) -> str:
-        who = f"{self.speaker}: " if self.speaker else ""
-        return f"- [{self.timestamp.date().isoformat()}] {who}{self.content}"
+        """One line of the notes block; a note's KV chunk holds exactly this line's tokens."""
+        return note_line(self.speaker, self.timestamp, self.content)
 
 
 def with_notes(content: str, notes: Sequence[Note]) -> str:
     """The new message as the model reads it: the notes block first, when there are notes."""
-    if not notes:
-        return content
-    lines = "\n".join(note.line() for note in notes)
-    return f"{NOTES_HEADER}\n{lines}\n\n{NOTES_FOOTER}\n{content}"
+    return rendering.with_notes(content, [note.line() for note in notes])
 
 
 def window_start(sizes: Sequence[int], budget: int) -> int:

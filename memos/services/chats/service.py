@@ -26,10 +26,17 @@ from memcube.types import SearchFilters
 from memos.db.engine import Database
 from memos.services.activations import ActivationService
 from memos.services.activations.admission import Refusal, Slot, refused
+from memos.services.activations.blending import Blended, blend_prompt
 from memos.services.chats.catalogue import ChatCatalogue, ChatRecord, ChatSpec
 from memos.services.chats.history import ChatHistory, Turn
 from memos.services.chats.prefixes import LoadedPrefix, LoadedPrefixes, PrefixStore, QuotaCheck
-from memos.services.chats.prompt import MESSAGE_OVERHEAD, Note, assemble, window_start
+from memos.services.chats.prompt import (
+    MESSAGE_OVERHEAD,
+    Note,
+    TurnPrompt,
+    assemble,
+    window_start,
+)
 from memos.services.chats.remote import RemoteTurn, estimate_tokens, remote_prompt
 from memos.services.chats.turns import ChatTurn, TurnRequest
 from memos.services.cubes import CubeService
@@ -272,9 +279,10 @@ class ChatService:
             reused = entry.prefix.sync(prompt.history_ids, cancel.is_set)
             slot.work.advance(len(prompt.history_ids) - reused)
             entry.messages = prompt.history
+            blended = self._blend(runtime, cube_id, entry, prompt)
             return ChatTurn(
                 runtime, request, prompt, entry, slot, cancel, store, self._turn_ended,
-                started, reused,
+                started, reused, blended,
             )  # fmt: skip
         except BaseException:
             if slot is not None:
@@ -284,6 +292,23 @@ class ChatService:
             self._give(chat_id)
             self._count("failed")
             raise
+
+    def _blend(
+        self, runtime: Runtime, cube_id: str, entry: LoadedPrefix, prompt: TurnPrompt
+    ) -> Blended | None:
+        """The turn's cache with its recalled notes taken from their KV chunks, on a snapshot
+        of the prefix (which keeps no note); None when no note has a usable chunk."""
+        notes = self.activations.notes
+        chunks = [
+            chunk
+            for note in prompt.notes
+            if note.has_kv
+            and (chunk := notes.load(runtime, cube_id, note.memory_id, note.version)) is not None
+        ]
+        if not chunks:
+            return None
+        ratio = self.activations.config.blend_recompute_ratio
+        return blend_prompt(runtime, entry.prefix.snapshot(), prompt.turn_ids, chunks, ratio)
 
     def _admit(
         self,
@@ -372,7 +397,15 @@ class ChatService:
             pool = min(self.search.max_top_k, top_k + len(shown))
             hits = search(principal, chat.cube_id, query, pool, filters, count=False).hits
         notes = [
-            Note(h.memory.id, h.score, h.memory.speaker, h.memory.timestamp, h.memory.content)
+            Note(
+                h.memory.id,
+                h.score,
+                h.memory.speaker,
+                h.memory.timestamp,
+                h.memory.content,
+                h.memory.version,
+                h.memory.has_kv,
+            )  # fmt: skip
             for h in hits
             if h.memory.id not in shown
         ][:top_k]

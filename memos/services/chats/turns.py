@@ -6,6 +6,9 @@
       an admission slot (the generations' gate: 429 too_many_generations)
       the chat's prefix: loaded, else read from disk, else empty; synced to system + window
       (only what it lacks is prefilled: `reused_tokens` is what it already held)
+      recalled notes with KV chunks: the turn's cache is blended on a snapshot of the prefix
+      (`activations.blending`; their kept tokens count in `reused_tokens`, the others in
+      `recomputed_tokens`), and the reply is decoded on that blended cache, never on the prefix
     pieces as they are decoded, on the prefix itself (cropped back after)
     finish
       finished ("stop" or "length"): the user turn and the reply are stored as two memories of
@@ -28,6 +31,7 @@ from datetime import datetime
 from kv_runtime import Generation, GenerationResult, Runtime
 from memos.db.types import utcnow
 from memos.services.activations.admission import Slot
+from memos.services.activations.blending import Blended
 from memos.services.chats.history import ASSISTANT, USER, Message
 from memos.services.chats.prefixes import LoadedPrefix
 from memos.services.chats.prompt import TurnPrompt
@@ -91,18 +95,24 @@ class ChatTurn:
         release: Release,
         started: float,
         reused_tokens: int,
+        blended: Blended | None = None,
     ) -> None:
         self.runtime, self.request, self.prompt, self.entry = runtime, request, prompt, entry
         self._slot, self._cancel, self._store, self._release = slot, cancel, store, release
         self._started = started
         self._closed = False
         self.stored: tuple[str, str] | None = None
-        # The prefix was synced to `prompt.history_ids` by the caller: it kept `reused_tokens`.
-        self.reused_tokens = reused_tokens
+        # The prefix was synced to `prompt.history_ids` by the caller: it kept `reused_tokens`;
+        # a blend kept more (the notes' chunk tokens it did not recompute).
+        self.reused_tokens = reused_tokens + (blended.reused_tokens if blended else 0)
+        self.recomputed_tokens = blended.recomputed_tokens if blended else 0
         self.prefilled_ms = (time.perf_counter() - started) * 1000
+        # On the prefix itself (cropped back after), or on the blended cache (the prefix is
+        # not touched): then only the prompt's last token is left to run.
         self._generation: Generation = runtime.generate(
-            list(prompt.turn_ids),
-            prefix=entry.prefix,
+            list(prompt.turn_ids if blended is None else blended.tail),
+            kv=None if blended is None else blended.kv,
+            prefix=entry.prefix if blended is None else None,
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
@@ -142,10 +152,11 @@ class ChatTurn:
             assistant_memory_id=None,
             recalled=recalled,
             ttft_ms=round(self.prefilled_ms + result.ttft_ms, 3),
-            prompt_tokens=len(self.prompt.history_ids) + result.prompt_tokens,
+            prompt_tokens=len(self.prompt.history_ids) + len(self.prompt.turn_ids),
             reused_tokens=self.reused_tokens,
             finish_reason=result.finish_reason,
             completion_tokens=len(result.token_ids),
+            recomputed_tokens=self.recomputed_tokens,
         )
         if result.finish_reason == "cancelled" or not result.text.strip():
             return view  # nothing to store: the client left, or the model said nothing

@@ -22,7 +22,7 @@ MEMORY_FIELDS = {
 
 # Beyond the contract: the enrichment state (pending, retrying, done or failed), its failed
 # attempts and last error, and the dates enrichment resolved.
-EXTENSION_FIELDS = {"enrichment", "enrichment_attempts", "enrichment_error", "dates"}
+EXTENSION_FIELDS = {"enrichment", "enrichment_attempts", "enrichment_error", "dates", "has_kv"}
 
 
 def test_add_returns_full_memories_in_order(tenant):
