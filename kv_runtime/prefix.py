@@ -102,6 +102,11 @@ class PrefixCache:
         return self._base_length
 
     @property
+    def base_entries(self) -> int:
+        """Cache entries of the base (its kept tokens; 0 without one)."""
+        return self._base_entries
+
+    @property
     def has_base(self) -> bool:
         return self._base is not None
 

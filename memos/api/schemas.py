@@ -492,6 +492,11 @@ class ChatReply(Out):
     finish_reason: str = Field(
         description="`stop` or `length` (the turn is stored), `cancelled` (not stored)"
     )
+    episode: int | None = Field(
+        None,
+        description="the episode of the chat's old part (turns before its window, an episodic "
+        "activation of them) the prompt stood on; null when none was used",
+    )
 
 
 class FieldProblem(BaseModel):

@@ -230,3 +230,6 @@ class ChatReplyView:
     reused_tokens: int
     finish_reason: str
     completion_tokens: int = 0  # the reply's tokens (an end-of-sequence token is not)
+    # The episode of the chat's old part (its episodic activation) the turn stood on; None
+    # when no old part was used.
+    episode: int | None = None

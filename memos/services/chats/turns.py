@@ -91,6 +91,7 @@ class ChatTurn:
         release: Release,
         started: float,
         reused_tokens: int,
+        episode: int | None = None,
     ) -> None:
         self.runtime, self.request, self.prompt, self.entry = runtime, request, prompt, entry
         self._slot, self._cancel, self._store, self._release = slot, cancel, store, release
@@ -99,6 +100,7 @@ class ChatTurn:
         self.stored: tuple[str, str] | None = None
         # The prefix was synced to `prompt.history_ids` by the caller: it kept `reused_tokens`.
         self.reused_tokens = reused_tokens
+        self.episode = episode  # the episode of the chat's old part it stands on, if any
         self.prefilled_ms = (time.perf_counter() - started) * 1000
         self._generation: Generation = runtime.generate(
             list(prompt.turn_ids),
@@ -142,10 +144,13 @@ class ChatTurn:
             assistant_memory_id=None,
             recalled=recalled,
             ttft_ms=round(self.prefilled_ms + result.ttft_ms, 3),
-            prompt_tokens=len(self.prompt.history_ids) + result.prompt_tokens,
+            prompt_tokens=self.entry.prefix.base_entries
+            + len(self.prompt.history_ids)
+            + result.prompt_tokens,
             reused_tokens=self.reused_tokens,
             finish_reason=result.finish_reason,
             completion_tokens=len(result.token_ids),
+            episode=self.episode,
         )
         if result.finish_reason == "cancelled" or not result.text.strip():
             return view  # nothing to store: the client left, or the model said nothing
@@ -156,7 +161,7 @@ class ChatTurn:
 
     def _extend(self, user: Message, answer: Message) -> None:
         """The prefix grows by the stored turn, so the next turn prefills only its own."""
-        history = list(self.prompt.history)
+        history = [*self.prompt.before, *self.prompt.history]
         template = self.runtime.template
         delta = template.render_delta(history, [user, answer], add_generation_prompt=False)
         self.entry.prefix.extend(delta)  # not cancellable: the turn is stored already
