@@ -13,7 +13,7 @@ SYSTEM = "You are a friendly assistant. Answer in one short sentence."
 CHAT_FIELDS = {"id", "cube_id", "session_id", "system", "recall", "max_context_tokens", "backend",
                "sampling", "turns", "created_at", "last_active_at"}  # fmt: skip
 REPLY_FIELDS = {"reply", "user_memory_id", "assistant_memory_id", "recalled", "ttft_ms",
-                "prompt_tokens", "reused_tokens", "finish_reason"}  # fmt: skip
+                "prompt_tokens", "reused_tokens", "finish_reason", "episode"}  # fmt: skip
 
 
 def open_chat(client: httpx.Client, cube_id: str, **body) -> dict:
