@@ -158,8 +158,9 @@ class ChatEpisodes:
             budget_tokens=self.config.episodic_budget_tokens,
             block_tokens=self.config.episodic_block_tokens,
         )
-        note: dict[str, Any] = {
+        note: dict[str, Any] = {  # the session too: erasing it drops this activation
             "chat_id": chat.id,
+            "session_id": chat.session_id,
             "old_turns": old,
             "until_seq": chat.window_from_seq,
         }

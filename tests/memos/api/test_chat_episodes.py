@@ -89,6 +89,27 @@ def ready(
     return {**r.json(), "old_turns": newest.old_turns}
 
 
+def on_the_episode(
+    live: LiveServer, cube_id: str, chat_id: str, activation_id: str, question: str
+) -> tuple[str, int]:
+    """(reply, prompt tokens) of the chat's next turn done without any reuse: the window and
+    the message rendered after the episode's messages, generated on the episode's cache."""
+    daemon = live.daemon
+    runtime = daemon.runtime.get()
+    row = daemon.activations.catalogue.view(cube_id, activation_id)
+    kv, _, before = daemon.activations.generations.episode(runtime, row, question)
+    record = daemon.chats.catalogue.record(cube_id, chat_id)
+    turns = daemon.chats.history.recent(cube_id, "s1", record.window_from_seq, 1000)
+    window = [t.message() for t in turns]
+    template = runtime.template
+    ids = template.render_delta(before, window, add_generation_prompt=False)
+    ids += template.render_delta(
+        [*before, *window], [{"role": "user", "content": f"Ana: {question}"}]
+    )
+    reply = runtime.generate(ids, kv=kv, max_tokens=8).collect().text
+    return reply, kv.kept + len(ids)
+
+
 def episode_of(act: dict, window: int) -> int:
     return next(e["index"] for e in act["episodes"] if window in e["windows"])
 
@@ -110,10 +131,12 @@ def test_a_long_chat_builds_its_old_part_and_routes_turns_to_their_topic(live, c
     # A new base: only the episode's kept tokens were not prefilled (the window was).
     kept = act["episodes"][hiking]["kept_tokens"]
     assert asked["reused_tokens"] == kept
+    expected = on_the_episode(live, cube_id, chat_id, act["id"], HIKING_QUESTION)
     again = send(client, cube_id, chat_id, HIKING_QUESTION)
     assert again["episode"] == hiking
     assert again["reused_tokens"] > kept  # the same base: the window was reused on it too
-    assert again["prompt_tokens"] > again["reused_tokens"]
+    # Exact: the same answer and prompt as one generation of the whole prompt on the episode.
+    assert (again["reply"], again["prompt_tokens"]) == expected
     other = send(client, cube_id, chat_id, BAKING_QUESTION)
     assert other["episode"] == baking
     assert other["reused_tokens"] == act["episodes"][baking]["kept_tokens"]
