@@ -5,37 +5,28 @@ deleted keeps answering without it."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, _start_live_server, free_port
+from tests.conftest import LiveServer
 from tests.memos.api.conftest import wait_until
 from tests.memos.api.test_episodic import BAKING_QUESTION, CONVERSATION, HIKING_QUESTION
 
 BUDGET = 96
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, embedder) -> Iterator[LiveServer]:
-    """A daemon whose chats build small old parts: 2 episodes of 96 tokens, blocks of 128."""
-    from memos.settings import Settings
-
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("chat-episodes"),
-        admin_key=f"admin-{secrets.token_hex(8)}",
-        port=free_port(),
-        enrichment={"enabled": False},
-        chats={
-            "episodic_episodes": 2,
-            "episodic_budget_tokens": BUDGET,
-            "episodic_block_tokens": 128,
-            "episodic_rebuild_share": 0.25,
-        },
-    )
-    yield from _start_live_server(settings, embedder, "sqlite")
+@pytest.fixture
+def live(server: LiveServer, monkeypatch) -> LiveServer:
+    """The shared daemon, its chats building small old parts for this test: 2 episodes of 96
+    tokens, blocks of 128 (the settings are read at each turn)."""
+    config = server.daemon.chats.config
+    monkeypatch.setattr(config, "episodic_episodes", 2)
+    monkeypatch.setattr(config, "episodic_budget_tokens", BUDGET)
+    monkeypatch.setattr(config, "episodic_block_tokens", 128)
+    monkeypatch.setattr(config, "episodic_rebuild_share", 0.25)
+    return server
 
 
 @pytest.fixture
