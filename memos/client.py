@@ -253,6 +253,8 @@ class ChatReply(_Model):
     prompt_tokens: int
     reused_tokens: int  # of `prompt_tokens`, already in the chat's KV prefix
     finish_reason: str  # "stop" or "length" (stored); "cancelled" (not stored)
+    # The episode of the chat's old part (turns before its window) the prompt stood on.
+    episode: int | None = None
 
 
 class Job(_Model):
