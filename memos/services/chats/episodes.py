@@ -29,8 +29,9 @@ Decisions, and why:
   the new episode's cache, and `reused_tokens` counts only that episode's kept tokens. A prefix
   on a base is not saved to disk (the base is stored already; the window is bounded by
   `max_context_tokens`, one prefill to rebuild).
-- Nothing here may fail a turn: an activation deleted, corrupt, refused (mismatch) or whose
-  embedder is gone is skipped with a log line, and the turn runs without an old part.
+- Nothing here may fail a turn: a build refused (quota, queue, bounds), an activation deleted,
+  corrupt, refused (mismatch) or whose embedder is gone is skipped with a log line, and the
+  turn runs without an old part.
 - Old turns: at most `activations.max_source_memories` (the newest of them), the bound every
   memories source has; longer conversations keep their newest old turns in episodes.
 """
@@ -125,9 +126,11 @@ class ChatEpisodes:
             return
         try:
             self._ensure(principal, chat)
-        except DomainError as exc:
+        except DomainError as exc:  # refused (quota, queue, bounds): logged, the turn goes on
             log.info("chat old part not built: %s", exc.message,
                      extra={"fields": {"chat_id": chat.id}})  # fmt: skip
+        except Exception:  # a bug here must not cost the turn either
+            log.exception("chat old part not built", extra={"fields": {"chat_id": chat.id}})
 
     def _ensure(self, principal: Principal, chat: ChatRecord) -> None:
         old = self.history.count_before(chat.cube_id, chat.session_id, chat.window_from_seq)
@@ -193,6 +196,10 @@ class ChatEpisodes:
         except DomainError as exc:
             fields = {"chat_id": chat.id, "activation_id": activation_id}
             log.info("chat old part not used: %s", exc.message, extra={"fields": fields})
+            return None
+        except Exception:  # unreadable files and the like: the turn goes on without it
+            fields = {"chat_id": chat.id, "activation_id": activation_id}
+            log.exception("chat old part not used", extra={"fields": fields})
             return None
         return OldPart(activation_id, episode, kv, tuple(dict(m) for m in messages))
 
