@@ -75,7 +75,7 @@ class PrefixCache:
         self._chunk, self._max_positions = chunk_tokens, max_positions
         self._cache = DynamicCache()
         self._ids: list[int] = []
-        self._base = base
+        self._has_base = base is not None  # not the base itself: its tensors are not pinned
         self._base_entries = base.kept if base is not None else 0
         self._base_length = base.length if base is not None else 0
         start = kv if kv is not None else base
@@ -108,7 +108,7 @@ class PrefixCache:
 
     @property
     def has_base(self) -> bool:
-        return self._base is not None
+        return self._has_base
 
     @property
     def length(self) -> int:
@@ -131,7 +131,7 @@ class PrefixCache:
         empty, and for a prefix on a base: the base is stored elsewhere, and the tokens after
         it are bounded by the chat's window, cheap to prefill again). Later changes to the
         prefix never show in it."""
-        if not self._ids or self._base is not None:
+        if not self._ids or self._has_base:
             return None
         pairs = [(layer.keys, layer.values) for layer in self._layers()]
         return KVCache(
