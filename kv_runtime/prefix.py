@@ -14,6 +14,12 @@ generation on the prefix; nothing here locks. Every change is out of place: tran
 `DynamicLayer` appends by concatenation and crops by slicing, so tensors a reader took with
 `snapshot()` (to save the prefix, or to continue it in another request) never change under it.
 
+A base: a chat whose old turns live in an episodic activation starts its prefix from one
+episode's bounded cache (`base=`, evicted or re-positioned: `kv_runtime.episodic`). The base is
+frozen: `token_ids`, `sync` and `crop` speak of the tokens after it, which sit at positions
+`base_length`.. (the base's next position); a sync never crops into it. Which base a prefix
+stands on is the caller's business (a chat keys it by episode).
+
 Exactness: extending a cache by chunks gives the keys and values a full prefill of the same
 tokens gives (the same positions, the same causal attention), so a turn answered on a reused
 prefix sees what a full prefill of the whole prompt would.
@@ -56,34 +62,58 @@ class PrefixCache:
         chunk_tokens: int,
         max_positions: int,
         kv: KVCache | None = None,
+        base: KVCache | None = None,
     ) -> None:
-        """`kv`: a captured or loaded cache to start from (unevicted); its tensors are shared,
-        not copied, and never written to."""
+        """`kv`: a captured or loaded cache to start from (unevicted); its tokens are the
+        prefix's own. `base`: a frozen cache under the prefix (evicted allowed); its tokens are
+        not the prefix's. Their tensors are shared, not copied, and never written to."""
         if kv is not None and kv.positions is not None:
             raise InvalidArgument("a prefix cache cannot start from an evicted cache")
+        if kv is not None and base is not None:
+            raise InvalidArgument("a prefix cache starts from a kv or stands on a base, not both")
         self._runner = runner
         self._chunk, self._max_positions = chunk_tokens, max_positions
         self._cache = DynamicCache()
         self._ids: list[int] = []
-        if kv is not None:
-            kv = kv.to(runner.device)
-            for key, value in zip(kv.keys, kv.values, strict=True):
+        self._has_base = base is not None  # not the base itself: its tensors are not pinned
+        self._base_entries = base.kept if base is not None else 0
+        self._base_length = base.length if base is not None else 0
+        start = kv if kv is not None else base
+        if start is not None:
+            start = start.to(runner.device)
+            for key, value in zip(start.keys, start.values, strict=True):
                 layer = DynamicLayer()
                 layer.lazy_initialization(key, value)
                 layer.keys, layer.values = key, value  # shared: appends go out of place
                 self._cache.layers.append(layer)
+        if kv is not None:
             self._ids = list(kv.token_ids)
 
     # -- state ------------------------------------------------------------------------------
 
     @property
     def token_ids(self) -> tuple[int, ...]:
+        """The prefix's own tokens (after the base, if any)."""
         return tuple(self._ids)
 
     @property
+    def base_length(self) -> int:
+        """Positions the base takes (0 without one): where the prefix's own tokens start."""
+        return self._base_length
+
+    @property
+    def base_entries(self) -> int:
+        """Cache entries of the base (its kept tokens; 0 without one)."""
+        return self._base_entries
+
+    @property
+    def has_base(self) -> bool:
+        return self._has_base
+
+    @property
     def length(self) -> int:
-        """Tokens held; the next token's position."""
-        return len(self._ids)
+        """The next token's position: the base's positions, then the tokens held."""
+        return self._base_length + len(self._ids)
 
     def nbytes(self) -> int:
         """Bytes of the storage the cache's tensors keep alive (slack after a crop included)."""
@@ -98,8 +128,10 @@ class PrefixCache:
 
     def snapshot(self) -> KVCache | None:
         """The cache as it is now, as a read-only `KVCache` sharing its tensors (None when
-        empty). Later changes to the prefix never show in it."""
-        if not self._ids:
+        empty, and for a prefix on a base: the base is stored elsewhere, and the tokens after
+        it are bounded by the chat's window, cheap to prefill again). Later changes to the
+        prefix never show in it."""
+        if not self._ids or self._has_base:
             return None
         pairs = [(layer.keys, layer.values) for layer in self._layers()]
         return KVCache(
@@ -112,9 +144,10 @@ class PrefixCache:
 
     def sync(self, token_ids: Sequence[int], cancel: Callable[[], bool] | None = None) -> int:
         """Make the cache hold exactly `token_ids`: keep the longest prefix it shares with
-        them, prefill the rest. Returns how many tokens were kept (not prefilled)."""
+        them, prefill the rest (both after the base). Returns how many tokens were kept (not
+        prefilled; the base's entries not counted)."""
         keep = common_prefix(self._ids, token_ids)
-        if keep < self.length:
+        if keep < len(self._ids):
             self.crop(keep)
         if keep < len(token_ids):
             self.extend(token_ids[keep:], cancel)
@@ -137,14 +170,14 @@ class PrefixCache:
             try:
                 logits = self._runner.forward(piece, self._cache, self.length, cancel=cancel)
             except BaseException:
-                self._truncate(self.length)  # a forward that failed mid-way: undo its layers
+                self._truncate(len(self._ids))  # a forward that failed mid-way: undo its layers
                 raise
             self._ids.extend(piece)
         return logits
 
     def crop(self, length: int) -> None:
-        """Keep the first `length` tokens."""
-        assert 0 <= length <= self.length, f"length {length} outside 0..{self.length}"
+        """Keep the first `length` of the prefix's own tokens (the base always stays)."""
+        assert 0 <= length <= len(self._ids), f"length {length} outside 0..{len(self._ids)}"
         del self._ids[length:]
         self._truncate(length)
 
@@ -156,10 +189,12 @@ class PrefixCache:
     def restore(self, length: int) -> None:
         """After a generation ran on `lease()`: drop what it appended (its prompt and answer)."""
         assert length == self.length, "restore() takes the length lease() gave"
-        self._truncate(length)
+        self._truncate(len(self._ids))
 
-    def _truncate(self, length: int) -> None:
-        """Every layer cut to its first `length` entries (layers may differ after a failure)."""
+    def _truncate(self, own: int) -> None:
+        """Every layer cut to the base's entries and `own` more (layers may differ after a
+        failure)."""
+        length = self._base_entries + own
         if length == 0:
             self._cache = DynamicCache()
             return

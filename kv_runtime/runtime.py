@@ -437,8 +437,11 @@ class Runtime:
             prefix=prefix,
         )
 
-    def prefix_cache(self, kv: KVCache | CompressedKV | None = None) -> PrefixCache:
-        """A new growing prefix cache, empty or starting from `kv` (a stored chat prefix)."""
+    def prefix_cache(
+        self, kv: KVCache | CompressedKV | None = None, *, base: KVCache | None = None
+    ) -> PrefixCache:
+        """A new growing prefix cache, empty or starting from `kv` (a stored chat prefix), or
+        standing on a frozen `base` (an episode's bounded cache: `kv_runtime.prefix`)."""
         if isinstance(kv, CompressedKV):
             kv = self.decompress(kv)
         return PrefixCache(
@@ -446,6 +449,7 @@ class Runtime:
             chunk_tokens=self.config.prefill_chunk,
             max_positions=self.info.max_positions,
             kv=kv,
+            base=base,
         )
 
     def logits(

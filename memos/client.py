@@ -258,6 +258,8 @@ class ChatReply(_Model):
     reused_tokens: int  # of `prompt_tokens`, in the chat's KV prefix or kept note chunks
     finish_reason: str  # "stop" or "length" (stored); "cancelled" (not stored)
     recomputed_tokens: int = 0  # recalled notes' chunk tokens the blend recomputed
+    # The episode of the chat's old part (turns before its window) the prompt stood on.
+    episode: int | None = None
 
 
 class Job(_Model):

@@ -321,6 +321,24 @@ class ChatsConfig(BaseModel):
     save_idle_s: float = Field(
         120.0, ge=0, le=7 * 86_400, description="a prefix idle this long is saved to disk"
     )
+    episodic_episodes: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="episodes of a long chat's old part (turns before its window); 0: none",
+    )
+    episodic_budget_tokens: int = Field(
+        512, ge=64, le=1 << 20, description="tokens each episode of a chat's old part keeps"
+    )
+    episodic_block_tokens: int | None = Field(
+        None, ge=1, le=1 << 20, description="block size of the old part's budgeted prefill"
+    )
+    episodic_rebuild_share: float = Field(
+        0.25,
+        gt=0,
+        le=100,
+        description="the old part is built again once it has grown by this share of its turns",
+    )
 
 
 class OpenAIConfig(BaseModel):

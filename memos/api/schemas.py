@@ -524,6 +524,11 @@ class ChatReply(Out):
         0, description="extension: recalled notes' KV-chunk tokens recomputed by the blend "
         "(`activations.blend_recompute_ratio` of them); 0 when no note had a chunk"
     )  # fmt: skip
+    episode: int | None = Field(
+        None,
+        description="the episode of the chat's old part (turns before its window, an episodic "
+        "activation of them) the prompt stood on; null when none was used",
+    )
 
 
 class FieldProblem(BaseModel):

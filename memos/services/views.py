@@ -237,3 +237,6 @@ class ChatReplyView:
     finish_reason: str
     completion_tokens: int = 0  # the reply's tokens (an end-of-sequence token is not)
     recomputed_tokens: int = 0  # blended note chunks' tokens recomputed (activations.blending)
+    # The episode of the chat's old part (its episodic activation) the turn stood on; None
+    # when no old part was used.
+    episode: int | None = None

@@ -156,3 +156,28 @@ def test_a_prefix_can_start_from_a_stored_cache_without_copying_it(runtime: Runt
     prefix.extend(template.render_delta([SYSTEM], TURNS[:2], add_generation_prompt=False))
     assert kv.keys[0].shape[2] == len(ids)  # the stored cache did not grow
     assert prefix.nbytes() > kv.nbytes()
+
+
+def test_a_prefix_on_an_episode_base_continues_it_exactly_and_never_crops_it(
+    runtime: Runtime,
+) -> None:
+    """A long chat stands its window on an episode's bounded cache: the window's tokens after
+    that base are what a generation continuing the base would see, and a sync that changes the
+    window (a new episode's window, or one that moved) drops only tokens after the base."""
+    template = runtime.template
+    context = template.render([SYSTEM], add_generation_prompt=False)
+    base = runtime.prefill_budgeted(context, budget_tokens=64, block_tokens=64, scorer="recent").kv
+    assert base.positions is not None and base.kept == 64  # an evicted, re-positioned cache
+    prefix = runtime.prefix_cache(base=base)
+    assert prefix.has_base and prefix.length == prefix.base_length == base.length
+    window = template.render_delta([SYSTEM], TURNS, add_generation_prompt=False)
+    assert prefix.sync(window) == 0
+    ask = template.render_delta([SYSTEM, *TURNS], [ASK])
+    on_prefix = prefix.extend(ask)
+    direct = runtime.logits([*window, *ask], base)[-1]
+    assert on_prefix is not None
+    torch.testing.assert_close(on_prefix, direct, atol=2e-3, rtol=1e-3)
+    assert prefix.sync(window[:10]) == 10  # crops its own tokens only
+    assert prefix.length == base.length + 10
+    assert prefix.snapshot() is None  # the base is stored elsewhere: never saved as a prefix
+    assert base.keys[0].shape[2] == 64  # the base did not change

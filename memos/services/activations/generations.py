@@ -453,6 +453,16 @@ class Generations:
         self.loaded.put(key, entry, entry.memory_nbytes())
         return entry
 
+    def episode(
+        self, runtime: Runtime, row: ActivationView, route_text: str
+    ) -> tuple[KVCache, int, History]:
+        """An episodic activation's cache for `route_text` (the nearest episode), that episode
+        and the messages its tokens render: what a long chat stands its window on."""
+        assert row.episodes is not None, "a plain activation has no episodes"
+        kv, episode = self._dequantized(runtime, row, route_text)
+        assert episode is not None
+        return kv, episode, self._history(runtime, row)
+
     def _dequantized(
         self, runtime: Runtime, row: ActivationView, route_text: str | None
     ) -> tuple[KVCache, int | None]:

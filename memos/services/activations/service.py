@@ -16,7 +16,7 @@ blending     a prompt's notes assembled from their chunks
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -176,10 +176,12 @@ class ActivationService:
         bits: int,
         budget_tokens: int | None,
         episodic: EpisodicSettings | None = None,
+        note: Mapping[str, Any] | None = None,
     ) -> ActivationView:
         """Accept a build: checked, admitted, its row inserted; built inline when small, else
         queued. With `episodic`, one budgeted cache per episode of the source's conversation
-        (see `activations.episodes`), always built in the background."""
+        (see `activations.episodes`), always built in the background. `note`: recorded in
+        its source beside what it was built from (a chat's old part names its chat)."""
         cube = self.cubes.require(principal, cube_id, Role.WRITER)
         settings = compression_for(bits, budget_tokens)
         runtime = self.runtime.get()
@@ -193,6 +195,8 @@ class ActivationService:
             described = {**described, "episodic": episodic.as_dict()}
         else:
             text, described = self.prompts.source_text(cube_id, source)
+        if note:
+            described = {**described, **note}
         # An episodic build takes conversations past the model's positions (kv_runtime.episodic
         # re-positions what it keeps); its bound is on the tokens prefilled, E times over.
         limit = self.config.max_episodic_tokens if episodic is not None else None

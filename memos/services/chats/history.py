@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from memos.db.engine import Database
 from memos.db.models import Memory
@@ -66,6 +66,35 @@ class ChatHistory:
                 .limit(limit)
             ).all()
             return [_turn(row) for row in reversed(rows)]
+
+    def before(self, cube_id: str, session_id: str, until_seq: int, limit: int) -> list[Turn]:
+        """At most the `limit` newest live turns before `until_seq` (the part of a long chat
+        that left its window), oldest first."""
+        with self.db.read() as s:
+            rows = s.scalars(
+                select(Memory)
+                .where(
+                    Memory.cube_id == cube_id,
+                    Memory.session_id == session_id,
+                    Memory.seq < until_seq,
+                    Memory.deleted_at.is_(None),
+                )
+                .order_by(Memory.seq.desc())
+                .limit(limit)
+            ).all()
+            return [_turn(row) for row in reversed(rows)]
+
+    def count_before(self, cube_id: str, session_id: str, until_seq: int) -> int:
+        with self.db.read() as s:
+            count = s.scalar(
+                select(func.count()).where(
+                    Memory.cube_id == cube_id,
+                    Memory.session_id == session_id,
+                    Memory.seq < until_seq,
+                    Memory.deleted_at.is_(None),
+                )
+            )
+        return int(count or 0)
 
     def page(
         self, cube_id: str, session_id: str, limit: int, cursor: str | None

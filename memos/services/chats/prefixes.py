@@ -46,9 +46,14 @@ class LoadedPrefix:
     messages: tuple[Message, ...] = ()
     used_at: float = field(default_factory=time.monotonic)
     saved_ids: tuple[int, ...] | None = None  # the tokens on disk, when known
+    # (activation id, episode) of the old-part episode the prefix stands on (`chats.episodes`)
+    base: tuple[str, int] | None = None
 
     @property
     def dirty(self) -> bool:
+        """Unsaved changes. A prefix on a base is never saved (its base is stored already)."""
+        if self.base is not None:
+            return False
         return self.prefix.length > 0 and self.saved_ids != self.prefix.token_ids
 
 

@@ -12,6 +12,10 @@ notes. Notes already in the window are not recalled again.
 The window moves forward in large steps: when the turns no longer fit `max_context_tokens`, the
 oldest leave until the rest fit half of it. Between moves the prefix only grows; at a move it is
 prefilled again once (the older turns stay recallable as notes).
+
+A long chat's old part (`chats.episodes`): the whole prompt may stand on one episode's bounded
+cache, `before` (the messages its tokens render) taking `base_length` positions. The window is
+then rendered as it follows those messages, and the positions left are fewer by the base's.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class TurnPrompt:
     user: Message  # the new message as the history will hold it (no notes)
     notes: tuple[Note, ...]
     window: tuple[Turn, ...]
+    before: tuple[Message, ...] = ()  # what the base under the prefix renders, if any
 
 
 def _system(system: str | None) -> list[Message]:
@@ -84,6 +89,8 @@ def assemble(
     *,
     recall_tokens: int,
     max_tokens: int,
+    before: Sequence[Message] = (),
+    base_length: int = 0,
 ) -> TurnPrompt:
     """The prompt, within the model's positions: notes are cut to `recall_tokens`, then, if the
     whole still does not fit with `max_tokens` to answer, notes go first, then the oldest
@@ -98,16 +105,21 @@ def assemble(
         kept.append(note)
         spent += cost
     turns = list(window)
-    limit = runtime.info.max_positions
+    limit = runtime.info.max_positions - base_length
+    before = list(before)
     while True:
         history = [*_system(system), *(turn.message() for turn in turns)]
         asked = {"role": USER, "content": with_notes(user["content"], kept)}
-        history_ids = template.render(history, add_generation_prompt=False) if history else []
-        turn_ids = template.render_delta(history, [asked])
+        if history:
+            history_ids = template.render_delta(before, history, add_generation_prompt=False)
+        else:
+            history_ids = []
+        turn_ids = template.render_delta([*before, *history], [asked])
         if len(history_ids) + len(turn_ids) + max_tokens <= limit:
             return TurnPrompt(
-                tuple(history), tuple(history_ids), tuple(turn_ids), user, tuple(kept), tuple(turns)
-            )
+                tuple(history), tuple(history_ids), tuple(turn_ids), user, tuple(kept),
+                tuple(turns), tuple(before),
+            )  # fmt: skip
         if kept:
             kept.pop()
         elif turns:

@@ -4,6 +4,7 @@ catalogue  chat rows (system prompt, recall, window, sampling, saved prefix)
 history    a chat's turns: the memories of its session, in stored order
 prompt     system + window (the stable prefix), then notes and the new message
 prefixes   loaded prefixes under a byte budget; saved as activations, loaded back
+episodes   a long chat's old part (turns before the window) as an episodic activation
 turns      one turn: recall, prompt, prefix, generation, both turns stored
 """
 
@@ -28,6 +29,7 @@ from memos.services.activations import ActivationService
 from memos.services.activations.admission import Refusal, Slot, refused
 from memos.services.activations.blending import Blended, blend_prompt
 from memos.services.chats.catalogue import ChatCatalogue, ChatRecord, ChatSpec
+from memos.services.chats.episodes import ChatEpisodes, OldPart
 from memos.services.chats.history import ChatHistory, Turn
 from memos.services.chats.prefixes import LoadedPrefix, LoadedPrefixes, PrefixStore, QuotaCheck
 from memos.services.chats.prompt import (
@@ -104,6 +106,7 @@ class ChatService:
         self.history = ChatHistory(db)
         self.loaded = LoadedPrefixes(config.prefix_cache_bytes)
         self.store = PrefixStore(self.catalogue, activations.catalogue, check_quota)
+        self.episodes = ChatEpisodes(db, activations, self.history, config)
         self._busy: set[str] = set()
         self._lock = threading.Lock()
         self._turns: dict[str, int] = {}
@@ -190,6 +193,7 @@ class ChatService:
             chat = self.catalogue.delete(cube_id, chat_id)
             self.loaded.pop(chat_id)
             self.store.remove(cube_id, chat.prefix_activation_id)
+            self.episodes.remove(chat)
             if purge:
                 self.memories.delete_session(principal, cube_id, chat.session_id)
         finally:
@@ -266,12 +270,17 @@ class ChatService:
             window, notes = self._context(
                 principal, chat, content, lambda text: len(runtime.tokenize(text))
             )
+            chat = self.catalogue.record(cube_id, chat_id)  # the window may have moved
+            self.episodes.ensure(principal, chat)
+            old = self.episodes.part(runtime, chat, content)
             prompt = assemble(
                 runtime, chat.spec.system, window, user, notes,
                 recall_tokens=self.config.recall_tokens, max_tokens=max_tokens,
+                before=old.messages if old else (), base_length=old.kv.length if old else 0,
             )  # fmt: skip
-            tokens = len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens
-            entry = self._entry(runtime, chat)
+            base = old.kv.kept if old else 0
+            tokens = base + len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens
+            entry = self._entry(runtime, chat, old)
             cached = common_prefix(entry.prefix.token_ids, prompt.history_ids)
             prefill = len(prompt.history_ids) - cached + len(prompt.turn_ids)
             slot = self._admit(runtime, tokens * runtime.kv_bytes_per_token, cancel, prefill,
@@ -282,7 +291,7 @@ class ChatService:
             blended = self._blend(runtime, cube_id, entry, prompt)
             return ChatTurn(
                 runtime, request, prompt, entry, slot, cancel, store, self._turn_ended,
-                started, reused, blended,
+                started, base + reused, blended, old.episode if old else None,
             )  # fmt: skip
         except BaseException:
             if slot is not None:
@@ -298,6 +307,8 @@ class ChatService:
     ) -> Blended | None:
         """The turn's cache with its recalled notes taken from their KV chunks, on a snapshot
         of the prefix (which keeps no note); None when no note has a usable chunk."""
+        if entry.prefix.has_base:  # its snapshot cannot stand alone: the notes are prefilled
+            return None
         notes = self.activations.notes
         chunks = [
             chunk
@@ -412,10 +423,17 @@ class ChatService:
         self.search.record([note.memory_id for note in notes])  # what the prompt recalls
         return notes
 
-    def _entry(self, runtime: Runtime, chat: ChatRecord) -> LoadedPrefix:
+    def _entry(self, runtime: Runtime, chat: ChatRecord, old: OldPart | None) -> LoadedPrefix:
+        """The chat's prefix, standing on `old`'s episode (or on nothing): the loaded one when
+        it stands there already, else the saved one (no base only), else a new one."""
+        base = old.key if old is not None else None
         entry = self.loaded.take(chat.id)
-        if entry is None:
-            entry = self.store.load(runtime, chat)
+        if entry is not None and entry.base == base:
+            return entry
+        if old is not None:  # another episode (or none before): the window goes on this one
+            return LoadedPrefix(chat.cube_id, chat.session_id,
+                                runtime.prefix_cache(base=old.kv), base=base)  # fmt: skip
+        entry = self.store.load(runtime, chat)
         if entry is None:
             entry = LoadedPrefix(chat.cube_id, chat.session_id, runtime.prefix_cache())
         return entry

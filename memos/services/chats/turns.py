@@ -96,16 +96,19 @@ class ChatTurn:
         started: float,
         reused_tokens: int,
         blended: Blended | None = None,
+        episode: int | None = None,
     ) -> None:
         self.runtime, self.request, self.prompt, self.entry = runtime, request, prompt, entry
         self._slot, self._cancel, self._store, self._release = slot, cancel, store, release
         self._started = started
         self._closed = False
         self.stored: tuple[str, str] | None = None
-        # The prefix was synced to `prompt.history_ids` by the caller: it kept `reused_tokens`;
-        # a blend kept more (the notes' chunk tokens it did not recompute).
+        # The prefix was synced to `prompt.history_ids` by the caller: it kept `reused_tokens`
+        # (with the episode's entries it stands on, if any); a blend kept more (the notes'
+        # chunk tokens it did not recompute).
         self.reused_tokens = reused_tokens + (blended.reused_tokens if blended else 0)
         self.recomputed_tokens = blended.recomputed_tokens if blended else 0
+        self.episode = episode  # the episode of the chat's old part it stands on, if any
         self.prefilled_ms = (time.perf_counter() - started) * 1000
         # On the prefix itself (cropped back after), or on the blended cache (the prefix is
         # not touched): then only the prompt's last token is left to run.
@@ -152,11 +155,14 @@ class ChatTurn:
             assistant_memory_id=None,
             recalled=recalled,
             ttft_ms=round(self.prefilled_ms + result.ttft_ms, 3),
-            prompt_tokens=len(self.prompt.history_ids) + len(self.prompt.turn_ids),
+            prompt_tokens=self.entry.prefix.base_entries
+            + len(self.prompt.history_ids)
+            + len(self.prompt.turn_ids),
             reused_tokens=self.reused_tokens,
             finish_reason=result.finish_reason,
             completion_tokens=len(result.token_ids),
             recomputed_tokens=self.recomputed_tokens,
+            episode=self.episode,
         )
         if result.finish_reason == "cancelled" or not result.text.strip():
             return view  # nothing to store: the client left, or the model said nothing
@@ -167,7 +173,7 @@ class ChatTurn:
 
     def _extend(self, user: Message, answer: Message) -> None:
         """The prefix grows by the stored turn, so the next turn prefills only its own."""
-        history = list(self.prompt.history)
+        history = [*self.prompt.before, *self.prompt.history]
         template = self.runtime.template
         delta = template.render_delta(history, [user, answer], add_generation_prompt=False)
         self.entry.prefix.extend(delta)  # not cancellable: the turn is stored already

@@ -14,7 +14,7 @@ CHAT_FIELDS = {"id", "cube_id", "session_id", "system", "recall", "max_context_t
                "sampling", "turns", "created_at", "last_active_at"}  # fmt: skip
 REPLY_FIELDS = {"reply", "user_memory_id", "assistant_memory_id", "recalled", "ttft_ms",
                 "prompt_tokens", "reused_tokens", "finish_reason",
-                "recomputed_tokens"}  # fmt: skip
+                "recomputed_tokens", "episode"}  # fmt: skip
 
 
 def open_chat(client: httpx.Client, cube_id: str, **body) -> dict:
