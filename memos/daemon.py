@@ -150,7 +150,7 @@ class Daemon:
         )  # fmt: skip
         self.migrator = Migrator(
             self.db, self.policies, self.activations, settings.lifecycle,
-            pause=self.foreground.pause,
+            pause=self.foreground.pause, promote_notes=self.activations.promote_note_chunks,
         )  # fmt: skip
         # What the daemon does on its own behalf; the scheduler's jobs go through it.
         self.system = SystemService(

@@ -318,6 +318,24 @@ class ActivationService:
         chosen = self.config.note_chunk_bits if bits is None else bits
         return self.notes.build(cube_id, rows, chosen, self.check_quota)
 
+    def promote_note_chunks(self, cube_id: str, memory_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The `migrate` job's hook for hot notes outside any session (system path): a chunk
+        each, at `note_chunk_bits`, at most `max_note_chunks` a call; notes that already have
+        a current chunk are left out of the answer."""
+        rows = self.notes.notes(cube_id, list(memory_ids)[: self.config.max_note_chunks])
+        built = []
+        for row in rows:
+            before = self.catalogue.exists(note_chunk_id(row.id, row.version))
+            bits = self.config.note_chunk_bits
+            (view,) = self.notes.build(cube_id, [row], bits, self.check_quota)
+            if not before:
+                built.append(
+                    {"memory_id": row.id, "activation_id": view.id, "bytes": view.bytes,
+                     "why": "recalled often outside any session: its KV chunk is blended "
+                     "into the turns that recall it"}
+                )  # fmt: skip
+        return built
+
     def drop_note_chunks(self, cube_id: str, notes: list[tuple[str, int]]) -> int:
         """After notes were edited or deleted: their chunks (of these (id, version) pairs, the
         versions before the change) go, like any activation; how many there were."""

@@ -66,8 +66,8 @@ STEPS = {16: 8, 8: 4, 4: 2}  # bits -> the next step down; 2 bits: dropped next
 PROMOTED_BY = "migrate"
 
 # The seam for per-note KV chunks (issue 12): called with (cube id, ids of hot notes that
-# belong to no session), returns one result item per note it promoted. Until it is wired,
-# such notes are only counted in the result.
+# belong to no session), returns one result item per note it promoted (the daemon passes
+# `ActivationService.promote_note_chunks`; without one such notes are only counted).
 PromoteNotes = Callable[[str, Sequence[str]], list[dict[str, Any]]]
 
 
@@ -362,7 +362,8 @@ class Migrator:
         return self.costs.verdict(per_token * 1000, 1000)  # 1000 tokens' worth, stored
 
     def _hot_notes(self, cube_id: str, note_ids: list[str], report: MigrateReport) -> None:
-        """Hot notes outside any session: for per-note KV chunks (issue 12), when wired."""
+        """Hot notes outside any session: each gets its KV chunk (issue 12) through
+        `promote_notes` (the daemon wires `ActivationService.promote_note_chunks`)."""
         if not note_ids:
             return
         report.hot_notes_without_session += len(note_ids)

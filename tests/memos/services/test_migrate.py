@@ -18,6 +18,7 @@ from memos.db.models import Activation
 from memos.db.types import utcnow
 from memos.services.activations import ActivationSource
 from memos.services.lifecycle import CostModel
+from memos.services.views import NewMemory
 from tests.memos.services.factories import ADMIN, add_turns, make_daemon
 
 FAST_DISK = 1e-12  # seconds per byte: loading always beats re-prefilling
@@ -225,3 +226,22 @@ def test_caches_idle_in_ram_are_unloaded(tmp_path, embedder):
         assert rows(daemon, cube_id)[0].state == "ready"  # its files stay
     finally:
         daemon.stop()
+
+
+def test_hot_notes_outside_any_session_get_their_kv_chunk_once(daemon):
+    cube = daemon.cubes.create(ADMIN, "loose", "").id
+    when = utcnow()
+    notes = [NewMemory(f"Melanie painted a lake at dawn, take {i}.", None, "Melanie", when, {})
+             for i in range(2)]  # fmt: skip
+    hot, cold = (m.id for m in daemon.memories.add(ADMIN, cube, notes))
+    daemon.usage.recalled([hot, hot, hot, cold])  # hot_recalls=3: only the first
+    run(daemon, "usage_flush")
+
+    first = run(daemon)
+    (item,) = [m for m in first["moved"] if m["action"] == "promoted_note"]
+    assert (item["cube_id"], item["memory_id"]) == (cube, hot)
+    assert item["why"].startswith("recalled often outside any session")
+    assert daemon.memories.get(ADMIN, cube, hot).has_kv
+    assert not daemon.memories.get(ADMIN, cube, cold).has_kv
+    second = run(daemon)  # its chunk is current: nothing more to do
+    assert [m for m in second["moved"] if m["action"] == "promoted_note"] == []
