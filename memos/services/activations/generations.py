@@ -434,17 +434,23 @@ class Generations:
         if cached is not None:
             return cached
         path = self._path(row)
-        try:
-            if row.episodes is not None:
-                caches, manifest = kv_runtime.open_episodes(path, runtime.fingerprint)
-                router: Router | None = Router.of(manifest)
-            else:
-                compressed, manifest = runtime.open_activation(path)
-                caches, router = (compressed,), None
-        except kv_runtime.ActivationMismatch as exc:
-            raise Conflict(exc.message, code="activation_mismatch") from exc
-        except kv_runtime.ActivationCorrupt as exc:
-            self._corrupt(row, exc)
+        for attempt in (1, 2):
+            try:
+                if row.episodes is not None:
+                    caches, manifest = kv_runtime.open_episodes(path, runtime.fingerprint)
+                    router: Router | None = Router.of(manifest)
+                else:
+                    compressed, manifest = runtime.open_activation(path)
+                    caches, router = (compressed,), None
+                break
+            except kv_runtime.ActivationMismatch as exc:
+                raise Conflict(exc.message, code="activation_mismatch") from exc
+            except kv_runtime.ActivationCorrupt as exc:
+                # The `migrate` job replaces a demoted activation's files atomically, but a
+                # reader between its manifest and its blob sees a blob that is gone: read again
+                # once before calling it corrupt.
+                if attempt == 2:
+                    self._corrupt(row, exc)
         self.catalogue.loaded(row.id)
         history = manifest.messages
         if history is None:  # stored before messages were recorded; `_history` checked it

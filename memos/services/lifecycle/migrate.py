@@ -29,10 +29,9 @@ leaves a row whose bits differ from its manifest's, which the next run reconcile
 manifest (the files are the truth for what is stored). A promotion's build that a kill cuts is
 failed at restart (`ActivationService.start`) and promoted again by the next run.
 
-Known race: a generation that reads an activation's manifest just before a demotion replaces
-its blob finds the old blob gone and marks the row corrupt (evict then drops it). Only cold
-activations are demoted, so it needs a first use in `demote_after_days` to land in that
-millisecond; a reader that retried once on a missing blob would close it.
+A generation that reads an activation's manifest just before a demotion replaces its blob
+finds the old blob gone; it reads the files once more before it calls them corrupt
+(`generations.Generations._load`).
 
 The result lists, item by item (bounded), what moved and why.
 """
