@@ -96,13 +96,16 @@ def build_context(runtime: Runtime, conv: Conversation, max_tokens: int) -> Cont
     texts = runtime.token_texts(ids)
     rendered = "".join(texts)
     starts = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
-    spans, cursor = {}, 0
-    for turn, line in zip(conv.turns[:keep], lines[:keep], strict=True):
-        begin = rendered.index(line, cursor)
-        cursor = begin + len(line)
-        # The tokens overlapping the line: from the one it starts in to the one it ends in.
-        spans[turn.dia_id] = (bisect.bisect_right(starts, begin) - 1,
-                              bisect.bisect_left(starts, cursor))  # fmt: skip
+    # Each line is found by its head (`[date] Speaker:`, ASCII): a token's text may not spell
+    # a character split across byte-level tokens (emoji), so the whole line need not match.
+    # A turn's tokens run from the one its head starts in to the one the next head starts in.
+    begins, cursor = [], 0
+    for turn in conv.turns[:keep]:
+        begin = rendered.index(f"[{turn.timestamp:%Y-%m-%d %H:%M}] {turn.speaker}:", cursor)
+        begins.append(bisect.bisect_right(starts, begin) - 1)
+        cursor = begin + 1
+    ends = [*begins[1:], len(ids)]
+    spans = {t.dia_id: (b, e) for t, b, e in zip(conv.turns[:keep], begins, ends, strict=True)}
     utterances = [episodes.Utterance(t.speaker, t.render()) for t in conv.turns[:keep]]
     return Context(messages, ids, spans, utterances)
 
