@@ -14,7 +14,7 @@ blocks of `--block` tokens, so their peak KV is comparable:
   a question is answered from the episode nearest it (`route`), as the daemon does;
 - snapkv, kvzip: one cache, scored by the block's last 64 tokens / by reconstruction;
 - recent: the last M tokens; streamingllm: 4 sinks and the last M - 4;
-and once: full, the whole context's cache (`Runtime.prefill`).
+and once: full, the whole context's cache (built in the same blocks, nothing evicted).
 
 Also per row: evidence retention (the share of the evidence turns' cache entries kept, over
 layers and heads, in the cache used), peak KV bytes during the build, build seconds (episodic:
