@@ -14,7 +14,7 @@ blocks of `--block` tokens, so their peak KV is comparable:
   a question is answered from the episode nearest it (`route`), as the daemon does;
 - snapkv, kvzip: one cache, scored by the block's last 64 tokens / by reconstruction;
 - recent: the last M tokens; streamingllm: 4 sinks and the last M - 4;
-and once: full, the whole context's cache (`Runtime.prefill`).
+and once: full, the whole context's cache (built in the same blocks, nothing evicted).
 
 Also per row: evidence retention (the share of the evidence turns' cache entries kept, over
 layers and heads, in the cache used), peak KV bytes during the build, build seconds (episodic:
@@ -26,6 +26,7 @@ the best single-cache baseline and full KV, its evidence retention >= 2x SnapKV'
 KV <= 1/3 of full prefill's.
 
     python benchmarks/episodic.py --json out.json
+    python benchmarks/episodic.py --merge a.json b.json --json out.json  # runs put together
     python benchmarks/episodic.py --conversations 0 --budgets 512 --max-questions 20  # quick
 """
 
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.locomo import Conversation, Question, load_locomo  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from kv_runtime import KVCache, Runtime, RuntimeConfig  # noqa: E402
+from kv_runtime.episodic import BudgetedPrefill  # noqa: E402
 from memcube import episodes  # noqa: E402
 from memcube.embedder import Embedder, EmbedderConfig  # noqa: E402
 
-SINGLE = {  # method -> (scorer, sink tokens)
-    "snapkv": ("snapkv", 4),
+# Chosen so that the episodic build's peak (M + block + patched prompt) stays under a third of
+# the full cache's at M = 1,024 on a ~6,500-token context: 1,024 + 512 + ~550 tokens; the
+# daemon's defaults (block 1,024, patched prompt up to 8,000 characters, ~2K tokens) hold ~4K.
+BLOCK_TOKENS = 512
+PATCH_CHARS = 2_000
+SINGLE = {  # method -> (scorer, sink tokens); the strongest baseline first (a partial run has it)
     "kvzip": ("kvzip", 4),
+    "snapkv": ("snapkv", 4),
     "recent": ("recent", 0),
     "streamingllm": ("recent", 4),
 }
@@ -89,13 +97,16 @@ def build_context(runtime: Runtime, conv: Conversation, max_tokens: int) -> Cont
     texts = runtime.token_texts(ids)
     rendered = "".join(texts)
     starts = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
-    spans, cursor = {}, 0
-    for turn, line in zip(conv.turns[:keep], lines[:keep], strict=True):
-        begin = rendered.index(line, cursor)
-        cursor = begin + len(line)
-        # The tokens overlapping the line: from the one it starts in to the one it ends in.
-        spans[turn.dia_id] = (bisect.bisect_right(starts, begin) - 1,
-                              bisect.bisect_left(starts, cursor))  # fmt: skip
+    # Each line is found by its head (`[date] Speaker:`, ASCII): a token's text may not spell
+    # a character split across byte-level tokens (emoji), so the whole line need not match.
+    # A turn's tokens run from the one its head starts in to the one the next head starts in.
+    begins, cursor = [], 0
+    for turn in conv.turns[:keep]:
+        begin = rendered.index(f"[{turn.timestamp:%Y-%m-%d %H:%M}] {turn.speaker}:", cursor)
+        begins.append(bisect.bisect_right(starts, begin) - 1)
+        cursor = begin + 1
+    ends = [*begins[1:], len(ids)]
+    spans = {t.dia_id: (b, e) for t, b, e in zip(conv.turns[:keep], begins, ends, strict=True)}
     utterances = [episodes.Utterance(t.speaker, t.render()) for t in conv.turns[:keep]]
     return Context(messages, ids, spans, utterances)
 
@@ -111,13 +122,14 @@ def answer_nll(runtime: Runtime, context: Context, kv: KVCache, question: Questi
     return float(-logp[torch.arange(len(a_ids)), torch.tensor(a_ids)].mean())
 
 
-def retention(kv: KVCache, context: Context, question: Question) -> float:
-    """Share of the evidence turns' entries the cache keeps, over layers and heads."""
+def retention(kept_at: torch.Tensor | None, context: Context, question: Question) -> float:
+    """Share of the evidence turns' entries the cache keeps, over layers and heads.
+    kept_at: the build's `original_positions` (layers, kv_heads, kept); None: the full cache.
+    (A compacted cache's own `positions` are its new slots 0..kept-1, not the tokens'.)"""
     wanted = [p for d in question.evidence if d in context.spans for p in range(*context.spans[d])]
-    if not wanted or kv.positions is None:
+    if not wanted or kept_at is None:
         return 1.0
-    target = torch.tensor(wanted)
-    kept = torch.isin(kv.positions, target).sum(dim=-1).float()  # (layers, heads)
+    kept = torch.isin(kept_at, torch.tensor(wanted)).sum(dim=-1).float()  # (layers, heads)
     return float((kept / len(wanted)).mean())
 
 
@@ -129,23 +141,27 @@ def answerable(context: Context, questions: tuple[Question, ...]) -> list[Questi
     ]
 
 
+Built = tuple[KVCache, torch.Tensor | None]  # a cache and its entries' original positions
+
+
 def evaluate(
     runtime: Runtime,
     context: Context,
     questions: list[Question],
-    pick: Any,
+    pick: Callable[[Question], Built],
 ) -> tuple[list[dict[str, Any]], float]:
-    """Per question: (category, nll, retention); `pick(question) -> kv`; and the route time."""
+    """Per question: its category, answer nll and evidence retention from the cache `pick`
+    chooses for it; and the mean seconds `pick` took (the route, for episodic)."""
     out, picking = [], 0.0
     for q in questions:
         started = time.perf_counter()
-        kv = pick(q)
+        kv, kept_at = pick(q)
         picking += time.perf_counter() - started
         out.append(
             {
                 "category": q.category_name,
                 "nll": answer_nll(runtime, context, kv, q),
-                "retention": retention(kv, context, q),
+                "retention": retention(kept_at, context, q),
             }
         )
     return out, picking / max(1, len(questions))
@@ -160,7 +176,7 @@ def summarize(
     build_s: float,
     route_ms: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row for all the questions and one per category."""
+    """One row for all the questions (category "all") and one per category."""
     rows = []
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in per_q:
@@ -184,82 +200,159 @@ def summarize(
     return rows
 
 
+def episodic_caches(
+    runtime: Runtime,
+    context: Context,
+    found: list[episodes.Episode],
+    windows: list[episodes.Window],
+    budget: int,
+    args: argparse.Namespace,
+) -> tuple[list[BudgetedPrefill], list[int]]:
+    """One budgeted prefill of the whole context per episode, scored by its patched prompt
+    (a user turn after the context, as the daemon renders it); and each prompt's length."""
+    built, prompt_tokens = [], []
+    for episode in found:
+        patch = episodes.patched_prompt(windows, episode, args.patch_chars)
+        query = runtime.template.render_delta(
+            context.messages, [{"role": "user", "content": patch}]
+        )
+        prompt_tokens.append(len(query))
+        built.append(
+            runtime.prefill_budgeted(
+                context.token_ids,
+                budget_tokens=budget,
+                block_tokens=args.block,
+                query_ids=query,
+                scorer="prompt",
+            )  # fmt: skip
+        )
+    return built, prompt_tokens
+
+
 def run_conversation(
-    runtime: Runtime, embedder: Embedder, conv: Conversation, args: argparse.Namespace
-) -> list[dict[str, Any]]:
+    runtime: Runtime,
+    embedder: Embedder,
+    conv: Conversation,
+    args: argparse.Namespace,
+    emit: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Every method at every budget on one conversation; `emit(rows)` after each step."""
     context = build_context(runtime, conv, args.max_context)
     questions = answerable(context, conv.questions)[: args.max_questions]
     ids = context.token_ids
-    rows: list[dict[str, Any]] = []
+    print(
+        f"{conv.sample_id}: {len(ids)} context tokens, {len(context.spans)} turns, "
+        f"{len(questions)} questions",
+        file=sys.stderr,
+    )
+    # The full cache, built in blocks (the same cache as one pass, without its context-square
+    # attention matrix): nothing is evicted, so the peak is the whole context's KV.
     started = time.perf_counter()
-    full = runtime.prefill(ids)
-    per_q, _ = evaluate(runtime, context, questions, lambda q: full)
-    rows += summarize(conv.sample_id, "full", None, per_q, full.nbytes(),
-                      time.perf_counter() - started)  # fmt: skip
-    windows = episodes.segment(context.utterances)
-    for budget in args.budgets:
-        # Episodic: embed, cluster, one budgeted prefill per episode.
-        started = time.perf_counter()
-        vectors = embedder.embed([w.text for w in windows])
-        found = episodes.cluster(vectors, args.episodes)
-        caches, peak = [], 0
-        for episode in found:
-            patch = episodes.patched_prompt(windows, episode, 8_000)
-            query = runtime.template.render_delta(
-                context.messages, [{"role": "user", "content": patch}]
-            )
-            built = runtime.prefill_budgeted(
-                ids, budget_tokens=budget, block_tokens=args.block, query_ids=query,
-                scorer="prompt",
-            )  # fmt: skip
-            caches.append(built.kv)
-            peak = max(peak, built.peak_kv_bytes)
-        build_s = time.perf_counter() - started
-        centroids = np.stack([e.centroid for e in found])
+    full = runtime.prefill_budgeted(
+        ids, budget_tokens=len(ids), block_tokens=args.block, scorer="recent", sink_tokens=0
+    ).kv
+    full_s = time.perf_counter() - started
+    per_q, _ = evaluate(runtime, context, questions, lambda q: (full, None))
+    emit(summarize(conv.sample_id, "full", None, per_q, full.nbytes(), full_s))
 
-        def routed(
-            q: Question, caches: list[KVCache] = caches, centroids: np.ndarray = centroids
-        ) -> KVCache:
-            return caches[episodes.route(embedder.embed_query(q.text), centroids)]
+    # Episodes do not depend on the budget: embed and cluster once, count it in every build.
+    started = time.perf_counter()
+    windows = episodes.segment(context.utterances)
+    vectors = embedder.embed([w.text for w in windows])
+    found = episodes.cluster(vectors, args.episodes)
+    centroids = np.stack([e.centroid for e in found])
+    cluster_s = time.perf_counter() - started
+    for budget in args.budgets:
+        started = time.perf_counter()
+        built, prompt_tokens = episodic_caches(runtime, context, found, windows, budget, args)
+        build_s = cluster_s + time.perf_counter() - started
+
+        def routed(q: Question, built: list[BudgetedPrefill] = built) -> Built:
+            chosen = built[episodes.route(embedder.embed_query(q.text), centroids)]
+            return chosen.kv, chosen.original_positions
 
         per_q, route_s = evaluate(runtime, context, questions, routed)
-        rows += summarize(conv.sample_id, "episodic", budget, per_q, peak, build_s,
-                          route_s * 1000)  # fmt: skip
+        peak = max(b.peak_kv_bytes for b in built)
+        rows = summarize(conv.sample_id, "episodic", budget, per_q, peak, build_s, route_s * 1e3)
+        for row in rows:
+            row["patched_prompt_tokens"] = max(prompt_tokens)
+        emit(rows)
         for method, (scorer, sinks) in SINGLE.items():
             started = time.perf_counter()
-            built = runtime.prefill_budgeted(
+            one = runtime.prefill_budgeted(
                 ids, budget_tokens=budget, block_tokens=args.block, scorer=scorer,
                 sink_tokens=sinks,
             )  # fmt: skip
             build_s = time.perf_counter() - started
-            kv = built.kv
-            per_q, _ = evaluate(runtime, context, questions, lambda q, kv=kv: kv)
-            rows += summarize(conv.sample_id, method, budget, per_q, built.peak_kv_bytes,
-                              build_s)  # fmt: skip
-        print(f"{conv.sample_id}: M={budget} done ({len(questions)} questions)", file=sys.stderr)
-    return rows
+            per_q, _ = evaluate(
+                runtime, context, questions, lambda q, one=one: (one.kv, one.original_positions)
+            )
+            emit(summarize(conv.sample_id, method, budget, per_q, one.peak_kv_bytes, build_s))
+        print(f"{conv.sample_id}: M={budget} done", file=sys.stderr)
 
 
-def gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per conversation and budget (all categories): the share of the nll gap between the best
-    single cache and full KV that the episodic cache closes, and retention over SnapKV's."""
+def pooled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversations together (conversation "all"): per method, budget and category, the
+    question-weighted means of nll and retention, the largest peak, the mean build time."""
+    groups: dict[tuple[str, int | None, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["conversation"] != "all":
+            groups[(row["method"], row["budget_tokens"], row["category"])].append(row)
+    out = []
+    for (method, budget, category), items in groups.items():
+        n = sum(r["questions"] for r in items)
+        routes = [r["route_ms"] for r in items if r["route_ms"] is not None]
+        out.append(
+            {
+                "conversation": "all",
+                "category": category,
+                "method": method,
+                "budget_tokens": budget,
+                "questions": n,
+                "answer_nll": sum(r["answer_nll"] * r["questions"] for r in items) / n,
+                "evidence_retention": sum(r["evidence_retention"] * r["questions"] for r in items)
+                / n,
+                "peak_kv_bytes": max(r["peak_kv_bytes"] for r in items),
+                "build_s": statistics.fmean(r["build_s"] for r in items),
+                "route_ms": statistics.fmean(routes) if routes else None,
+                "conversations": len(items),
+            }
+        )
+    return out
+
+
+def gap_closed(rows: list[dict[str, Any]], category: str = "all") -> list[dict[str, Any]]:
+    """Per conversation (and "all", pooled) and budget: the share of the nll gap between the
+    best single cache and full KV that the episodic cache closes, its evidence retention over
+    SnapKV's, and its build peak over full prefill's."""
     table = {(r["conversation"], r["method"], r["budget_tokens"]): r
-             for r in rows if r["category"] == "all"}  # fmt: skip
+             for r in rows if r["category"] == category}  # fmt: skip
     out = []
     for (conv_id, method, budget), episodic in sorted(table.items(), key=str):
         if method != "episodic":
             continue
-        full = table[(conv_id, "full", None)]
-        singles = [table[(conv_id, m, budget)] for m in SINGLE]
+        full = table.get((conv_id, "full", None))
+        singles = [table[k] for k in ((conv_id, m, budget) for m in SINGLE) if k in table]
+        snapkv = table.get((conv_id, "snapkv", budget))
+        if full is None or snapkv is None or len(singles) < len(SINGLE):
+            continue  # a partial run: this budget's baselines are not measured yet
         best = min(singles, key=lambda r: r["answer_nll"])
         gap = best["answer_nll"] - full["answer_nll"]
-        snapkv = table[(conv_id, "snapkv", budget)]
         out.append(
             {
                 "conversation": conv_id,
+                "category": category,
                 "budget_tokens": budget,
                 "best_single": best["method"],
-                "gap_closed": (best["answer_nll"] - episodic["answer_nll"]) / gap if gap else None,
+                "full_nll": full["answer_nll"],
+                "best_single_nll": best["answer_nll"],
+                "episodic_nll": episodic["answer_nll"],
+                # No gap to close where the best single cache is already at or below full KV's
+                # nll (a ratio of two negatives would read as progress).
+                "gap_closed": (best["answer_nll"] - episodic["answer_nll"]) / gap
+                if gap > 0
+                else None,
+                "episodic_minus_best": episodic["answer_nll"] - best["answer_nll"],
                 "retention_vs_snapkv": episodic["evidence_retention"]
                 / max(snapkv["evidence_retention"], 1e-9),
                 "peak_vs_full": episodic["peak_kv_bytes"] / full["peak_kv_bytes"],
@@ -276,13 +369,24 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, nargs="+", help="indexes (default: all)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--episodes", type=int, default=episodes.EPISODES)
-    parser.add_argument("--block", type=int, default=1024, help="block_tokens of every build")
+    parser.add_argument("--block", type=int, default=BLOCK_TOKENS, help="every build's blocks")
+    parser.add_argument(
+        "--patch-chars", type=int, default=PATCH_CHARS,
+        help="cap on a patched prompt's medoid windows (characters)",
+    )  # fmt: skip
     parser.add_argument("--max-context", type=int, default=6500, help="tokens of context kept")
     parser.add_argument("--max-questions", type=int, default=200, help="per conversation")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--model-cache", type=Path, help="where the converted models are kept")
-    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--json", type=Path, help="write the rows here (after every step)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+",
+        help="run nothing: put these runs' JSON together (pooled rows and targets recomputed)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     if not args.data.exists():
         print(f"skipped: {args.data} not found", file=sys.stderr)
         return
@@ -291,12 +395,46 @@ def main() -> None:
     embedder = Embedder(EmbedderConfig(cache_dir=cache))
     conversations = load_locomo(args.data)
     chosen = args.conversations or list(range(len(conversations)))
+    settings = {
+        "model": runtime.info.name,
+        "block_tokens": args.block,
+        "patch_chars": args.patch_chars,
+        "episodes": args.episodes,
+        "max_context": args.max_context,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
     rows: list[dict[str, Any]] = []
+
+    def emit(new: list[dict[str, Any]]) -> None:
+        rows.extend(new)
+        if args.json is not None:  # incrementally: an interrupted run keeps what it measured
+            everything = rows + pooled(rows)
+            report = {"settings": settings, "rows": everything, "targets": gap_closed(everything)}
+            args.json.write_text(json.dumps(report, indent=1))
+
     for index in chosen:
-        rows += run_conversation(runtime, embedder, conversations[index], args)
+        started = time.perf_counter()
+        run_conversation(runtime, embedder, conversations[index], args, emit)
+        print(f"conversation {index}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    report(rows + pooled(rows), settings)
+
+
+def merge(paths: list[Path], out: Path | None) -> None:
+    """Several runs' rows as one report (each run's own pooled rows are dropped and redone)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    rows = [r for run in runs for r in run["rows"] if r["conversation"] != "all"]
+    settings = {"merged": [str(p) for p in paths], "runs": [run["settings"] for run in runs]}
+    everything = rows + pooled(rows)
+    if out is not None:
+        payload = {"settings": settings, "rows": everything, "targets": gap_closed(everything)}
+        out.write_text(json.dumps(payload, indent=1))
+    report(everything, settings)
+
+
+def report(everything: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     print_table(
-        f"Answer NLL from each cache (model {runtime.info.name}, block {args.block}, "
-        f"E={args.episodes}, {os.cpu_count()} cpus)",
+        f"Answer NLL from each cache ({settings})",
         [
             ("conversation", "conversation", "<12"),
             ("category", "category", "<12"),
@@ -309,9 +447,8 @@ def main() -> None:
             ("build s", "build_s", ">8.1f"),
             ("route ms", "route_ms", ">8.1f"),
         ],
-        rows,
+        everything,
     )
-    targets = gap_closed(rows)
     print_table(
         "Episodic against the best single cache (targets at M=1024: gap closed >= 0.5, "
         "retention >= 2x SnapKV's, peak <= 1/3 of full)",
@@ -320,13 +457,12 @@ def main() -> None:
             ("M", "budget_tokens", ">6"),
             ("best single", "best_single", "<13"),
             ("gap closed", "gap_closed", ">10.2f"),
+            ("nll - best", "episodic_minus_best", ">10.3f"),
             ("retention x snapkv", "retention_vs_snapkv", ">18.2f"),
             ("peak / full", "peak_vs_full", ">11.2f"),
         ],
-        targets,
+        gap_closed(everything),
     )
-    if args.json is not None:
-        args.json.write_text(json.dumps({"rows": rows, "targets": targets}, indent=1))
 
 
 if __name__ == "__main__":
