@@ -61,8 +61,8 @@ from memcube import episodes  # noqa: E402
 from memcube.embedder import Embedder, EmbedderConfig  # noqa: E402
 
 # Chosen so that the episodic build's peak (M + block + patched prompt) stays under a third of
-# the full cache's at M = 1,024 on a ~6,500-token context: 1,024 + 512 + ~550 tokens; the
-# daemon's defaults (block 1,024, patched prompt up to 8,000 characters, ~2K tokens) hold ~4K.
+# the full cache's at M = 1,024 on a ~6,500-token context: 1,024 + 512 + ~550 tokens (the
+# daemon's defaults since: memos/services/activations/episodes.py).
 BLOCK_TOKENS = 512
 PATCH_CHARS = 2_000
 SINGLE = {  # method -> (scorer, sink tokens); the strongest baseline first (a partial run has it)

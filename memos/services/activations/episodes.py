@@ -34,7 +34,12 @@ from memos.db.models import Memory
 # Sinks and recent tokens are always kept (4 + 32 in `Runtime.prefill_budgeted`); a budget
 # must leave room for scored tokens beside them.
 MIN_BUDGET_TOKENS = 64
-PATCH_MAX_CHARS = 8_000  # a patched prompt's medoid windows together (~2K tokens at most)
+# A patched prompt's medoid windows together (~600 tokens at most) and the default block of an
+# episode's budgeted prefill: with them an episode's build holds budget + block + prompt, about a
+# third of a full prefill's KV at budget 1,024 on a 6.5K-token conversation (benchmarks/episodic.py,
+# docs/benchmarks.md); 8,000 characters and blocks of 1,024 held ~0.63 of it.
+PATCH_MAX_CHARS = 2_000
+DEFAULT_BLOCK_TOKENS = 512
 Progress = Callable[[int, int], None]
 
 
@@ -116,7 +121,7 @@ def build(
         budgeted = runtime.prefill_budgeted(
             token_ids,
             budget_tokens=settings.budget_tokens,
-            block_tokens=settings.block_tokens,
+            block_tokens=settings.block_tokens or DEFAULT_BLOCK_TOKENS,
             query_ids=query_ids,
             scorer="prompt",
             progress=step,
