@@ -205,7 +205,7 @@ def main() -> None:
             "MEMOS_ACTIVATIONS__INLINE_MAX_TOKENS": "512",
             # All of them admitted: the point is the probes while that much work runs (by
             # default a generation this far behind the work ahead is refused with 429 busy).
-            "MEMOS_ACTIVATIONS__GENERATION_WAIT_S": "3600",
+            "MEMOS_ACTIVATIONS__GENERATION_WAIT_S": "600",  # the most it may be
             "MEMOS_RUNTIME__THREADS": str(args.threads),
         }
         if os.environ.get("MEMOS_RUNTIME__CACHE_DIR"):
