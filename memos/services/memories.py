@@ -216,13 +216,7 @@ class MemoryService:
                 )
                 if not rows:
                     return 0
-                generation = bump_generation(s, cube_id, live_delta=-len(rows))
-                now = utcnow()
-                for row in rows:
-                    row.version += 1
-                    row.change_seq = generation
-                    row.updated_at = row.deleted_at = now
-                    s.add(history_row(row, "deleted"))
+                generation = _soft_delete(s, cube_id, rows, "deleted")
             index.apply([], [row.seq for row in rows], generation)
         self.on_changed(cube_id, [(row.id, row.version - 1) for row in rows])
         return len(rows)
@@ -249,13 +243,7 @@ class MemoryService:
                 )
                 if not rows:
                     return []
-                generation = bump_generation(s, cube_id, live_delta=-len(rows))
-                now = utcnow()
-                for row in rows:
-                    row.version += 1
-                    row.change_seq = generation
-                    row.updated_at = row.deleted_at = now
-                    s.add(history_row(row, reason))
+                generation = _soft_delete(s, cube_id, rows, reason)
             index.apply([], [row.seq for row in rows], generation)
         self.on_changed(cube_id, [(row.id, row.version - 1) for row in rows])
         return [row.id for row in rows]
@@ -331,3 +319,16 @@ class MemoryService:
             )
             for h in rows
         ]
+
+
+def _soft_delete(s: Session, cube_id: str, rows: Sequence[Memory], reason: str) -> int:
+    """Soft-delete live `rows` of the cube in the open transaction (a new version each, with
+    `reason` in its history); the cube's new generation, for the index."""
+    generation = bump_generation(s, cube_id, live_delta=-len(rows))
+    now = utcnow()
+    for row in rows:
+        row.version += 1
+        row.change_seq = generation
+        row.updated_at = row.deleted_at = now
+        s.add(history_row(row, reason))
+    return generation
