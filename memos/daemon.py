@@ -23,6 +23,8 @@ from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.erasure import ErasureService
+from memos.services.fleet import Instance, Leases
+from memos.services.fleet.instance import load_instance_id
 from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry, vector_space
 from memos.services.keys import KeyService
@@ -44,6 +46,15 @@ class Daemon:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.resolved_database_url)
         self.schema_revision = upgrade(self.db)
+        fleet = settings.fleet
+        self.instance = Instance(
+            self.db,
+            load_instance_id(fleet.instance_id, settings.data_dir),
+            fleet.lease_s,
+            fleet.heartbeat_s,
+            url=fleet.url,
+        )
+        self.leases = Leases(self.db, self.instance.id)
         self._owns_embedder = embedder is None  # a shared one (tests) outlives this daemon
         self.embedder = embedder or Embedder(settings.embedder)
         # Searches in flight; enrichment waits for a gap between them before each step.
@@ -200,6 +211,7 @@ class Daemon:
         return self.settings.data_dir / "admin.key"
 
     def start(self) -> None:
+        self.instance.start()  # first: recovery below tells this daemon's work from others'
         admin_key = self.settings.admin_key.get_secret_value() if self.settings.admin_key else None
         written = self.auth.ensure_admin(admin_key, self.admin_key_file)
         if written:
@@ -242,6 +254,7 @@ class Daemon:
         if self._heal_thread is not None:
             self._heal_thread.join(timeout=60)
         self.indexes.save_all()
+        self.instance.stop()  # last: the fleet may take over what is left
         self.db.dispose()
         if self._owns_embedder:
             self.embedder.close()

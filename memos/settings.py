@@ -363,6 +363,34 @@ class HeapConfig(BaseModel):
     )
 
 
+class FleetConfig(BaseModel):
+    """Several daemons on one PostgreSQL database (and one Redis): see docs/deploy.md."""
+
+    instance_id: str | None = Field(
+        None,
+        max_length=40,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="this daemon's id in the fleet; default: generated once, kept in "
+        "<data_dir>/instance_id",
+    )
+    lease_s: float = Field(
+        15.0, ge=1, le=3600, description="how long a silent daemon keeps its work before "
+        "another daemon may take it over",
+    )  # fmt: skip
+    heartbeat_s: float = Field(
+        5.0, gt=0, le=600, description="how often a daemon renews its lease (under lease_s)"
+    )
+    url: str | None = Field(
+        None, max_length=300, description="how the fleet reaches this daemon (shown in /healthz)"
+    )
+
+    @model_validator(mode="after")
+    def _beat_inside_lease(self) -> FleetConfig:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("fleet.heartbeat_s must be shorter than fleet.lease_s")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMOS_",
@@ -374,6 +402,9 @@ class Settings(BaseSettings):
     port: int = Field(8765, ge=0, le=65_535)
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None
+    # Redis as the fleet's shared hot tier (activation blobs, chat turn locks), e.g.
+    # redis://127.0.0.1:6379/0; unset, nothing uses Redis.
+    redis_url: str | None = None
     admin_key: SecretStr | None = None
     log_level: str = "info"
     config_file: Path | None = None
@@ -393,6 +424,7 @@ class Settings(BaseSettings):
     openai: OpenAIConfig = OpenAIConfig()
     heap: HeapConfig = HeapConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    fleet: FleetConfig = FleetConfig()
 
     @classmethod
     def settings_customise_sources(

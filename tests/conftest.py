@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,13 +46,13 @@ def free_port() -> int:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "postgres_url" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "postgres_url" in names or "fresh_postgres_url" in names:
             item.add_marker(pytest.mark.postgres)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+@contextmanager
+def _fresh_postgres_database() -> Iterator[str]:
     import psycopg
 
     admin = POSTGRES_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
@@ -62,6 +63,20 @@ def postgres_url() -> Iterator[str]:
     yield f"{base}/{name}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with _fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own (a fleet's shared database), dropped after."""
+    with _fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session", autouse=True)

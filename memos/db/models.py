@@ -120,6 +120,9 @@ class Memory(Base):
     enrichment_attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed ones
     enrichment_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     enrichment_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the last one
+    # The daemon enriching it now, until when (a lease: past it, another daemon may take it).
+    claimed_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Usage, for the lifecycle jobs: times the note was among a search's top k or recalled
     # into a chat, and the last time. Counted in memory and flushed in batches
     # (memos/services/lifecycle/usage.py), so a search never writes.
@@ -173,6 +176,7 @@ class JobRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     result: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    instance_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # who ran it
 
 
 class SchedulerJob(Base):
@@ -212,6 +216,7 @@ class Activation(Base):
     # were read from disk (`loads`: a miss of the loaded cache); eviction policies rank by them.
     uses: Mapped[int] = mapped_column(BigInteger, default=0)
     loads: Mapped[int] = mapped_column(BigInteger, default=0)
+    instance_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # its builder
 
 
 class CubePolicy(Base):
@@ -251,5 +256,35 @@ class Chat(Base):
     window_from_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     # The activation holding the chat's saved KV prefix, if one was saved.
     prefix_activation_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # The daemon running a turn of this chat now, until when (a lease; see services/fleet).
+    turn_holder: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    turn_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_active_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Instance(Base):
+    """A daemon of the fleet sharing this database, and its lease (renewed by its heartbeat).
+    Work recorded with an instance id is that daemon's until its lease expires."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_until: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Lease(Base):
+    """A named fleet-wide lease (e.g. the scheduler's leadership): held by one instance until
+    `expires_at`, renewed by its holder, taken over by another once expired."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(40))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -25,6 +25,7 @@ def healthz(daemon: DaemonDep) -> dict[str, object]:
         "embedder": daemon.embedder.fingerprint,
         "indexes_loaded": len(daemon.indexes.loaded()),
         "healing": daemon.healing,
+        "instance": daemon.instance.id,
     }
 
 
