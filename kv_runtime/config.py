@@ -91,7 +91,10 @@ class CompressionConfig(BaseModel):
     budget_tokens: int | None = Field(
         default=None, ge=1, description="keep at most this many tokens (None: keep all)"
     )
-    scorer: str = Field(default="snapkv", description="eviction scorer; see kv_runtime.eviction")
+    scorer: str = Field(
+        default="snapkv",
+        description="eviction scorer; see kv_runtime.eviction (`kvzip` scores while prefilling)",
+    )
     window_tokens: int = Field(
         default=32, ge=1, le=4096, description="observation window (snapkv); always kept"
     )
@@ -109,10 +112,11 @@ class CompressionConfig(BaseModel):
                     f"budget_tokens={self.budget_tokens} is below sink_tokens + window_tokens "
                     f"= {protected}, which are always kept"
                 )
-        from kv_runtime.eviction import SCORERS
+        from kv_runtime.eviction import PREFILL_SCORERS, SCORERS
 
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer={self.scorer!r} is unknown; valid: {sorted(SCORERS)}")
+        valid = (*SCORERS, *PREFILL_SCORERS)
+        if self.scorer not in valid:
+            raise ValueError(f"scorer={self.scorer!r} is unknown; valid: {sorted(valid)}")
         return self
 
 

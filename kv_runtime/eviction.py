@@ -13,6 +13,9 @@ Scorers, registered by name in `SCORERS`:
   and over the query heads sharing a KV head, smoothed by average pooling.
 - `recent`: newer is better (with the sinks this is StreamingLLM's policy).
 - `knorm`: a smaller key norm is better (Devoto et al. 2024, https://arxiv.org/abs/2406.11430).
+
+`PREFILL_SCORERS` are scorers that need the model, so they score while the context is prefilled
+(`Runtime.prefill_budgeted`, kv_runtime.episodic) rather than on a finished cache: `kvzip`.
 """
 
 from __future__ import annotations
@@ -105,10 +108,17 @@ class KnormScorer(Scorer):
 
 
 SCORERS: dict[str, type[Scorer]] = {s.name: s for s in (SnapKVScorer, RecentScorer, KnormScorer)}
+# Scored during a block-wise prefill with the model (kv_runtime.episodic), not here.
+PREFILL_SCORERS: tuple[str, ...] = ("kvzip",)
 
 
 def make_scorer(name: str) -> Scorer:
     """The registered scorer called `name`; InvalidArgument listing the valid names otherwise."""
+    if name in PREFILL_SCORERS:
+        raise InvalidArgument(
+            f"scorer={name!r} scores while the context is prefilled (Runtime.prefill_budgeted), "
+            "not a finished cache"
+        )
     if name not in SCORERS:
         raise InvalidArgument(f"scorer={name!r} is unknown; valid scorers: {sorted(SCORERS)}")
     return SCORERS[name]()

@@ -42,7 +42,7 @@ from kv_runtime.episodic import (
     prefill_under_budget,
 )
 from kv_runtime.errors import InvalidArgument, ModelUnavailable
-from kv_runtime.eviction import evict, make_scorer
+from kv_runtime.eviction import PREFILL_SCORERS, evict, make_scorer
 from kv_runtime.forward import ModelRunner, ProgressCallback
 from kv_runtime.generate import CancelHook, Generation
 from kv_runtime.model import Fingerprint
@@ -301,6 +301,30 @@ class Runtime:
             progress=progress,
             cancel=cancel,
         )
+
+    def capture(
+        self,
+        token_ids: Sequence[int],
+        settings: CompressionConfig,
+        on_progress: ProgressCallback | None = None,
+    ) -> CompressedKV:
+        """Prefill a context and compress its cache as `settings` say. A scorer that needs the
+        model (`kvzip`) scores while prefilling, block by block under the budget
+        (`prefill_budgeted`, compacted positions); the others evict the finished prefill."""
+        budget = settings.budget_tokens
+        if settings.scorer in PREFILL_SCORERS and budget is not None and len(token_ids) > budget:
+            block = min(1024, self.info.max_positions - budget)
+            budgeted = self.prefill_budgeted(
+                token_ids,
+                budget_tokens=budget,
+                block_tokens=max(1, block),
+                scorer=settings.scorer,
+                sink_tokens=settings.sink_tokens,
+                recent_tokens=settings.window_tokens,
+                progress=on_progress,
+            )
+            return self.compress(budgeted.kv, settings)  # kept <= budget: quantized only
+        return self.compress(self.prefill(token_ids, on_progress=on_progress), settings)
 
     def compress(self, kv: KVCache, settings: CompressionConfig) -> CompressedKV:
         """Evict down to `settings.budget_tokens` (if set), then quantize (if bits < 16)."""

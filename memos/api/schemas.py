@@ -271,6 +271,18 @@ class RunList(BaseModel):
 class CompressionIn(Strict):
     bits: Literal[16, 8, 4, 2] = 16
     budget_tokens: JsonInt | None = Field(None, ge=1, le=1_048_576)
+    scorer: Literal["kvzip", "snapkv", "recent", "knorm"] | None = Field(
+        None,
+        description="extension: how the tokens kept under `budget_tokens` are chosen (default "
+        "kvzip, query-agnostic, scored while the context is prefilled; snapkv for budgets "
+        "under 37 tokens)",
+    )
+
+    @model_validator(mode="after")
+    def _scorer_needs_budget(self) -> CompressionIn:
+        if self.scorer is not None and self.budget_tokens is None:
+            raise ValueError("compression.scorer needs compression.budget_tokens")
+        return self
 
 
 def _one_of(*sources: tuple[str, dict[str, Any]]) -> dict[str, Any]:
@@ -370,6 +382,10 @@ class ActivationOut(Out):
         "episodic, a chat's saved prefix, or one note's KV chunk (`per_memory`)"
     )  # fmt: skip
     memory_id: str | None = Field(None, description="extension: a `note` chunk's note")
+    scorer: str | None = Field(
+        None, description="extension: how `budget_tokens` chose the kept tokens (kvzip, snapkv, "
+        "recent, knorm; `prompt` for an episodic activation's episodes); null without a budget"
+    )  # fmt: skip
 
 
 class ActivationList(BaseModel):

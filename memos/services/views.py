@@ -168,6 +168,7 @@ class ActivationView:
     # chunk, for blending; `memory_id` names the note).
     kind: str = "context"
     memory_id: str | None = None
+    scorer: str | None = None  # how a budget chose the kept tokens; None without a budget
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def create_activation(
         episodic = EpisodicSettings(e.episodes, e.budget_tokens, e.block_tokens)
     view = daemon.activations.create(
         principal, cube_id, source, body.compression.bits, body.compression.budget_tokens,
-        episodic,
+        episodic, scorer=body.compression.scorer,
     )  # fmt: skip
     return ActivationOut.model_validate(view)
 

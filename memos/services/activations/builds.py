@@ -282,8 +282,7 @@ class Builder:
                 }
             else:
                 with turn:
-                    kv = runtime.prefill(job.token_ids, on_progress=on_progress)
-                    compressed = runtime.compress(kv, job.settings)
+                    compressed = runtime.capture(job.token_ids, job.settings, on_progress)
                 work.done()  # the rest (writing) does not need the model
                 on_progress(len(job.token_ids), len(job.token_ids))  # last look before writing
                 manifest = runtime.save_activation(path, compressed, job.messages)

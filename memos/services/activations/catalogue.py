@@ -73,7 +73,18 @@ def _view(row: Activation) -> ActivationView:
         episodes=_episodes(row),
         kind=kind_of(source, row.compression or {}),
         memory_id=(source.get("note") or {}).get("memory_id"),
+        scorer=_scorer(row.compression or {}),
     )
+
+
+def _scorer(compression: dict[str, Any]) -> str | None:
+    """The scorer that chose a budgeted activation's kept tokens (an episodic one's: its
+    episodes' patched prompts); None when nothing was evicted by design."""
+    if "episodic" in compression:
+        return "prompt"
+    if compression.get("budget_tokens") is None:
+        return None
+    return str(compression.get("scorer", "snapkv"))
 
 
 class Catalogue:

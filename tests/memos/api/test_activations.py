@@ -69,15 +69,18 @@ def test_deleting_a_cube_deletes_its_activations_files(server, tenant):
     assert not (server.daemon.settings.activation_dir / cube_id).exists()
 
 
-def test_compressed_activations_are_smaller_and_keep_their_budget(tenant):
+@pytest.mark.parametrize("scorer", [None, "snapkv"])
+def test_compressed_activations_are_smaller_and_keep_their_budget(tenant, scorer):
     client, cube_id = tenant
     full = client.post(f"/v1/cubes/{cube_id}/activations", json={"text": CONTEXT}).json()
+    compression = {"bits": 4, "budget_tokens": 40, **({"scorer": scorer} if scorer else {})}
     small = client.post(
-        f"/v1/cubes/{cube_id}/activations",
-        json={"text": CONTEXT, "compression": {"bits": 4, "budget_tokens": 40}},
+        f"/v1/cubes/{cube_id}/activations", json={"text": CONTEXT, "compression": compression}
     ).json()
     assert full["tokens"] > 60
     assert (small["bits"], small["tokens"], small["kept_tokens"]) == (4, full["tokens"], 40)
+    # KVzip by default (scored while prefilling, block by block); a named scorer is kept.
+    assert (full["scorer"], small["scorer"]) == (None, scorer or "kvzip")
     # 40 of the tokens kept (at this budget they all sit in the unquantized residual), against
     # every token in float16: the bytes shrink with the tokens, plus the manifest both carry.
     assert small["bytes"] < full["bytes"] * 45 / full["tokens"]
@@ -118,6 +121,12 @@ def test_activation_from_memories_and_from_a_session(tenant):
         ({"text": CONTEXT, "compression": {"bits": 3}}, 422, "validation_error"),
         ({"text": CONTEXT, "compression": {"budget_tokens": 0}}, 422, "validation_error"),
         ({"text": CONTEXT, "compression": {"bits": 4, "level": 9}}, 422, "validation_error"),
+        ({"text": CONTEXT, "compression": {"scorer": "kvzip"}}, 422, "validation_error"),
+        (
+            {"text": CONTEXT, "compression": {"budget_tokens": 40, "scorer": "h2o"}},
+            422,
+            "validation_error",
+        ),
         ({"text": "   "}, 422, "validation_error"),
         ({"memory_ids": []}, 422, "validation_error"),
         ({"memory_ids": ["mem_nope"]}, 404, "memory_not_found"),
