@@ -71,6 +71,11 @@ class RateLimitConfig(BaseModel):
 
 class SchedulerConfig(BaseModel):
     enabled: bool = True
+    cron: dict[str, str] = Field(
+        default_factory=dict,
+        description="job name -> crontab expression (5 fields, UTC; weekdays as cron reads "
+        "them) that replaces the job's interval, e.g. MEMOS_SCHEDULER__CRON__EVICT='0 3 * * *'",
+    )
     index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
     enrichment_retry_interval_s: int = Field(
         60, ge=5, le=7 * 86_400, description="how often notes whose enrichment failed are retried"
@@ -91,6 +96,18 @@ class SchedulerConfig(BaseModel):
         3600, ge=5, le=7 * 86_400, description="how often hot sessions are promoted to "
         "activations, cold activations demoted and idle loaded caches unloaded",
     )  # fmt: skip
+
+    @field_validator("cron")
+    @classmethod
+    def _crontabs_parse(cls, cron: dict[str, str]) -> dict[str, str]:
+        from memos.scheduler.crontab import cron_trigger
+
+        for name, expr in cron.items():
+            try:
+                cron_trigger(expr)
+            except Exception as exc:  # InvalidArgument: its message names the field
+                raise ValueError(f"scheduler.cron.{name}: {exc}") from None
+        return cron
 
 
 class FuseConfig(BaseModel):

@@ -232,6 +232,9 @@ class SearchResponse(BaseModel):
 class JobOut(Out):
     name: str
     description: str
+    schedule: str = Field(
+        description="extension: `every N s`, or `cron <expr>` (UTC) from `scheduler.cron`"
+    )
     next_run_at: datetime | None
     last_run_at: datetime | None
     last_status: str | None

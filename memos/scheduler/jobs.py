@@ -6,7 +6,7 @@ each run's result, the report the service returned, as JSON.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from memos.scheduler.runner import JobSpec
@@ -44,6 +44,17 @@ def migrate(system: SystemService) -> dict[str, Any]:
 
 
 def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
+    """Every job, on its interval or on the crontab `config.cron` gives it."""
+    specs = _specs(system, config)
+    unknown = sorted(set(config.cron) - {spec.name for spec in specs})
+    if unknown:
+        raise ValueError(
+            f"scheduler.cron names no such job: {unknown}; jobs: {sorted(s.name for s in specs)}"
+        )
+    return [replace(spec, cron=config.cron.get(spec.name)) for spec in specs]
+
+
+def _specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
     return [
         JobSpec(
             name="index_maintenance",

@@ -2,8 +2,8 @@
 
 APScheduler's own SQLAlchemy store pickles job state; nothing we store is pickled, so this
 store writes the state as JSON instead. It supports what memosd schedules: jobs given by a
-textual function reference, JSON-serialisable arguments and interval triggers. Anything else
-is a programming error and fails loudly when the job is added.
+textual function reference, JSON-serialisable arguments, interval and cron triggers. Anything
+else is a programming error and fails loudly when the job is added.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -35,37 +37,48 @@ def _zone(name: str) -> Any:
     return UTC if name in ("UTC", "utc") else ZoneInfo(name)
 
 
+def _encode_trigger(trigger: BaseTrigger) -> dict[str, Any]:
+    assert isinstance(trigger, IntervalTrigger | CronTrigger), f"unsupported trigger {trigger!r}"
+    common = {
+        "start_date": _iso(trigger.start_date),
+        "end_date": _iso(trigger.end_date),
+        "timezone": str(trigger.timezone),
+        "jitter": trigger.jitter,
+    }
+    if isinstance(trigger, IntervalTrigger):
+        return {"type": "interval", "seconds": trigger.interval.total_seconds(), **common}
+    fields = {f.name: str(f) for f in trigger.fields if not f.is_default}
+    return {"type": "cron", "fields": fields, **common}
+
+
+def _decode_trigger(spec: dict[str, Any]) -> BaseTrigger:
+    common = {
+        "start_date": _parse(spec["start_date"]),
+        "end_date": _parse(spec["end_date"]),
+        "timezone": _zone(spec["timezone"]),
+        "jitter": spec["jitter"],
+    }
+    if spec["type"] == "interval":
+        return IntervalTrigger(seconds=spec["seconds"], **common)
+    if spec["type"] == "cron":
+        return CronTrigger(**spec["fields"], **common)
+    raise AssertionError(f"unsupported trigger {spec!r}")
+
+
 def encode_job(job: Job) -> str:
     state = job.__getstate__()
-    trigger = state["trigger"]
-    assert isinstance(trigger, IntervalTrigger), f"unsupported trigger {trigger!r}"
     body = {
         **{k: v for k, v in state.items() if k not in ("trigger", "next_run_time", "args")},
         "args": list(state["args"]),
         "next_run_time": _iso(state["next_run_time"]),
-        "trigger": {
-            "type": "interval",
-            "seconds": trigger.interval.total_seconds(),
-            "start_date": _iso(trigger.start_date),
-            "end_date": _iso(trigger.end_date),
-            "timezone": str(trigger.timezone),
-            "jitter": trigger.jitter,
-        },
+        "trigger": _encode_trigger(state["trigger"]),
     }
     return json.dumps(body)  # raises TypeError for arguments JSON cannot hold
 
 
 def decode_job(text: str, scheduler: Any, alias: str) -> Job:
     body = json.loads(text)
-    spec = body.pop("trigger")
-    assert spec["type"] == "interval", f"unsupported trigger {spec!r}"
-    trigger = IntervalTrigger(
-        seconds=spec["seconds"],
-        start_date=_parse(spec["start_date"]),
-        end_date=_parse(spec["end_date"]),
-        timezone=_zone(spec["timezone"]),
-        jitter=spec["jitter"],
-    )
+    trigger = _decode_trigger(body.pop("trigger"))
     state = {
         **body,
         "trigger": trigger,

@@ -1,8 +1,9 @@
 """Runs named jobs on a schedule or on demand, and records every run in `job_runs`.
 
-Jobs are plain callables returning a JSON-able dict, registered by name with an interval.
-Their schedules live in the database (`JsonJobStore`), so a daily job does not restart its
-clock on every daemon restart.
+Jobs are plain callables returning a JSON-able dict, registered by name with an interval, or a
+crontab expression that replaces it (`scheduler.cron`, `memos/scheduler/crontab.py`). Their
+schedules live in the database (`JsonJobStore`), so a daily job does not restart its clock on
+every daemon restart; a changed interval or cron expression reschedules the job at start.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select, update
 
@@ -24,6 +26,7 @@ from memcube.errors import InvalidArgument, NotFound
 from memos.db.engine import Database
 from memos.db.models import JobRun
 from memos.db.types import utcnow
+from memos.scheduler.crontab import cron_trigger
 from memos.scheduler.jobstore import JsonJobStore
 from memos.services.ids import decode_cursor, encode_cursor, new_id
 
@@ -40,12 +43,24 @@ class JobSpec:
     interval_s: int
     run: JobFn
     run_cube: CubeJobFn | None = None  # the job on one cube (`POST .../run {"cube_id"}`)
+    cron: str | None = None  # a crontab expression (UTC) in place of the interval
+
+    @property
+    def schedule(self) -> str:
+        """How it is scheduled, for people: "every 300 s" or "cron 0 3 * * *"."""
+        return f"cron {self.cron}" if self.cron else f"every {self.interval_s} s"
+
+    def trigger(self) -> BaseTrigger:
+        if self.cron:
+            return cron_trigger(self.cron)
+        return IntervalTrigger(seconds=self.interval_s, timezone=UTC)
 
 
 @dataclass(frozen=True)
 class JobView:
     name: str
     description: str
+    schedule: str
     next_run_at: datetime | None
     last_run_at: datetime | None
     last_status: str | None
@@ -102,19 +117,17 @@ class JobRunner:
         self._scheduler.start(paused=True)
         for job in self.jobs.values():
             existing = self._scheduler.get_job(job.name)
-            interval = float(job.interval_s)
+            trigger = job.trigger()
             if existing is None:
                 self._scheduler.add_job(
                     "memos.scheduler.runner:scheduled_entry",
-                    trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC),
+                    trigger=trigger,
                     args=[job.name],
                     id=job.name,
                     name=job.name,
                 )
-            elif existing.trigger.interval.total_seconds() != interval:
-                self._scheduler.reschedule_job(
-                    job.name, trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC)
-                )
+            elif str(existing.trigger) != str(trigger):  # e.g. "interval[0:05:00]"
+                self._scheduler.reschedule_job(job.name, trigger=trigger)
         self._scheduler.resume()
 
     def stop(self) -> None:
@@ -198,6 +211,7 @@ class JobRunner:
                     JobView(
                         name=name,
                         description=job.description,
+                        schedule=job.schedule,
                         next_run_at=scheduled.next_run_time if scheduled else None,
                         last_run_at=last.started_at if last else None,
                         last_status=last.status if last else None,

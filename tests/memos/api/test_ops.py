@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -115,3 +116,18 @@ def test_a_job_run_records_exactly_what_the_job_did(own_server):
         # ... and the next finds them clean.
         second = wait_run(admin, "index_maintenance")
         assert second["result"] == {"cubes": 2, "actions": {"clean": 2}, "activations": swept}
+
+
+def test_a_cron_schedule_replaces_a_jobs_interval(tmp_path, embedder):
+    settings = Settings(data_dir=tmp_path, admin_key=f"admin-{secrets.token_hex(8)}",
+                        port=free_port(), enrichment={"enabled": False},
+                        scheduler={"cron": {"evict": "0 3 * * 1-5"}})  # fmt: skip
+    for server in _start_live_server(settings, embedder, "sqlite"):
+        with server.client() as admin:
+            jobs = {j["name"]: j for j in admin.get("/v1/jobs").json()["items"]}
+    assert jobs["evict"]["schedule"] == "cron 0 3 * * 1-5"
+    assert jobs["fuse"]["schedule"] == f"every {settings.scheduler.fuse_interval_s} s"
+    due = datetime.fromisoformat(jobs["evict"]["next_run_at"]).astimezone(UTC)
+    # The next weekday (Monday to Friday, as crontab reads 1-5) at 03:00 UTC, within 3 days.
+    assert (due.hour, due.minute, due.second) == (3, 0, 0) and due.isoweekday() <= 5
+    assert timedelta(0) < due - datetime.now(UTC) <= timedelta(days=3)
