@@ -191,6 +191,7 @@ class Activation(_Model):
     episodes: list[Episode] | None = None  # an episodic activation's (None: a plain one)
     kind: str = "context"  # "context", "episodic", "chat_prefix" or "note" (a note's chunk)
     memory_id: str | None = None  # a "note" chunk's note
+    scorer: str | None = None  # how `budget_tokens` chose the kept tokens (None: no budget)
 
 
 class Generation(_Model):
@@ -264,6 +265,7 @@ class ChatReply(_Model):
 
 class Job(_Model):
     name: str
+    schedule: str = ""  # "every 300 s" or "cron 0 3 * * *"
     next_run_at: datetime | None = None
     last_run_at: datetime | None = None
     last_status: str | None = None
@@ -701,14 +703,16 @@ class _Routes:
         budget_tokens: int | None = None,
         session_ids: Sequence[str] | None = None,
         episodic: Mapping[str, int] | None = None,
+        scorer: str | None = None,
     ) -> _Call[Activation]:
         """Build a KV cache from one source (`text`, `memory_ids`, `session_id` or
         `session_ids`); with `episodic` (`{"episodes", "budget_tokens", "block_tokens"?}`)
-        one bounded cache per episode of the conversation, built in the background."""
+        one bounded cache per episode of the conversation, built in the background.
+        `scorer` (with `budget_tokens`): which tokens the budget keeps, default kvzip."""
         ids = list(memory_ids) if memory_ids is not None else None
         sessions = list(session_ids) if session_ids is not None else None
         body = _drop_none(text=text, memory_ids=ids, session_id=session_id, session_ids=sessions)
-        if compression := _drop_none(bits=bits, budget_tokens=budget_tokens):
+        if compression := _drop_none(bits=bits, budget_tokens=budget_tokens, scorer=scorer):
             body["compression"] = compression
         if episodic is not None:
             body["episodic"] = dict(episodic)

@@ -530,6 +530,9 @@ def test_activation_lifecycle(client: MemosClient, cube: Cube) -> None:
 
     small = client.create_activation(cube.id, text=text, bits=4, budget_tokens=8)
     assert small.bits == 4 and small.kept_tokens <= 8 and small.bytes < act.bytes
+    assert (act.scorer, small.scorer) == (None, "kvzip")
+    recent = client.create_activation(cube.id, text=text, budget_tokens=8, scorer="recent")
+    assert recent.scorer == "recent" and recent.kept_tokens <= 8
 
     assert client.delete_activation(cube.id, act.id) is None
     with pytest.raises(NotFound):
