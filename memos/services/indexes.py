@@ -142,7 +142,12 @@ class IndexRegistry:
             if index.generation > before + 1:
                 # Another daemon changed the cube between the index's generation and this
                 # write's: replay from there (this write's rows again too, harmlessly).
-                self._catch_up_locked(cube_id, index, before)
+                try:
+                    self._catch_up_locked(cube_id, index, before)
+                except Exception:  # the write is committed: the poll replays it all later
+                    index.generation = before
+                    log.exception("catch-up after a write failed", extra={"fields": {
+                        "cube_id": cube_id}})  # fmt: skip
         # After the lock: other writers go on while deleted graph elements are compacted away.
         index.compact_ann()
         with self._guard:

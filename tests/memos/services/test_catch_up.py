@@ -7,6 +7,7 @@ replaying the rows whose `change_seq` is newer than its index (`IndexRegistry.ca
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -17,6 +18,7 @@ from memcube.vector_index import read_manifest
 from memos.daemon import Daemon
 from memos.db.models import Cube
 from memos.services.auth import ADMIN_USER_ID
+from memos.services.fleet.changes import ChangeFeed, Notice, parse_notice
 from memos.services.views import NewMemory, Principal
 from memos.settings import Settings
 
@@ -156,3 +158,29 @@ def test_catch_up_keeps_to_the_ram_budget(pair):
     assert b.indexes.catch_up(first.id).action == "not_loaded"  # nothing to do: loads current
     assert b.indexes.loaded() == [second.id]
     assert _found(b, first.id, "dinghy") == [NOTES[2]]
+
+
+def test_the_change_feed_polls_when_there_are_no_notifications(pair):
+    """SQLite: no NOTIFY; the feed's poll catches B up on its own."""
+    a, b = pair
+    cube = a.cubes.create(ADMIN, "c", "")
+    _add(a, cube.id, NOTES[0])
+    b.indexes.get(cube.id)
+    feed = ChangeFeed(b.indexes, b.settings.resolved_database_url, "inst-b", poll_s=0.1)
+    assert feed.url is None  # nothing to LISTEN on
+    feed.start()
+    try:
+        _add(a, cube.id, NOTES[1])
+        deadline = time.monotonic() + 10
+        while b.indexes.lagging() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _found(b, cube.id, "lemon tart") == [NOTES[1]]
+        assert feed.caught_up == 1
+    finally:
+        feed.stop()
+
+
+def test_notices_are_parsed_strictly():
+    assert parse_notice("cube_abc 42") == Notice("cube_abc", 42)
+    for payload in ("", "cube_abc", "cube_abc -1", "cube_abc 4 2", " 42", "cube_abc x"):
+        assert parse_notice(payload) is None

@@ -67,6 +67,10 @@ def _search(client: httpx.Client, cube_id: str, query: str, k: int = 10, **body)
     return [hit["memory"] for hit in response.json()["hits"]]
 
 
+def _changes(proc: DaemonProcess) -> dict:
+    return httpx.get(f"{proc.url}/healthz").json()["changes"]
+
+
 def _found(client: httpx.Client, cube_id: str, token: str) -> list[str]:
     return [m["content"] for m in _search(client, cube_id, token, 50, mode="lexical")]
 
@@ -90,6 +94,7 @@ def _loaded_cube(a: DaemonProcess, b: DaemonProcess) -> str:
 def test_add_patch_delete_on_a_reach_searches_on_b(fleet):
     a, b, _ = fleet
     cube_id = _loaded_cube(a, b)
+    caught_up = {p.url: _changes(p)["caught_up"] for p in (a, b)}
     with a.client() as ca, b.client() as cb:
         (note,) = _add(ca, cube_id, "Ilse tuned the harpsichord")
         added = _wait(lambda: _found(cb, cube_id, "harpsichord") == ["Ilse tuned the harpsichord"])
@@ -113,6 +118,9 @@ def test_add_patch_delete_on_a_reach_searches_on_b(fleet):
                 not in ([], [note])
             )
         )
+    # B caught up once per write (at least: a burst may coalesce); A skipped its own notices.
+    assert _changes(b)["caught_up"] - caught_up[b.url] >= 3
+    assert _changes(a)["caught_up"] == caught_up[a.url]
     print(f"\nA -> B: add {added:.3f} s, patch {patched:.3f} s, delete {deleted:.3f} s")
 
 
