@@ -390,48 +390,50 @@ class IndexRegistry:
         return report
 
     def _catch_up_locked(self, cube_id: str, index: CubeIndex, since: int) -> CatchUp:
-        """Under the cube's lock: apply the changes newer than `since` to `index`."""
+        """Under the cube's lock: apply the changes newer than `since` to `index`, streamed
+        one source transaction (one `change_seq`) at a time, so memory holds one at most."""
+        replayed = 0
         with self.db.read() as s:
             if self.db.dialect == "postgresql":  # the head and the rows from one snapshot
                 s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             head = s.execute(
                 select(Cube.generation, Cube.live_memories).where(Cube.id == cube_id)
             ).first()
-            if head is None:
-                rows: list[Memory] = []
-            else:
+            went_back = head is not None and int(head[0]) < index.generation
+            if head is not None and not went_back:
                 query = (
                     select(Memory)
                     .where(Memory.cube_id == cube_id, Memory.change_seq > since)
                     .order_by(Memory.change_seq, Memory.seq)
+                    .execution_options(yield_per=1000)
                 )
-                rows = list(s.scalars(query))
-            changes: dict[int, tuple[list[IndexedDoc], list[int]]] = {}
-            for row in rows:
-                docs, gone = changes.setdefault(int(row.change_seq), ([], []))
-                if row.deleted_at is None:
-                    docs.append(to_doc(row))
-                else:
-                    gone.append(row.seq)
+                change: tuple[int, list[IndexedDoc], list[int]] = (0, [], [])
+                for row in s.scalars(query):
+                    if row.change_seq != change[0]:
+                        _apply_change(index, *change)
+                        change = (int(row.change_seq), [], [])
+                    if row.deleted_at is None:
+                        change[1].append(to_doc(row))
+                    else:
+                        change[2].append(row.seq)
+                    replayed += 1
+                _apply_change(index, *change)
         if head is None:  # deleted by another daemon
             with self._guard:
                 self._indexes.pop(cube_id, None)
                 self._sizes.pop(cube_id, None)
             shutil.rmtree(self.directory(cube_id), ignore_errors=True)
             return CatchUp(cube_id, "dropped", 0, 0)
-        generation, live = int(head[0]), int(head[1])
-        if generation < index.generation:  # the database went back (a restore): start over
+        if went_back:  # the database is older than the index (restored): start over
             return self._reload_locked(cube_id)
-        for change_seq, (docs, gone) in changes.items():
-            atomic = len(docs) + len(gone) <= ATOMIC_APPLY_MAX
-            index.apply(docs, gone, change_seq, atomic=atomic)
+        generation, live = int(head[0]), int(head[1])
         index.generation = max(index.generation, generation)
-        action = "replayed" if rows else "current"
+        action = "replayed" if replayed else "current"
         erased = 0
         if index.live_count != live:
             erased = self._sweep_erased(cube_id, index, generation)
             action = "swept"
-        return CatchUp(cube_id, action, index.generation, len(rows), erased)
+        return CatchUp(cube_id, action, index.generation, replayed, erased)
 
     def _sweep_erased(self, cube_id: str, index: CubeIndex, generation: int) -> int:
         """Erase from the index the live rows it has that the database no longer has as live
@@ -462,3 +464,11 @@ class IndexRegistry:
                 index = self._indexes.get(cube_id)
                 if index is not None and index.dirty:
                     index.save(self.directory(cube_id))
+
+
+def _apply_change(
+    index: CubeIndex, change_seq: int, docs: list[IndexedDoc], gone: list[int]
+) -> None:
+    """One source transaction's rows: whole to searches when small (`ATOMIC_APPLY_MAX`)."""
+    if docs or gone:
+        index.apply(docs, gone, change_seq, atomic=len(docs) + len(gone) <= ATOMIC_APPLY_MAX)
