@@ -332,22 +332,24 @@ class IndexRegistry:
             if index is None:
                 return HealReport(cube_id, "not_loaded", 0, 0)
             generation = self._generation(cube_id)
+            action, replayed = "clean", 0
             if generation != index.generation:
                 # Changed behind our back (another daemon; a missed notification): catch up.
                 caught = self._catch_up_locked(cube_id, index, index.generation)
+                action, replayed = caught.action, caught.replayed
                 with self._guard:
-                    index = self._indexes.get(cube_id)
-                live = 0 if index is None else index.live_count
-                return HealReport(cube_id, caught.action, caught.replayed, live)
+                    fresh = self._indexes.get(cube_id)
+                if fresh is not index:  # dropped, or reloaded (verified and saved at load)
+                    live = 0 if fresh is None else fresh.live_count
+                    return HealReport(cube_id, action, replayed, live)
             drift = index.verify_ann(sample=256)
-            action = "clean"
             if not drift.clean:
                 index.rebuild_ann()
                 action = "rebuilt"
             if index.dirty:
                 index.save(self.directory(cube_id))
                 action = "saved" if action == "clean" else action
-            return HealReport(cube_id, action, 0, index.live_count)
+            return HealReport(cube_id, action, replayed, index.live_count)
 
     # -- catching up with other daemons' writes ---------------------------------------------
 

@@ -184,3 +184,22 @@ def test_notices_are_parsed_strictly():
     assert parse_notice("cube_abc 42") == Notice("cube_abc", 42)
     for payload in ("", "cube_abc", "cube_abc -1", "cube_abc 4 2", " 42", "cube_abc x"):
         assert parse_notice(payload) is None
+
+
+def test_maintenance_catches_up_and_a_cube_deleted_elsewhere_is_dropped(pair):
+    a, b = pair
+    cube = a.cubes.create(ADMIN, "c", "")
+    _add(a, cube.id, NOTES[0])
+    b.indexes.get(cube.id)
+    _add(a, cube.id, NOTES[1])
+    report = b.indexes.maintain(cube.id)  # the index_maintenance job, as a notice missed
+    assert (report.action, report.replayed, report.live) == ("replayed", 1, 2)
+    assert b.indexes.lagging() == []
+    assert _found(b, cube.id, "lemon tart") == [NOTES[1]]
+    manifest = read_manifest(b.indexes.directory(cube.id))  # and saved, as the job does
+    assert manifest is not None and manifest.generation == _generation(a, cube.id)
+
+    a.cubes.delete(ADMIN, cube.id)
+    assert b.indexes.lagging() == [cube.id]
+    assert b.indexes.catch_up(cube.id).action == "dropped"
+    assert b.indexes.loaded() == [] and not b.indexes.directory(cube.id).exists()
