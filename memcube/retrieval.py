@@ -88,13 +88,16 @@ class CubeIndex:
 
     # -- changes ----------------------------------------------------------------------------
 
-    def apply(self, docs: list[IndexedDoc], deleted: list[int], generation: int) -> None:
+    def apply(
+        self, docs: list[IndexedDoc], deleted: list[int], generation: int, atomic: bool = False
+    ) -> None:
         """Apply one committed change set: `docs` added or replaced, `deleted` seqs removed.
 
         A note at a time, letting waiting searches in between notes: a search sees each note
         whole (before or after its change), and a large change set (an enrichment batch
         re-embeds every note in it, ~1-4 ms of graph repair each) holds searches back for
-        one note, not for all of them. The generation moves once the whole set is in."""
+        one note, not for all of them. `atomic`: no search in between, it sees the whole set
+        or none of it (for small sets). The generation moves once the whole set is in."""
         with self._lock.write():
             for seq in deleted:
                 self._remove(seq)
@@ -102,7 +105,8 @@ class CubeIndex:
                     self._ann.delete([seq])
                     if self._ann_backlog is not None:
                         self._ann_backlog.append(([], [seq]))
-                self._lock.yield_to_readers()
+                if not atomic:
+                    self._lock.yield_to_readers()
             for doc in docs:
                 self._remove(doc.seq)
                 self._bm25.add(self._rows.add(doc), doc.text)
@@ -110,7 +114,8 @@ class CubeIndex:
                     self._upsert_ann([doc])
                     if self._ann_backlog is not None:
                         self._ann_backlog.append(([doc], []))
-                self._lock.yield_to_readers()
+                if not atomic:
+                    self._lock.yield_to_readers()
             self.generation = max(self.generation, generation)
             if self._rows.dead_count > max(self._rows.live_count, self.config.compact_min_dead):
                 self._bm25.compact(self._rows.compact())
@@ -200,6 +205,10 @@ class CubeIndex:
     @property
     def live_count(self) -> int:
         return self._rows.live_count
+
+    def live_seqs(self) -> set[int]:
+        with self._lock.read():
+            return set(self._rows.row_of)
 
     def save(self, directory: Path) -> None:
         with self._lock.read():

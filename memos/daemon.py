@@ -24,6 +24,7 @@ from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
 from memos.services.erasure import ErasureService
 from memos.services.fleet import Instance, Leases
+from memos.services.fleet.changes import ChangeFeed
 from memos.services.fleet.instance import load_instance_id
 from memos.services.foreground import Foreground
 from memos.services.indexes import IndexRegistry, vector_space
@@ -68,6 +69,15 @@ class Daemon:
             settings.retrieval,
             self.embedder.embed_background,
             settings.indexes.max_loaded_bytes,
+        )
+        # Other daemons' writes on this database, caught up into the loaded indexes.
+        self.changes = ChangeFeed(
+            self.indexes,
+            settings.resolved_database_url,
+            self.instance.id,
+            fleet.changes_poll_s,
+            fleet.changes_reconnect_max_s,
+            listen=fleet.changes_listen,
         )
         self.auth = AuthService(self.db)
         self.quotas = QuotaService(self.db, settings.quotas)
@@ -223,6 +233,7 @@ class Daemon:
         if swept.removed or swept.failed or swept.cubes:
             log.warning("activation files swept", extra={"fields": swept.as_dict()})
         self.jobs.start()
+        self.changes.start()
         if self.settings.enrichment.enabled:
             self.enrichment_worker.start()
         # Heal indexes a crash left behind, without holding up the first requests.
@@ -243,6 +254,7 @@ class Daemon:
     def stop(self) -> None:
         self.enrichment_worker.stop()
         self.jobs.stop()
+        self.changes.stop()
         try:
             self.usage.flush()  # counts since the last flush; lost only on a kill
         except Exception:

@@ -400,6 +400,18 @@ class FleetConfig(BaseModel):
     url: str | None = Field(
         None, max_length=300, description="how the fleet reaches this daemon (shown in /healthz)"
     )
+    changes_listen: bool = Field(
+        True, description="on PostgreSQL, LISTEN for other daemons' writes (memos_changes) and "
+        "catch the loaded indexes up at once; off, only the poll below does",
+    )  # fmt: skip
+    changes_poll_s: float = Field(
+        2.0, ge=0.05, le=600, description="how often the loaded cubes' generations are checked "
+        "against the database (the fallback for missed notifications, and SQLite's only way)",
+    )  # fmt: skip
+    changes_reconnect_max_s: float = Field(
+        10.0, ge=0.1, le=600, description="the longest wait between attempts to LISTEN again "
+        "after the connection was lost (the wait doubles from 0.1 s up to this)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _beat_inside_lease(self) -> FleetConfig:

@@ -6,6 +6,15 @@ so the index never misses or reorders a change made through this daemon. Anythin
 between commit and save, a foreign writer) is caught by comparing generations and replaying the
 rows whose `change_seq` is newer than what the index reflects.
 
+Several daemons on one database (a fleet) each keep their own indexes. A daemon learns of
+another's writes from PostgreSQL notifications or a poll (`memos/services/fleet/changes.py`)
+and catches up (`catch_up`): under the cube's write lock it reads, in one snapshot, the cube's
+generation and the rows changed since its index's generation, and applies them, one source
+transaction at a time. Erased memories leave no row to replay: they show as live rows the
+index has and the database's live count does not, and are swept out by comparing seqs. A
+local write that finds foreign changes between its own and the index's (a generation gap)
+catches up before releasing the lock, so a local write never skips a foreign change.
+
 Loaded indexes share a memory budget (`max_loaded_bytes`, measured by each index's footprint):
 past it the least recently used are unloaded (saved first when dirty) and load again on their
 next use. An index compacts its dead rows as it goes (`CubeIndex.apply`); its ANN graph's
@@ -29,6 +38,7 @@ from sqlalchemy import select, update
 from memcube.atomic import tree_bytes
 from memcube.notes import EMBEDDING_TEXT_FORMAT, to_doc
 from memcube.retrieval import CubeIndex, RetrievalConfig
+from memcube.types import IndexedDoc
 from memcube.vector_index import HnswConfig, read_manifest
 from memos.db.engine import Database
 from memos.db.models import Cube, Memory
@@ -41,6 +51,21 @@ log = logging.getLogger("memos.indexes")
 def vector_space(embedder_fingerprint: str) -> str:
     """The tag stored with a cube's vectors: the embedder's space and the text format."""
     return f"{embedder_fingerprint}/{EMBEDDING_TEXT_FORMAT}"
+
+
+# A catch-up applies each source transaction's notes without letting a search in between
+# (a search sees the transaction whole), up to this many notes; a larger one (an import) goes
+# a note at a time, as local writes do, so searches are not held back for seconds.
+ATOMIC_APPLY_MAX = 256
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    cube_id: str
+    action: str  # "not_loaded", "current", "replayed", "swept", "reloaded", "dropped"
+    generation: int  # the index's generation after it
+    replayed: int  # rows applied
+    erased: int = 0  # live rows the index had that the database no longer has
 
 
 @dataclass(frozen=True)
@@ -112,7 +137,17 @@ class IndexRegistry:
         with self._lock(cube_id):
             # Looked up again under the lock: maintenance may have swapped in a fresh index.
             index = self.get(cube_id)
+            before = index.generation
             yield index
+            if index.generation > before + 1:
+                # Another daemon changed the cube between the index's generation and this
+                # write's: replay from there (this write's rows again too, harmlessly).
+                try:
+                    self._catch_up_locked(cube_id, index, before)
+                except Exception:  # the write is committed: the poll replays it all later
+                    index.generation = before
+                    log.exception("catch-up after a write failed", extra={"fields": {
+                        "cube_id": cube_id}})  # fmt: skip
         # After the lock: other writers go on while deleted graph elements are compacted away.
         index.compact_ann()
         with self._guard:
@@ -297,22 +332,133 @@ class IndexRegistry:
             if index is None:
                 return HealReport(cube_id, "not_loaded", 0, 0)
             generation = self._generation(cube_id)
+            action, replayed = "clean", 0
             if generation != index.generation:
-                # Changed behind our back (another process): reload from the database.
-                fresh, report = self._load(cube_id)
+                # Changed behind our back (another daemon; a missed notification): catch up.
+                caught = self._catch_up_locked(cube_id, index, index.generation)
+                action, replayed = caught.action, caught.replayed
                 with self._guard:
-                    self._indexes[cube_id] = fresh
-                    self._sizes[cube_id] = fresh.footprint().bytes
-                return HealReport(cube_id, "reloaded", report.replayed, fresh.live_count)
+                    fresh = self._indexes.get(cube_id)
+                if fresh is not index:  # dropped, or reloaded (verified and saved at load)
+                    live = 0 if fresh is None else fresh.live_count
+                    return HealReport(cube_id, action, replayed, live)
             drift = index.verify_ann(sample=256)
-            action = "clean"
             if not drift.clean:
                 index.rebuild_ann()
                 action = "rebuilt"
             if index.dirty:
                 index.save(self.directory(cube_id))
                 action = "saved" if action == "clean" else action
-            return HealReport(cube_id, action, 0, index.live_count)
+            return HealReport(cube_id, action, replayed, index.live_count)
+
+    # -- catching up with other daemons' writes ---------------------------------------------
+
+    def behind(self, cube_id: str, generation: int) -> bool:
+        """Whether the cube is loaded here at a generation older than `generation`."""
+        with self._guard:
+            index = self._indexes.get(cube_id)
+        return index is not None and index.generation < generation
+
+    def lagging(self) -> list[str]:
+        """Loaded cubes whose database generation differs from their index's (or that are
+        gone): one query for all of them, the fallback when notifications were missed."""
+        with self._guard:
+            loaded = {cube_id: index.generation for cube_id, index in self._indexes.items()}
+        if not loaded:
+            return []
+        with self.db.read() as s:
+            current = dict(
+                s.execute(select(Cube.id, Cube.generation).where(Cube.id.in_(list(loaded)))).all()
+            )
+        return [c for c, g in loaded.items() if current.get(c) != g]
+
+    def catch_up(self, cube_id: str) -> CatchUp:
+        """Bring the cube's loaded index up to the database: replay the rows changed since
+        its generation. A cube not loaded here has nothing to catch up (it loads current)."""
+        with self._lock(cube_id):
+            with self._guard:
+                index = self._indexes.get(cube_id)
+            if index is None:
+                return CatchUp(cube_id, "not_loaded", 0, 0)
+            report = self._catch_up_locked(cube_id, index, index.generation)
+            with self._guard:
+                index = self._indexes.get(cube_id)
+        if index is not None and report.action != "current":
+            index.compact_ann()
+            with self._guard:
+                if self._indexes.get(cube_id) is index:
+                    self._sizes[cube_id] = index.footprint().bytes
+            self.evict_over_budget(keep=cube_id)
+        return report
+
+    def _catch_up_locked(self, cube_id: str, index: CubeIndex, since: int) -> CatchUp:
+        """Under the cube's lock: apply the changes newer than `since` to `index`, streamed
+        one source transaction (one `change_seq`) at a time, so memory holds one at most."""
+        replayed = 0
+        with self.db.read() as s:
+            if self.db.dialect == "postgresql":  # the head and the rows from one snapshot
+                s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            head = s.execute(
+                select(Cube.generation, Cube.live_memories).where(Cube.id == cube_id)
+            ).first()
+            went_back = head is not None and int(head[0]) < index.generation
+            if head is not None and not went_back:
+                query = (
+                    select(Memory)
+                    .where(Memory.cube_id == cube_id, Memory.change_seq > since)
+                    .order_by(Memory.change_seq, Memory.seq)
+                    .execution_options(yield_per=1000)
+                )
+                change: tuple[int, list[IndexedDoc], list[int]] = (0, [], [])
+                for row in s.scalars(query):
+                    if row.change_seq != change[0]:
+                        _apply_change(index, *change)
+                        change = (int(row.change_seq), [], [])
+                    if row.deleted_at is None:
+                        change[1].append(to_doc(row))
+                    else:
+                        change[2].append(row.seq)
+                    replayed += 1
+                _apply_change(index, *change)
+        if head is None:  # deleted by another daemon
+            with self._guard:
+                self._indexes.pop(cube_id, None)
+                self._sizes.pop(cube_id, None)
+            shutil.rmtree(self.directory(cube_id), ignore_errors=True)
+            return CatchUp(cube_id, "dropped", 0, 0)
+        if went_back:  # the database is older than the index (restored): start over
+            return self._reload_locked(cube_id)
+        generation, live = int(head[0]), int(head[1])
+        index.generation = max(index.generation, generation)
+        action = "replayed" if replayed else "current"
+        erased = 0
+        if index.live_count != live:
+            erased = self._sweep_erased(cube_id, index, generation)
+            action = "swept"
+        return CatchUp(cube_id, action, index.generation, replayed, erased)
+
+    def _sweep_erased(self, cube_id: str, index: CubeIndex, generation: int) -> int:
+        """Erase from the index the live rows it has that the database no longer has as live
+        (erased ones leave no row to replay); the index is saved at once, as an erasure here
+        saves it, so no file keeps an erased vector."""
+        with self.db.read() as s:
+            live = set(
+                s.scalars(
+                    select(Memory.seq).where(Memory.cube_id == cube_id, Memory.deleted_at.is_(None))
+                )
+            )
+        gone = sorted(index.live_seqs() - live)
+        if gone:
+            index.erase(gone, generation)
+            index.save(self.directory(cube_id))
+        return len(gone)
+
+    def _reload_locked(self, cube_id: str) -> CatchUp:
+        fresh, report = self._load(cube_id)
+        with self._guard:
+            self._indexes[cube_id] = fresh
+            self._sizes[cube_id] = fresh.footprint().bytes
+        return CatchUp(cube_id, "reloaded", fresh.generation, report.replayed)
 
     def save_all(self) -> None:
         for cube_id in list(self._indexes):
@@ -320,3 +466,11 @@ class IndexRegistry:
                 index = self._indexes.get(cube_id)
                 if index is not None and index.dirty:
                     index.save(self.directory(cube_id))
+
+
+def _apply_change(
+    index: CubeIndex, change_seq: int, docs: list[IndexedDoc], gone: list[int]
+) -> None:
+    """One source transaction's rows: whole to searches when small (`ATOMIC_APPLY_MAX`)."""
+    if docs or gone:
+        index.apply(docs, gone, change_seq, atomic=len(docs) + len(gone) <= ATOMIC_APPLY_MAX)

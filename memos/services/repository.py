@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import String, cast, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from memcube.errors import NotFound, PreconditionFailed
@@ -19,6 +19,9 @@ from memos.services.ids import note_chunk_id
 from memos.services.views import LinkView, MemoryView
 
 # Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
+# The PostgreSQL NOTIFY channel every change to a cube's memories is announced on.
+CHANGES_CHANNEL = "memos_changes"
+
 DERIVED_LINK_KINDS = ("follows", "similar", "same_entity", "duplicate", "updates")
 
 
@@ -125,13 +128,22 @@ def history_row(row: Memory, reason: str) -> MemoryHistory:
 def bump_generation(s: Session, cube_id: str, live_delta: int = 0) -> int:
     """Take the cube's next generation for this transaction's changes. `live_delta`: how many
     live memories the transaction adds (or, negative, removes), kept in `cubes.live_memories`
-    for the memory quota: every insert, soft delete or erasure of a memory must pass it."""
-    generation = s.scalar(
+    for the memory quota: every insert, soft delete or erasure of a memory must pass it.
+
+    On PostgreSQL the same statement queues a notification `"<cube_id> <generation>"` on
+    `CHANGES_CHANNEL`, delivered to every listening daemon when (and only if) the transaction
+    commits: how the fleet's other daemons learn that their loaded index of the cube lags
+    (`memos/services/fleet/changes.py`). Every writer passes here, so every change is told."""
+    query = (
         update(Cube)
         .where(Cube.id == cube_id)
         .values(generation=Cube.generation + 1, live_memories=Cube.live_memories + live_delta)
         .returning(Cube.generation)
     )
+    if s.get_bind().dialect.name == "postgresql":
+        payload = Cube.id.concat(" ").concat(cast(Cube.generation, String))
+        query = query.returning(func.pg_notify(CHANGES_CHANNEL, payload))
+    generation = s.scalar(query)
     if generation is None:  # the cube was deleted while this request was in flight
         raise cube_not_found(cube_id)
     return int(generation)
