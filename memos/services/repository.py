@@ -18,10 +18,10 @@ from memos.services.cubes import cube_not_found
 from memos.services.ids import note_chunk_id
 from memos.services.views import LinkView, MemoryView
 
-# Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
 # The PostgreSQL NOTIFY channel every change to a cube's memories is announced on.
 CHANGES_CHANNEL = "memos_changes"
 
+# Links the enrichment worker derives (and rebuilds); other kinds would be user-made.
 DERIVED_LINK_KINDS = ("follows", "similar", "same_entity", "duplicate", "updates")
 
 
