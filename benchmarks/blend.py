@@ -12,8 +12,11 @@ not timed) and each row builds the notes block + question on the cached prefix:
   (no chunk token was ever a sequence's first, see `kv_runtime.blend`);
 - naive: the chunks concatenated as computed, no re-rotation, nothing recomputed (MemOS).
 
-Notes per question: this is not the daemon's recall (no embedder, no store): the question's
-evidence turns plus other turns of the same conversation up to `--notes`, in a seeded shuffle.
+Notes per question (`--recall`): `daemon` (default) recalls them as a chat turn does: the
+conversation's turns are stored in an in-process daemon (real SQLite, the real embedder, the
+default enricher) and the question is searched with top_k `--notes`; the notes come in the
+search's order. `evidence`: the question's evidence turns plus other turns of the conversation up
+to `--notes`, in a seeded shuffle (every prompt then holds its evidence).
 Quality, against the full prefill: KL(full || row) of the next-token distribution, top-1
 agreement over the full prefill's greedy continuation (`--continuation` tokens, teacher-forced),
 and the gold answer's log-likelihood (summed over its tokens; `ll delta` is relative to full,
@@ -77,6 +80,48 @@ def pick_notes(conv: Conversation, question: Question, count: int, seed: int) ->
     notes = evidence + rng.sample(others, min(len(others), count - len(evidence)))
     rng.shuffle(notes)
     return notes
+
+
+def daemon_recall(conv: Conversation, questions: list[Question], top_k: int) -> list[list[Turn]]:
+    """Each question's notes as a chat turn recalls them: the conversation stored in an
+    in-process daemon (enriched as it would be), then one search per question."""
+    from memcube.types import SearchFilters
+    from memos.daemon import Daemon
+    from memos.services.auth import ADMIN_USER_ID
+    from memos.services.views import NewMemory, Principal
+    from memos.settings import Settings
+
+    admin = Principal(ADMIN_USER_ID, True)
+    data_dir = Path(tempfile.mkdtemp(prefix="memos-blend-"))
+    settings = Settings(
+        data_dir=data_dir,
+        admin_key="k" * 20,
+        scheduler={"enabled": False},
+        activations={"enabled": False},
+    )
+    daemon = Daemon(settings)
+    daemon.start()
+    try:
+        cube_id = daemon.cubes.create(admin, "blend", "").id
+        items = [
+            NewMemory(t.render(), f"session_{t.session}", t.speaker, t.timestamp,
+                      {"dia_id": t.dia_id})
+            for t in conv.turns
+        ]  # fmt: skip
+        for start in range(0, len(items), 100):
+            daemon.memories.add(admin, cube_id, items[start : start + 100])
+        while daemon.cubes.get(admin, cube_id).stats.enrichment_pending:
+            time.sleep(0.5)
+        by_id = {t.dia_id: t for t in conv.turns}
+        recalled = []
+        for question in questions:
+            result = daemon.search.search(
+                admin, cube_id, question.text, top_k, SearchFilters(), count=False
+            )
+            recalled.append([by_id[hit.memory.metadata["dia_id"]] for hit in result.hits])
+        return recalled
+    finally:
+        daemon.stop()
 
 
 def log_softmax_rows(first: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
@@ -197,6 +242,10 @@ def main() -> None:
     parser.add_argument("--conversation", type=int, default=0, help="which LoCoMo conversation")
     parser.add_argument("--questions", type=int, default=8, help="questions with evidence")
     parser.add_argument("--notes", type=int, default=10, help="notes per prompt")
+    parser.add_argument(
+        "--recall", choices=("daemon", "evidence"), default="daemon",
+        help="notes as the daemon recalls them, or the evidence plus random turns",
+    )  # fmt: skip
     parser.add_argument("--continuation", type=int, default=32, help="greedy tokens compared")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
@@ -213,13 +262,19 @@ def main() -> None:
     system = runtime.render_chat([{"role": "system", "content": SYSTEM}], False)
     prefix = runtime.prefill(runtime.tokenize(f"{system}<|im_start|>user\n{NOTES_HEADER}\n"))
     asked = [q for q in conv.questions if q.evidence and q.answer][: args.questions]
+    if args.recall == "daemon":
+        recalled = daemon_recall(conv, asked, args.notes)
+    else:
+        recalled = [pick_notes(conv, q, args.notes, i) for i, q in enumerate(asked)]
     rows: list[dict[str, Any]] = []
     for i, question in enumerate(asked):
-        notes = [runtime.tokenize(note_line(t)) for t in pick_notes(conv, question, args.notes, i)]
+        notes = [runtime.tokenize(note_line(t)) for t in recalled[i]]
+        found = {t.dia_id for t in recalled[i]} & set(question.evidence)
+        evidence_recall = len(found) / len(set(question.evidence))
         tail = f"\nMessage:\n{question.text}<|im_end|>\n<|im_start|>assistant\n"
         answer = runtime.tokenize(str(question.answer))
         for row in measure_question(runtime, prefix, notes, runtime.tokenize(tail), answer, args):
-            rows.append({"question": i, **row})
+            rows.append({"question": i, "evidence_recall": evidence_recall, **row})
         print(f"question {i + 1}/{len(asked)} done", file=sys.stderr)
     table = summarise(rows)
     settings = {
@@ -229,6 +284,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "prefix_tokens": prefix.length,
         "notes": args.notes,
+        "recall": args.recall,
+        "evidence_recall": statistics.mean(r["evidence_recall"] for r in rows) if rows else 0.0,
         "continuation": args.continuation,
         "conversation": conv.sample_id,
         "cpus": os.cpu_count(),
