@@ -83,7 +83,11 @@ class PolicyService:
                 code="invalid_policy",
             )
         with self.db.write() as s:
-            latest = _latest(s, cube_id, for_update=True)
+            # The cube's row, locked, serialises the cube's policy changes (on PostgreSQL; a
+            # SQLite write transaction is alone anyway): two first changes would otherwise both
+            # read no version and both insert version 1.
+            s.execute(select(Cube.id).where(Cube.id == cube_id).with_for_update())
+            latest = _latest(s, cube_id)
             overrides = dict(latest.policy) if latest is not None else {}
             for name, value in changes.items():
                 if name == "fuse" and isinstance(value, dict):
@@ -150,11 +154,11 @@ class PolicyService:
         )
 
 
-def _latest(s: Session, cube_id: str, for_update: bool = False) -> CubePolicy | None:
+def _latest(s: Session, cube_id: str) -> CubePolicy | None:
     query = (
         select(CubePolicy)
         .where(CubePolicy.cube_id == cube_id)
         .order_by(CubePolicy.version.desc())
         .limit(1)
     )
-    return s.scalar(query.with_for_update() if for_update else query)
+    return s.scalar(query)

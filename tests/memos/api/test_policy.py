@@ -96,3 +96,24 @@ def test_bad_values_are_422_naming_the_problem_and_change_nothing(server):
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
         body = owner.get(path).json()
         assert (body["version"], body["hot_recalls"]) == (1, 9)
+
+
+def test_concurrent_changes_each_get_their_own_version(server):
+    """Eight first changes at once: every one answers 200 and becomes one version (two used to
+    read "no version yet" together on PostgreSQL, and the second insert failed with a 500)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cube_id, owner_key, _, _, _ = _shared_cube(server)
+    path = f"/v1/cubes/{cube_id}/policy"
+
+    def change(days: int) -> int:
+        with server.client(owner_key) as owner:
+            r = owner.put(path, json={"memory_ttl_days": days})
+            assert r.status_code == 200, r.text
+            return int(r.json()["version"])
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = sorted(pool.map(change, range(1, 9)))
+    assert versions == list(range(1, 9))
+    with server.client(owner_key) as owner:
+        assert len(owner.get(f"{path}/history").json()["items"]) == 8
