@@ -347,9 +347,13 @@ def summarise(
     return out
 
 
-def visibility(delays: list[float | None]) -> dict[str, Any]:
-    seen = [d for d in delays if d is not None]
-    return {"probes": len(delays), "not_visible": len(delays) - len(seen), **percentiles(seen)}
+def visibility(probes: list[tuple[float | None, int]]) -> dict[str, Any]:
+    """Delays of the probes that saw their note; `first_try`: seen by the first search (the
+    delay is then that search's own latency at most)."""
+    seen = [d for d, _ in probes if d is not None]
+    first = sum(1 for d, tries in probes if d is not None and tries == 1)
+    out = {"probes": len(probes), "not_visible": len(probes) - len(seen), "first_try": first}
+    return out | percentiles(seen)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -394,11 +398,16 @@ def print_run(result: dict[str, Any], args: argparse.Namespace) -> None:
     for where, vis in result["visible"].items():
         if vis["probes"]:
             print(
-                f"write-to-searchable, {where} daemon: {vis['probes']} probes, p50 "
-                f"{vis['p50_ms']} ms, p95 {vis['p95_ms']} ms, max {vis['max_ms']} ms; not "
-                f"visible within {args.visible_timeout:g} s: {vis['not_visible']}"
+                f"write-to-searchable, {where} daemon: {vis['probes']} probes ({vis['first_try']} "
+                f"seen at the first search), p50 {vis['p50_ms']} ms, p95 {vis['p95_ms']} ms, max "
+                f"{vis['max_ms']} ms; not visible within {args.visible_timeout:g} s: "
+                f"{vis['not_visible']}"
             )
-    print(f"errors: {result['errors']} {result['errors_by_status'] or ''}")
+    health = result["facts"]["healthz"]
+    print(
+        f"errors: {result['errors']} {result['errors_by_status'] or ''}; /healthz redis "
+        f"{health.get('redis', '-')}, changes {health.get('changes', '-')}"
+    )
     if result["killed"] is not None:
         print(
             f"daemon {result['killed']} SIGKILLed at {args.seconds / 2:g} s (client: "
@@ -462,7 +471,7 @@ def main() -> None:
     parser.add_argument("--add-weight", type=int, default=30, help="percent of requests that add")
     parser.add_argument("--turns", type=int, default=4, help="turns per chat")
     parser.add_argument("--max-tokens", type=int, default=8, help="a chat reply's length")
-    parser.add_argument("--probe-every", type=int, default=20, help="probe every n-th add")
+    parser.add_argument("--probe-every", type=int, default=5, help="probe every n-th add")
     parser.add_argument("--probe-interval-ms", type=float, default=50)
     parser.add_argument("--visible-timeout", type=float, default=10.0, help="seconds")
     parser.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")

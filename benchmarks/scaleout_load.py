@@ -79,8 +79,9 @@ class Load:
         self.acked: dict[str, set[str]] = {}  # cube -> memory ids the daemons acknowledged
         # "other": probes answered by daemons other than the one that acknowledged the add;
         # "same": any probe that asked that daemon (a fleet of one, or no other left alive).
-        # Milliseconds from acknowledgement to visible; None: not visible in time.
-        self.visible: dict[str, list[float | None]] = {"other": [], "same": []}
+        # (milliseconds from acknowledgement to the answer that has it, or None: not visible in
+        # time; searches it took)
+        self.visible: dict[str, list[tuple[float | None, int]]] = {"other": [], "same": []}
         self.probes_skipped = 0
         self.orphans: list[dict[str, Any]] = []
         self.orphan_threads: list[threading.Thread] = []
@@ -211,14 +212,15 @@ def probe_loop(load: Load, args: argparse.Namespace, done: threading.Event) -> N
             continue
         path = f"/v1/cubes/{tenant.cube_id}/search"
         body = {"query": token, "top_k": 5, "mode": "lexical"}
-        same, delay = False, None
+        same, delay, tries = False, None, 0
         while time.monotonic() - acked <= args.visible_timeout:
             target = load.fleet.pick(avoid=origin)
             same |= target == origin
+            tries += 1
             got = load.call("probe", target, tenant, path, body)
             if got is not None and any(h["memory"]["id"] == memory_id for h in got["hits"]):
                 delay = (time.monotonic() - acked) * 1000
                 break
             time.sleep(args.probe_interval_ms / 1000)
         with load.lock:
-            load.visible["same" if same else "other"].append(delay)
+            load.visible["same" if same else "other"].append((delay, tries))
