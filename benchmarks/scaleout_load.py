@@ -77,11 +77,16 @@ class Load:
         self.fleet, self.http = fleet, http
         self.samples: list[Sample] = []
         self.acked: dict[str, set[str]] = {}  # cube -> memory ids the daemons acknowledged
-        # "other": probes answered by daemons other than the one that acknowledged the add;
-        # "same": any probe that asked that daemon (a fleet of one, or no other left alive).
+        # "other": probes that asked only daemons other than the one that acknowledged the add;
+        # "same": only that daemon (a fleet of one, or no other left alive); "mixed": both
+        # (the kill changed the targets midway: its delay says nothing).
         # (milliseconds from acknowledgement to the answer that has it, or None: not visible in
         # time; searches it took)
-        self.visible: dict[str, list[tuple[float | None, int]]] = {"other": [], "same": []}
+        self.visible: dict[str, list[tuple[float | None, int]]] = {
+            "other": [],
+            "same": [],
+            "mixed": [],
+        }
         self.probes_skipped = 0
         self.orphans: list[dict[str, Any]] = []
         self.orphan_threads: list[threading.Thread] = []
@@ -212,10 +217,10 @@ def probe_loop(load: Load, args: argparse.Namespace, done: threading.Event) -> N
             continue
         path = f"/v1/cubes/{tenant.cube_id}/search"
         body = {"query": token, "top_k": 5, "mode": "lexical"}
-        same, delay, tries = False, None, 0
+        asked, delay, tries = set(), None, 0
         while time.monotonic() - acked <= args.visible_timeout:
             target = load.fleet.pick(avoid=origin)
-            same |= target == origin
+            asked.add(target == origin)
             tries += 1
             got = load.call("probe", target, tenant, path, body)
             if got is not None and any(h["memory"]["id"] == memory_id for h in got["hits"]):
@@ -223,4 +228,5 @@ def probe_loop(load: Load, args: argparse.Namespace, done: threading.Event) -> N
                 break
             time.sleep(args.probe_interval_ms / 1000)
         with load.lock:
-            load.visible["same" if same else "other"].append((delay, tries))
+            where = "mixed" if len(asked) > 1 else "same" if True in asked else "other"
+            load.visible[where].append((delay, tries))
