@@ -18,7 +18,8 @@ The load, closed loop, round-robin over the daemons (each request goes to the ne
   probe threads then search for it (lexical, top_k 5) on a *different* daemon than the one that
   acknowledged the add, every `--probe-interval-ms`, until the note is among the hits
   (delay = acknowledgement to the answer that has it) or `--visible-timeout` passes. With one
-  daemon the probe asks the same daemon.
+  daemon (or one left alive) the probe asks the same daemon, reported apart ("same"), and so
+  is a probe whose targets the kill changed midway ("mixed").
 
 Then, for every size of 2 or more, the same run with daemon `--kill` SIGKILLed halfway. The
 client drops a daemon after its first connection error (`--on-dead drop`, as a load balancer's
