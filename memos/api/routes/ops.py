@@ -26,6 +26,7 @@ def healthz(daemon: DaemonDep) -> dict[str, object]:
         "indexes_loaded": len(daemon.indexes.loaded()),
         "healing": daemon.healing,
         "instance": daemon.instance.id,
+        "redis": daemon.blobs.health(),  # "ok" | "down" | "off" (MEMOS_REDIS_URL unset)
     }
 
 
