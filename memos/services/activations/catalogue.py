@@ -221,6 +221,17 @@ class Catalogue:
 
     # -- files ------------------------------------------------------------------------------
 
+    def republish(self) -> int:
+        """Ready activations this disk holds and the shared tier lost (a Redis restarted
+        empty, an expired TTL) are written back to it; how many."""
+        if self.blobs.shared is None:
+            return 0
+        with self.db.read() as s:
+            ready = s.execute(
+                select(Activation.cube_id, Activation.id).where(Activation.state == "ready")
+            ).all()
+        return self.blobs.republish([(str(c), str(a)) for c, a in ready])
+
     def remove_files(self, cube_id: str, activation_id: str, prune_cube: bool = False) -> None:
         """Remove an activation's files (the manifest first), whatever is left of them, here
         and in the shared tier, and with `prune_cube` (its cube is gone) the cube's folder if

@@ -166,7 +166,9 @@ class ActivationService:
         return len(cut)
 
     def sweep(self) -> SweepReport:
-        return self.sweeper.run()
+        report = self.sweeper.run()
+        self.catalogue.republish()  # what a Redis restarted empty lost, from this disk
+        return report
 
     # -- builds -----------------------------------------------------------------------------
 

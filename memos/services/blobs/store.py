@@ -32,6 +32,7 @@ from memos.services.blobs.local import LocalDirectory
 
 log = logging.getLogger("memos.blobs")
 MAX_PENDING = 1024  # publishes and deletes waiting for Redis to come back
+REPUBLISH_MAX = 256  # activations one sweep writes back to a shared tier that lost them
 
 
 class BlobStore:
@@ -170,6 +171,28 @@ class BlobStore:
             return not self.shared.has([key])[0]
         except TierDown:
             return False
+
+    def republish(self, ready: list[tuple[str, str]], limit: int = REPUBLISH_MAX) -> int:
+        """Publish the activations of `ready` (cube id, activation id) this disk holds and the
+        shared tier lacks (a Redis restarted empty, an expired TTL), at most `limit`; how many.
+        Never raises for the tier."""
+        if self.shared is None:
+            return 0
+        here = [BlobKey(c, a) for c, a in ready if self.local.has(BlobKey(c, a))]
+        done = 0
+        for start in range(0, len(here), 500):
+            batch = here[start : start + 500]
+            try:
+                present = self.shared.has(batch)
+            except TierDown:
+                return done
+            for key, there in zip(batch, present, strict=True):
+                if not there and done < limit:
+                    self.publish(key.cube_id, key.activation_id)
+                    done += 1
+        if done:
+            log.info("activations written back to redis", extra={"fields": {"count": done}})
+        return done
 
     def health(self) -> Health:
         if self.shared is None:

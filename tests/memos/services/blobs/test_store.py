@@ -167,3 +167,18 @@ def test_a_redis_that_hangs_costs_one_timeout_then_the_back_off_answers_at_once(
     assert 0.9 <= first < 1.9 and second < 0.1, (first, second)  # timeout_s=1
     time.sleep(0.4)
     assert b.health() == "ok"
+
+
+def test_a_redis_restarted_empty_gets_back_what_this_disk_holds(tmp_path, private_redis):
+    a = store(tmp_path / "a", private_redis.url)
+    for act in ("act_1", "act_2", "act_3"):
+        save(a.root, "cube_1", act, act.encode())
+        a.publish("cube_1", act)
+    private_redis.stop()
+    private_redis.start()  # --save '': empty
+    time.sleep(0.4)  # past the back-off the stop may have started
+    ready = [("cube_1", "act_1"), ("cube_1", "act_2"), ("cube_1", "act_3"), ("cube_1", "act_9")]
+    assert a.republish(ready, limit=2) == 2  # act_9 is not on this disk
+    assert a.republish(ready) == 1 and a.republish(ready) == 0
+    keys = sorted(private_redis.client().keys("memos:act:*"))
+    assert keys == [f"memos:act:cube_1:act_{i}".encode() for i in (1, 2, 3)]
