@@ -3,7 +3,8 @@
 One test, real processes and the real model: an activation built on A generates on B (fetched
 from Redis); bytes altered in Redis make B mark it corrupt, not unavailable; Redis stopped
 under load: no 5xx but the documented 503 for a blob only Redis held, /healthz says so, what
-B holds on disk still generates, A still builds; Redis back: ok again without a restart.
+B holds on disk still generates, A still builds; Redis back: ok again without a restart, and
+what it lost is written back by A's sweep. A chat's prefix saved on A is reused on B.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ from tests.memos.services.blobs.conftest import wait_until
 PROMPT = {"prompt": "Who paints?", "max_tokens": 2}
 
 
+def run_job(client: httpx.Client, name: str) -> dict:
+    run_id = client.post(f"/v1/jobs/{name}/run").json()["run_id"]
+
+    def finished() -> bool:
+        return client.get(f"/v1/jobs/runs/{run_id}").json()["status"] != "running"
+
+    wait_until(finished, f"{name} ran")
+    run = client.get(f"/v1/jobs/runs/{run_id}").json()
+    assert run["status"] == "ok", run
+    return dict(run["result"])
+
+
 def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_redis_down(
     tmp_path, fresh_postgres_url, private_redis
 ):
@@ -28,7 +41,8 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
         "MEMOS_FLEET__LEASE_S": "3",
         "MEMOS_FLEET__HEARTBEAT_S": "0.5",
         "MEMOS_BLOBS__REDIS_RETRY_S": "0.5",
-        "MEMOS_SCHEDULER__ENABLED": "false",
+        "MEMOS_SCHEDULER__ENABLED": "false",  # jobs run when the test asks
+        "MEMOS_CHATS__SAVE_IDLE_S": "0",
     }
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -63,6 +77,22 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
             assert {p.name: p.read_bytes() for p in fetched.iterdir()} == {
                 p.name: p.read_bytes() for p in held.iterdir()
             }
+
+            # A chat's prefix saved on A is loaded by B: its next turn reuses it, no prefill.
+            r = on_a.post(f"/v1/cubes/{cube}/chats", json={"system": "Be brief."})
+            chat = r.json()["id"]
+            turn = {"content": "Remember the number 42.", "max_tokens": 2}
+            assert on_a.post(f"/v1/cubes/{cube}/chats/{chat}/messages", json=turn).is_success
+            assert run_job(on_a, "chat_prefix_save")["saved"] == 1
+            prefix = [
+                x for x in on_a.get(f"/v1/cubes/{cube}/activations").json()["items"]
+                if x["kind"] == "chat_prefix"
+            ]  # fmt: skip
+            assert [x["state"] for x in prefix] == ["ready"]
+            turn = {"content": "Which number?", "max_tokens": 2}
+            r = on_b.post(f"/v1/cubes/{cube}/chats/{chat}/messages", json=turn)
+            assert r.status_code == 200, r.text
+            assert r.json()["reused_tokens"] == prefix[0]["tokens"]
 
             # Bytes altered in Redis (B never loaded it): corrupt, not unavailable.
             redis = private_redis.client()
@@ -109,6 +139,11 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
                     lambda d=daemon: httpx.get(f"{d.url}/healthz").json()["redis"] == "ok", "ok"
                 )
             r = generate(on_b, built_while_down)
+            assert r.status_code == 200, r.text
+            # What the restarted Redis lost, A writes back at its next sweep.
+            assert generate(on_b, only_in_redis).status_code == 503
+            assert run_job(on_a, "index_maintenance")["activations"]["failed"] == 0
+            r = generate(on_b, only_in_redis)
             assert r.status_code == 200, r.text
             stop.set()
             worker.join(timeout=120)
