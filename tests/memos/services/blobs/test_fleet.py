@@ -49,8 +49,9 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
     a = make_daemon_process(tmp_path / "a", **env)
     b = make_daemon_process(tmp_path / "b", **{**env, "MEMOS_ADMIN_KEY": a.admin_key})
     b.admin_key = a.admin_key
-    a.start()
-    b.start()
+    a.start()  # first: it creates the schema
+    b_up = threading.Thread(target=b.start)  # while A loads its model and builds
+    b_up.start()
     try:
         with a.client() as on_a, b.client() as on_b:
             cube = on_a.post("/v1/cubes", json={"name": "shared"}).json()["id"]
@@ -67,6 +68,8 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
             shared, tampered, only_in_redis = (
                 build(t) for t in ("Melanie paints.", "Caroline runs.", "Jon swims.")
             )
+            b_up.join()
+            assert b.proc is not None and b.proc.poll() is None, b.log_tail()
             # Built on A, generated on B: B fetched its files from Redis, checked, to its disk.
             assert not (b.data_dir / "activations" / cube / shared["id"]).exists()
             r = generate(on_b, shared)
@@ -149,5 +152,6 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
             worker.join(timeout=120)
             assert set(statuses) == {200}, statuses
     finally:
+        b_up.join()
         b.stop()
         a.stop()
