@@ -2,7 +2,7 @@
 
 - `publish` after the runtime saved an activation: its files go to the shared tier (when one
   is configured and they fit `max_bytes`). A publish Redis refused is remembered (at most
-  `MAX_PENDING`) and retried once Redis answers again.
+  `MAX_PENDING`) and replayed on a thread of its own once Redis answers again.
 - `fetch` before the runtime loads one: the local folder when it holds the files (and, with a
   shared tier, the same manifest as there: a re-quantized activation is fetched again), else
   the shared tier's copy, each file checked against its sha256 and written locally the way
@@ -50,6 +50,7 @@ class BlobStore:
         self._pending: OrderedDict[BlobKey, str] = OrderedDict()
         self._lock = threading.Lock()
         self._fetching = threading.Lock()  # one fetch writes a folder at a time
+        self._flushing = threading.Lock()  # held by the one thread replaying `_pending`
         self.published = self.fetched = self.skipped = 0
 
     @property
@@ -85,7 +86,7 @@ class BlobStore:
             return
         self.published += 1
         self._forget(key)
-        self.flush()
+        self._flush_soon()
 
     def fetch(self, cube_id: str, activation_id: str) -> Path:
         """The local folder holding the activation's files, fetched first when needed."""
@@ -203,12 +204,25 @@ class BlobStore:
             self.shared.ping()
         except TierDown:
             return "down"
-        self.flush()
+        self._flush_soon()
         return "ok"
 
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def _flush_soon(self) -> None:
+        """`flush` on a thread of its own (one at a time), so no request waits on it."""
+        if not self.pending() or not self._flushing.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self.flush()
+            finally:
+                self._flushing.release()
+
+        threading.Thread(target=run, name="memos-blobs-flush", daemon=True).start()
 
     def flush(self) -> None:
         """Retry what the shared tier missed while it was down (oldest first)."""

@@ -141,6 +141,9 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
                 wait_until(
                     lambda d=daemon: httpx.get(f"{d.url}/healthz").json()["redis"] == "ok", "ok"
                 )
+            redis = private_redis.client()
+            missed = f"memos:act:{cube}:{built_while_down['id']}"
+            wait_until(lambda: redis.exists(missed), "A replayed the write Redis missed")
             r = generate(on_b, built_while_down)
             assert r.status_code == 200, r.text
             # What the restarted Redis lost, A writes back at its next sweep.
@@ -151,6 +154,10 @@ def test_an_activation_built_on_one_daemon_generates_on_another_and_survives_red
             stop.set()
             worker.join(timeout=120)
             assert set(statuses) == {200}, statuses
+            # Deleted on B: gone from Redis too (A's copy goes at A's next sweep: no row).
+            assert on_b.delete(f"/v1/cubes/{cube}/activations/{shared['id']}").is_success
+            assert not redis.exists(f"memos:act:{cube}:{shared['id']}")
+            assert redis.exists(f"memos:act:{cube}:{only_in_redis['id']}")
     finally:
         b_up.join()
         b.stop()
