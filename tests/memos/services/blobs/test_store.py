@@ -186,3 +186,16 @@ def test_a_redis_restarted_empty_gets_back_what_this_disk_holds(tmp_path, privat
     assert a.republish(ready) == 1 and a.republish(ready) == 0
     keys = sorted(private_redis.client().keys("memos:act:*"))
     assert keys == [f"memos:act:cube_1:act_{i}".encode() for i in (1, 2, 3)]
+
+
+def test_a_shared_directory_is_the_local_store_every_daemon_points_at(tmp_path):
+    from memos.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", blobs={"directory": tmp_path / "shared"})
+    assert settings.activation_dir == tmp_path / "shared"
+    assert Settings(data_dir=tmp_path / "data").activation_dir == tmp_path / "data/activations"
+    a, b = (BlobStore(LocalDirectory(settings.activation_dir)) for _ in range(2))
+    written = save(a.root, "cube_1", "act_1", b"s")
+    assert files(b.fetch("cube_1", "act_1")) == written and b.health() == "off"
+    with pytest.raises(BlobUnavailable, match="not on this daemon's disk"):
+        b.fetch("cube_1", "act_2")
