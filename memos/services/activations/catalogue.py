@@ -186,6 +186,8 @@ class Catalogue:
 
     def _publish(self, activation_id: str) -> None:
         """Write the activation's saved files through to the shared tier (if any)."""
+        if self.blobs.shared is None:
+            return
         with self.db.read() as s:
             cube_id = s.scalar(select(Activation.cube_id).where(Activation.id == activation_id))
         if cube_id is not None:
