@@ -97,6 +97,8 @@ class BlobStore:
                 raise self._unavailable(activation_id, "its files are not on this daemon's disk")
             return self.local.path(key)
         if local is not None:
+            if self._waiting(key):  # this disk is newer than what redis missed of it
+                return self.local.path(key)
             try:
                 there = self.shared.version(key)
             except TierDown:
@@ -252,6 +254,10 @@ class BlobStore:
             self._pending[key] = what
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
+
+    def _waiting(self, key: BlobKey) -> bool:
+        with self._lock:
+            return self._pending.get(key) == "put"
 
     def _forget(self, key: BlobKey) -> None:
         with self._lock:
