@@ -18,6 +18,7 @@ from memos.scheduler import jobs
 from memos.scheduler.runner import JobRunner
 from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
+from memos.services.blobs import make_blob_store
 from memos.services.chats import ChatService
 from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
@@ -85,6 +86,10 @@ class Daemon:
         self.rate_limiter = RateLimiter(settings.rate_limit)
         self.runtime = RuntimeHolder(settings.runtime, enabled=settings.activations.enabled)
         self.cubes = CubeService(self.db, self._drop_cube, self._cube_bytes, self.quotas)
+        # Activation files: on this disk, written through to Redis when MEMOS_REDIS_URL is set.
+        self.blobs = make_blob_store(
+            settings.activation_dir, settings.redis_url, settings.blobs, self._alone
+        )
         self.activations = ActivationService(
             self.db,
             self.cubes,
@@ -93,6 +98,7 @@ class Daemon:
             settings.activations,
             check_quota=self.quotas.check_activation_bytes,
             embedder=self.embedder,
+            blobs=self.blobs,
         )
         self.enrichment = EnrichmentService(
             self.db,
@@ -146,6 +152,7 @@ class Daemon:
             self.indexes,
             settings.activation_dir,
             on_erased=self._erased,
+            remove_activation=self.blobs.remove,
         )
         self.completions = CompletionService(
             self.cubes,
@@ -204,6 +211,10 @@ class Daemon:
         self.indexes.drop(cube_id)
         self.activations.drop_cube(cube_id)
         self.chats.drop_cube(cube_id)
+
+    def _alone(self) -> bool:
+        """No other daemon of the fleet is alive (their disks may hold what this one lacks)."""
+        return all(member["self"] for member in self.instance.members())
 
     def _erased(self, cube_id: str, session_id: str | None) -> None:
         self.activations.loaded.drop_cube(cube_id)  # the erased memory's activations went

@@ -420,6 +420,34 @@ class FleetConfig(BaseModel):
         return self
 
 
+class BlobsConfig(BaseModel):
+    """Where activation files live (see memos/services/blobs/ and README.md "Fleet: the shared
+    activation tier"): a directory, written through to Redis when `redis_url` is set."""
+
+    directory: Path | None = Field(
+        None, description="activation files' root; a directory every daemon mounts makes it "
+        "shared. Default: <data_dir>/activations",
+    )  # fmt: skip
+    redis_max_bytes: int = Field(
+        64 << 20, ge=0, le=1 << 34, description="an activation's files larger than this are "
+        "not written to Redis (other daemons answer it 503 activation_unavailable)",
+    )  # fmt: skip
+    redis_ttl_s: int = Field(
+        7 * 86400, ge=1, le=365 * 86400, description="an activation left in Redis this long "
+        "without a fetch expires there (refreshed on every fetch)",
+    )  # fmt: skip
+    redis_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="Redis connect and socket timeout for blob calls"
+    )
+    redis_retry_s: float = Field(
+        2.0, ge=0, le=600, description="after Redis failed, blob calls skip it this long "
+        "before trying again (so Redis down never stalls a request)",
+    )  # fmt: skip
+    retry_after_s: int = Field(
+        5, ge=1, le=3600, description="Retry-After of a 503 activation_unavailable"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMOS_",
@@ -454,6 +482,7 @@ class Settings(BaseSettings):
     heap: HeapConfig = HeapConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     fleet: FleetConfig = FleetConfig()
+    blobs: BlobsConfig = BlobsConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -489,7 +518,7 @@ class Settings(BaseSettings):
 
     @property
     def activation_dir(self) -> Path:
-        return self.data_dir / "activations"
+        return self.blobs.directory or self.data_dir / "activations"
 
     def public_summary(self) -> dict[str, Any]:
         """What `/healthz` and the start-up log may show: no secrets."""

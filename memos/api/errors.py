@@ -106,7 +106,7 @@ def mapped_response(exc: Exception) -> JSONResponse | None:
     if isinstance(exc, QuotaExceeded):  # waiting does not free a quota: no Retry-After
         return error_response(status, code, message, limit=exc.limit)
     retry_after = getattr(exc, "retry_after", None)
-    if status == 429 and retry_after is not None:
+    if status in (429, 503) and retry_after is not None:
         seconds = max(1, math.ceil(retry_after))  # Retry-After takes whole seconds
         return error_response(
             status, code, message, headers={"Retry-After": str(seconds)}, retry_after=seconds

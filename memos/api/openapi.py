@@ -46,17 +46,21 @@ DESCRIPTIONS: dict[int, str] = {
     429: "`too_many_requests` or a more specific code (a rate, queue or quota): retry after "
     "`Retry-After` seconds when it is given",
     500: "`internal_error`: a bug; the daemon's log has the traceback",
-    503: "`unavailable` or `model_unavailable`: a part the request needs cannot run now",
+    503: "`unavailable` or a more specific code (`model_unavailable`, "
+    "`activation_unavailable`): a part the request needs cannot run now; retry after "
+    "`Retry-After` seconds when it is given",
 }
 
+RETRY_AFTER = {
+    "Retry-After": {
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "seconds to wait before retrying, when known",
+    }
+}
 HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`"}},
-    429: {
-        "Retry-After": {
-            "schema": {"type": "integer", "minimum": 1},
-            "description": "seconds to wait before retrying, when known",
-        }
-    },
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
 }
 
 _WRITES = {"POST", "PUT", "PATCH", "DELETE"}

@@ -72,12 +72,19 @@ class ErasureService:
         indexes: IndexRegistry,
         activation_dir: Path,
         on_erased: Callable[[str, str | None], None] = lambda cube_id, session_id: None,
+        remove_activation: Callable[[str, str], None] | None = None,
     ) -> None:
+        # (cube id, activation id): its files here and in the fleet's shared tier
         self.on_erased = on_erased  # (cube id, session id): drop what memory still holds of it
         self.db = db
         self.cubes = cubes
         self.indexes = indexes
         self.activation_dir = activation_dir
+        self.remove_activation = remove_activation or (
+            lambda cube_id, activation_id: kv_runtime.delete_activation(
+                activation_dir / cube_id / activation_id
+            )
+        )
 
     def erase(
         self,
@@ -136,7 +143,7 @@ class ErasureService:
             index.erase(seqs, generation)
             index.save(self.indexes.directory(cube_id))
         for activation_id in activations:
-            kv_runtime.delete_activation(self.activation_dir / cube_id / activation_id)
+            self.remove_activation(cube_id, activation_id)
         for session_id in sorted({row.session_id or "" for row in rows}):
             self.on_erased(cube_id, session_id or None)
         truncated = self.db.checkpoint()

@@ -124,7 +124,8 @@ def delete_activation(
             {
                 409: "`activation_not_ready`, `activation_mismatch` (built by another model, "
                 "tokenizer, chat template or dtype) or `activation_corrupt`",
-                503: UNAVAILABLE,
+                503: f"{UNAVAILABLE}, or `activation_unavailable` (its files are on another "
+                "daemon of the fleet and cannot be reached now; retry after `Retry-After`)",
             }
         ),
     },

@@ -27,6 +27,7 @@ def healthz(daemon: DaemonDep) -> dict[str, object]:
         "healing": daemon.healing,
         "instance": daemon.instance.id,
         "changes": daemon.changes.status(),
+        "redis": daemon.blobs.health(),  # "ok" | "down" | "off" (MEMOS_REDIS_URL unset)
     }
 
 

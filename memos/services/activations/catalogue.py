@@ -2,14 +2,15 @@
 
 States: "building" (with `progress` 0..1), "ready", "failed" (with `error`), "corrupt" (its files
 failed their checksum). The tensors live under `<directory>/<cube_id>/<activation_id>/`
-(`kv_runtime.store`); a row is inserted before its files are written and deleted before they
-are removed, so files without a row are always leftovers (see `ActivationSweep`).
+(`kv_runtime.store`), kept by a `BlobStore` (`memos.services.blobs`): written through to the
+fleet's shared tier when a build is marked ready or a chat prefix saved, fetched from it by
+`fetch` when this daemon lacks them. A row is inserted before its files are written and
+deleted before they are removed, so files without a row are always leftovers (see
+`ActivationSweep`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-import kv_runtime
 from memcube.errors import NotFound
 from memos.db.engine import Database
 from memos.db.models import Activation
 from memos.db.types import utcnow
+from memos.services.blobs import BlobStore, LocalDirectory
 from memos.services.views import ActivationView, EpisodeView
 
 INTERRUPTED = "interrupted by a restart; build it again"
@@ -90,14 +91,23 @@ def _scorer(compression: dict[str, Any]) -> str | None:
 class Catalogue:
     """Rows and file locations; every method is one short transaction."""
 
-    def __init__(self, db: Database, directory: Path) -> None:
+    def __init__(self, db: Database, directory: Path, blobs: BlobStore | None = None) -> None:
         self.db = db
         self.directory = directory
+        self.blobs = blobs or BlobStore(LocalDirectory(directory))
+        assert self.blobs.root == directory, "the catalogue and its blob store share a root"
         # Counts loads in memory (memos/services/lifecycle/usage.py); set by the daemon.
         self.on_load: Callable[[str], None] = lambda activation_id: None
 
     def path(self, cube_id: str, activation_id: str) -> Path:
+        """Where this daemon writes the activation's files."""
         return self.directory / cube_id / activation_id
+
+    def fetch(self, cube_id: str, activation_id: str) -> Path:
+        """Where this daemon reads them: fetched from the shared tier first when it lacks
+        them. Raises `BlobUnavailable` (503) when it cannot reach them, `ActivationCorrupt`
+        when the fetched bytes fail their sha256."""
+        return self.blobs.fetch(cube_id, activation_id)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -176,12 +186,23 @@ class Catalogue:
         }  # fmt: skip
         if compression is not None:
             values["compression"] = compression
+        self._publish(activation_id)  # before the row says ready: other daemons may read it
         return self._update(activation_id, building, **values)
 
     def mark_saved(self, activation_id: str, tokens: int, kept_tokens: int, size: int) -> bool:
         """Its files were (re)written whole (a chat prefix saved again): ready, these sizes."""
         values = {"tokens": tokens, "kept_tokens": kept_tokens, "bytes": size}
+        self._publish(activation_id)
         return self._update(activation_id, state="ready", progress=1.0, error=None, **values)
+
+    def _publish(self, activation_id: str) -> None:
+        """Write the activation's saved files through to the shared tier (if any)."""
+        if self.blobs.shared is None:
+            return
+        with self.db.read() as s:
+            cube_id = s.scalar(select(Activation.cube_id).where(Activation.id == activation_id))
+        if cube_id is not None:
+            self.blobs.publish(str(cube_id), activation_id)
 
     def mark_failed(self, activation_id: str, error: str) -> None:
         self._update(activation_id, Activation.state == "building", state="failed", error=error)
@@ -213,17 +234,22 @@ class Catalogue:
 
     # -- files ------------------------------------------------------------------------------
 
+    def republish(self) -> int:
+        """Ready activations this disk holds and the shared tier lost (a Redis restarted
+        empty, an expired TTL) are written back to it; how many."""
+        if self.blobs.shared is None:
+            return 0
+        with self.db.read() as s:
+            ready = s.execute(
+                select(Activation.cube_id, Activation.id).where(Activation.state == "ready")
+            ).all()
+        return self.blobs.republish([(str(c), str(a)) for c, a in ready])
+
     def remove_files(self, cube_id: str, activation_id: str, prune_cube: bool = False) -> None:
-        """Remove an activation's files (the manifest first), whatever is left of them, and
-        with `prune_cube` (its cube is gone) the cube's folder if that leaves it empty."""
-        path = self.path(cube_id, activation_id)
-        try:
-            kv_runtime.delete_activation(path)
-        except OSError:  # half removed by someone else, or a write still landing: all of it
-            shutil.rmtree(path, ignore_errors=True)
-        if prune_cube:  # fails when gone already, or another build's files are still there
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
+        """Remove an activation's files (the manifest first), whatever is left of them, here
+        and in the shared tier, and with `prune_cube` (its cube is gone) the cube's folder if
+        that leaves it empty."""
+        self.blobs.remove(cube_id, activation_id, prune_cube)
 
     def remove_cube_files(self, cube_id: str) -> None:
-        shutil.rmtree(self.directory / cube_id, ignore_errors=True)
+        self.blobs.remove_cube(cube_id)

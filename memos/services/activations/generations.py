@@ -405,7 +405,9 @@ class Generations:
     # -- loading ----------------------------------------------------------------------------
 
     def _path(self, row: ActivationView) -> Path:
-        return self.catalogue.path(row.cube_id, row.id)
+        """Its local folder, fetched from the shared tier first if needed (503 when it
+        cannot be reached; `ActivationCorrupt` when the fetched bytes fail their sha256)."""
+        return self.catalogue.fetch(row.cube_id, row.id)
 
     def _history(self, runtime: Runtime, row: ActivationView) -> History:
         """The chat messages the activation's tokens render: from memory, else its manifest."""
@@ -433,9 +435,9 @@ class Generations:
         cached = self.loaded.get(key)
         if cached is not None:
             return cached
-        path = self._path(row)
         for attempt in (1, 2):
             try:
+                path = self._path(row)
                 if row.episodes is not None:
                     caches, manifest = kv_runtime.open_episodes(path, runtime.fingerprint)
                     router: Router | None = Router.of(manifest)

@@ -31,6 +31,7 @@ from memos.db.types import utcnow
 from memos.services.activations.catalogue import Catalogue
 from memos.services.activations.loaded import ByteBoundedLRU
 from memos.services.activations.prompts import ActivationSource, Prompts
+from memos.services.blobs import BlobUnavailable
 from memos.services.ids import note_chunk_id
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView
@@ -223,13 +224,12 @@ class NoteChunks:
         key = (cube_id, activation_id)
         kv = self.cache.get(key)
         if kv is None:
-            path = self.catalogue.path(cube_id, activation_id)
             try:
-                compressed = runtime.load_activation(path)
+                compressed = runtime.load_activation(self.catalogue.fetch(cube_id, activation_id))
             except kv_runtime.ActivationCorrupt as exc:
                 self.catalogue.mark_corrupt(activation_id, exc.message)
                 return None
-            except (kv_runtime.ActivationMismatch, OSError):
+            except (kv_runtime.ActivationMismatch, OSError, BlobUnavailable):
                 return None
             self.catalogue.loaded(activation_id)
             kv = runtime.decompress(compressed)

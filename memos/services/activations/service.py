@@ -48,6 +48,7 @@ from memos.services.activations.prompts import (
     render_memories,
 )
 from memos.services.activations.sweep import ActivationSweep, SweepReport
+from memos.services.blobs import BlobStore
 from memos.services.cubes import CubeService
 from memos.services.ids import new_id, note_chunk_id
 from memos.services.runtime import RuntimeHolder
@@ -124,11 +125,12 @@ class ActivationService:
         config: ActivationsConfig,
         check_quota: QuotaCheck | None = None,
         embedder: Embedder | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.cubes, self.runtime, self.config = cubes, runtime, config
         self.check_quota = check_quota
         self.embedder = embedder  # episodic activations cluster and route with it
-        self.catalogue = Catalogue(db, directory)
+        self.catalogue = Catalogue(db, directory, blobs)
         self.prompts = Prompts(
             db,
             PromptLimits(
@@ -180,7 +182,9 @@ class ActivationService:
         return len(cut)
 
     def sweep(self) -> SweepReport:
-        return self.sweeper.run()
+        report = self.sweeper.run()
+        self.catalogue.republish()  # what a Redis restarted empty lost, from this disk
+        return report
 
     # -- builds -----------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@ removes the row before the files, so a folder listed before the rows were read a
 row is a leftover; a "building" row read before the in-flight set was taken and not in it has
 no build left to finish it (failing it is conditional on its state then, so a build that just
 ended is left alone).
+
+A ready row without files here is failed only when the blob store says they are gone for good
+(`BlobStore.gone`: no other daemon of the fleet alive, and none in the shared tier); else
+another daemon may still hold them, and a load answers 503 activation_unavailable meanwhile.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ class ActivationSweep:
         for activation_id, (cube_id, state) in rows.items():
             if state == "building" and activation_id not in building:
                 error = INTERRUPTED  # no build will finish it; what it wrote is incomplete
-            elif state == "ready" and not self._has_files(cube_id, activation_id):
-                error = MISSING
+            elif state == "ready" and self.catalogue.blobs.gone(cube_id, activation_id):
+                error = MISSING  # not here, no other daemon alive, not in the shared tier
             else:
                 continue
             with self.db.write() as s:
@@ -89,6 +93,3 @@ class ActivationSweep:
                 if state == "building":
                     self.catalogue.remove_files(cube_id, activation_id)
         return SweepReport(removed=removed, failed=failed, cubes=gone)
-
-    def _has_files(self, cube_id: str, activation_id: str) -> bool:
-        return (self.catalogue.path(cube_id, activation_id) / "manifest.json").is_file()

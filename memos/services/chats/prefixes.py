@@ -26,6 +26,7 @@ from memcube.errors import DomainError
 from memos.db.models import Activation
 from memos.db.types import utcnow
 from memos.services.activations.catalogue import Catalogue
+from memos.services.blobs import BlobUnavailable
 from memos.services.chats.catalogue import ChatCatalogue, ChatRecord
 from memos.services.chats.history import Message
 from memos.services.ids import new_id
@@ -144,14 +145,14 @@ class PrefixStore:
         activation_id = chat.prefix_activation_id
         if activation_id is None or not self.activations.exists(activation_id):
             return None
-        path = self.activations.path(chat.cube_id, activation_id)
-        try:
+        try:  # from the blob store: a prefix another daemon saved is fetched
+            path = self.activations.fetch(chat.cube_id, activation_id)
             compressed, manifest = runtime.open_activation(path)
         except kv_runtime.ActivationCorrupt as exc:
             self.activations.mark_corrupt(activation_id, exc.message)
             log.warning("chat prefix corrupt", extra={"fields": {"chat_id": chat.id}})
             return None
-        except (kv_runtime.ActivationMismatch, OSError) as exc:
+        except (kv_runtime.ActivationMismatch, OSError, BlobUnavailable) as exc:
             log.info("chat prefix not loaded: %s", exc, extra={"fields": {"chat_id": chat.id}})
             return None
         self.activations.loaded(activation_id)

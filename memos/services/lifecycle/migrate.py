@@ -56,6 +56,7 @@ from memos.db.models import Activation, Memory
 from memos.db.types import utcnow
 from memos.services.activations import ActivationService, ActivationSource
 from memos.services.activations.episodes import EpisodicSettings
+from memos.services.blobs import BlobUnavailable
 from memos.services.lifecycle.costs import CostModel, Verdict
 from memos.services.lifecycle.policy import PolicyService
 from memos.settings import LifecycleConfig, LifecyclePolicy
@@ -194,7 +195,15 @@ class Migrator:
         except DomainError as exc:  # the runtime is disabled or cannot load: nothing to read
             report.add("skipped", **item, why=f"not demoted: {exc.message}")
             return
-        path = self.activations.catalogue.path(activation.cube_id, activation.id)
+        catalogue = self.activations.catalogue
+        try:  # fetched from the shared tier when another daemon built it
+            path = catalogue.fetch(activation.cube_id, activation.id)
+        except BlobUnavailable as exc:
+            report.add("skipped", **item, why=f"not demoted: {exc.message}")
+            return
+        except kv_runtime.ActivationCorrupt as exc:  # generate marks it corrupt on its next use
+            report.add("skipped", **item, why=f"its files cannot be read: {exc}")
+            return
         cold = f"unused for {idle.total_seconds() / 86400:.1f} days (demote_after_days=" \
             f"{cube_policy.demote_after_days:g})"  # fmt: skip
         try:
@@ -229,6 +238,7 @@ class Migrator:
         settings = manifest.compression.model_copy(update={"bits": to_bits})
         requantized = [quantize(kv, settings) for kv in full]  # nothing evicted again
         written = _save(runtime, path, requantized, manifest)
+        catalogue.blobs.publish(activation.cube_id, activation.id)  # the fleet's copy too
         if not self._set_row(activation, to_bits, written, now, activation.bits, record=True):
             if not self.activations.catalogue.exists(activation.id):  # deleted meanwhile
                 self.activations.catalogue.remove_files(activation.cube_id, activation.id)

@@ -53,3 +53,14 @@ def test_unauthorized_names_the_scheme_and_bugs_are_not_mapped():
     assert response is not None and response.headers["www-authenticate"] == "Bearer"
     assert mapped_response(rt.KVRuntimeError("an unnamed runtime failure")) is None
     assert mapped_response(ValueError("a bug")) is None
+
+
+def test_an_unreachable_activation_is_503_with_retry_after():
+    from memos.services.blobs import BlobUnavailable
+
+    response = mapped_response(BlobUnavailable("redis is down", retry_after=5))
+    assert response is not None and response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert json.loads(response.body) == {
+        "error": {"code": "activation_unavailable", "message": "redis is down", "retry_after": 5}
+    }

@@ -20,6 +20,7 @@ def test_healthz_is_public(server):
     assert body["status"] == "ok"
     assert body["database"] == ("sqlite" if server.backend == "sqlite" else "postgresql")
     assert body["schema"] == head_revision()
+    assert body["redis"] == "off"  # MEMOS_REDIS_URL unset
 
 
 def test_metrics_count_requests_by_route(server):
