@@ -22,6 +22,7 @@ from memos.services.chats import ChatService
 from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
+from memos.services.enrichment_claims import Claims
 from memos.services.erasure import ErasureService
 from memos.services.fleet import Instance, Leases
 from memos.services.fleet.instance import load_instance_id
@@ -83,6 +84,7 @@ class Daemon:
             settings.activations,
             check_quota=self.quotas.check_activation_bytes,
             embedder=self.embedder,
+            instance_id=self.instance.id,
         )
         self.enrichment = EnrichmentService(
             self.db,
@@ -97,6 +99,7 @@ class Daemon:
             settings.enrichment,
             embed=self._embed_background,
             pause=self.foreground.pause,
+            claims=Claims(self.db, self.instance.id, fleet.lease_s),
         )
         self.enrichment_worker = EnrichmentWorker(self.enrichment, settings.enrichment.idle_poll_s)
         self.memories = MemoryService(
@@ -180,6 +183,9 @@ class Daemon:
             self.db,
             jobs.job_specs(self.system, settings.scheduler),
             enabled=settings.scheduler.enabled,
+            leases=self.leases,
+            lease_s=fleet.lease_s,
+            on_lead=self.activations.fail_orphans,  # builds of daemons gone, failed
         )
         self.healing = False
         self._heal_thread: threading.Thread | None = None

@@ -3,10 +3,18 @@
 Jobs are plain callables returning a JSON-able dict, registered by name with an interval.
 Their schedules live in the database (`JsonJobStore`), so a daily job does not restart its
 clock on every daemon restart.
+
+Several daemons on one database share those schedules; only the scheduler leader
+(`memos/scheduler/leader.py`) runs them, so each tick runs once across the fleet: its
+APScheduler runs while it leads and is paused otherwise, and only it writes the job store.
+Manual runs run on the daemon asked. Each run records the daemon running it (`instance_id`);
+a run whose daemon is gone (its lease expired) is marked "interrupted", at start and by the
+leader while it leads, never one of a live daemon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,15 +24,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from apscheduler.jobstores.base import ConflictingIdError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 
 from memcube.errors import InvalidArgument, NotFound
 from memos.db.engine import Database
 from memos.db.models import JobRun
 from memos.db.types import utcnow
 from memos.scheduler.jobstore import JsonJobStore
+from memos.scheduler.leader import Leadership
+from memos.services.fleet import Leases, other_owner_gone, owner_gone
 from memos.services.ids import decode_cursor, encode_cursor, new_id
 
 log = logging.getLogger("memos.jobs")
@@ -61,6 +72,7 @@ class RunView:
     finished_at: datetime | None
     result: dict[str, Any]
     error: str | None
+    instance_id: str | None  # the daemon that ran it
 
 
 # APScheduler stores a textual reference to the function it calls, so scheduled runs enter
@@ -69,21 +81,40 @@ _active: JobRunner | None = None
 
 
 def scheduled_entry(name: str) -> None:
-    if _active is not None:
-        _active.run_now(name, trigger="schedule", wait=True)
+    runner = _active
+    if runner is not None and runner.leads():  # asked the database again, right before
+        runner.run_now(name, trigger="schedule", wait=True)
 
 
 class JobRunner:
-    def __init__(self, db: Database, jobs: list[JobSpec], enabled: bool = True) -> None:
+    def __init__(
+        self,
+        db: Database,
+        jobs: list[JobSpec],
+        enabled: bool = True,
+        leases: Leases | None = None,
+        lease_s: float = 15.0,
+        on_lead: Callable[[], object] = lambda: None,
+    ) -> None:
+        """`leases`: this daemon's (its holder is the instance id); without them the runner
+        is alone, leads always and recovers every run. `on_lead`: more of the leader's
+        periodic duties, run every `lease_s / 3` while it leads."""
         self.db = db
         self.jobs = {job.name: job for job in jobs}
         self.enabled = enabled
+        self.instance_id = leases.holder if leases is not None else None
+        self.on_lead = on_lead
+        self.leadership = (
+            Leadership(leases, lease_s, self._lead, self._leader_duties)
+            if leases is not None and enabled
+            else None
+        )
         self._locks = {name: threading.Lock() for name in self.jobs}
         self._durations: dict[str, tuple[int, float]] = {}  # name -> (runs, seconds), metrics
         self._stats_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memos-job")
         self._scheduler = BackgroundScheduler(
-            jobstores={"default": JsonJobStore(db)},
+            jobstores={"default": JsonJobStore(db, may_write=self.leading)},
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
         )
@@ -91,39 +122,100 @@ class JobRunner:
     def start(self) -> None:
         global _active
         _active = self
-        with self.db.write() as s:  # runs cut short by a crash or a stop
-            s.execute(
-                update(JobRun)
-                .where(JobRun.status == "running")
-                .values(status="interrupted", finished_at=utcnow())
-            )
+        self.interrupt_orphans(at_start=True)  # runs cut short by a crash or a stop
         if not self.enabled:
             return
         self._scheduler.start(paused=True)
-        for job in self.jobs.values():
-            existing = self._scheduler.get_job(job.name)
-            interval = float(job.interval_s)
-            if existing is None:
-                self._scheduler.add_job(
-                    "memos.scheduler.runner:scheduled_entry",
-                    trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC),
-                    args=[job.name],
-                    id=job.name,
-                    name=job.name,
-                )
-            elif existing.trigger.interval.total_seconds() != interval:
-                self._scheduler.reschedule_job(
-                    job.name, trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC)
-                )
-        self._scheduler.resume()
+        if self.leadership is not None:
+            self.leadership.start()  # resumes the scheduler once (and while) it leads
+        else:
+            self._lead(True)
 
     def stop(self) -> None:
         global _active
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        if self.leadership is not None:
+            self.leadership.stop()  # after its runs ended: the next leader may start them
         self._pool.shutdown(wait=True)
         if _active is self:
             _active = None
+
+    # -- leadership -------------------------------------------------------------------------
+
+    def leading(self) -> bool:
+        """Whether this daemon leads, as last seen (no database round trip)."""
+        return self.leadership is None or self.leadership.leading
+
+    def leads(self) -> bool:
+        """Whether this daemon leads, asked of the database (renewing the lease if so)."""
+        return self.leadership is None or self.leadership.confirm()
+
+    def _lead(self, leading: bool) -> None:
+        if not self._scheduler.running:  # stopping
+            return
+        if leading:
+            self._sync_jobs()
+            self._scheduler.resume()
+        else:
+            self._scheduler.pause()
+
+    def _sync_jobs(self) -> None:
+        """The shared schedule holds every job, at its configured interval (the leader's)."""
+        for job in self.jobs.values():
+            existing = self._scheduler.get_job(job.name)
+            interval = float(job.interval_s)
+            trigger = IntervalTrigger(seconds=job.interval_s, timezone=UTC)
+            if existing is None:
+                with contextlib.suppress(ConflictingIdError):  # added a moment ago elsewhere
+                    self._scheduler.add_job(
+                        "memos.scheduler.runner:scheduled_entry",
+                        trigger=trigger,
+                        args=[job.name],
+                        id=job.name,
+                        name=job.name,
+                    )
+            elif existing.trigger.interval.total_seconds() != interval:
+                self._scheduler.reschedule_job(job.name, trigger=trigger)
+
+    def _leader_duties(self) -> None:
+        self.interrupt_orphans(at_start=False)
+        self.on_lead()
+
+    def interrupt_orphans(self, at_start: bool) -> int:
+        """Mark "interrupted" the runs no daemon will finish: at start, those of this daemon's
+        earlier self, of no daemon and of daemons whose lease expired; later, only the last.
+        Never a run of a live daemon. Returns how many."""
+        me = self.instance_id
+        cut: ColumnElement[bool] | None = None
+        if me is not None:
+            cut = (
+                owner_gone(JobRun.instance_id, me)
+                if at_start
+                else other_owner_gone(JobRun.instance_id, me)
+            )
+        elif not at_start:
+            return 0
+        running = JobRun.status == "running"
+        with self.db.write() as s:
+            query = select(JobRun.id, JobRun.instance_id).where(running)
+            rows = s.execute(query if cut is None else query.where(cut)).all()
+            for run_id, owner in rows:
+                gone = owner is not None and owner != me
+                s.execute(
+                    update(JobRun)
+                    .where(JobRun.id == run_id, running)
+                    .values(
+                        status="interrupted",
+                        finished_at=utcnow(),
+                        error=f"interrupted: daemon {owner} stopped" if gone else None,
+                    )
+                )
+        if rows and not at_start:
+            log.warning("job runs of stopped daemons interrupted", extra={"fields": {
+                "runs": [run_id for run_id, _ in rows]
+            }})  # fmt: skip
+        return len(rows)
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -152,7 +244,15 @@ class JobRunner:
             )
         run_id = new_id("run")
         with self.db.write() as s:
-            s.add(JobRun(id=run_id, job_name=name, trigger=trigger, status="running"))
+            s.add(
+                JobRun(
+                    id=run_id,
+                    job_name=name,
+                    trigger=trigger,
+                    status="running",
+                    instance_id=self.instance_id,
+                )
+            )
         if wait:
             self._execute(job, run_id, cube_id)
         else:
@@ -243,4 +343,5 @@ def _run_view(run: JobRun) -> RunView:
         finished_at=run.finished_at,
         result=run.result or {},
         error=run.error,
+        instance_id=run.instance_id,
     )
