@@ -230,6 +230,7 @@ class Daemon:
             log.warning("activation files swept", extra={"fields": swept.as_dict()})
         self.jobs.start()
         if self.settings.enrichment.enabled:
+            self.enrichment.claims.release_all()  # of this daemon's earlier self
             self.enrichment_worker.start()
         # Heal indexes a crash left behind, without holding up the first requests.
         self.healing = True

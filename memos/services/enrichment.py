@@ -53,7 +53,7 @@ from memcube.errors import NotFound
 from memcube.notes import to_doc
 from memcube.types import ScoredSeq
 from memos.db.engine import Database
-from memos.db.models import Memory, MemoryHistory
+from memos.db.models import Cube, Memory, MemoryHistory
 from memos.db.types import utcnow
 from memos.services.enrichment_claims import Claims
 from memos.services.enrichment_retries import (
@@ -113,6 +113,7 @@ class EnrichmentService:
         self.pause = pause
         self.policy = RetryPolicy.of(config)
         self.claims = claims or Claims(db, "local", 60.0)
+        self.enriched = 0  # notes this daemon enriched since it started (for /metrics)
 
     def run_once(self) -> int:
         """Claim and enrich up to one batch of pending notes; returns how many were taken."""
@@ -184,6 +185,7 @@ class EnrichmentService:
         try:
             if enriched:
                 outcome["done"] = self._link_and_commit(cube_id, enriched, results)
+                self.enriched += outcome["done"]
         except NotFound:
             return outcome  # the cube was deleted meanwhile
         except Exception as exc:
@@ -272,12 +274,16 @@ class EnrichmentService:
         # By id too: SQLite reuses the seq of an erased last row for the next memory added.
         versions = {r.seq: (r.id, r.version) for r in rows}
         with self.db.write() as s:
+            # PostgreSQL: the cube's row first, so commits of one cube (on any daemon) take
+            # their locks in one order; then the notes, whose claims cannot change hands
+            # until this commits. NO KEY: links referencing them (foreign keys) still land.
+            s.execute(select(Cube.id).where(Cube.id == cube_id).with_for_update(key_share=True))
             fresh = [
                 row
                 for row in s.scalars(
                     select(Memory)
                     .where(Memory.cube_id == cube_id, Memory.seq.in_(list(versions)))
-                    .with_for_update()  # PostgreSQL: no claim changes hands until this commits
+                    .with_for_update(key_share=True)
                 ).all()
                 # An edit, delete or erasure that landed meanwhile makes this enrichment stale;
                 # so does a claim lost to another daemon (this one outlived its lease).

@@ -3,7 +3,7 @@
 Several daemons on one database drain one queue of notes to enrich. A worker claims a batch in
 one transaction: it selects notes nobody holds a live claim on (`claimed_until` unset or past)
 and stamps them `claimed_by = <its instance>`, `claimed_until = now + lease`. On PostgreSQL the
-select is `FOR UPDATE SKIP LOCKED`, so workers claiming at once lock disjoint rows and never
+select is `FOR NO KEY UPDATE SKIP LOCKED`, so workers claiming at once lock disjoint rows and never
 wait for each other; on SQLite the write transaction (`BEGIN IMMEDIATE`) serializes claims and
 the same statement runs without the clause. The claim is cleared when the batch is done,
 failed or found stale. A note whose claimer died is claimable again once its lease is over;
@@ -40,7 +40,8 @@ class Claims:
         now = now or utcnow()
         query = query.where(claimable(now))
         if self.db.dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            # NO KEY: inserts of links to these notes (foreign key checks) are not held up.
+            query = query.with_for_update(skip_locked=True, key_share=True)
         with self.db.write() as s:
             taken = [(seq, cube_id) for seq, cube_id in s.execute(query)]
             if taken:
@@ -63,6 +64,15 @@ class Claims:
         """Clear the claims this daemon still holds on these notes."""
         if seqs:
             self._set(seqs, claimed_by=None, claimed_until=None)
+
+    def release_all(self) -> None:
+        """Clear every claim of this daemon (at start: its earlier self was cut short)."""
+        with self.db.write() as s:
+            s.execute(
+                update(Memory)
+                .where(Memory.claimed_by == self.holder)
+                .values(claimed_by=None, claimed_until=None)
+            )
 
     def _set(self, seqs: Sequence[int], **values: Any) -> None:
         with self.db.write() as s:

@@ -65,7 +65,7 @@ def record_failures(
     rows = s.scalars(
         select(Memory)
         .where(Memory.cube_id == cube_id, Memory.seq.in_(list(errors)))
-        .with_for_update()
+        .with_for_update(key_share=True)
     ).all()
     for row in rows:
         if (
