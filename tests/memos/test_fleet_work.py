@@ -157,3 +157,71 @@ def test_each_scheduled_tick_runs_once_and_another_daemon_leads_after_a_kill(fle
     assert [m["id"] for m in seen["members"]] == ["inst_b"]
     assert seen["scheduler_leader"] == "inst_b"
     print(f"leader killed; the other led after {took_over:.1f} s (lease {LEASE_S} s)")
+
+
+def test_a_killed_daemon_s_job_and_build_are_ended_by_another_after_its_lease(fleet):
+    # Builds of some 7,000 tokens prefilled 16 a pass: still building long after the kill.
+    env = {
+        "MEMOS_ACTIVATIONS__ENABLED": "true",
+        "MEMOS_ACTIVATIONS__INLINE_MAX_TOKENS": "64",
+        "MEMOS_RUNTIME__PREFILL_CHUNK": "16",
+    }
+    a, b = fleet.make("a", **env), fleet.make("b", **env)
+    a.start()
+    b.start()
+    text = " ".join(f"Day {i}: Caroline walked to the lake; Melanie painted." for i in range(450))
+    body = {"text": text, "compression": {"bits": 4}}
+    with a.client() as client:
+        cube_id = client.post("/v1/cubes", json={"name": "acts"}).json()["id"]
+    builds = {}
+    for name, daemon in (("a", a), ("b", b)):
+        with daemon.client() as client:
+            act = client.post(f"/v1/cubes/{cube_id}/activations", json=body).json()
+        assert act["state"] == "building", act
+        builds[name] = act["id"]
+    owners = dict(fleet.sql("SELECT id, instance_id FROM activations"))
+    assert owners == {builds["a"]: "inst_a", builds["b"]: "inst_b"}
+    # Jobs held up mid-run: index maintenance reads the cubes, which this test locks.
+    admin = fleet.url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin) as lock:
+        lock.execute("LOCK TABLE cubes IN ACCESS EXCLUSIVE MODE")
+        runs = {}
+        for name, daemon in (("a", a), ("b", b)):
+            with daemon.client() as client:
+                runs[name] = client.post("/v1/jobs/index_maintenance/run").json()["run_id"]
+        time.sleep(1)
+        b.kill()
+        killed = time.time()
+
+        def state() -> dict[str, tuple]:
+            jobs = fleet.sql("SELECT id, status, error, instance_id FROM job_runs")
+            acts = fleet.sql("SELECT id, state, error, instance_id FROM activations")
+            return {row[0]: row[1:] for row in jobs + acts}
+
+        deadline = killed + LEASE_S + 15
+        while (seen := state())[runs["b"]][0] == "running" or seen[builds["b"]][0] == "building":
+            assert time.time() < deadline, (seen, a.log_tail())
+            time.sleep(0.2)
+        took = time.time() - killed
+        # After the lease (not before), the survivor ended the dead daemon's work, saying so.
+        assert took >= LEASE_S - 0.5, took
+        assert seen[runs["b"]] == ("interrupted", "interrupted: daemon inst_b stopped", "inst_b")
+        assert seen[builds["b"]] == (
+            "failed", "interrupted: daemon inst_b stopped; build it again", "inst_b"
+        )  # fmt: skip
+        # Its own work in flight is left alone: the run still waits, the build goes on.
+        assert seen[runs["a"]] == ("running", None, "inst_a")
+        assert seen[builds["a"]][0] in ("building", "ready"), seen[builds["a"]]
+        time.sleep(2)  # more leader ticks: still left alone
+        seen = state()
+        assert seen[runs["a"]][0] == "running" and seen[builds["a"]][0] != "failed", seen
+        lock.rollback()
+    deadline = time.time() + 60
+    with a.client() as client:
+        while (run := client.get(f"/v1/jobs/runs/{runs['a']}").json())["status"] == "running":
+            assert time.time() < deadline, a.log_tail()
+            time.sleep(0.2)
+        assert (run["status"], run["instance_id"]) == ("ok", "inst_a"), run
+        cut = client.get(f"/v1/cubes/{cube_id}/activations/{builds['b']}").json()
+        assert cut["state"] == "failed" and "inst_b" in cut["error"]
+    print(f"daemon killed mid-job and mid-build; its work ended {took:.1f} s later")

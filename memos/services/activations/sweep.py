@@ -57,11 +57,14 @@ class ActivationSweep:
             rows = {a.id: (a.cube_id, a.state) for a in s.execute(
                 select(Activation.id, Activation.cube_id, Activation.state)
             )}  # fmt: skip
-            owners = dict(s.execute(  # "building" rows whose builder is gone, by id
-                select(Activation.id, Activation.instance_id).where(
-                    Activation.state == "building", self.catalogue.gone()
+            owners = {  # "building" rows whose builder is gone: their builder, by id
+                activation_id: owner
+                for activation_id, owner in s.execute(
+                    select(Activation.id, Activation.instance_id).where(
+                        Activation.state == "building", self.catalogue.gone()
+                    )
                 )
-            ).tuples().all())  # fmt: skip
+            }
             cubes = set(s.scalars(select(Cube.id)))
         building = self.builds.building()
         removed = 0
