@@ -7,9 +7,10 @@ clock on every daemon restart.
 Several daemons on one database share those schedules; only the scheduler leader
 (`memos/scheduler/leader.py`) runs them, so each tick runs once across the fleet: its
 APScheduler runs while it leads and is paused otherwise, and only it writes the job store.
-Manual runs run on the daemon asked. Each run records the daemon running it (`instance_id`);
-a run whose daemon is gone (its lease expired) is marked "interrupted", at start and by the
-leader while it leads, never one of a live daemon.
+Jobs about a daemon's own memory (`JobSpec.local`) are scheduled by every daemon for itself,
+in memory. Manual runs run on the daemon asked. Each run records the daemon running it
+(`instance_id`); a run whose daemon is gone (its lease expired) is marked "interrupted", at
+start and by the leader while it leads, never one of a live daemon.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class JobSpec:
     interval_s: int
     run: JobFn
     run_cube: CubeJobFn | None = None  # the job on one cube (`POST .../run {"cube_id"}`)
+    # On every daemon, of what it holds in memory (usage counts, loaded chat prefixes):
+    # scheduled by each daemon for itself, not by the fleet's leader.
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class JobRunner:
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
         )
+        self._local = BackgroundScheduler(  # local jobs: this daemon's alone, in memory
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1}
+        )
 
     def start(self) -> None:
         global _active
@@ -126,6 +133,16 @@ class JobRunner:
         if not self.enabled:
             return
         self._scheduler.start(paused=True)
+        self._local.start()
+        for job in self.jobs.values():
+            if job.local:
+                self._local.add_job(
+                    self._run_scheduled,
+                    trigger=IntervalTrigger(seconds=job.interval_s, timezone=UTC),
+                    args=[job.name],
+                    id=job.name,
+                    name=job.name,
+                )
         if self.leadership is not None:
             self.leadership.start()  # resumes the scheduler once (and while) it leads
         else:
@@ -135,6 +152,8 @@ class JobRunner:
         global _active
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        if self._local.running:
+            self._local.shutdown(wait=True)
         if self.leadership is not None:
             self.leadership.stop()  # after its runs ended: the next leader may start them
         self._pool.shutdown(wait=True)
@@ -166,7 +185,10 @@ class JobRunner:
             existing = self._scheduler.get_job(job.name)
             interval = float(job.interval_s)
             trigger = IntervalTrigger(seconds=job.interval_s, timezone=UTC)
-            if existing is None:
+            if job.local:
+                if existing is not None:  # shared by an older memosd: each daemon's now
+                    self._scheduler.remove_job(job.name)
+            elif existing is None:
                 with contextlib.suppress(ConflictingIdError):  # added a moment ago elsewhere
                     self._scheduler.add_job(
                         "memos.scheduler.runner:scheduled_entry",
@@ -177,6 +199,9 @@ class JobRunner:
                     )
             elif existing.trigger.interval.total_seconds() != interval:
                 self._scheduler.reschedule_job(job.name, trigger=trigger)
+
+    def _run_scheduled(self, name: str) -> None:
+        self.run_now(name, trigger="schedule", wait=True)
 
     def _leader_duties(self) -> None:
         self.interrupt_orphans(at_start=False)
@@ -293,7 +318,8 @@ class JobRunner:
                     .order_by(JobRun.started_at.desc())
                     .limit(1)
                 ).first()
-                scheduled = self._scheduler.get_job(name) if self._scheduler.running else None
+                scheduler = self._local if job.local else self._scheduler
+                scheduled = scheduler.get_job(name) if scheduler.running else None
                 views.append(
                     JobView(
                         name=name,

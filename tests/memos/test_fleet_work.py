@@ -101,10 +101,10 @@ def test_each_pending_note_is_enriched_once_across_daemons(fleet):
 
 
 def schedule_runs(fleet: Fleet, since: float, until: float) -> list[tuple[float, str]]:
-    """(start time, daemon) of the scheduled usage_flush runs started in [since, until)."""
+    """(start time, daemon) of the scheduled enrichment_retry runs started in [since, until)."""
     return fleet.sql(
         "SELECT extract(epoch FROM started_at)::float8, instance_id FROM job_runs "
-        "WHERE job_name = 'usage_flush' AND trigger = 'schedule' "
+        "WHERE job_name = 'enrichment_retry' AND trigger = 'schedule' "
         "AND started_at >= to_timestamp(%s) AND started_at < to_timestamp(%s) "
         "ORDER BY started_at",
         since,
@@ -121,7 +121,10 @@ def assert_once_per_tick(runs: list[tuple[float, str]], window: float) -> None:
 
 
 def test_each_scheduled_tick_runs_once_and_another_daemon_leads_after_a_kill(fleet):
-    env = {"MEMOS_SCHEDULER__USAGE_FLUSH_INTERVAL_S": "1"}
+    env = {
+        "MEMOS_SCHEDULER__ENRICHMENT_RETRY_INTERVAL_S": "1",  # a job of the fleet
+        "MEMOS_SCHEDULER__USAGE_FLUSH_INTERVAL_S": "1",  # a job of each daemon
+    }
     a, b = fleet.make("a", **env), fleet.make("b", **env)
     a.start()
     b.start()
@@ -137,8 +140,11 @@ def test_each_scheduled_tick_runs_once_and_another_daemon_leads_after_a_kill(fle
     assert_once_per_tick(runs, window)
     assert runs[0][1] == "inst_a"
     with b.client() as client:  # runs are visible from any daemon, with who ran them
-        listed = client.get("/v1/jobs/runs", params={"name": "usage_flush"}).json()["items"]
-    assert {r["instance_id"] for r in listed} == {"inst_a"}
+        listed = client.get("/v1/jobs/runs", params={"name": "enrichment_retry"}).json()
+        flushes = client.get("/v1/jobs/runs", params={"name": "usage_flush"}).json()
+    assert {r["instance_id"] for r in listed["items"]} == {"inst_a"}
+    # Each daemon flushes the counts it holds itself, on its own clock.
+    assert {r["instance_id"] for r in flushes["items"]} == {"inst_a", "inst_b"}
 
     a.kill()  # no clean stop: its lease has to expire
     killed = time.time()
