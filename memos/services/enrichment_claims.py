@@ -39,6 +39,9 @@ class Claims:
         """Claim the notes `query` selects, as (seq, cube_id) rows, among the claimable."""
         now = now or utcnow()
         query = query.where(claimable(now))
+        with self.db.read() as s:  # an idle queue costs no write transaction (SQLite: lock)
+            if s.execute(query.limit(1)).first() is None:
+                return []
         if self.db.dialect == "postgresql":
             # NO KEY: inserts of links to these notes (foreign key checks) are not held up.
             query = query.with_for_update(skip_locked=True, key_share=True)
