@@ -222,9 +222,13 @@ class JobRunner:
         elif not at_start:
             return 0
         running = JobRun.status == "running"
+        query = select(JobRun.id, JobRun.instance_id).where(running)
+        query = query if cut is None else query.where(cut)
+        with self.db.read() as s:  # mostly none: no write transaction then (SQLite: a lock)
+            if s.execute(query.limit(1)).first() is None:
+                return 0
         with self.db.write() as s:
-            query = select(JobRun.id, JobRun.instance_id).where(running)
-            rows = s.execute(query if cut is None else query.where(cut)).all()
+            rows = s.execute(query).all()
             for run_id, owner in rows:
                 gone = owner is not None and owner != me
                 s.execute(

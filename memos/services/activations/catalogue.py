@@ -225,6 +225,9 @@ class Catalogue:
 
     def _fail_building(self, gone: ColumnElement[bool]) -> list[tuple[str, str]]:
         building = Activation.state == "building"
+        with self.db.read() as s:  # mostly none: no write transaction then (SQLite: a lock)
+            if s.execute(select(Activation.id).where(building, gone).limit(1)).first() is None:
+                return []
         with self.db.write() as s:
             cut = s.execute(
                 select(Activation.cube_id, Activation.id, Activation.instance_id).where(
