@@ -23,6 +23,7 @@ from memos.services.chats import ChatService
 from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
+from memos.services.enrichment_claims import Claims
 from memos.services.erasure import ErasureService
 from memos.services.fleet import Instance, Leases
 from memos.services.fleet.changes import ChangeFeed
@@ -99,6 +100,7 @@ class Daemon:
             check_quota=self.quotas.check_activation_bytes,
             embedder=self.embedder,
             blobs=self.blobs,
+            instance_id=self.instance.id,
         )
         self.enrichment = EnrichmentService(
             self.db,
@@ -113,6 +115,7 @@ class Daemon:
             settings.enrichment,
             embed=self._embed_background,
             pause=self.foreground.pause,
+            claims=Claims(self.db, self.instance.id, fleet.lease_s),
         )
         self.enrichment_worker = EnrichmentWorker(self.enrichment, settings.enrichment.idle_poll_s)
         self.memories = MemoryService(
@@ -197,6 +200,9 @@ class Daemon:
             self.db,
             jobs.job_specs(self.system, settings.scheduler),
             enabled=settings.scheduler.enabled,
+            leases=self.leases,
+            lease_s=fleet.lease_s,
+            on_lead=self.activations.fail_orphans,  # builds of daemons gone, failed
         )
         self.healing = False
         self._heal_thread: threading.Thread | None = None
@@ -246,6 +252,7 @@ class Daemon:
         self.jobs.start()
         self.changes.start()
         if self.settings.enrichment.enabled:
+            self.enrichment.claims.release_all()  # of this daemon's earlier self
             self.enrichment_worker.start()
         # Heal indexes a crash left behind, without holding up the first requests.
         self.healing = True

@@ -78,7 +78,7 @@ class SchedulerConfig(BaseModel):
     )
     index_maintenance_interval_s: int = Field(300, ge=5, le=7 * 86_400)
     enrichment_retry_interval_s: int = Field(
-        60, ge=5, le=7 * 86_400, description="how often notes whose enrichment failed are retried"
+        60, ge=1, le=7 * 86_400, description="how often notes whose enrichment failed are retried"
     )
     chat_prefix_save_interval_s: int = Field(
         60, ge=5, le=7 * 86_400, description="how often idle chat prefixes are saved to disk"

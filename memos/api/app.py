@@ -12,6 +12,7 @@ from memos import __version__
 from memos.api import docs, errors, openapi
 from memos.api.activation_metrics import ActivationCollector
 from memos.api.cache_metrics import CacheCollector
+from memos.api.fleet_metrics import FleetCollector
 from memos.api.lifecycle_metrics import LifecycleCollector
 from memos.api.mcp_http import PATH, McpEndpoint
 from memos.api.middleware import Metrics, RequestMiddleware
@@ -51,6 +52,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(ActivationCollector(daemon.activations.stats))
     app.state.metrics.registry.register(CacheCollector(daemon))
+    app.state.metrics.registry.register(FleetCollector(daemon))
     app.state.metrics.registry.register(
         LifecycleCollector(daemon.evictor, daemon.fuser, daemon.jobs, daemon.migrator)
     )

@@ -261,11 +261,30 @@ class RunOut(Out):
     finished_at: datetime | None
     result: dict[str, Any]
     error: str | None
+    instance_id: str | None = Field(None, description="the daemon that ran it")
 
 
 class RunList(BaseModel):
     items: list[RunOut]
     next_cursor: str | None
+
+
+class FleetMember(BaseModel):
+    id: str
+    host: str
+    pid: int
+    url: str | None
+    started_at: datetime
+    heartbeat_at: datetime
+    self: bool = Field(description="the daemon that answered")
+
+
+class FleetOut(BaseModel):
+    instance: str = Field(description="the daemon that answered")
+    members: list[FleetMember] = Field(description="daemons whose lease has not expired")
+    scheduler_leader: str | None = Field(
+        description="the daemon whose scheduler runs the scheduled jobs (None between leaders)"
+    )
 
 
 # -- activations --------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The jobs memosd runs: each a name, an interval and one call into the system service.
 
+In a fleet (several daemons on one database) the scheduler's leader runs each job's ticks,
+except for the `local` ones, about what each daemon holds in memory, which every daemon runs.
 Jobs act as the daemon itself (memos/services/system.py), never as a user; the runner records
 each run's result, the report the service returned, as JSON.
 """
@@ -70,6 +72,7 @@ def _specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             "that changed since they were last saved, so a restart does not prefill them again",
             interval_s=config.chat_prefix_save_interval_s,
             run=system.save_chat_prefixes,
+            local=True,  # the chats this daemon holds
         ),
         JobSpec(
             name="enrichment_retry",
@@ -84,6 +87,7 @@ def _specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             "gathered in memory since the last flush (searches never write)",
             interval_s=config.usage_flush_interval_s,
             run=lambda: usage_flush(system),
+            local=True,  # the counts this daemon gathered
         ),
         JobSpec(
             name="evict",

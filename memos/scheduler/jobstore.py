@@ -9,6 +9,7 @@ else is a programming error and fails loudly when the job is added.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -93,9 +94,13 @@ def decode_job(text: str, scheduler: Any, alias: str) -> Job:
 
 
 class JsonJobStore(BaseJobStore):
-    def __init__(self, db: Database) -> None:
+    """`may_write`: whether this daemon leads the fleet's scheduler, the one that advances
+    the shared schedule (a daemon that just lost the lead leaves it to the new leader)."""
+
+    def __init__(self, db: Database, may_write: Callable[[], bool] = lambda: True) -> None:
         super().__init__()
         self.db = db
+        self.may_write = may_write
 
     def _jobs(self, *conditions: Any) -> list[Job]:
         with self.db.read() as s:
@@ -143,6 +148,8 @@ class JsonJobStore(BaseJobStore):
             raise ConflictingIdError(job.id) from None
 
     def update_job(self, job: Job) -> None:
+        if not self.may_write():
+            return
         with self.db.write() as s:
             row = s.get(SchedulerJob, job.id)
             if row is None:

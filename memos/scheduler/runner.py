@@ -3,11 +3,20 @@
 Jobs are plain callables returning a JSON-able dict, registered by name with an interval, or a
 crontab expression that replaces it (`scheduler.cron`, `memos/scheduler/crontab.py`). Their
 schedules live in the database (`JsonJobStore`), so a daily job does not restart its clock on
-every daemon restart; a changed interval or cron expression reschedules the job at start.
+every daemon restart; a changed interval or cron expression reschedules the job.
+
+Several daemons on one database share those schedules; only the scheduler leader
+(`memos/scheduler/leader.py`) runs them, so each tick runs once across the fleet: its
+APScheduler runs while it leads and is paused otherwise, and only it writes the job store.
+Jobs about a daemon's own memory (`JobSpec.local`) are scheduled by every daemon for itself,
+in memory. Manual runs run on the daemon asked. Each run records the daemon running it
+(`instance_id`); a run whose daemon is gone (its lease expired) is marked "interrupted", at
+start and by the leader while it leads, never one of a live daemon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -17,10 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from apscheduler.jobstores.base import ConflictingIdError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 
 from memcube.errors import InvalidArgument, NotFound
 from memos.db.engine import Database
@@ -28,6 +38,8 @@ from memos.db.models import JobRun
 from memos.db.types import utcnow
 from memos.scheduler.crontab import cron_trigger
 from memos.scheduler.jobstore import JsonJobStore
+from memos.scheduler.leader import Leadership
+from memos.services.fleet import Leases, other_owner_gone, owner_gone
 from memos.services.ids import decode_cursor, encode_cursor, new_id
 
 log = logging.getLogger("memos.jobs")
@@ -43,6 +55,9 @@ class JobSpec:
     interval_s: int
     run: JobFn
     run_cube: CubeJobFn | None = None  # the job on one cube (`POST .../run {"cube_id"}`)
+    # On every daemon, of what it holds in memory (usage counts, loaded chat prefixes):
+    # scheduled by each daemon for itself, not by the fleet's leader.
+    local: bool = False
     cron: str | None = None  # a crontab expression (UTC) in place of the interval
 
     @property
@@ -76,6 +91,7 @@ class RunView:
     finished_at: datetime | None
     result: dict[str, Any]
     error: str | None
+    instance_id: str | None  # the daemon that ran it
 
 
 # APScheduler stores a textual reference to the function it calls, so scheduled runs enter
@@ -84,59 +100,165 @@ _active: JobRunner | None = None
 
 
 def scheduled_entry(name: str) -> None:
-    if _active is not None:
-        _active.run_now(name, trigger="schedule", wait=True)
+    runner = _active
+    if runner is not None and runner.leads():  # asked the database again, right before
+        runner.run_now(name, trigger="schedule", wait=True)
 
 
 class JobRunner:
-    def __init__(self, db: Database, jobs: list[JobSpec], enabled: bool = True) -> None:
+    def __init__(
+        self,
+        db: Database,
+        jobs: list[JobSpec],
+        enabled: bool = True,
+        leases: Leases | None = None,
+        lease_s: float = 15.0,
+        on_lead: Callable[[], object] = lambda: None,
+    ) -> None:
+        """`leases`: this daemon's (its holder is the instance id); without them the runner
+        is alone, leads always and recovers every run. `on_lead`: more of the leader's
+        periodic duties, run every `lease_s / 3` while it leads."""
         self.db = db
         self.jobs = {job.name: job for job in jobs}
         self.enabled = enabled
+        self.instance_id = leases.holder if leases is not None else None
+        self.on_lead = on_lead
+        self.leadership = (
+            Leadership(leases, lease_s, self._lead, self._leader_duties)
+            if leases is not None and enabled
+            else None
+        )
         self._locks = {name: threading.Lock() for name in self.jobs}
         self._durations: dict[str, tuple[int, float]] = {}  # name -> (runs, seconds), metrics
         self._stats_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memos-job")
         self._scheduler = BackgroundScheduler(
-            jobstores={"default": JsonJobStore(db)},
+            jobstores={"default": JsonJobStore(db, may_write=self.leading)},
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        )
+        self._local = BackgroundScheduler(  # local jobs: this daemon's alone, in memory
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1}
         )
 
     def start(self) -> None:
         global _active
         _active = self
-        with self.db.write() as s:  # runs cut short by a crash or a stop
-            s.execute(
-                update(JobRun)
-                .where(JobRun.status == "running")
-                .values(status="interrupted", finished_at=utcnow())
-            )
+        self.interrupt_orphans(at_start=True)  # runs cut short by a crash or a stop
         if not self.enabled:
             return
         self._scheduler.start(paused=True)
+        self._local.start()
         for job in self.jobs.values():
-            existing = self._scheduler.get_job(job.name)
-            trigger = job.trigger()
-            if existing is None:
-                self._scheduler.add_job(
-                    "memos.scheduler.runner:scheduled_entry",
-                    trigger=trigger,
+            if job.local:
+                self._local.add_job(
+                    self._run_scheduled,
+                    trigger=job.trigger(),
                     args=[job.name],
                     id=job.name,
                     name=job.name,
                 )
-            elif str(existing.trigger) != str(trigger):  # e.g. "interval[0:05:00]"
-                self._scheduler.reschedule_job(job.name, trigger=trigger)
-        self._scheduler.resume()
+        if self.leadership is not None:
+            self.leadership.start()  # resumes the scheduler once (and while) it leads
+        else:
+            self._lead(True)
 
     def stop(self) -> None:
         global _active
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        if self._local.running:
+            self._local.shutdown(wait=True)
+        if self.leadership is not None:
+            self.leadership.stop()  # after its runs ended: the next leader may start them
         self._pool.shutdown(wait=True)
         if _active is self:
             _active = None
+
+    # -- leadership -------------------------------------------------------------------------
+
+    def leading(self) -> bool:
+        """Whether this daemon leads, as last seen (no database round trip)."""
+        return self.leadership is None or self.leadership.leading
+
+    def leads(self) -> bool:
+        """Whether this daemon leads, asked of the database (renewing the lease if so)."""
+        return self.leadership is None or self.leadership.confirm()
+
+    def _lead(self, leading: bool) -> None:
+        if not self._scheduler.running:  # stopping
+            return
+        if leading:
+            self._sync_jobs()
+            self._scheduler.resume()
+        else:
+            self._scheduler.pause()
+
+    def _sync_jobs(self) -> None:
+        """The shared schedule holds every job, at its configured interval (the leader's)."""
+        for job in self.jobs.values():
+            existing = self._scheduler.get_job(job.name)
+            trigger = job.trigger()
+            if job.local:
+                if existing is not None:  # shared by an older memosd: each daemon's now
+                    self._scheduler.remove_job(job.name)
+            elif existing is None:
+                with contextlib.suppress(ConflictingIdError):  # added a moment ago elsewhere
+                    self._scheduler.add_job(
+                        "memos.scheduler.runner:scheduled_entry",
+                        trigger=trigger,
+                        args=[job.name],
+                        id=job.name,
+                        name=job.name,
+                    )
+            elif str(existing.trigger) != str(trigger):  # e.g. "interval[0:05:00]"
+                self._scheduler.reschedule_job(job.name, trigger=trigger)
+
+    def _run_scheduled(self, name: str) -> None:
+        self.run_now(name, trigger="schedule", wait=True)
+
+    def _leader_duties(self) -> None:
+        self.interrupt_orphans(at_start=False)
+        self.on_lead()
+
+    def interrupt_orphans(self, at_start: bool) -> int:
+        """Mark "interrupted" the runs no daemon will finish: at start, those of this daemon's
+        earlier self, of no daemon and of daemons whose lease expired; later, only the last.
+        Never a run of a live daemon. Returns how many."""
+        me = self.instance_id
+        cut: ColumnElement[bool] | None = None
+        if me is not None:
+            cut = (
+                owner_gone(JobRun.instance_id, me)
+                if at_start
+                else other_owner_gone(JobRun.instance_id, me)
+            )
+        elif not at_start:
+            return 0
+        running = JobRun.status == "running"
+        query = select(JobRun.id, JobRun.instance_id).where(running)
+        query = query if cut is None else query.where(cut)
+        with self.db.read() as s:  # mostly none: no write transaction then (SQLite: a lock)
+            if s.execute(query.limit(1)).first() is None:
+                return 0
+        with self.db.write() as s:
+            rows = s.execute(query).all()
+            for run_id, owner in rows:
+                gone = owner is not None and owner != me
+                s.execute(
+                    update(JobRun)
+                    .where(JobRun.id == run_id, running)
+                    .values(
+                        status="interrupted",
+                        finished_at=utcnow(),
+                        error=f"interrupted: daemon {owner} stopped" if gone else None,
+                    )
+                )
+        if rows and not at_start:
+            log.warning("job runs of stopped daemons interrupted", extra={"fields": {
+                "runs": [run_id for run_id, _ in rows]
+            }})  # fmt: skip
+        return len(rows)
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -165,7 +287,15 @@ class JobRunner:
             )
         run_id = new_id("run")
         with self.db.write() as s:
-            s.add(JobRun(id=run_id, job_name=name, trigger=trigger, status="running"))
+            s.add(
+                JobRun(
+                    id=run_id,
+                    job_name=name,
+                    trigger=trigger,
+                    status="running",
+                    instance_id=self.instance_id,
+                )
+            )
         if wait:
             self._execute(job, run_id, cube_id)
         else:
@@ -206,7 +336,8 @@ class JobRunner:
                     .order_by(JobRun.started_at.desc())
                     .limit(1)
                 ).first()
-                scheduled = self._scheduler.get_job(name) if self._scheduler.running else None
+                scheduler = self._local if job.local else self._scheduler
+                scheduled = scheduler.get_job(name) if scheduler.running else None
                 views.append(
                     JobView(
                         name=name,
@@ -257,4 +388,5 @@ def _run_view(run: JobRun) -> RunView:
         finished_at=run.finished_at,
         result=run.result or {},
         error=run.error,
+        instance_id=run.instance_id,
     )

@@ -26,6 +26,10 @@ itself; a batch the enricher raises on is enriched again note by note; a note th
 (or whose batch fails past the enricher: embedding, linking, the commit) records the attempt on
 its row, at the version it was read at, and is retried with backoff by the `enrichment_retry`
 job (memos/services/enrichment_retries.py) until it is parked as "failed".
+
+Several daemons on one database share the queue: each batch, pending or due for a retry, is
+claimed first (memos/services/enrichment_claims.py), so each note is enriched by one daemon;
+the commit and the failure record apply only to notes this daemon still holds the claim on.
 """
 
 from __future__ import annotations
@@ -49,11 +53,12 @@ from memcube.errors import NotFound
 from memcube.notes import to_doc
 from memcube.types import ScoredSeq
 from memos.db.engine import Database
-from memos.db.models import Memory, MemoryHistory
+from memos.db.models import Cube, Memory, MemoryHistory
 from memos.db.types import utcnow
+from memos.services.enrichment_claims import Claims
 from memos.services.enrichment_retries import (
     RetryPolicy,
-    due_for_retry,
+    due_query,
     error_text,
     record_failures,
 )
@@ -95,9 +100,11 @@ class EnrichmentService:
         config: EnrichmentConfig,
         embed: EmbedFn | None = None,
         pause: Callable[[], object] = lambda: None,
+        claims: Claims | None = None,
     ) -> None:
         """`embed`: background embedding for enriched and evolved notes (default: the index
-        registry's); `pause`: called between steps, to wait while searches are in flight."""
+        registry's); `pause`: called between steps, to wait while searches are in flight;
+        `claims`: this daemon's hold on the notes it enriches (default: a lone daemon's)."""
         self.db = db
         self.indexes = indexes
         self.enricher = enricher
@@ -105,37 +112,55 @@ class EnrichmentService:
         self.embed = embed or indexes.embed
         self.pause = pause
         self.policy = RetryPolicy.of(config)
+        self.claims = claims or Claims(db, "local", 60.0)
+        self.enriched = 0  # notes this daemon enriched since it started (for /metrics)
 
     def run_once(self) -> int:
-        """Enrich up to one batch of pending notes; returns how many were taken."""
-        with self.db.read() as s:
-            taken = s.execute(
-                select(Memory.seq, Memory.cube_id)
-                .where(Memory.enrichment == "pending", Memory.deleted_at.is_(None))
-                .order_by(Memory.seq)
-                .limit(self.config.batch_size)
-            ).all()
-        for cube_id, seqs in _by_cube(taken).items():
-            self._run(cube_id, seqs, "pending", utcnow())
+        """Claim and enrich up to one batch of pending notes; returns how many were taken."""
+        now = utcnow()
+        taken = self.claims.take(
+            select(Memory.seq, Memory.cube_id)
+            .where(Memory.enrichment == "pending", Memory.deleted_at.is_(None))
+            .order_by(Memory.seq)
+            .limit(self.config.batch_size),
+            now,
+        )
+        self._run_claimed(taken, "pending", now)
         return len(taken)
 
     def retry_due(self, now: datetime | None = None) -> RetryReport:
         """Try again the notes whose next attempt is due at `now` (default: the present),
-        at most `retry_max_notes` of them, a batch at a time."""
+        at most `retry_max_notes` of them, a claimed batch at a time."""
         now = now or utcnow()
-        with self.db.read() as s:
-            due = due_for_retry(s, now, self.config.retry_max_notes)
         outcome: Counter[str] = Counter()
-        for cube_id, seqs in _by_cube(due).items():
-            for i in range(0, len(seqs), self.config.batch_size):
-                outcome += self._run(cube_id, seqs[i : i + self.config.batch_size], "retrying", now)
+        due = 0
+        while due < self.config.retry_max_notes:
+            limit = min(self.config.batch_size, self.config.retry_max_notes - due)
+            # Claimed at the present, due at `now`: a retry moves its notes past `now`.
+            taken = self.claims.take(due_query(now, limit))
+            if not taken:
+                break
+            due += len(taken)
+            outcome += self._run_claimed(taken, "retrying", now)
         return RetryReport(
-            due=len(due),
+            due=due,
             done=outcome["done"],
             retrying=outcome["retrying"],
             failed=outcome["failed"],
-            stale=len(due) - outcome["done"] - outcome["retrying"] - outcome["failed"],
+            stale=due - outcome["done"] - outcome["retrying"] - outcome["failed"],
         )
+
+    def _run_claimed(
+        self, taken: Sequence[tuple[int, str]], state: str, now: datetime
+    ) -> Counter[str]:
+        """Enrich claimed notes, (seq, cube_id) rows; their claims end however it ends."""
+        outcome: Counter[str] = Counter()
+        try:
+            for cube_id, seqs in _by_cube(taken).items():
+                outcome += self._run(cube_id, seqs, state, now)
+        finally:
+            self.claims.release([seq for seq, _ in taken])
+        return outcome
 
     def _run(self, cube_id: str, seqs: list[int], state: str, now: datetime) -> Counter[str]:
         """Enrich these notes of the cube that are still in `state`; a failure is recorded on
@@ -155,10 +180,12 @@ class EnrichmentService:
             return outcome
         self.pause()
         results, errors = self._enrich_each(rows)
+        self.claims.extend(seqs)  # the enricher may have been slow (a language model)
         enriched = [row for row in rows if row.seq in results]
         try:
             if enriched:
                 outcome["done"] = self._link_and_commit(cube_id, enriched, results)
+                self.enriched += outcome["done"]
         except NotFound:
             return outcome  # the cube was deleted meanwhile
         except Exception as exc:
@@ -167,7 +194,9 @@ class EnrichmentService:
             errors.update((row.seq, error_text(exc)) for row in enriched)
         if errors:
             with self.db.write() as s:
-                outcome += record_failures(s, cube_id, tried, errors, self.policy, now)
+                outcome += record_failures(
+                    s, cube_id, tried, errors, self.policy, now, self.claims.holder
+                )
         return outcome
 
     def _enrich_each(self, rows: Sequence[Memory]) -> tuple[dict[int, Enrichment], dict[int, str]]:
@@ -245,13 +274,22 @@ class EnrichmentService:
         # By id too: SQLite reuses the seq of an erased last row for the next memory added.
         versions = {r.seq: (r.id, r.version) for r in rows}
         with self.db.write() as s:
+            # PostgreSQL: the cube's row first, so commits of one cube (on any daemon) take
+            # their locks in one order; then the notes, whose claims cannot change hands
+            # until this commits. NO KEY: links referencing them (foreign keys) still land.
+            s.execute(select(Cube.id).where(Cube.id == cube_id).with_for_update(key_share=True))
             fresh = [
                 row
                 for row in s.scalars(
-                    select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(list(versions)))
+                    select(Memory)
+                    .where(Memory.cube_id == cube_id, Memory.seq.in_(list(versions)))
+                    .with_for_update(key_share=True)
                 ).all()
-                # An edit, delete or erasure that landed meanwhile makes this enrichment stale.
-                if row.deleted_at is None and (row.id, row.version) == versions[row.seq]
+                # An edit, delete or erasure that landed meanwhile makes this enrichment stale;
+                # so does a claim lost to another daemon (this one outlived its lease).
+                if row.deleted_at is None
+                and (row.id, row.version) == versions[row.seq]
+                and row.claimed_by == self.claims.holder
             ]
             if not fresh:
                 return None

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from memcube.errors import describe
@@ -52,22 +52,27 @@ def record_failures(
     errors: Mapping[int, str],
     policy: RetryPolicy,
     now: datetime,
+    claimant: str | None = None,
 ) -> Counter[str]:
     """Record one failed attempt for each note in `errors` (seq -> error), if it is still at
     the version it was tried at (`tried`: seq -> version) and still waiting for enrichment.
 
     Returns how many became "retrying" and "failed"; notes edited, deleted or enriched
-    meanwhile are counted as "stale" and left as they are.
+    meanwhile, or (with `claimant`) claimed meanwhile by another daemon than `claimant`, are
+    counted as "stale" and left as they are.
     """
     outcome: Counter[str] = Counter()
     rows = s.scalars(
-        select(Memory).where(Memory.cube_id == cube_id, Memory.seq.in_(list(errors)))
+        select(Memory)
+        .where(Memory.cube_id == cube_id, Memory.seq.in_(list(errors)))
+        .with_for_update(key_share=True)
     ).all()
     for row in rows:
         if (
             row.deleted_at is not None
             or row.version != tried[row.seq]
             or row.enrichment not in ("pending", "retrying")
+            or (claimant is not None and row.claimed_by != claimant)
         ):
             outcome["stale"] += 1
             continue
@@ -83,18 +88,15 @@ def record_failures(
     return outcome
 
 
-def due_for_retry(s: Session, now: datetime, limit: int) -> list[tuple[int, str]]:
+def due_query(now: datetime, limit: int) -> Select[int, str]:
     """(seq, cube_id) of the notes whose next attempt is due, the longest-waiting first."""
-    return [
-        (seq, cube_id)
-        for seq, cube_id in s.execute(
-            select(Memory.seq, Memory.cube_id)
-            .where(
-                Memory.enrichment == "retrying",
-                Memory.enrichment_next_at <= now,
-                Memory.deleted_at.is_(None),
-            )
-            .order_by(Memory.enrichment_next_at, Memory.seq)
-            .limit(limit)
+    return (
+        select(Memory.seq, Memory.cube_id)
+        .where(
+            Memory.enrichment == "retrying",
+            Memory.enrichment_next_at <= now,
+            Memory.deleted_at.is_(None),
         )
-    ]
+        .order_by(Memory.enrichment_next_at, Memory.seq)
+        .limit(limit)
+    )

@@ -10,7 +10,17 @@ from memcube.errors import Forbidden
 from memos import __version__
 from memos.api.deps import AdminDep, DaemonDep
 from memos.api.openapi import errors
-from memos.api.schemas import JobList, JobOut, JobRunBody, RunAccepted, RunList, RunOut
+from memos.api.schemas import (
+    FleetMember,
+    FleetOut,
+    JobList,
+    JobOut,
+    JobRunBody,
+    RunAccepted,
+    RunList,
+    RunOut,
+)
+from memos.scheduler.leader import LEASE_NAME
 
 router = APIRouter(tags=["operations"])
 
@@ -91,3 +101,13 @@ def list_runs(
 @router.get("/v1/jobs/runs/{run_id}", response_model=RunOut)
 def get_run(run_id: str, daemon: DaemonDep, _: AdminDep) -> RunOut:
     return RunOut.model_validate(daemon.jobs.get_run(run_id))
+
+
+@router.get("/v1/fleet", response_model=FleetOut)
+def fleet(daemon: DaemonDep, _: AdminDep) -> FleetOut:
+    """The daemons on this database whose lease has not expired, and the scheduler's leader."""
+    return FleetOut(
+        instance=daemon.instance.id,
+        members=[FleetMember.model_validate(m) for m in daemon.instance.members()],
+        scheduler_leader=daemon.leases.holder_of(LEASE_NAME),
+    )

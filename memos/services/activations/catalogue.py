@@ -7,6 +7,10 @@ fleet's shared tier when a build is marked ready or a chat prefix saved, fetched
 `fetch` when this daemon lacks them. A row is inserted before its files are written and
 deleted before they are removed, so files without a row are always leftovers (see
 `ActivationSweep`).
+
+Each row records the daemon that builds it (`instance_id`). Several daemons on one database
+fail a "building" row only once its builder is gone (`memos.services.fleet.owner_gone`): this
+daemon's earlier self, or a daemon whose lease expired; never the build of a live daemon.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, true, update
 from sqlalchemy.orm import Session
 
 from memcube.errors import NotFound
@@ -23,11 +27,20 @@ from memos.db.engine import Database
 from memos.db.models import Activation
 from memos.db.types import utcnow
 from memos.services.blobs import BlobStore, LocalDirectory
+from memos.services.fleet import other_owner_gone, owner_gone
 from memos.services.views import ActivationView, EpisodeView
 
 INTERRUPTED = "interrupted by a restart; build it again"
 DELETED = "deleted while it was built"
 CUBE_DELETED = "its cube was deleted while it was built"
+
+
+def interrupted(owner: str | None, me: str | None) -> str:
+    """Why a build no daemon will finish was failed: this daemon's restart, or its builder's
+    end (another daemon whose lease expired)."""
+    if owner is None or owner == me:
+        return INTERRUPTED
+    return f"interrupted: daemon {owner} stopped; build it again"
 
 
 def activation_not_found(activation_id: str) -> NotFound:
@@ -91,11 +104,20 @@ def _scorer(compression: dict[str, Any]) -> str | None:
 class Catalogue:
     """Rows and file locations; every method is one short transaction."""
 
-    def __init__(self, db: Database, directory: Path, blobs: BlobStore | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        directory: Path,
+        blobs: BlobStore | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        """`instance_id`: this daemon's, recorded as the builder of the rows it inserts
+        (None: alone on its database, every "building" row at start is its own)."""
         self.db = db
         self.directory = directory
         self.blobs = blobs or BlobStore(LocalDirectory(directory))
         assert self.blobs.root == directory, "the catalogue and its blob store share a root"
+        self.instance_id = instance_id
         # Counts loads in memory (memos/services/lifecycle/usage.py); set by the daemon.
         self.on_load: Callable[[str], None] = lambda activation_id: None
 
@@ -146,6 +168,8 @@ class Catalogue:
     # -- writes -----------------------------------------------------------------------------
 
     def insert(self, row: Activation) -> ActivationView:
+        if row.instance_id is None:
+            row.instance_id = self.instance_id
         with self.db.write() as s:
             s.add(row)
         return _view(row)
@@ -218,19 +242,43 @@ class Catalogue:
         """Its files were read from disk: counted in memory, written by the usage flush."""
         self.on_load(activation_id)
 
+    def gone(self) -> ColumnElement[bool]:
+        """SQL: the row's builder is gone (see `owner_gone`); all are, for a lone daemon."""
+        if self.instance_id is None:
+            return true()
+        return owner_gone(Activation.instance_id, self.instance_id)
+
     def recover(self) -> list[tuple[str, str]]:
-        """Builds no thread will finish (a restart or shutdown cut them) are failed; their
-        (cube id, activation id), whose partial files the caller removes."""
+        """Builds no thread will finish (a restart or shutdown cut them, or their daemon is
+        gone) are failed; their (cube id, activation id), whose partial files the caller
+        removes. The builds of live daemons are left alone."""
+        return self._fail_building(self.gone())
+
+    def fail_orphans(self) -> list[tuple[str, str]]:
+        """The builds of other daemons whose lease expired, failed (a live daemon's periodic
+        take-over; its own builds are in flight)."""
+        if self.instance_id is None:
+            return []
+        return self._fail_building(other_owner_gone(Activation.instance_id, self.instance_id))
+
+    def _fail_building(self, gone: ColumnElement[bool]) -> list[tuple[str, str]]:
+        building = Activation.state == "building"
+        with self.db.read() as s:  # mostly none: no write transaction then (SQLite: a lock)
+            if s.execute(select(Activation.id).where(building, gone).limit(1)).first() is None:
+                return []
         with self.db.write() as s:
             cut = s.execute(
-                select(Activation.cube_id, Activation.id).where(Activation.state == "building")
+                select(Activation.cube_id, Activation.id, Activation.instance_id).where(
+                    building, gone
+                )
             ).all()
-            s.execute(
-                update(Activation)
-                .where(Activation.state == "building")
-                .values(state="failed", error=INTERRUPTED)
-            )
-        return [(cube_id, activation_id) for cube_id, activation_id in cut]
+            for _, activation_id, owner in cut:
+                s.execute(
+                    update(Activation)
+                    .where(Activation.id == activation_id, building)
+                    .values(state="failed", error=interrupted(owner, self.instance_id))
+                )
+        return [(cube_id, activation_id) for cube_id, activation_id, _ in cut]
 
     # -- files ------------------------------------------------------------------------------
 

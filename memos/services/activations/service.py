@@ -15,6 +15,7 @@ blending     a prompt's notes assembled from their chunks
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -54,6 +55,8 @@ from memos.services.ids import new_id, note_chunk_id
 from memos.services.runtime import RuntimeHolder
 from memos.services.views import ActivationView, GenerationView, Principal, Role
 from memos.settings import ActivationsConfig
+
+log = logging.getLogger("memos.activations")
 
 # The seam for per-user quotas: called with (cube id, an upper bound of the bytes the build's
 # tensors will take) before a build is accepted; raise a DomainError to refuse it.
@@ -126,11 +129,13 @@ class ActivationService:
         check_quota: QuotaCheck | None = None,
         embedder: Embedder | None = None,
         blobs: BlobStore | None = None,
+        instance_id: str | None = None,
     ) -> None:
+        """`instance_id`: this daemon's in a fleet, recorded on the builds it starts."""
         self.cubes, self.runtime, self.config = cubes, runtime, config
         self.check_quota = check_quota
         self.embedder = embedder  # episodic activations cluster and route with it
-        self.catalogue = Catalogue(db, directory, blobs)
+        self.catalogue = Catalogue(db, directory, blobs, instance_id)
         self.prompts = Prompts(
             db,
             PromptLimits(
@@ -176,7 +181,19 @@ class ActivationService:
         self._fail_unfinished()
 
     def _fail_unfinished(self) -> int:
-        cut = self.catalogue.recover()
+        return self._remove_partial(self.catalogue.recover())
+
+    def fail_orphans(self) -> int:
+        """Fail the builds of other daemons whose lease expired (nobody will finish them);
+        run periodically by the scheduler's leader. Returns how many."""
+        cut = self.catalogue.fail_orphans()
+        if cut:
+            log.warning("builds of stopped daemons failed", extra={"fields": {
+                "activations": [activation_id for _, activation_id in cut]
+            }})  # fmt: skip
+        return self._remove_partial(cut)
+
+    def _remove_partial(self, cut: list[tuple[str, str]]) -> int:
         for cube_id, activation_id in cut:
             self.catalogue.remove_files(cube_id, activation_id)
         return len(cut)

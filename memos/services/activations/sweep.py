@@ -7,7 +7,8 @@ rows, then the builds in flight. A build inserts its row before writing files an
 removes the row before the files, so a folder listed before the rows were read and without a
 row is a leftover; a "building" row read before the in-flight set was taken and not in it has
 no build left to finish it (failing it is conditional on its state then, so a build that just
-ended is left alone).
+ended is left alone), provided its builder is gone too: on a database shared by several
+daemons, another live daemon's build is in no set of this one's.
 
 A ready row without files here is failed only when the blob store says they are gone for good
 (`BlobStore.gone`: no other daemon of the fleet alive, and none in the shared tier); else
@@ -25,7 +26,7 @@ from sqlalchemy import select, update
 from memos.db.engine import Database
 from memos.db.models import Activation, Cube
 from memos.services.activations.builds import BuildQueue
-from memos.services.activations.catalogue import INTERRUPTED, Catalogue
+from memos.services.activations.catalogue import Catalogue, interrupted
 
 MISSING = "its files are missing; build it again"
 
@@ -60,6 +61,14 @@ class ActivationSweep:
             rows = {a.id: (a.cube_id, a.state) for a in s.execute(
                 select(Activation.id, Activation.cube_id, Activation.state)
             )}  # fmt: skip
+            owners = {  # "building" rows whose builder is gone: their builder, by id
+                activation_id: owner
+                for activation_id, owner in s.execute(
+                    select(Activation.id, Activation.instance_id).where(
+                        Activation.state == "building", self.catalogue.gone()
+                    )
+                )
+            }
             cubes = set(s.scalars(select(Cube.id)))
         building = self.builds.building()
         removed = 0
@@ -77,17 +86,20 @@ class ActivationSweep:
         failed = 0
         for activation_id, (cube_id, state) in rows.items():
             if state == "building" and activation_id not in building:
-                error = INTERRUPTED  # no build will finish it; what it wrote is incomplete
+                if activation_id not in owners:
+                    continue  # another daemon builds it
+                # No build will finish it; what it wrote is incomplete.
+                error = interrupted(owners[activation_id], self.catalogue.instance_id)
             elif state == "ready" and self.catalogue.blobs.gone(cube_id, activation_id):
                 error = MISSING  # not here, no other daemon alive, not in the shared tier
             else:
                 continue
             with self.db.write() as s:
-                result = s.execute(
-                    update(Activation)
-                    .where(Activation.id == activation_id, Activation.state == state)
-                    .values(state="failed", error=error)
-                )
+                where = [Activation.id == activation_id, Activation.state == state]
+                if state == "building":
+                    where.append(self.catalogue.gone())
+                failing = update(Activation).where(*where)
+                result = s.execute(failing.values(state="failed", error=error))
             if result.rowcount:  # type: ignore[attr-defined]
                 failed += 1
                 if state == "building":

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 
 from memcube.atomic import write_atomic
 from memos.db.engine import Database
@@ -55,6 +55,12 @@ def owner_gone(column: Any, me: str, now: datetime | None = None) -> ColumnEleme
         InstanceRow.lease_until > (now or utcnow()), InstanceRow.id != me
     )
     return or_(column.is_(None), column.not_in(alive))
+
+
+def other_owner_gone(column: Any, me: str, now: datetime | None = None) -> ColumnElement[bool]:
+    """SQL: the work belongs to another daemon whose lease has expired (not to this daemon,
+    nor to no one). What a live daemon may take over while it runs, beside its own work."""
+    return and_(column.is_not(None), column != me, owner_gone(column, me, now))
 
 
 class Instance:
