@@ -65,6 +65,7 @@ def _specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             "fail rows without files",
             interval_s=config.index_maintenance_interval_s,
             run=lambda: index_maintenance(system),
+            local=True,  # the indexes this daemon loaded, the activation files on its disk
         ),
         JobSpec(
             name="chat_prefix_save",

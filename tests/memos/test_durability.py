@@ -191,7 +191,7 @@ def test_restart_keeps_data_generated_admin_key_and_schedules(tmp_path):
         memory = admin.post(
             f"/v1/cubes/{cube_id}/memories", json={"items": [{"content": "kept"}]}
         ).json()["items"][0]
-        next_run = _next_run(admin, "index_maintenance")
+        next_run = _next_run(admin, "fuse")
     daemon.stop()
 
     daemon.start()
@@ -199,8 +199,9 @@ def test_restart_keeps_data_generated_admin_key_and_schedules(tmp_path):
     with daemon.client() as admin:
         assert admin.get(f"/v1/cubes/{cube_id}/memories/{memory['id']}").json() == memory
         # The schedule lives in the database: a restart does not reset the job's clock (of the
-        # fleet's jobs; those about a daemon's own memory, such as usage_flush, start afresh).
-        assert _next_run(admin, "index_maintenance") == next_run
+        # fleet's jobs; those about a daemon's own memory and disk, such as usage_flush and
+        # index_maintenance, start afresh).
+        assert _next_run(admin, "fuse") == next_run
     daemon.stop()
 
 
