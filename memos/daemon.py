@@ -19,6 +19,7 @@ from memos.scheduler.runner import JobRunner
 from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
 from memos.services.chats import ChatService
+from memos.services.chats.turnlock import TurnLocks
 from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
@@ -129,6 +130,7 @@ class Daemon:
             self.activations,
             settings.chats,
             check_quota=self.quotas.check_activation_bytes,
+            locks=TurnLocks(self.db, self.instance.id, fleet.lease_s, fleet.heartbeat_s),
         )
         self.erasure = ErasureService(
             self.db,
