@@ -31,6 +31,7 @@ import httpx
 
 from kv_runtime import Runtime
 from kv_runtime.prefix import common_prefix
+from kv_runtime.store import MANIFEST
 from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
 from memcube.types import SearchFilters
 from memos.db.engine import Database
@@ -459,7 +460,7 @@ class ChatService:
         if old is not None:  # another episode (or none before): the window goes on this one
             return LoadedPrefix(chat.cube_id, chat.session_id,
                                 runtime.prefix_cache(base=old.kv), base=base)  # fmt: skip
-        entry = self.store.load(runtime, chat)
+        entry = self._load_saved(runtime, chat)
         if entry is None:
             entry = LoadedPrefix(chat.cube_id, chat.session_id, runtime.prefix_cache())
         return entry
@@ -473,7 +474,7 @@ class ChatService:
         then synced to the history by tokens. A saved prefix this daemon cannot read (its
         files are elsewhere, or gone) leaves the loaded one."""
         fields = {"chat_id": chat.id, "held": len(entry.messages), "history": len(prompt.history)}
-        saved = self.store.load(runtime, chat)
+        saved = self._load_saved(runtime, chat)
         if saved is not None and saved.base is None:
             ours = common_prefix(entry.prefix.token_ids, prompt.history_ids)
             theirs = common_prefix(saved.prefix.token_ids, prompt.history_ids)
@@ -484,6 +485,21 @@ class ChatService:
         log.info("loaded chat prefix behind; it is extended",
                  extra={"fields": fields})  # fmt: skip
         return entry
+
+    def _load_saved(self, runtime: Runtime, chat: ChatRecord) -> LoadedPrefix | None:
+        """The chat's saved prefix, when this daemon can read it. In a fleet the chat's saved
+        prefix may have been written by another daemon, to files this one does not have: that
+        is not corruption (the store would mark it so on a missing manifest), the prefix is
+        simply prefilled again. With a shared blob store the files are found through it."""
+        activation_id = chat.prefix_activation_id
+        if activation_id is None:
+            return None
+        directory = self.activations.catalogue.path(chat.cube_id, activation_id)
+        if not (directory / MANIFEST).exists():
+            log.info("chat prefix saved elsewhere; prefilled here",
+                     extra={"fields": {"chat_id": chat.id}})  # fmt: skip
+            return None
+        return self.store.load(runtime, chat)
 
     def _turn_ended(
         self, chat_id: str, outcome: str, stored: bool, entry: LoadedPrefix | None
