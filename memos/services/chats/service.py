@@ -32,7 +32,7 @@ import httpx
 from kv_runtime import Runtime
 from kv_runtime.prefix import common_prefix
 from kv_runtime.store import MANIFEST
-from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
+from memcube.errors import Conflict, DomainError, InvalidArgument, TooLarge, Unavailable
 from memcube.types import SearchFilters
 from memos.db.engine import Database
 from memos.services.activations import ActivationService
@@ -599,6 +599,9 @@ class ChatService:
                 entry = self.loaded.take(chat_id)
                 if entry is None:
                     continue
+                if self._stale(chat_id, entry):  # dropped: the fleet's saved one stays
+                    skipped += 1
+                    continue
                 if self._save(chat_id, entry):
                     saved += 1
                 else:
@@ -607,6 +610,26 @@ class ChatService:
             finally:
                 self._give_here(chat_id)
         return {"saved": saved, "skipped": skipped}
+
+    def _stale(self, chat_id: str, entry: LoadedPrefix) -> bool:
+        """The chat is gone, or has more turns in its window than this loaded prefix holds:
+        another daemon served it since (and may have saved a longer prefix, which this one
+        must not overwrite). A loaded prefix stays only while it is worth saving."""
+        try:
+            chat = self.catalogue.record(entry.cube_id, chat_id)
+            held = sum(1 for m in entry.messages if m.get("role") != "system")
+            turns = self.history.recent(chat.cube_id, chat.session_id, chat.window_from_seq,
+                                        held + 1)  # fmt: skip
+        except DomainError:
+            return True  # the chat was deleted (on another daemon)
+        except Exception:
+            log.warning("could not check a chat prefix before saving it", exc_info=True)
+            return False
+        if len(turns) > held:
+            log.info("loaded chat prefix behind the chat; dropped, not saved",
+                     extra={"fields": {"chat_id": chat_id}})  # fmt: skip
+            return True
+        return False
 
     def close(self) -> None:
         """At shutdown, after `save_all`."""
