@@ -31,6 +31,8 @@ def _daemon(tmp_path, name: str, url: str, admin_key: str) -> DaemonProcess:
         MEMOS_ADMIN_KEY=admin_key,  # one admin for the fleet
         MEMOS_FLEET__LEASE_S=str(LEASE_S),
         MEMOS_FLEET__HEARTBEAT_S="0.5",
+        MEMOS_SCHEDULER__ENABLED="false",  # prefixes are saved when the test says
+        MEMOS_CHATS__SAVE_IDLE_S="0",
     )
     daemon.admin_key = admin_key
     return daemon
@@ -55,6 +57,26 @@ def _post_quietly(client: httpx.Client, *args) -> httpx.Response | None:
         return _post(client, *args)
     except httpx.HTTPError:
         return None
+
+
+def _run_job(admin: httpx.Client, name: str) -> dict:
+    run_id = admin.post(f"/v1/jobs/{name}/run").json()["run_id"]
+    deadline = time.monotonic() + 120
+    while (run := admin.get(f"/v1/jobs/runs/{run_id}").json())["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert run["status"] == "ok", run
+    return run
+
+
+def _prefix_state(url: str, chat_id: str) -> str | None:
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        row = conn.execute(
+            "SELECT a.state FROM chats c JOIN activations a ON a.id = c.prefix_activation_id "
+            "WHERE c.id = %s",
+            (chat_id,),
+        ).fetchone()
+    return row[0] if row else None
 
 
 def _holder(url: str, chat_id: str) -> str | None:
@@ -119,6 +141,16 @@ def test_a_chat_is_served_by_either_daemon_as_one_daemon_serves_it(tmp_path, fre
             ]
             assert _holder(url, chat) is None  # every turn gave its lease back
 
+            # b's copy of the prefix is behind (a served turn 3): dropped, not saved over a's.
+            with b.client() as admin_b:
+                assert _run_job(admin_b, "chat_prefix_save")["result"] == {"saved": 0, "skipped": 1}
+            with a.client() as admin_a:  # a saves both of its chats, to its own disk
+                assert _run_job(admin_a, "chat_prefix_save")["result"] == {"saved": 2, "skipped": 0}
+            assert _prefix_state(url, chat) == "ready"
+            # b cannot read a's saved prefix: it prefills, and neither fails nor marks it corrupt.
+            assert _send(on_b, cube_id, chat, "Thanks!")["reused_tokens"] == 0
+            assert _prefix_state(url, chat) == "ready"
+
             # A turn running on a: b refuses a second one, as a does on one daemon.
             thread, out = _in_thread(lambda: _post(on_a, cube_id, chat, LONG, 24))
             holder = _wait_held(url, chat)
@@ -128,7 +160,7 @@ def test_a_chat_is_served_by_either_daemon_as_one_daemon_serves_it(tmp_path, fre
             assert on_b.delete(f"/v1/cubes/{cube_id}/chats/{chat}").status_code == 409
             thread.join(timeout=300)
             assert out[0].status_code == 200, out[0].text
-            assert len(on_b.get(messages).json()["items"]) == 8
+            assert len(on_b.get(messages).json()["items"]) == 10
             assert _holder(url, chat) is None
 
             # b killed mid-turn: the chat is busy until b's lease runs out, then a serves it.
@@ -150,8 +182,8 @@ def test_a_chat_is_served_by_either_daemon_as_one_daemon_serves_it(tmp_path, fre
             assert r.status_code == 200, r.text
             assert freed_s > LEASE_S - 1.0, freed_s  # not before the lease ran out
             print(f"chat freed {freed_s:.2f} s after the kill (lease {LEASE_S} s)")
-            # The killed turn stored nothing: 8 before, 2 for the turn a served after.
-            assert len(on_a.get(messages).json()["items"]) == 10
+            # The killed turn stored nothing: 10 before, 2 for the turn a served after.
+            assert len(on_a.get(messages).json()["items"]) == 12
     finally:
         a.stop()
         b.stop()
