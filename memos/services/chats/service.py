@@ -612,21 +612,22 @@ class ChatService:
         return {"saved": saved, "skipped": skipped}
 
     def _stale(self, chat_id: str, entry: LoadedPrefix) -> bool:
-        """The chat is gone, or has more turns in its window than this loaded prefix holds:
-        another daemon served it since (and may have saved a longer prefix, which this one
-        must not overwrite). A loaded prefix stays only while it is worth saving."""
+        """The chat is gone, or its window's turns in the database are not the ones this loaded
+        prefix holds: another daemon served turns of it since (and may have saved a longer
+        prefix, which this one must not overwrite), or some were erased there (their KV must
+        not be saved here). Such a prefix is dropped; a turn would have synced it anyway."""
         try:
             chat = self.catalogue.record(entry.cube_id, chat_id)
-            held = sum(1 for m in entry.messages if m.get("role") != "system")
+            held = [m for m in entry.messages if m.get("role") != "system"]
             turns = self.history.recent(chat.cube_id, chat.session_id, chat.window_from_seq,
-                                        held + 1)  # fmt: skip
+                                        len(held) + 1)  # fmt: skip
         except DomainError:
             return True  # the chat was deleted (on another daemon)
         except Exception:
             log.warning("could not check a chat prefix before saving it", exc_info=True)
             return False
-        if len(turns) > held:
-            log.info("loaded chat prefix behind the chat; dropped, not saved",
+        if [turn.message() for turn in turns] != held:
+            log.info("loaded chat prefix no longer the chat's; dropped, not saved",
                      extra={"fields": {"chat_id": chat_id}})  # fmt: skip
             return True
         return False
