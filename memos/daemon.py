@@ -129,8 +129,8 @@ class Daemon:
             self.search,
             self.activations,
             settings.chats,
+            TurnLocks(self.db, self.instance.id, fleet.lease_s, fleet.heartbeat_s),
             check_quota=self.quotas.check_activation_bytes,
-            locks=TurnLocks(self.db, self.instance.id, fleet.lease_s, fleet.heartbeat_s),
         )
         self.erasure = ErasureService(
             self.db,

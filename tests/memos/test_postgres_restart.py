@@ -117,6 +117,9 @@ class Load:
         except httpx.TimeoutException:
             self.bad.append(f"{path}: no answer in {REQUEST_TIMEOUT_S} s")
             return
+        except httpx.HTTPError as exc:  # the connection dropped without an answer
+            self.bad.append(f"{path}: {type(exc).__name__}: {exc}")
+            return
         self.statuses[r.status_code] += 1
         if r.status_code == 201 and path.endswith("/memories"):
             self.acked += [item["id"] for item in r.json()["items"]]

@@ -114,8 +114,8 @@ class ChatService:
         search: SearchService,
         activations: ActivationService,
         config: ChatsConfig,
+        locks: TurnLocks,
         check_quota: QuotaCheck | None = None,
-        locks: TurnLocks | None = None,
     ) -> None:
         self.cubes, self.memories, self.search = cubes, memories, search
         self.activations, self.config = activations, config
@@ -124,8 +124,7 @@ class ChatService:
         self.loaded = LoadedPrefixes(config.prefix_cache_bytes)
         self.store = PrefixStore(self.catalogue, activations.catalogue, check_quota)
         self.episodes = ChatEpisodes(db, activations, self.history, config)
-        # The fleet-wide lock (a lone daemon's own: it holds every lease it takes).
-        self.locks = locks or TurnLocks(db, "local", lease_s=60.0, renew_s=20.0)
+        self.locks = locks  # the fleet-wide turn lock, held as this daemon's instance
         self._busy: set[str] = set()
         self._lock = threading.Lock()
         self._turns: dict[str, int] = {}
