@@ -271,6 +271,12 @@ class ChatService:
                 user["content"] = f"{speaker}: {content}"
 
             def store(items: list[NewMemory]) -> list[str]:
+                if not self.locks.confirm(chat_id):
+                    raise Conflict(
+                        f"chat {chat_id!r} was taken over by another daemon while this turn "
+                        "ran (its lease lapsed); this turn was not stored",
+                        code="chat_busy",
+                    )
                 return [view.id for view in self.memories.add(principal, cube_id, items)]
 
             if runtime is None:  # an OpenAI-compatible endpoint answers

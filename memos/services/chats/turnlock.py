@@ -6,7 +6,9 @@ service keeps an in-process lock on top, so this daemon never runs two turns of 
 restarted daemon, the same instance, takes its earlier self's leases back at once). A renewer
 thread extends the leases of the turns in flight every `renew_s`, so a turn may run longer than
 `lease_s`; the turn's end clears the row. A daemon killed mid-turn stops renewing: after at most
-`lease_s` any daemon may serve the chat again (the killed turn stored nothing, `turns.py`).
+`lease_s` any daemon may serve the chat again (the killed turn stored nothing, `turns.py`). A
+turn confirms its lease just before it stores its two memories: one whose lease lapsed meanwhile
+(the database was away longer than `lease_s`, and another daemon took the chat) stores nothing.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ class TurnLocks:
         except Exception:
             log.warning("could not release a chat's turn lease; it expires on its own",
                         exc_info=True, extra={"fields": {"chat_id": chat_id}})  # fmt: skip
+
+    def confirm(self, chat_id: str) -> bool:
+        """Extend the chat's lease if this daemon still holds it; False when it lapsed and
+        another daemon took the chat over (the turn must then store nothing)."""
+        now = utcnow()
+        with self.db.write() as s:
+            result = s.execute(
+                update(Chat)
+                .where(Chat.id == chat_id, Chat.turn_holder == self.holder)
+                .values(turn_until=now + timedelta(seconds=self.lease_s))
+            )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def held(self) -> list[str]:
         with self._lock:

@@ -71,6 +71,8 @@ def test_an_unrenewed_lease_is_taken_over_a_renewed_one_is_not(db):
     assert peer.take(other_id)
     assert _row(db, other_id)[0] == "inst_peer"
     assert dead.renew() == 0  # the dead holder has lost it
+    assert not dead.confirm(other_id)  # a turn of it would store nothing
+    assert alive.confirm(chat_id) and peer.confirm(other_id)
     alive.close()
     peer.close()
 
