@@ -20,6 +20,7 @@ from memos.services.activations import ActivationService
 from memos.services.auth import AuthService
 from memos.services.blobs import make_blob_store
 from memos.services.chats import ChatService
+from memos.services.chats.turnlock import TurnLocks
 from memos.services.completions import CompletionLimits, CompletionService
 from memos.services.cubes import CubeService
 from memos.services.enrichment import EnrichmentService, EnrichmentWorker
@@ -147,6 +148,7 @@ class Daemon:
             self.search,
             self.activations,
             settings.chats,
+            TurnLocks(self.db, self.instance.id, fleet.lease_s, fleet.heartbeat_s),
             check_quota=self.quotas.check_activation_bytes,
         )
         self.erasure = ErasureService(

@@ -5,6 +5,12 @@ by one table, `STATUS`, walked along the exception's class hierarchy, so a subcl
 module adds (`QuotaExceeded(TooManyRequests)`) gets its parent's status with its own `code`.
 Services still translate a runtime error where that adds meaning (marking an activation corrupt);
 everything else may propagate here untranslated.
+
+The database going away (PostgreSQL restarted or down, its connections cut, the pool out of
+connections, SQLite locked past its timeout) is answered 503 `database_unavailable` with a
+`Retry-After`: the request may be sent again. The engine pings each connection it hands out
+(`pool_pre_ping`) and replaces the dead ones, so requests succeed again once the database is
+back, without a restart.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kv_runtime.errors as rt
@@ -69,6 +76,32 @@ HTTP_CODES = {
     500: "internal_error",
     503: "unavailable",
 }
+
+
+DATABASE_RETRY_AFTER_S = 1
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached or could not serve now: worth sending again. Other
+    database errors (a constraint, a bad statement) are bugs, answered 500."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    return exc.connection_invalidated or isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError
+    )
+
+
+def database_response() -> JSONResponse:
+    seconds = DATABASE_RETRY_AFTER_S
+    return error_response(
+        503,
+        "database_unavailable",
+        "the database is unavailable (restarting or unreachable); send the request again",
+        headers={"Retry-After": str(seconds)},
+        retry_after=seconds,
+    )
 
 
 def status_of(exc: Exception) -> int | None:
@@ -201,8 +234,22 @@ def install(app: FastAPI) -> None:
         response = error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
         return _openai_shaped(request, response)
 
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)
+        log.warning(
+            "database unavailable",
+            extra={"fields": {"path": request.url.path, "error": str(exc).splitlines()[0]}},
+        )
+        return _openai_shaped(request, database_response())
+
+    app.add_exception_handler(sa_exc.DBAPIError, _database)
+    app.add_exception_handler(sa_exc.TimeoutError, _database)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):  # raised outside the routes (a middleware)
+            return await _database(request, exc)
         log.exception("unhandled error", extra={"fields": {"path": request.url.path}})
         response = error_response(500, "internal_error", "the server failed; see its log")
         return _openai_shaped(request, response)

@@ -5,7 +5,8 @@ none of the other errors. Here the generated document is post-processed once, fo
 included in it (routes added later by any router get the same treatment without asking):
 
 - each operation declares the errors its shape implies, all with the `ErrorBody` schema: 500
-  always; 401 and 429 (rate limits, queues, quotas) when it authenticates the caller; 403 when
+  always; 401, 429 (rate limits, queues, quotas) and 503 (`database_unavailable`, the database
+  restarting or away) when it authenticates the caller (which reads the database); 403 when
   it needs the admin key or writes to a cube; 404 when it has path parameters; 400
   (`malformed_json`), 413 and 422 when it takes a body; 422 when it takes parameters; 412 when
   it reads `If-Match`. A route declares what only it can answer (409, 503, ...) with
@@ -47,8 +48,8 @@ DESCRIPTIONS: dict[int, str] = {
     "`Retry-After` seconds when it is given",
     500: "`internal_error`: a bug; the daemon's log has the traceback",
     503: "`unavailable` or a more specific code (`model_unavailable`, "
-    "`activation_unavailable`): a part the request needs cannot run now; retry after "
-    "`Retry-After` seconds when it is given",
+    "`activation_unavailable`, `database_unavailable`): a part the request needs cannot run "
+    "now; retry after `Retry-After` seconds when it is given",
 }
 
 RETRY_AFTER = {
@@ -128,7 +129,7 @@ def implied_errors(route: Any, method: str) -> set[int]:
     headers = {p.alias.lower() for d in found for p in d.header_params}
     statuses = {500}
     if get_principal in calls:
-        statuses |= {401, 429}
+        statuses |= {401, 429, 503}
     if get_admin in calls:
         statuses.add(403)
     if path:

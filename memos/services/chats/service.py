@@ -6,6 +6,15 @@ prompt     system + window (the stable prefix), then notes and the new message
 prefixes   loaded prefixes under a byte budget; saved as activations, loaded back
 episodes   a long chat's old part (turns before the window) as an episodic activation
 turns      one turn: recall, prompt, prefix, generation, both turns stored
+turnlock   the fleet-wide turn lock: a lease on the chat's row
+
+Any daemon of a fleet may serve any chat. A turn holds its chat in this daemon (a set) and in
+the database (`TurnLocks`), so a second turn of that chat on any daemon is refused 409
+chat_busy. The prefix a daemon keeps loaded may fall behind the chat's history when another
+daemon served turns of it since: at the start of a turn (under the lock) the loaded prefix's
+messages are compared with the history read from the database, and a prefix that is behind is
+weighed against the saved one; either way it is synced by tokens to the history (only what it
+lacks is prefilled), so the reply is the one a single daemon would give.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,7 +31,7 @@ import httpx
 
 from kv_runtime import Runtime
 from kv_runtime.prefix import common_prefix
-from memcube.errors import Conflict, InvalidArgument, TooLarge, Unavailable
+from memcube.errors import Conflict, DomainError, InvalidArgument, TooLarge, Unavailable
 from memcube.types import SearchFilters
 from memos.db.engine import Database
 from memos.services.activations import ActivationService
@@ -30,7 +39,7 @@ from memos.services.activations.admission import Refusal, Slot, refused
 from memos.services.activations.blending import Blended, blend_prompt
 from memos.services.chats.catalogue import ChatCatalogue, ChatRecord, ChatSpec
 from memos.services.chats.episodes import ChatEpisodes, OldPart
-from memos.services.chats.history import ChatHistory, Turn
+from memos.services.chats.history import ChatHistory, Message, Turn
 from memos.services.chats.prefixes import LoadedPrefix, LoadedPrefixes, PrefixStore, QuotaCheck
 from memos.services.chats.prompt import (
     MESSAGE_OVERHEAD,
@@ -40,6 +49,7 @@ from memos.services.chats.prompt import (
     window_start,
 )
 from memos.services.chats.remote import RemoteTurn, estimate_tokens, remote_prompt
+from memos.services.chats.turnlock import TurnLocks
 from memos.services.chats.turns import ChatTurn, TurnRequest
 from memos.services.cubes import CubeService
 from memos.services.memories import MemoryService
@@ -65,6 +75,11 @@ class ChatStats:
     loaded_bytes: int
     busy: int
     turns: dict[str, int]  # finish reason (or "failed") -> count since start
+
+
+def behind(held: Sequence[Message], history: Sequence[Message]) -> bool:
+    """A prefix holding the messages `held` lacks some of `history`'s newest ones."""
+    return len(held) < len(history) and tuple(history[: len(held)]) == tuple(held)
 
 
 def filters_json(filters: SearchFilters) -> dict[str, Any]:
@@ -98,6 +113,7 @@ class ChatService:
         search: SearchService,
         activations: ActivationService,
         config: ChatsConfig,
+        locks: TurnLocks,
         check_quota: QuotaCheck | None = None,
     ) -> None:
         self.cubes, self.memories, self.search = cubes, memories, search
@@ -107,6 +123,7 @@ class ChatService:
         self.loaded = LoadedPrefixes(config.prefix_cache_bytes)
         self.store = PrefixStore(self.catalogue, activations.catalogue, check_quota)
         self.episodes = ChatEpisodes(db, activations, self.history, config)
+        self.locks = locks  # the fleet-wide turn lock, held as this daemon's instance
         self._busy: set[str] = set()
         self._lock = threading.Lock()
         self._turns: dict[str, int] = {}
@@ -233,6 +250,8 @@ class ChatService:
         entry: LoadedPrefix | None = None
         slot = None
         try:
+            # Read again under the lock: another daemon's turn may have moved the window.
+            chat = self.catalogue.record(cube_id, chat_id)
             sampling = {**chat.spec.sampling, **(sampling or {})}
             request = TurnRequest(
                 chat_id=chat.id,
@@ -251,6 +270,12 @@ class ChatService:
                 user["content"] = f"{speaker}: {content}"
 
             def store(items: list[NewMemory]) -> list[str]:
+                if not self.locks.confirm(chat_id):
+                    raise Conflict(
+                        f"chat {chat_id!r} was taken over by another daemon while this turn "
+                        "ran (its lease lapsed); this turn was not stored",
+                        code="chat_busy",
+                    )
                 return [view.id for view in self.memories.add(principal, cube_id, items)]
 
             if runtime is None:  # an OpenAI-compatible endpoint answers
@@ -280,7 +305,7 @@ class ChatService:
             )  # fmt: skip
             base = old.kv.kept if old else 0
             tokens = base + len(prompt.history_ids) + len(prompt.turn_ids) + max_tokens
-            entry = self._entry(runtime, chat, old)
+            entry = self._entry(runtime, chat, old, prompt)
             cached = common_prefix(entry.prefix.token_ids, prompt.history_ids)
             prefill = len(prompt.history_ids) - cached + len(prompt.turn_ids)
             slot = self._admit(runtime, tokens * runtime.kv_bytes_per_token, cancel, prefill,
@@ -423,20 +448,54 @@ class ChatService:
         self.search.record([note.memory_id for note in notes])  # what the prompt recalls
         return notes
 
-    def _entry(self, runtime: Runtime, chat: ChatRecord, old: OldPart | None) -> LoadedPrefix:
+    def _entry(
+        self, runtime: Runtime, chat: ChatRecord, old: OldPart | None, prompt: TurnPrompt
+    ) -> LoadedPrefix:
         """The chat's prefix, standing on `old`'s episode (or on nothing): the loaded one when
-        it stands there already, else the saved one (no base only), else a new one."""
+        it stands there already (or the saved one, when the loaded one fell behind and the
+        saved one holds more of `prompt`'s history), else the saved one (no base only), else a
+        new one."""
         base = old.key if old is not None else None
         entry = self.loaded.take(chat.id)
         if entry is not None and entry.base == base:
+            if base is None and behind(entry.messages, prompt.history):
+                return self._fresher(runtime, chat, entry, prompt)
             return entry
         if old is not None:  # another episode (or none before): the window goes on this one
             return LoadedPrefix(chat.cube_id, chat.session_id,
                                 runtime.prefix_cache(base=old.kv), base=base)  # fmt: skip
-        entry = self.store.load(runtime, chat)
+        entry = self._load_saved(runtime, chat)
         if entry is None:
             entry = LoadedPrefix(chat.cube_id, chat.session_id, runtime.prefix_cache())
         return entry
+
+    def _fresher(
+        self, runtime: Runtime, chat: ChatRecord, entry: LoadedPrefix, prompt: TurnPrompt
+    ) -> LoadedPrefix:
+        """Turns were added to the chat that this daemon's loaded prefix does not hold (another
+        daemon served them, or they were added as memories): the saved prefix, when it holds
+        more of the history (another daemon saved it since), else the loaded one. Either is
+        then synced to the history by tokens. A saved prefix this daemon cannot read (its
+        files are elsewhere, or gone) leaves the loaded one."""
+        fields = {"chat_id": chat.id, "held": len(entry.messages), "history": len(prompt.history)}
+        saved = self._load_saved(runtime, chat)
+        if saved is not None and saved.base is None:
+            ours = common_prefix(entry.prefix.token_ids, prompt.history_ids)
+            theirs = common_prefix(saved.prefix.token_ids, prompt.history_ids)
+            if theirs > ours:
+                log.info("loaded chat prefix behind; the saved one is used",
+                         extra={"fields": {**fields, "tokens": theirs}})  # fmt: skip
+                return saved
+        log.info("loaded chat prefix behind; it is extended",
+                 extra={"fields": fields})  # fmt: skip
+        return entry
+
+    def _load_saved(self, runtime: Runtime, chat: ChatRecord) -> LoadedPrefix | None:
+        """The chat's saved prefix, when this daemon can read it. In a fleet it may have been
+        saved by another daemon: its files come through the blob store (Redis, a shared
+        directory); when they cannot (not there, Redis away) that is no corruption, the
+        prefix is simply prefilled again (`PrefixStore.load` answers None)."""
+        return self.store.load(runtime, chat)
 
     def _turn_ended(
         self, chat_id: str, outcome: str, stored: bool, entry: LoadedPrefix | None
@@ -466,22 +525,46 @@ class ChatService:
     # -- the one-turn-per-chat rule ----------------------------------------------------------
 
     def _take(self, chat_id: str) -> None:
-        with self._lock:
-            if chat_id in self._busy:
-                raise Conflict(
-                    f"chat {chat_id!r} is answering another message; send this one when that "
-                    "turn has finished",
-                    code="chat_busy",
-                )
-            self._busy.add(chat_id)
+        """This daemon's lock on the chat, then the fleet's (409 chat_busy if either is held)."""
+        self._take_here(chat_id)
+        try:
+            taken = self.locks.take(chat_id)
+        except BaseException:
+            self._give_here(chat_id)
+            raise
+        if not taken:
+            self._give_here(chat_id)
+            raise self._busy_error(chat_id)
 
     def _give(self, chat_id: str) -> None:
+        try:
+            self.locks.give(chat_id)
+        finally:
+            self._give_here(chat_id)
+
+    @staticmethod
+    def _busy_error(chat_id: str) -> Conflict:
+        return Conflict(
+            f"chat {chat_id!r} is answering another message; send this one when that "
+            "turn has finished",
+            code="chat_busy",
+        )
+
+    def _take_here(self, chat_id: str) -> None:
+        with self._lock:
+            if chat_id in self._busy:
+                raise self._busy_error(chat_id)
+            self._busy.add(chat_id)
+
+    def _give_here(self, chat_id: str) -> None:
         with self._lock:
             self._busy.discard(chat_id)
 
-    def _try_take(self, chat_id: str) -> bool:
+    def _try_take_here(self, chat_id: str) -> bool:
+        """For saving a loaded prefix: no turn of this daemon changes it meanwhile (a turn on
+        another daemon does not touch this daemon's copy)."""
         try:
-            self._take(chat_id)
+            self._take_here(chat_id)
         except Conflict:
             return False
         return True
@@ -505,12 +588,15 @@ class ChatService:
     def _save_each(self, chat_ids: list[str]) -> dict[str, int]:
         saved = skipped = 0
         for chat_id in chat_ids:
-            if not self._try_take(chat_id):  # a turn is running: it keeps the prefix fresh
+            if not self._try_take_here(chat_id):  # a turn is running: it keeps the prefix fresh
                 skipped += 1
                 continue
             try:
                 entry = self.loaded.take(chat_id)
                 if entry is None:
+                    continue
+                if self._stale(chat_id, entry):  # dropped: the fleet's saved one stays
+                    skipped += 1
                     continue
                 if self._save(chat_id, entry):
                     saved += 1
@@ -518,11 +604,33 @@ class ChatService:
                     skipped += 1
                 self.loaded.give(chat_id, entry, if_absent=True)
             finally:
-                self._give(chat_id)
+                self._give_here(chat_id)
         return {"saved": saved, "skipped": skipped}
+
+    def _stale(self, chat_id: str, entry: LoadedPrefix) -> bool:
+        """The chat is gone, or its window's turns in the database are not the ones this loaded
+        prefix holds: another daemon served turns of it since (and may have saved a longer
+        prefix, which this one must not overwrite), or some were erased there (their KV must
+        not be saved here). Such a prefix is dropped; a turn would have synced it anyway."""
+        try:
+            chat = self.catalogue.record(entry.cube_id, chat_id)
+            held = [m for m in entry.messages if m.get("role") != "system"]
+            turns = self.history.recent(chat.cube_id, chat.session_id, chat.window_from_seq,
+                                        len(held) + 1)  # fmt: skip
+        except DomainError:
+            return True  # the chat was deleted (on another daemon)
+        except Exception:
+            log.warning("could not check a chat prefix before saving it", exc_info=True)
+            return False
+        if [turn.message() for turn in turns] != held:
+            log.info("loaded chat prefix no longer the chat's; dropped, not saved",
+                     extra={"fields": {"chat_id": chat_id}})  # fmt: skip
+            return True
+        return False
 
     def close(self) -> None:
         """At shutdown, after `save_all`."""
+        self.locks.close()
         with self._lock:
             client, self._client = self._client, None
         if client is not None:

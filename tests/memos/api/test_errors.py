@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlalchemy import exc as sa_exc
 
 import kv_runtime.errors as rt
 from memcube import errors as domain
-from memos.api.errors import mapped_response
+from memos.api.errors import database_response, database_unavailable, mapped_response
 
 CASES = [
     (domain.InvalidArgument("top_k is 0"), 422, "invalid_argument"),
@@ -64,3 +65,34 @@ def test_an_unreachable_activation_is_503_with_retry_after():
     assert json.loads(response.body) == {
         "error": {"code": "activation_unavailable", "message": "redis is down", "retry_after": 5}
     }
+
+
+def _dbapi(cls, invalidated: bool = False):
+    return cls(
+        "SELECT 1",
+        {},
+        Exception("server closed the connection"),
+        connection_invalidated=invalidated,
+    )
+
+
+@pytest.mark.parametrize(
+    "exc,unavailable",
+    [
+        (_dbapi(sa_exc.OperationalError), True),  # refused, shut down, starting up, locked
+        (_dbapi(sa_exc.InterfaceError), True),  # a connection already closed
+        (_dbapi(sa_exc.DBAPIError, invalidated=True), True),  # a disconnect, however raised
+        (sa_exc.TimeoutError("QueuePool limit reached"), True),  # no connection came free
+        (_dbapi(sa_exc.IntegrityError), False),  # a bug or a race: 500
+        (_dbapi(sa_exc.ProgrammingError), False),
+        (RuntimeError("database"), False),
+    ],
+)
+def test_only_a_database_away_is_503_database_unavailable(exc, unavailable):
+    assert database_unavailable(exc) is unavailable
+    if unavailable:
+        response = database_response()
+        body = json.loads(bytes(response.body))
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert body["error"]["code"] == "database_unavailable"
+        assert body["error"]["retry_after"] == 1

@@ -50,15 +50,16 @@ def _statuses(spec, method, path):
 def test_each_route_declares_the_errors_it_can_answer(spec):
     assert _statuses(spec, "GET", "/healthz") == [200, 500]
     assert _statuses(spec, "GET", "/metrics") == [200, 403, 500]
-    assert _statuses(spec, "POST", "/v1/users") == [201, 400, 401, 403, 413, 422, 429, 500]
-    assert _statuses(spec, "POST", "/v1/cubes") == [201, 400, 401, 409, 413, 422, 429, 500]
-    assert _statuses(spec, "GET", "/v1/cubes") == [200, 401, 422, 429, 500]
-    assert _statuses(spec, "GET", "/v1/cubes/{cube_id}") == [200, 401, 404, 422, 429, 500]
-    assert _statuses(spec, "DELETE", "/v1/cubes/{cube_id}") == [204, 401, 403, 404, 422, 429, 500]
+    assert _statuses(spec, "POST", "/v1/users") == [201, 400, 401, 403, 413, 422, 429, 500, 503]
+    assert _statuses(spec, "POST", "/v1/cubes") == [201, 400, 401, 409, 413, 422, 429, 500, 503]
+    assert _statuses(spec, "GET", "/v1/cubes") == [200, 401, 422, 429, 500, 503]
+    assert _statuses(spec, "GET", "/v1/cubes/{cube_id}") == [200, 401, 404, 422, 429, 500, 503]
+    cube = "/v1/cubes/{cube_id}"
+    assert _statuses(spec, "DELETE", cube) == [204, 401, 403, 404, 422, 429, 500, 503]
     memories = "/v1/cubes/{cube_id}/memories"
-    assert _statuses(spec, "POST", memories) == [201, 400, 401, 403, 404, 413, 422, 429, 500]
+    assert _statuses(spec, "POST", memories) == [201, 400, 401, 403, 404, 413, 422, 429, 500, 503]
     search = "/v1/cubes/{cube_id}/search"  # a reader may search: no 403
-    assert _statuses(spec, "POST", search) == [200, 400, 401, 404, 413, 422, 429, 500]
+    assert _statuses(spec, "POST", search) == [200, 400, 401, 404, 413, 422, 429, 500, 503]
     generate = "/v1/cubes/{cube_id}/generate"
     assert _statuses(spec, "POST", generate) == [
         *(200, 400, 401, 404, 409, 413, 422, 429, 500, 503)
@@ -69,10 +70,11 @@ def test_each_route_declares_the_errors_it_can_answer(spec):
         statuses = set(_statuses(spec, method, path))
         assert 500 in statuses, (method, path)
         if operation.get("security"):
-            assert {401, 429} <= statuses, (method, path)
+            assert {401, 429, 503} <= statuses, (method, path)  # 503: the database away
             responses = operation["responses"]
             assert set(responses["401"]["headers"]) == {"WWW-Authenticate"}
             assert set(responses["429"]["headers"]) == {"Retry-After"}
+            assert set(responses["503"]["headers"]) == {"Retry-After"}
         if "requestBody" in operation:
             assert {400, 413, 422} <= statuses, (method, path)
         if "{" in path:
