@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,10 +20,12 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from memos.db.engine import Database
 from memos.db.models import SchedulerJob
+
+RETRY_S = 5.0  # how soon the scheduler looks again when the database is away
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -126,13 +128,19 @@ class JsonJobStore(BaseJobStore):
         return self._jobs(SchedulerJob.next_run_time <= now.timestamp())
 
     def get_next_run_time(self) -> datetime | None:
-        with self.db.read() as s:
-            value = s.scalar(
-                select(SchedulerJob.next_run_time)
-                .where(SchedulerJob.next_run_time.is_not(None))
-                .order_by(SchedulerJob.next_run_time)
-                .limit(1)
-            )
+        # APScheduler's loop calls this (and `update_job`) without catching: a database that
+        # is away must not end the scheduler's thread. Look again in a few seconds instead.
+        try:
+            with self.db.read() as s:
+                value = s.scalar(
+                    select(SchedulerJob.next_run_time)
+                    .where(SchedulerJob.next_run_time.is_not(None))
+                    .order_by(SchedulerJob.next_run_time)
+                    .limit(1)
+                )
+        except SQLAlchemyError as exc:
+            self._logger.warning("job store unreachable (%s); looking again soon", exc)
+            return datetime.now(UTC) + timedelta(seconds=RETRY_S)
         return None if value is None else datetime.fromtimestamp(value, UTC)
 
     def get_all_jobs(self) -> list[Job]:
@@ -150,12 +158,15 @@ class JsonJobStore(BaseJobStore):
     def update_job(self, job: Job) -> None:
         if not self.may_write():
             return
-        with self.db.write() as s:
-            row = s.get(SchedulerJob, job.id)
-            if row is None:
-                raise JobLookupError(job.id)
-            row.next_run_time = _stamp(job)
-            row.job_state = encode_job(job)
+        try:
+            with self.db.write() as s:
+                row = s.get(SchedulerJob, job.id)
+                if row is None:
+                    raise JobLookupError(job.id)
+                row.next_run_time = _stamp(job)
+                row.job_state = encode_job(job)
+        except SQLAlchemyError as exc:  # away: the job stays due and runs again when back
+            self._logger.warning("job %r not rescheduled (%s)", job.id, exc)
 
     def remove_job(self, job_id: str) -> None:
         with self.db.write() as s:

@@ -96,3 +96,18 @@ def test_store_add_lookup_due_update_remove(store):
     with pytest.raises(JobLookupError):
         store.update_job(make_job("ghost", now))
     assert store.lookup_job("soon") is None
+
+
+def test_a_database_away_does_not_stop_the_scheduler_loop(tmp_path):
+    """APScheduler's loop calls these without catching: they must not raise while the
+    database is unreachable (nothing listens on the port), only put the next look off."""
+    from tests.conftest import free_port
+
+    db = Database(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+    store = JsonJobStore(db)
+    store.start(BackgroundScheduler(timezone=UTC), "default")
+    before = datetime.now(UTC)
+    wake = store.get_next_run_time()
+    assert wake is not None and before < wake <= datetime.now(UTC) + timedelta(seconds=6)
+    store.update_job(make_job("index_maintenance", before))  # logged, not raised
+    db.dispose()
