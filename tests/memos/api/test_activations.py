@@ -8,7 +8,7 @@ import pytest
 
 ACTIVATION_FIELDS = {"id", "cube_id", "model", "tokens", "kept_tokens", "bits", "bytes", "state",
                      "created_at", "last_used_at"}  # fmt: skip
-EXTENSION_FIELDS = {"progress", "error", "episodes", "kind", "memory_id"}
+EXTENSION_FIELDS = {"progress", "error", "episodes", "kind", "memory_id", "scorer"}
 CONTEXT = (
     "Caroline is a school counselor who volunteers at the LGBTQ support group every Tuesday. "
     "Melanie paints sunrises over the lake and has two kids who love pottery. Last summer "

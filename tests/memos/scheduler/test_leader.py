@@ -111,7 +111,7 @@ def test_builds_of_live_daemons_are_never_failed(db, tmp_path):
             s.add(Activation(id=act_id, cube_id="c", model="m", source={}, compression={},
                              tokens=9, bits=4, state="building", created_at=utcnow(),
                              instance_id=owner))  # fmt: skip
-    catalogue = Catalogue(db, tmp_path / "acts", "inst_me")
+    catalogue = Catalogue(db, tmp_path / "acts", instance_id="inst_me")
 
     def states() -> dict[str, tuple[str, str | None]]:
         return {a.id: (a.state, a.error) for a in catalogue.views("c")}
@@ -146,7 +146,7 @@ def test_the_sweep_fails_a_building_row_only_when_its_builder_is_gone(db, tmp_pa
             s.add(Activation(id=act_id, cube_id="c", model="m", source={}, compression={},
                              tokens=9, bits=4, state="building", created_at=utcnow(),
                              instance_id=owner))  # fmt: skip
-    catalogue = Catalogue(db, tmp_path / "acts", "inst_me")
+    catalogue = Catalogue(db, tmp_path / "acts", instance_id="inst_me")
     builds = BuildQueue(lambda ticket: "ready", workers=0, max_builds=1, max_per_user=1)
     report = ActivationSweep(db, catalogue, builds).run()
     assert report.failed == 2  # not in this daemon's builds, and their builder is gone
