@@ -216,9 +216,9 @@ def setup(args: argparse.Namespace, template: Path, cache_dir: Path,
     finally:
         daemon.stop()
     total = sum(t * per_token[s.bits] for t, s in zip(tokens, sessions, strict=True))
-    notes = sum(s.turns for s in sessions)
+    note_count = sum(s.turns for s in sessions)
     return {"cube_ids": cube_ids, "tokens": tokens, "bytes_per_token": per_token,
-            "all_bytes": int(total), "notes": notes, "add_s": add_s}  # fmt: skip
+            "all_bytes": int(total), "notes": note_count, "add_s": add_s}  # fmt: skip
 
 
 class Searcher:
