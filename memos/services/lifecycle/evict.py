@@ -219,6 +219,8 @@ class Evictor:
                         .limit(min(BATCH, left - counts["memories"]))
                     )
                 )
+            if not ids:  # nothing due: no pause (a pause per cube added up to seconds a run)
+                break
             self.pause()
             erased = self.erasure.purge(cube_id, ids)
             if erased is None:
