@@ -53,7 +53,8 @@ from memcube.errors import NotFound
 from memcube.notes import to_doc
 from memcube.types import ScoredSeq
 from memos.db.engine import Database
-from memos.db.models import Cube, Memory, MemoryHistory
+from memos.db.locking import lock_cube, lock_memories
+from memos.db.models import Memory, MemoryHistory
 from memos.db.types import utcnow
 from memos.services.enrichment_claims import Claims
 from memos.services.enrichment_retries import (
@@ -277,7 +278,12 @@ class EnrichmentService:
             # PostgreSQL: the cube's row first, so commits of one cube (on any daemon) take
             # their locks in one order; then the notes, whose claims cannot change hands
             # until this commits. NO KEY: links referencing them (foreign keys) still land.
-            s.execute(select(Cube.id).where(Cube.id == cube_id).with_for_update(key_share=True))
+            lock_cube(s, cube_id)
+            # Every note this commit may change, the evolved neighbours too, in seq order: a
+            # neighbour may be another daemon's claim, released meanwhile (memos/db/locking.py).
+            lock_memories(
+                s, Memory.cube_id == cube_id, Memory.seq.in_(sorted({*versions, *evolutions}))
+            )
             fresh = [
                 row
                 for row in s.scalars(

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, or_, update
 
 from memos.db.engine import Database
+from memos.db.locking import lock_memories
 from memos.db.models import Memory
 from memos.db.types import utcnow
 
@@ -71,6 +72,7 @@ class Claims:
     def release_all(self) -> None:
         """Clear every claim of this daemon (at start: its earlier self was cut short)."""
         with self.db.write() as s:
+            lock_memories(s, Memory.claimed_by == self.holder)
             s.execute(
                 update(Memory)
                 .where(Memory.claimed_by == self.holder)
@@ -79,6 +81,8 @@ class Claims:
 
     def _set(self, seqs: Sequence[int], **values: Any) -> None:
         with self.db.write() as s:
+            mine = (Memory.seq.in_(list(seqs)), Memory.claimed_by == self.holder)
+            lock_memories(s, *mine)  # in seq order: see memos/db/locking.py
             s.execute(
                 update(Memory)
                 .where(Memory.seq.in_(list(seqs)), Memory.claimed_by == self.holder)

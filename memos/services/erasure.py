@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 import kv_runtime
 from memos.db.engine import Database
+from memos.db.locking import lock_cube
 from memos.db.models import Activation, Link, Memory, MemoryHistory
 from memos.services.cubes import CubeService
 from memos.services.indexes import IndexRegistry
@@ -117,6 +118,7 @@ class ErasureService:
     ) -> ErasureReport:
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
+                lock_cube(s, cube_id)  # before its memories (memos/db/locking.py)
                 query = select(Memory).where(Memory.id.in_(memory_ids), Memory.cube_id == cube_id)
                 if deleted_only:
                     query = query.where(Memory.deleted_at.is_not(None))

@@ -20,6 +20,7 @@ from memcube.embedder import Embedder
 from memcube.errors import InvalidArgument, TooLarge
 from memcube.notes import embedding_text, to_doc
 from memos.db.engine import Database
+from memos.db.locking import lock_cube
 from memos.db.models import Memory, MemoryHistory
 from memos.db.types import utcnow
 from memos.services.cubes import CubeService
@@ -203,6 +204,7 @@ class MemoryService:
         self.cubes.require(principal, cube_id, Role.WRITER)
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
+                lock_cube(s, cube_id)
                 rows = list(
                     s.scalars(
                         select(Memory)
@@ -211,6 +213,7 @@ class MemoryService:
                             Memory.session_id == session_id,
                             Memory.deleted_at.is_(None),
                         )
+                        .order_by(Memory.seq)
                         .with_for_update()
                     )
                 )
@@ -229,6 +232,7 @@ class MemoryService:
             return []
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
+                lock_cube(s, cube_id)
                 rows = list(
                     s.scalars(
                         select(Memory)
@@ -256,7 +260,10 @@ class MemoryService:
         query = select(Memory).where(
             Memory.id == memory_id, Memory.cube_id == cube_id, Memory.deleted_at.is_(None)
         )
-        # In a write: lock the row (PostgreSQL), so a version check holds until the commit.
+        # In a write: lock the row (PostgreSQL), so a version check holds until the commit;
+        # the cube's row first, as every write does (memos/db/locking.py).
+        if for_update:
+            lock_cube(s, cube_id)
         row = s.scalar(query.with_for_update() if for_update else query)
         if row is None:
             raise memory_not_found(memory_id)

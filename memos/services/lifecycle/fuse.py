@@ -32,6 +32,7 @@ from sqlalchemy import delete, or_, select
 
 from memcube.notes import to_doc
 from memos.db.engine import Database
+from memos.db.locking import lock_cube
 from memos.db.models import Link, Memory
 from memos.db.types import utcnow
 from memos.services.indexes import IndexRegistry
@@ -200,6 +201,7 @@ class Fuser:
         others = [r.id for r in rows[1:]]
         with self.indexes.writing(cube_id) as index:
             with self.db.write() as s:
+                lock_cube(s, cube_id)  # before its memories (memos/db/locking.py)
                 fresh = list(
                     s.scalars(
                         select(Memory)

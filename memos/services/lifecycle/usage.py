@@ -19,6 +19,7 @@ from datetime import datetime
 from sqlalchemy import Update, case, literal, update
 
 from memos.db.engine import Database
+from memos.db.locking import lock_activations, lock_memories
 from memos.db.models import Activation, Memory
 from memos.db.types import UTCDateTime, utcnow
 
@@ -69,6 +70,12 @@ class UsageCounter:
         try:
             if recalls or loads:
                 with self.db.write() as s:
+                    # Every row locked first, in one order (memos/db/locking.py): the notes
+                    # may be enriched or claimed by other daemons meanwhile.
+                    if recalls:
+                        lock_memories(s, Memory.id.in_(sorted(recalls)))
+                    if loads:
+                        lock_activations(s, Activation.id.in_(sorted(loads)))
                     for chunk in _chunks(sorted(recalls)):
                         s.execute(_recall_update(chunk, recalls))
                     for chunk in _chunks(sorted(loads)):
