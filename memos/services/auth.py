@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from memcube.atomic import write_atomic
@@ -82,6 +82,10 @@ class AuthService:
         (mode 0600) and older admin keys are revoked.
         """
         with self.db.write() as s:
+            if self.db.dialect == "postgresql":
+                # Daemons of a fleet starting together: one at a time (the first creates the
+                # admin; the others find it), released at commit.
+                s.execute(text("SELECT pg_advisory_xact_lock(726354)"))
             if s.get(User, ADMIN_USER_ID) is None:
                 s.add(User(id=ADMIN_USER_ID, name="admin", is_admin=True))
                 s.flush()

@@ -75,3 +75,27 @@ def test_a_lease_has_one_holder_until_it_expires(db):
     assert not a.try_acquire("scheduler", ttl_s=5)
     b.release("scheduler")
     assert a.try_acquire("scheduler", ttl_s=5)
+
+
+@pytest.mark.postgres
+def test_daemons_starting_together_share_one_admin(fresh_postgres_url, tmp_path):
+    """Four daemons of a fleet, started at the same moment on a new database: every one
+    starts (the first creates the admin, the others find it) and the shared key works."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memos.services.auth import AuthService
+
+    db = Database(fresh_postgres_url)
+    upgrade(db)
+
+    def start(i: int) -> str | None:
+        own = Database(fresh_postgres_url)
+        try:
+            return AuthService(own).ensure_admin("fleet-admin-key-0123456789", tmp_path / f"{i}")
+        finally:
+            own.dispose()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(start, range(4))) == [None] * 4  # none failed, none generated
+    assert AuthService(db).authenticate("fleet-admin-key-0123456789").is_admin
+    db.dispose()
