@@ -79,6 +79,21 @@ def fresh_postgres_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def migrated_db(request, tmp_path):
+    """A migrated database of this test's own: a SQLite file, then a fresh PostgreSQL one."""
+    from memos.db.engine import Database
+    from memos.db.migrate import upgrade
+
+    if request.param == "postgres":
+        db = Database(request.getfixturevalue("fresh_postgres_url"))
+    else:
+        db = Database(f"sqlite:///{tmp_path / 'memos.db'}")
+    upgrade(db)
+    yield db
+    db.dispose()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """One ONNX export of the embedder and one conversion of the local model (GGUF to

@@ -12,8 +12,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from memos.db.engine import Database
-from memos.db.migrate import upgrade
 from memos.db.models import Activation, Cube, Instance, JobRun, SchedulerJob, User
 from memos.db.types import utcnow
 from memos.scheduler.leader import Leadership
@@ -24,15 +22,9 @@ from memos.services.activations.sweep import ActivationSweep
 from memos.services.fleet import Leases
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    if request.param == "postgres":
-        db = Database(request.getfixturevalue("fresh_postgres_url"))
-    else:
-        db = Database(f"sqlite:///{tmp_path / 'leader.db'}")
-    upgrade(db)
-    yield db
-    db.dispose()
+@pytest.fixture
+def db(migrated_db):
+    return migrated_db
 
 
 def test_one_leader_at_a_time_and_another_once_it_stops(db):

@@ -10,25 +10,19 @@ from sqlalchemy import select
 
 from memcube.errors import NotFound
 from memos.db.engine import Database
-from memos.db.migrate import upgrade
 from memos.db.models import Chat, Cube, User
 from memos.services.chats.catalogue import ChatCatalogue, ChatSpec
 from memos.services.chats.turnlock import TurnLocks
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    if request.param == "postgres":
-        db = Database(request.getfixturevalue("fresh_postgres_url"))
-    else:
-        db = Database(f"sqlite:///{tmp_path / 'turns.db'}")
-    upgrade(db)
+@pytest.fixture
+def db(migrated_db):
+    db = migrated_db
     with db.write() as s:
         s.add(User(id="u1", name="u"))
         s.flush()
         s.add(Cube(id="c1", name="c", owner_id="u1"))
-    yield db
-    db.dispose()
+    return db
 
 
 def _chat(db: Database) -> str:

@@ -9,20 +9,14 @@ import time
 import pytest
 from sqlalchemy import select
 
-from memos.db.engine import Database
-from memos.db.migrate import upgrade
 from memos.db.models import Cube, Memory, User
 from memos.db.types import utcnow
 from memos.services.enrichment_claims import Claims
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    if request.param == "postgres":
-        db = Database(request.getfixturevalue("fresh_postgres_url"))
-    else:
-        db = Database(f"sqlite:///{tmp_path / 'claims.db'}")
-    upgrade(db)
+@pytest.fixture
+def db(migrated_db):
+    db = migrated_db
     with db.write() as s:
         s.add(User(id="u", name="u"))
         s.flush()
@@ -33,8 +27,7 @@ def db(request, tmp_path):
                    embedding=b"", change_seq=1)
             for i in range(120)
         )  # fmt: skip
-    yield db
-    db.dispose()
+    return db
 
 
 def pending(limit: int):

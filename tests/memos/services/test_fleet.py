@@ -14,16 +14,9 @@ from memos.services.fleet import Instance, Leases, owner_gone
 from memos.services.fleet.instance import load_instance_id
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    if request.param == "postgres":
-        db = Database(request.getfixturevalue("fresh_postgres_url"))
-        upgrade(db)
-    else:
-        db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
-        upgrade(db)
-    yield db
-    db.dispose()
+@pytest.fixture
+def db(migrated_db):
+    return migrated_db
 
 
 def test_instance_id_is_kept_in_the_data_dir(tmp_path):
