@@ -61,26 +61,20 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import lifecycle  # noqa: E402
+from benchmarks.lifecycle import ADMIN  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from memcube.errors import NotFound  # noqa: E402
 from memcube.types import SearchFilters  # noqa: E402
 from memos.daemon import Daemon  # noqa: E402
 from memos.db.models import Activation  # noqa: E402
 from memos.services.activations.prompts import ActivationSource  # noqa: E402
-from memos.services.auth import ADMIN_USER_ID  # noqa: E402
-from memos.services.views import NewMemory, Principal  # noqa: E402
+from memos.services.views import NewMemory  # noqa: E402
 from memos.settings import Settings  # noqa: E402
 
-ADMIN = Principal(ADMIN_USER_ID, True)
+# The small lifecycle run's topics, and four more so that 50 cubes repeat them less.
 TOPICS = [
-    ("pottery", "a clay bowl glazed in blue at the studio"),
-    ("hiking", "the ridge trail above the lake at dawn"),
-    ("adoption", "the agencies and the paperwork for a kid"),
-    ("painting", "a sunrise over the harbour in oils"),
-    ("choir", "the spring concert and the alto section"),
-    ("gardening", "tomatoes, basil and a fence against rabbits"),
-    ("cycling", "a century ride along the coast road"),
-    ("cooking", "a lemon risotto for the neighbours"),
+    *lifecycle.TOPICS,
     ("camping", "a tent by the river and a fire that would not start"),
     ("reading", "a novel about a lighthouse keeper"),
     ("running", "a half marathon in the rain"),
