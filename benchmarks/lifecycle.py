@@ -148,7 +148,7 @@ def main() -> int:
         promoted = {m["session_id"]: m["activation_id"] for m in first.moved
                     if m["action"] == "promoted"}  # fmt: skip
         after = None
-        ladder = []
+        ladder: list[dict[str, Any]] = []
         if f"s{hot}" in promoted:
             act = promoted[f"s{hot}"]
             after = ttft(daemon, cube_id, question, act, args.repeats)
