@@ -15,6 +15,10 @@ blocks of `--block` tokens, so their peak KV is comparable:
 - snapkv, kvzip: one cache, scored by the block's last 64 tokens / by reconstruction;
 - recent: the last M tokens; streamingllm: 4 sinks and the last M - 4;
 and once: full, the whole context's cache (built in the same blocks, nothing evicted).
+Variants (`--methods`): episodic+kvzip (each episode's cache scored by the larger of its patched
+prompt's attention and KVzip's reconstruction score); X/layered for X in episodic, kvzip, snapkv
+(EpiCache's per-layer budgets from the model's profile, `Runtime.layer_sensitivity`, the same
+entries in all as M in every layer).
 
 Also per row: evidence retention (the share of the evidence turns' cache entries kept, over
 layers and heads, in the cache used), peak KV bytes during the build, build seconds (episodic:
@@ -71,6 +75,11 @@ SINGLE = {  # method -> (scorer, sink tokens); the strongest baseline first (a p
     "recent": ("recent", 0),
     "streamingllm": ("recent", 4),
 }
+EPISODIC = {"episodic": "prompt", "episodic+kvzip": "prompt+kvzip"}  # method -> scorer
+LAYERED = ("episodic", "kvzip", "snapkv")  # methods with a "/layered" variant
+DEFAULT_METHODS = ("full", "episodic", *SINGLE)
+METHODS = (*DEFAULT_METHODS, "episodic+kvzip", *(f"{m}/layered" for m in LAYERED))
+SINKS, RECENT = 4, 32  # prefill_budgeted's defaults: every layer budget must exceed their sum
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,8 @@ def episodic_caches(
     windows: list[episodes.Window],
     budget: int,
     args: argparse.Namespace,
+    scorer: str = "prompt",
+    layer_budgets: tuple[int, ...] | None = None,
 ) -> tuple[list[BudgetedPrefill], list[int]]:
     """One budgeted prefill of the whole context per episode, scored by its patched prompt
     (a user turn after the context, as the daemon renders it); and each prompt's length."""
@@ -223,7 +234,8 @@ def episodic_caches(
                 budget_tokens=budget,
                 block_tokens=args.block,
                 query_ids=query,
-                scorer="prompt",
+                scorer=scorer,
+                layer_budgets=layer_budgets,
             )  # fmt: skip
         )
     return built, prompt_tokens
@@ -247,13 +259,17 @@ def run_conversation(
     )
     # The full cache, built in blocks (the same cache as one pass, without its context-square
     # attention matrix): nothing is evicted, so the peak is the whole context's KV.
-    started = time.perf_counter()
-    full = runtime.prefill_budgeted(
-        ids, budget_tokens=len(ids), block_tokens=args.block, scorer="recent", sink_tokens=0
-    ).kv
-    full_s = time.perf_counter() - started
-    per_q, _ = evaluate(runtime, context, questions, lambda q: (full, None))
-    emit(summarize(conv.sample_id, "full", None, per_q, full.nbytes(), full_s))
+    methods = args.methods
+    if "full" in methods:
+        started = time.perf_counter()
+        full = runtime.prefill_budgeted(
+            ids, budget_tokens=len(ids), block_tokens=args.block, scorer="recent", sink_tokens=0
+        ).kv
+        full_s = time.perf_counter() - started
+        per_q, _ = evaluate(runtime, context, questions, lambda q: (full, None))
+        emit(summarize(conv.sample_id, "full", None, per_q, full.nbytes(), full_s))
+        del full
+    profile = runtime.layer_sensitivity() if any("/" in m for m in methods) else None
 
     # Episodes do not depend on the budget: embed and cluster once, count it in every build.
     started = time.perf_counter()
@@ -263,31 +279,48 @@ def run_conversation(
     centroids = np.stack([e.centroid for e in found])
     cluster_s = time.perf_counter() - started
     for budget in args.budgets:
-        started = time.perf_counter()
-        built, prompt_tokens = episodic_caches(runtime, context, found, windows, budget, args)
-        build_s = cluster_s + time.perf_counter() - started
+        layered = profile.budgets(budget, minimum=SINKS + RECENT + 1) if profile else None
+        for method in methods:
+            base, _, variant = method.partition("/")
+            layer_budgets = layered if variant == "layered" else None
+            if base in EPISODIC:
+                started = time.perf_counter()
+                built, prompt_tokens = episodic_caches(
+                    runtime, context, found, windows, budget, args, EPISODIC[base], layer_budgets
+                )
+                build_s = cluster_s + time.perf_counter() - started
 
-        def routed(q: Question, built: list[BudgetedPrefill] = built) -> Built:
-            chosen = built[episodes.route(embedder.embed_query(q.text), centroids)]
-            return chosen.kv, chosen.original_positions
+                def routed(q: Question, built: list[BudgetedPrefill] = built) -> Built:
+                    chosen = built[episodes.route(embedder.embed_query(q.text), centroids)]
+                    return chosen.kv, chosen.original_positions
 
-        per_q, route_s = evaluate(runtime, context, questions, routed)
-        peak = max(b.peak_kv_bytes for b in built)
-        rows = summarize(conv.sample_id, "episodic", budget, per_q, peak, build_s, route_s * 1e3)
-        for row in rows:
-            row["patched_prompt_tokens"] = max(prompt_tokens)
-        emit(rows)
-        for method, (scorer, sinks) in SINGLE.items():
-            started = time.perf_counter()
-            one = runtime.prefill_budgeted(
-                ids, budget_tokens=budget, block_tokens=args.block, scorer=scorer,
-                sink_tokens=sinks,
-            )  # fmt: skip
-            build_s = time.perf_counter() - started
-            per_q, _ = evaluate(
-                runtime, context, questions, lambda q, one=one: (one.kv, one.original_positions)
-            )
-            emit(summarize(conv.sample_id, method, budget, per_q, one.peak_kv_bytes, build_s))
+                per_q, route_s = evaluate(runtime, context, questions, routed)
+                peak = max(b.peak_kv_bytes for b in built)
+                rows = summarize(
+                    conv.sample_id, method, budget, per_q, peak, build_s, route_s * 1e3
+                )
+                for row in rows:
+                    row["patched_prompt_tokens"] = max(prompt_tokens)
+            elif base in SINGLE:
+                scorer, sinks = SINGLE[base]
+                started = time.perf_counter()
+                one = runtime.prefill_budgeted(
+                    ids, budget_tokens=budget, block_tokens=args.block, scorer=scorer,
+                    sink_tokens=sinks, layer_budgets=layer_budgets,
+                )  # fmt: skip
+                build_s = time.perf_counter() - started
+
+                def single(q: Question, one: BudgetedPrefill = one) -> Built:
+                    return one.kv, one.original_positions
+
+                per_q, _ = evaluate(runtime, context, questions, single)
+                rows = summarize(conv.sample_id, method, budget, per_q, one.peak_kv_bytes, build_s)
+            else:
+                continue  # "full": above, once
+            if layer_budgets is not None:
+                for row in rows:
+                    row["layer_budgets"] = list(layer_budgets)
+            emit(rows)
         print(f"{conv.sample_id}: M={budget} done", file=sys.stderr)
 
 
@@ -329,19 +362,26 @@ def gap_closed(rows: list[dict[str, Any]], category: str = "all") -> list[dict[s
              for r in rows if r["category"] == category}  # fmt: skip
     out = []
     for (conv_id, method, budget), episodic in sorted(table.items(), key=str):
-        if method != "episodic":
+        if not method.startswith("episodic"):
             continue
         full = table.get((conv_id, "full", None))
         singles = [table[k] for k in ((conv_id, m, budget) for m in SINGLE) if k in table]
         snapkv = table.get((conv_id, "snapkv", budget))
         if full is None or snapkv is None or len(singles) < len(SINGLE):
             continue  # a partial run: this budget's baselines are not measured yet
+        # Any single cache measured counts as a baseline, a layered one included.
+        singles += [
+            r
+            for (c, m, b), r in table.items()
+            if (c, b) == (conv_id, budget) and m.partition("/")[0] in SINGLE and "/" in m
+        ]
         best = min(singles, key=lambda r: r["answer_nll"])
         gap = best["answer_nll"] - full["answer_nll"]
         out.append(
             {
                 "conversation": conv_id,
                 "category": category,
+                "method": method,
                 "budget_tokens": budget,
                 "best_single": best["method"],
                 "full_nll": full["answer_nll"],
@@ -373,6 +413,10 @@ def main() -> None:
     parser.add_argument(
         "--patch-chars", type=int, default=PATCH_CHARS,
         help="cap on a patched prompt's medoid windows (characters)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+        help="what to build and ask (default: the issue's set, without the variants)",
     )  # fmt: skip
     parser.add_argument("--max-context", type=int, default=6500, help="tokens of context kept")
     parser.add_argument("--max-questions", type=int, default=200, help="per conversation")
@@ -438,7 +482,7 @@ def report(everything: list[dict[str, Any]], settings: dict[str, Any]) -> None:
         [
             ("conversation", "conversation", "<12"),
             ("category", "category", "<12"),
-            ("method", "method", "<13"),
+            ("method", "method", "<17"),
             ("M", "budget_tokens", ">6"),
             ("questions", "questions", ">9d"),
             ("answer nll", "answer_nll", ">10.3f"),
@@ -454,8 +498,9 @@ def report(everything: list[dict[str, Any]], settings: dict[str, Any]) -> None:
         "retention >= 2x SnapKV's, peak <= 1/3 of full)",
         [
             ("conversation", "conversation", "<12"),
+            ("method", "method", "<17"),
             ("M", "budget_tokens", ">6"),
-            ("best single", "best_single", "<13"),
+            ("best single", "best_single", "<15"),
             ("gap closed", "gap_closed", ">10.2f"),
             ("nll - best", "episodic_minus_best", ">10.3f"),
             ("retention x snapkv", "retention_vs_snapkv", ">18.2f"),

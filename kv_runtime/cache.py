@@ -29,10 +29,16 @@ from transformers.cache_utils import DynamicLayer
 class KVCache:
     """Per-layer keys and values of one context.
 
-    keys[l], values[l]: (1, kv_heads, kept, head_dim), the model's dtype, one device.
+    keys[l], values[l]: (1, kv_heads, kept_l, head_dim), the model's dtype, one device.
     token_ids:          the whole original context (`length` ids), evicted tokens included.
     positions:          (layers, kv_heads, kept) int64 original position of every kept entry,
                         ascending per head; None when nothing was evicted (0..length-1).
+
+    Every layer keeps the same number of entries, except a cache evicted under per-layer
+    budgets (`ragged`, see `kv_runtime.layer_budgets`): layer l keeps `layer_kept[l]` entries,
+    `kept` is the most any layer keeps, and `positions` is padded with -1 past each layer's
+    entries. The model reads a ragged cache through a mask-free attention
+    (`kv_runtime.forward`); the KIVI and store paths take rectangular caches only.
 
     Treat the tensors as read-only: every request reads them through `to_transformers`.
     """
@@ -47,12 +53,15 @@ class KVCache:
         shape = tuple(self.keys[0].shape)
         assert len(shape) == 4 and shape[0] == 1, f"keys must be (1, heads, tokens, dim): {shape}"
         for k, v in zip(self.keys, self.values, strict=True):
-            assert tuple(k.shape) == shape and tuple(v.shape) == shape, "ragged layers"
+            assert tuple(k.shape) == tuple(v.shape), "keys and values differ in shape"
+            layer_shape = (k.shape[0], k.shape[1], k.shape[3])
+            assert layer_shape == (1, shape[1], shape[3]), "layers differ in heads or head_dim"
             assert k.dtype == v.dtype == self.keys[0].dtype, "mixed dtypes"
         if self.positions is None:
+            assert not self.ragged, "only an evicted cache may keep different counts per layer"
             assert shape[2] == len(self.token_ids), "an unevicted cache has one entry per token"
         else:
-            want = (len(self.keys), shape[1], shape[2])
+            want = (len(self.keys), shape[1], self.kept)
             assert tuple(self.positions.shape) == want, f"positions must be {want}"
             assert self.positions.dtype == torch.int64, "positions are int64"
 
@@ -72,8 +81,19 @@ class KVCache:
 
     @property
     def kept(self) -> int:
-        """Entries per layer and head (== `length` unless tokens were evicted)."""
-        return int(self.keys[0].shape[2])
+        """Entries per layer and head (== `length` unless tokens were evicted); the most any
+        layer keeps when the cache is `ragged`."""
+        return max(self.layer_kept)
+
+    @property
+    def layer_kept(self) -> tuple[int, ...]:
+        """Entries per head of every layer."""
+        return tuple(int(k.shape[2]) for k in self.keys)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the layers keep different numbers of entries (per-layer budgets)."""
+        return len(set(self.layer_kept)) > 1
 
     @property
     def length(self) -> int:

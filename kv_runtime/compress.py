@@ -166,6 +166,11 @@ def compress(kv: KVCache, settings: CompressionConfig, backend: str = "auto") ->
 
     kv: per layer (1, kv_heads, kept, head_dim) in the model dtype.
     """
+    if kv.ragged:
+        raise InvalidArgument(
+            "a cache with per-layer budgets keeps different counts per layer; the KIVI layout "
+            f"takes one count for every layer (this one keeps {sorted(set(kv.layer_kept))})"
+        )
     value_group = min(settings.value_group_size, kv.head_dim)
     if settings.bits < 16 and kv.head_dim % value_group:
         raise InvalidArgument(

@@ -17,19 +17,23 @@ tokens, whatever the length of the conversation. What decides the result is the 
   the most attention it received during any reconstruction so far (a running max: each entry is
   scored when its own block is repeated, as KVzip scores a context chunk by chunk). Each chunk's
   pass is cut off before the next, so the transient KV is one chunk.
+- `prompt+kvzip`: both, an entry scoring the more of the two (the attention an episode's prompt
+  pays it now, or the most it received while its block was repeated). An episode's cache then
+  keeps what the reconstruction needs plus what the episode points at.
 - `snapkv`, `recent`, `knorm`: the one-shot scorers of `kv_runtime.eviction`, applied after each
   block (SnapKV's observation window is the block's last `window_tokens`, as EpiCache's
   baseline does).
 
 Selection keeps the first `sink_tokens` and, at the end only, the last `recent_tokens` (a
 generation re-feeds the context's last token, and a question reads its immediate context); the
-rest of the budget goes to the best scores, chosen per layer and KV head so the cache stays
-rectangular (EpiCache's "uniform" variant; its non-uniform one needs a custom attention kernel).
+rest of the budget goes to the best scores, chosen per layer and KV head, the same count for
+every head of a layer (EpiCache's "uniform" variant; its non-uniform one needs a custom kernel).
 
 Layer budgets. EpiCache gives layers whose keys change most under block-wise prefill more of the
-budget. That needs layers of different lengths, and a `KVCache` (with the KIVI assembly, the
-store and transformers' causal mask behind it) keeps the same number of entries in every layer,
-so every layer gets `budget_tokens` here and `layer_budgets` only accepts that.
+budget (`kv_runtime.layer_budgets`). With `layer_budgets`, layer l keeps its own count; the cache
+is then ragged (layers of different lengths, read through `kv_runtime.forward`'s per-layer
+masks), and with compacted positions each layer's entries end at the same slot, so the newest
+entries of every layer sit right before the next token.
 
 Positions. EpiCache keeps the kept entries at their original RoPE positions and continues the
 next block at its true position (`positions="original"`, an ordinary evicted `KVCache`). The
@@ -181,6 +185,39 @@ class KVzipScorer(BlockScorer):
         return best
 
 
+@dataclass(frozen=True, kw_only=True)
+class PromptKVzipScorer(BlockScorer):
+    """The larger of the prompt's attention and KVzip's running reconstruction score."""
+
+    name: ClassVar[str] = "prompt+kvzip"
+    accumulate: ClassVar[bool] = True
+    prompt: PromptScorer
+    kvzip: KVzipScorer
+
+    def score(
+        self,
+        runner: ModelRunner,
+        cache: DynamicCache,
+        *,
+        next_position: int,
+        block_ids: Sequence[int],
+        window_queries: tuple[torch.Tensor, ...] | None,
+        meter: Meter,
+    ) -> list[torch.Tensor]:
+        both = [
+            scorer.score(
+                runner,
+                cache,
+                next_position=next_position,
+                block_ids=block_ids,
+                window_queries=window_queries,
+                meter=meter,
+            )
+            for scorer in (self.prompt, self.kvzip)
+        ]
+        return [torch.maximum(a, b) for a, b in zip(*both, strict=True)]
+
+
 @dataclass(frozen=True)
 class KeyScorer(BlockScorer):
     """A one-shot scorer of `kv_runtime.eviction` run on each layer's keys after the block."""
@@ -220,7 +257,7 @@ def attention_received(
     The prompt runs in pieces of `SCORING_PIECE_TOKENS`; a piece attends to the cache, the
     earlier pieces and itself (causal), exactly as one pass would.
     """
-    cached = _entries(cache)
+    cached = _lengths(cache)
     best: list[torch.Tensor] | None = None
     try:
         for offset in range(0, len(prompt_ids), SCORING_PIECE_TOKENS):
@@ -228,24 +265,24 @@ def attention_received(
             queries = runner.capture_queries(piece, cache, start + offset)
             meter(cache)
             scores = []
-            for layer, q in zip(_layers(cache), queries, strict=True):
+            for layer, q, c in zip(_layers(cache), queries, cached, strict=True):
                 assert layer.keys is not None
                 kv_heads = layer.keys.shape[1]
-                weights = window_attention(layer.keys, q)[..., :cached]  # (1, heads, piece, cached)
-                weights = weights.amax(dim=2).view(1, kv_heads, -1, cached).amax(dim=2)
+                weights = window_attention(layer.keys, q)[..., :c]  # (1, heads, piece, cached)
+                weights = weights.amax(dim=2).view(1, kv_heads, -1, c).amax(dim=2)
                 scores.append(weights)
             if best is not None:
                 scores = [torch.maximum(a, b) for a, b in zip(best, scores, strict=True)]
             best = scores
     finally:
-        for layer in _layers(cache):  # the scoring tokens' entries are not kept
+        for layer, c in zip(_layers(cache), cached, strict=True):  # scoring entries not kept
             assert layer.keys is not None and layer.values is not None
-            layer.keys, layer.values = layer.keys[:, :, :cached], layer.values[:, :, :cached]
+            layer.keys, layer.values = layer.keys[:, :, :c], layer.values[:, :, :c]
     assert best is not None, "empty scoring prompt"
     return best
 
 
-BLOCK_SCORERS: tuple[str, ...] = ("prompt", "kvzip", "snapkv", "recent", "knorm")
+BLOCK_SCORERS: tuple[str, ...] = ("prompt", "kvzip", "prompt+kvzip", "snapkv", "recent", "knorm")
 
 
 def make_block_scorer(
@@ -266,11 +303,16 @@ def make_block_scorer(
     """
     if name == "prompt":
         return PromptScorer(prompt_ids=tuple(int(t) for t in prompt_ids))
-    if name == "kvzip":
-        return KVzipScorer(
+    if name in ("kvzip", "prompt+kvzip"):
+        kvzip = KVzipScorer(
             repeat_ids=tuple(int(t) for t in repeat_ids),
             continue_ids=tuple(int(t) for t in continue_ids),
             chunk_tokens=chunk_tokens,
+        )
+        if name == "kvzip":
+            return kvzip
+        return PromptKVzipScorer(
+            prompt=PromptScorer(prompt_ids=tuple(int(t) for t in prompt_ids)), kvzip=kvzip
         )
     if name == "snapkv":
         return KeyScorer(window_tokens=window_tokens, scorer=SnapKVScorer())
@@ -322,9 +364,8 @@ def prefill_under_budget(
     """Prefill `token_ids` block by block, keeping at most `budget_tokens` entries per layer and
     KV head between blocks (the sinks and, at the end, the last `recent_tokens` count in it).
 
-    layer_budgets: per-layer budgets are not supported: a `KVCache` (and the KIVI and store paths
-        behind it) is rectangular, every layer holds the same number of entries. Pass None, or a
-        sequence whose entries all equal `budget_tokens`.
+    layer_budgets: per layer, how many entries it keeps (`kv_runtime.layer_budgets`); None:
+        `budget_tokens` in every layer. Each must exceed sink_tokens + recent_tokens.
     positions: "compacted" (default, measured better), "original", or "auto" (compacted only
         when the context does not fit `max_positions`); see the module docstring.
     progress(done_tokens, total_tokens) after every block; raising from it aborts the build.
@@ -332,7 +373,10 @@ def prefill_under_budget(
     for the model).
     """
     n = len(token_ids)
-    _check_arguments(n, budget_tokens, block_tokens, sink_tokens, recent_tokens, layer_budgets)
+    layer_count = int(runner.model.config.num_hidden_layers)
+    _check_arguments(n, budget_tokens, block_tokens, sink_tokens, recent_tokens)
+    budgets = _budgets(budget_tokens, layer_budgets, layer_count, sink_tokens + recent_tokens)
+    widest = max(budgets)
     if positions == "auto":
         fits = max_positions is None or n <= max_positions
         positions = "original" if fits else "compacted"
@@ -344,16 +388,16 @@ def prefill_under_budget(
             "use positions='compacted' (or 'auto')"
         )
     compacted = positions == "compacted"
-    if compacted and max_positions is not None and budget_tokens + block_tokens > max_positions:
+    if compacted and max_positions is not None and widest + block_tokens > max_positions:
         raise InvalidArgument(
-            f"budget_tokens + block_tokens = {budget_tokens + block_tokens} exceeds the model's "
+            f"budget_tokens + block_tokens = {widest + block_tokens} exceeds the model's "
             f"{max_positions} positions, which compacted positions must stay below"
         )
     rotary = _Rotary.of(runner) if compacted else None
 
     cache = DynamicCache()
-    kept_at: torch.Tensor | None = None  # (layers, kv_heads, kept) original positions
-    at: torch.Tensor | None = None  # current RoPE positions of the kept entries (compacted)
+    kept_at: list[torch.Tensor] | None = None  # per layer (kv_heads, kept) original positions
+    at: list[torch.Tensor] | None = None  # per layer current RoPE positions (compacted)
     scores: list[torch.Tensor] | None = None  # running scores of the kept entries (accumulate)
     peak = 0
 
@@ -365,8 +409,9 @@ def prefill_under_budget(
         if cancel is not None and cancel():
             raise Cancelled("budgeted prefill cancelled")
         block = [int(t) for t in token_ids[start : start + block_tokens]]
-        cached = _entries(cache)
-        first = cached if compacted else start  # RoPE position of the block's first token
+        cached = _lengths(cache)
+        # RoPE position of the block's first token (compacted: every layer's entries end before)
+        first = max(cached, default=0) if compacted else start
         window = min(scorer.window_tokens, len(block))
         window_queries = None
         if window:
@@ -378,16 +423,16 @@ def prefill_under_budget(
         else:
             runner.forward(block, cache, first, cancel=cancel)
         meter(cache)
-        block_positions = torch.arange(start, start + len(block))
-        layers, kv_heads = len(cache.layers), _kv_heads(cache)
-        new = block_positions.expand(layers, kv_heads, len(block))
-        kept_at = new.clone() if kept_at is None else torch.cat([kept_at, new], dim=-1)
+        kv_heads = _kv_heads(cache)
+        new = torch.arange(start, start + len(block)).expand(kv_heads, len(block))
+        kept_at = _extend(kept_at, new, layer_count)
         if compacted:
-            slots = torch.arange(first, first + len(block)).expand(layers, kv_heads, len(block))
-            at = slots.clone() if at is None else torch.cat([at, slots], dim=-1)
+            slots = torch.arange(first, first + len(block)).expand(kv_heads, len(block))
+            at = _extend(at, slots, layer_count)
         last = start + len(block) >= n
-        total = _entries(cache)
-        if total > budget_tokens or scorer.accumulate:
+        total = _lengths(cache)
+        over = any(t > b for t, b in zip(total, budgets, strict=True))
+        if over or scorer.accumulate:
             fresh = scorer.score(
                 runner,
                 cache,
@@ -396,19 +441,18 @@ def prefill_under_budget(
                 window_queries=window_queries,
                 meter=meter,
             )
-            assert _entries(cache) == total, "a scorer changed the cache"
+            assert _lengths(cache) == total, "a scorer changed the cache"
             if scorer.accumulate and scores is not None:
                 padded = [
-                    torch.cat([s, torch.full_like(f[..., cached:], -math.inf)], dim=-1)
-                    for s, f in zip(scores, fresh, strict=True)
+                    torch.cat([s, torch.full_like(f[..., c:], -math.inf)], dim=-1)
+                    for s, f, c in zip(scores, fresh, cached, strict=True)
                 ]
                 fresh = [torch.maximum(p, f) for p, f in zip(padded, fresh, strict=True)]
             scores = fresh
-        if total > budget_tokens:
+        if over:
             assert scores is not None
-            keep = [
-                select(s, budget_tokens, sink_tokens, recent_tokens if last else 0) for s in scores
-            ]
+            recent = recent_tokens if last else 0
+            keep = [select(s, b, sink_tokens, recent) for s, b in zip(scores, budgets, strict=True)]
             cache, kept_at, scores, at = _gather(cache, keep, kept_at, scores, at)
             if rotary is not None:
                 assert at is not None
@@ -416,24 +460,17 @@ def prefill_under_budget(
         if progress is not None:
             progress(start + len(block), n)
     assert kept_at is not None
-    kv = _result(cache, token_ids, kept_at, compacted)
+    kv = _result(cache, token_ids, kept_at, at)
     return BudgetedPrefill(
         kv=kv,
         peak_kv_bytes=peak,
         prefilled_tokens=n,
-        original_positions=kept_at,
+        original_positions=_padded(kept_at),
         compacted=compacted,
     )
 
 
-def _check_arguments(
-    n: int,
-    budget: int,
-    block: int,
-    sinks: int,
-    recent: int,
-    layer_budgets: Sequence[int] | None,
-) -> None:
+def _check_arguments(n: int, budget: int, block: int, sinks: int, recent: int) -> None:
     if n == 0:
         raise InvalidArgument("cannot prefill an empty context: token_ids is empty")
     if block < 1:
@@ -447,11 +484,23 @@ def _check_arguments(
             f"budget_tokens={budget} must exceed sink_tokens + recent_tokens = {sinks + recent}, "
             "which are always kept"
         )
-    if layer_budgets is not None and any(int(b) != budget for b in layer_budgets):
+
+
+def _budgets(
+    budget: int, layer_budgets: Sequence[int] | None, layers: int, protected: int
+) -> tuple[int, ...]:
+    """Every layer's budget: `layer_budgets` checked, or `budget` everywhere."""
+    if layer_budgets is None:
+        return (budget,) * layers
+    budgets = tuple(int(b) for b in layer_budgets)
+    if len(budgets) != layers:
+        raise InvalidArgument(f"layer_budgets has {len(budgets)} entries; the model has {layers}")
+    if min(budgets) <= protected:
         raise InvalidArgument(
-            "per-layer budgets are not supported: a KVCache keeps the same number of entries in "
-            f"every layer; pass layer_budgets=None or all equal to budget_tokens={budget}"
+            f"layer_budgets has {min(budgets)}; every layer must keep more than sink_tokens + "
+            f"recent_tokens = {protected}, which are always kept"
         )
+    return budgets
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -461,11 +510,27 @@ def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     return layers  # type: ignore[return-value]
 
 
-def _entries(cache: DynamicCache) -> int:
-    if not _layers(cache):
-        return 0
-    keys = _layers(cache)[0].keys
-    return 0 if keys is None else int(keys.shape[2])
+def _lengths(cache: DynamicCache) -> list[int]:
+    """Entries per layer ([] before the first forward)."""
+    return [0 if layer.keys is None else int(layer.keys.shape[2]) for layer in _layers(cache)]
+
+
+def _extend(
+    per_layer: list[torch.Tensor] | None, new: torch.Tensor, layers: int
+) -> list[torch.Tensor]:
+    """Every layer's (kv_heads, n) positions with `new` (kv_heads, block) appended."""
+    if per_layer is None:
+        return [new.clone() for _ in range(layers)]
+    return [torch.cat([p, new], dim=-1) for p in per_layer]
+
+
+def _padded(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """(layers, kv_heads, most kept) int64, -1 past a layer's own entries."""
+    width = max(p.shape[-1] for p in per_layer)
+    out = torch.full((len(per_layer), per_layer[0].shape[0], width), -1, dtype=torch.int64)
+    for index, p in enumerate(per_layer):
+        out[index, :, : p.shape[-1]] = p
+    return out
 
 
 def _kv_heads(cache: DynamicCache) -> int:
@@ -493,10 +558,10 @@ def _layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
 def _gather(
     cache: DynamicCache,
     keep: list[torch.Tensor],
-    kept_at: torch.Tensor,
+    kept_at: list[torch.Tensor],
     scores: list[torch.Tensor],
-    at: torch.Tensor | None,
-) -> tuple[DynamicCache, torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    at: list[torch.Tensor] | None,
+) -> tuple[DynamicCache, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
     """The cache, positions and scores of the kept entries (keep: per layer (kv_heads, kept))."""
     out = DynamicCache()
     positions, kept_scores, slots = [], [], []
@@ -510,28 +575,37 @@ def _gather(
         kept_scores.append(scores[index].gather(2, chosen[None].to(scores[index].device)))
         if at is not None:
             slots.append(at[index].gather(1, chosen.cpu()))
-    return out, torch.stack(positions), kept_scores, torch.stack(slots) if at is not None else None
+    return out, positions, kept_scores, slots if at is not None else None
 
 
 def _result(
-    cache: DynamicCache, token_ids: Sequence[int], kept_at: torch.Tensor, compacted: bool
+    cache: DynamicCache,
+    token_ids: Sequence[int],
+    kept_at: list[torch.Tensor],
+    at: list[torch.Tensor] | None,
 ) -> KVCache:
+    """kept_at: per layer the entries' original positions; at: their compacted slots, or None
+    when they kept their original positions."""
     keys, values = [], []
     for layer in _layers(cache):
         assert layer.keys is not None and layer.values is not None
         keys.append(layer.keys)
         values.append(layer.values)
     ids = tuple(int(t) for t in token_ids)
-    if kept_at.shape[-1] == len(ids):  # nothing was evicted: a plain prefill
+    if all(p.shape[-1] == len(ids) for p in kept_at):  # nothing was evicted: a plain prefill
         return KVCache(keys=tuple(keys), values=tuple(values), token_ids=ids)
-    if compacted:
-        # The cache now reads as a context of `kept` tokens at 0..kept-1, so a generation
-        # continues at `kept`. It stays marked as evicted (positions set), so nothing treats
-        # it as a prefix of its token ids, which are only a stand-in here.
-        stand_in = tuple(ids[int(p)] for p in kept_at[0, 0])
-        slots = torch.arange(len(stand_in)).expand_as(kept_at).clone()
-        return KVCache(keys=tuple(keys), values=tuple(values), token_ids=stand_in, positions=slots)
-    return KVCache(keys=tuple(keys), values=tuple(values), token_ids=ids, positions=kept_at.clone())
+    if at is not None:
+        # The cache now reads as a context of `kept` tokens at 0..kept-1 (its widest layer), so
+        # a generation continues at `kept`. It stays marked as evicted (positions set), so
+        # nothing treats it as a prefix of its token ids, which are only a stand-in here.
+        widest = max(range(len(kept_at)), key=lambda index: kept_at[index].shape[-1])
+        stand_in = tuple(ids[int(p)] for p in kept_at[widest][0])
+        return KVCache(
+            keys=tuple(keys), values=tuple(values), token_ids=stand_in, positions=_padded(at)
+        )
+    return KVCache(
+        keys=tuple(keys), values=tuple(values), token_ids=ids, positions=_padded(kept_at)
+    )
 
 
 # -- compacted positions ----------------------------------------------------------------------
@@ -554,16 +628,22 @@ class _Rotary:
             )
         return cls(inv_freq=rotary.inv_freq.detach().float().cpu())
 
-    def compact(self, cache: DynamicCache, at: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-        """Re-rotate every layer's keys from positions `at` (layers, kv_heads, kept) to
-        0..kept-1 (the entries are in position order per head, so slot order is kept)."""
-        kept = at.shape[-1]
-        target = torch.arange(kept).expand_as(at)
-        delta = target - at  # rotate by the difference: R(target) = R(delta) R(at)
-        for index, layer in enumerate(_layers(cache)):
+    def compact(
+        self, cache: DynamicCache, at: list[torch.Tensor]
+    ) -> tuple[DynamicCache, list[torch.Tensor]]:
+        """Re-rotate every layer's keys from positions `at` (per layer (kv_heads, kept_l)) to
+        consecutive slots ending at K - 1, K the most any layer keeps: 0..kept-1 when the layers
+        are equal (the entries are in position order per head, so slot order is kept)."""
+        widest = max(a.shape[-1] for a in at)
+        targets = []
+        for layer, now in zip(_layers(cache), at, strict=True):
             assert layer.keys is not None
-            layer.keys = self.rotate(layer.keys, delta[index])
-        return cache, target.clone()
+            kept = now.shape[-1]
+            target = torch.arange(widest - kept, widest).expand_as(now).clone()
+            # rotate by the difference: R(target) = R(delta) R(at)
+            layer.keys = self.rotate(layer.keys, target - now)
+            targets.append(target)
+        return cache, targets
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """keys (1, kv_heads, kept, head_dim) rotated by `delta` (kv_heads, kept) positions, in

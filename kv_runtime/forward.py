@@ -11,6 +11,13 @@ Query capture for SnapKV: the attention queries of an observation window are rea
 itself hands them to its attention function, through a capturing implementation registered in
 transformers' `AttentionInterface`. The queries are therefore exactly the model's, after any
 q-norm and RoPE, for every architecture that dispatches attention through that interface.
+
+Ragged caches (per-layer budgets, `kv_runtime.layer_budgets`): transformers builds one causal
+mask for all layers, sized by layer 0's cache, which is wrong for a layer holding more or fewer
+entries. A forward over a ragged cache therefore runs through `_RAGGED`, an implementation with
+no mask function registered (transformers then passes no mask) whose attention builds each
+layer's own: every cached entry precedes the new tokens, so new token i sees the layer's cached
+entries and new tokens 0..i (batch 1, no padding, as everywhere in this runtime).
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,11 +37,21 @@ from kv_runtime.throughput import Throughput
 from kv_runtime.turns import ModelLock
 
 _CAPTURE = "memosd_capture_queries"
+_RAGGED = "memosd_ragged"  # the same attention without a mask function: per-layer causal masks
 _captured = threading.local()  # the dict the capturing attention writes into, per thread
 
 
-def _capturing_attention(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Record `query` (batch, heads, q_len, head_dim) by layer, then run SDPA as usual.
+def _attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """SDPA, recording `query` (batch, heads, q_len, head_dim) by layer when a capture is on,
+    and with this layer's own causal mask when transformers passed none for a multi-token pass.
 
     The query is recorded rescaled so that q.k / sqrt(head_dim) is the model's attention logit
     whatever scaling the model uses (a no-op for the usual head_dim ** -0.5).
@@ -47,15 +65,31 @@ def _capturing_attention(module: Any, query: torch.Tensor, *args: Any, **kwargs:
         sink[int(module.layer_idx)] = (
             query.detach() * (scaling * math.sqrt(head_dim))
         ).contiguous()
-    return sdpa_attention_forward(module, query, *args, **kwargs)
+    new, total = query.shape[2], key.shape[2]
+    if attention_mask is None and 1 < new < total:
+        # SDPA's is_causal aligns the triangle top-left; the new tokens come after the cache.
+        attention_mask = torch.ones(new, total, dtype=torch.bool, device=query.device)
+        attention_mask = attention_mask.tril(total - new)[None, None]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
-def _register_capture() -> None:
+def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(_CAPTURE, _capturing_attention)
+    AttentionInterface.register(_CAPTURE, _attention)
     AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+    AttentionInterface.register(_RAGGED, _attention)
+
+
+def is_ragged(cache: Cache) -> bool:
+    """Whether the cache's layers hold different numbers of entries."""
+    lengths = {
+        int(layer.keys.shape[2])
+        for layer in getattr(cache, "layers", ())
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
+    }
+    return len(lengths) > 1
 
 
 class ModelRunner:
@@ -67,7 +101,7 @@ class ModelRunner:
         self.device = device
         self.lock = ModelLock()
         self.throughput = Throughput()
-        _register_capture()
+        _register_attention()
 
     def forward(
         self,
@@ -89,7 +123,8 @@ class ModelRunner:
         if not self.lock.acquire(cancel):
             raise Cancelled("cancelled while waiting for the model")
         try:
-            logits = self._run(token_ids, cache, start, all_logits)
+            with self._attention_for(cache, capture=False):
+                logits = self._run(token_ids, cache, start, all_logits)
         finally:
             self.lock.release()
         return logits if all_logits else logits[-1]
@@ -103,21 +138,31 @@ class ModelRunner:
         """
         config = self.model.config
         queries: dict[int, torch.Tensor] = {}
-        with self.lock:
-            previous = config._attn_implementation
-            config._attn_implementation = _CAPTURE
+        with self.lock, self._attention_for(cache, capture=True):
             _captured.queries = queries
             try:
                 self._run(token_ids, cache, start)
             finally:
                 _captured.queries = None
-                config._attn_implementation = previous
         layers = int(config.num_hidden_layers)
         assert sorted(queries) == list(range(layers)), (
             f"captured queries for layers {sorted(queries)}; the model did not dispatch "
             "attention through transformers' AttentionInterface"
         )
         return tuple(queries[i] for i in range(layers))
+
+    @contextmanager
+    def _attention_for(self, cache: Cache, *, capture: bool) -> Iterator[None]:
+        """Run the model's attention through ours for a capture or a ragged cache (the caller
+        holds the lock, so no other pass sees the switched implementation)."""
+        config = self.model.config
+        previous = config._attn_implementation
+        wanted = _RAGGED if is_ragged(cache) else _CAPTURE if capture else previous
+        config._attn_implementation = wanted
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     def _run(
         self, token_ids: Sequence[int], cache: Cache, start: int, all_logits: bool = False

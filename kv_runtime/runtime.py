@@ -16,6 +16,7 @@ activation are safe. `throughput` is the model's measured speed, for admission e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -45,6 +46,7 @@ from kv_runtime.errors import InvalidArgument, ModelUnavailable
 from kv_runtime.eviction import PREFILL_SCORERS, evict, make_scorer
 from kv_runtime.forward import ModelRunner, ProgressCallback
 from kv_runtime.generate import CancelHook, Generation
+from kv_runtime.layer_budgets import LayerSensitivity, load_or_profile, profile_text
 from kv_runtime.model import Fingerprint
 from kv_runtime.prefill import prefill
 from kv_runtime.prefix import PrefixCache
@@ -263,6 +265,7 @@ class Runtime:
         sink_tokens: int = 4,
         recent_tokens: int = 32,
         positions: PositionMode = "compacted",
+        layer_budgets: Sequence[int] | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelHook | None = None,
     ) -> BudgetedPrefill:
@@ -270,16 +273,19 @@ class Runtime:
         `budget_tokens` + one block (+ the scoring pass) of KV (see `kv_runtime.episodic`).
 
         scorer: "prompt" (attention from `query_ids`, e.g. an EpiCache patched prompt), "kvzip"
-        (query-agnostic reconstruction), "snapkv", "recent" or "knorm". block_tokens: default
+        (query-agnostic reconstruction), "prompt+kvzip" (the larger of both), "snapkv",
+        "recent" or "knorm". block_tokens: default
         1024. positions: "compacted" (kept keys re-rotated to 0..kept-1: any context length,
         and measured better), "original" (EpiCache's), or "auto" (original when it fits).
         Default scorer kvzip: it beat snapkv, recent and even a question-prompted cache on
-        LoCoMo gold-answer likelihood (benchmarks/episodic_scorers.py).
+        LoCoMo gold-answer likelihood (benchmarks/episodic_scorers.py). layer_budgets: per-layer
+        counts (e.g. `layer_sensitivity().budgets(M)`), giving a ragged cache; None: M each.
         """
-        if query_ids is not None and scorer != "prompt":
+        prompted = scorer in ("prompt", "prompt+kvzip")
+        if query_ids is not None and not prompted:
             raise InvalidArgument(f"query_ids are only used by scorer='prompt', not {scorer!r}")
-        if scorer == "prompt" and not query_ids:
-            raise InvalidArgument("scorer='prompt' needs query_ids (the scoring prompt)")
+        if prompted and not query_ids:
+            raise InvalidArgument(f"scorer={scorer!r} needs query_ids (the scoring prompt)")
         if any(not 0 <= int(t) < self._vocab_size for t in (*token_ids, *(query_ids or ()))):
             raise InvalidArgument(f"token ids must lie in 0..{self._vocab_size - 1}")
         block_scorer = make_block_scorer(
@@ -296,11 +302,24 @@ class Runtime:
             sink_tokens=sink_tokens,
             recent_tokens=recent_tokens,
             scorer=block_scorer,
+            layer_budgets=layer_budgets,
             positions=positions,
             max_positions=self.info.max_positions,
             progress=progress,
             cancel=cancel,
         )
+
+    def layer_sensitivity(self, path: Path | None = None) -> LayerSensitivity:
+        """How much each layer's keys change under block-wise prefill (`kv_runtime.layer_budgets`),
+        profiled once per model and kept at `path` (default: `layer_budgets.json` in a folder
+        named by the model's fingerprint under `config.cache_dir`, the daemon's data dir)."""
+        fingerprint = json.dumps(self.fingerprint.to_dict(), sort_keys=True)
+        if path is None:
+            if self.config.cache_dir is None:
+                raise InvalidArgument("no cache_dir to keep the layer profile in: pass a path")
+            digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+            path = self.config.cache_dir / "layer_budgets" / f"{digest}.json"
+        return load_or_profile(self._runner, path, fingerprint, self.tokenize(profile_text()))
 
     def capture(
         self,

@@ -226,7 +226,7 @@ def test_compacted_builds_stay_below_budget_plus_block_positions(
 
 
 def test_invalid_arguments_are_refused(runtime: Runtime, context_ids: list[int]) -> None:
-    assert BLOCK_SCORERS == ("prompt", "kvzip", "snapkv", "recent", "knorm")
+    assert BLOCK_SCORERS == ("prompt", "kvzip", "prompt+kvzip", "snapkv", "recent", "knorm")
     bad = [
         ({"budget_tokens": 10}, "budget_tokens=10 must exceed"),
         ({"budget_tokens": BUDGET, "block_tokens": 0}, "block_tokens=0"),
@@ -237,6 +237,9 @@ def test_invalid_arguments_are_refused(runtime: Runtime, context_ids: list[int])
         ),
         ({"budget_tokens": BUDGET, "scorer": "h2o"}, "scorer='h2o' is unknown"),
         ({"budget_tokens": BUDGET, "scorer": "prompt"}, "needs query_ids"),
+        ({"budget_tokens": BUDGET, "scorer": "prompt+kvzip"}, "needs query_ids"),
+        ({"budget_tokens": BUDGET, "layer_budgets": [BUDGET] * 29}, "has 29 entries; the model"),
+        ({"budget_tokens": BUDGET, "layer_budgets": [36] + [BUDGET] * 29}, "more than sink_tok"),
         ({"budget_tokens": BUDGET, "scorer": "snapkv", "query_ids": [1]}, "only used by"),
         ({"budget_tokens": BUDGET, "positions": "sideways"}, "positions='sideways'"),
     ]
@@ -247,10 +250,10 @@ def test_invalid_arguments_are_refused(runtime: Runtime, context_ids: list[int])
         runtime.prefill_budgeted([], budget_tokens=BUDGET)
     with pytest.raises(InvalidArgument, match="token ids must lie"):
         runtime.prefill_budgeted([runtime.vocab_size], budget_tokens=BUDGET)
-    with pytest.raises(InvalidArgument, match="per-layer budgets are not supported"):
-        prefill_under_budget(
-            runtime.runner, context_ids, budget_tokens=BUDGET, scorer=make_block_scorer("recent"),
-            layer_budgets=[BUDGET + 1] * 30,
+    with pytest.raises(InvalidArgument, match="budget_tokens \\+ block_tokens = 8200"):
+        runtime.prefill_budgeted(
+            context_ids, budget_tokens=BUDGET, block_tokens=100,
+            layer_budgets=[BUDGET] * 29 + [8100],
         )  # fmt: skip
     with pytest.raises(InvalidArgument, match="exceeds the model's 64 positions"):
         prefill_under_budget(
