@@ -35,12 +35,8 @@ from benchmarks.episodic_scorers import turn_tokens  # noqa: E402
 from benchmarks.locomo import load_locomo  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from kv_runtime import Runtime, RuntimeConfig  # noqa: E402
-from kv_runtime.episodic import (  # noqa: E402
-    KVZIP_CONTINUE_PROMPT,
-    KVZIP_PROMPT,
-    make_block_scorer,
-    prefill_under_budget,
-)
+from kv_runtime.block_scorers import KVZIP_CONTINUE_PROMPT, KVZIP_PROMPT, make_block_scorer  # noqa: E402
+from kv_runtime.episodic import prefill_under_budget  # noqa: E402
 
 
 def main() -> None:

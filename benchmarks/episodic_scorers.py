@@ -38,13 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.locomo import Conversation, Question, load_locomo  # noqa: E402
 from benchmarks.report import print_table  # noqa: E402
 from kv_runtime import KVCache, Runtime, RuntimeConfig  # noqa: E402
-from kv_runtime.episodic import (  # noqa: E402
-    KVZIP_CONTINUE_PROMPT,
-    KVZIP_PROMPT,
-    BudgetedPrefill,
-    make_block_scorer,
-    prefill_under_budget,
-)
+from kv_runtime.block_scorers import KVZIP_CONTINUE_PROMPT, KVZIP_PROMPT, make_block_scorer  # noqa: E402
+from kv_runtime.episodic import BudgetedPrefill, prefill_under_budget  # noqa: E402
 
 
 def turn_tokens(runtime: Runtime, conv: Conversation) -> tuple[list[int], dict[str, range]]:

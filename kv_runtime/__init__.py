@@ -28,10 +28,11 @@ Modules, one concept each:
 """
 
 from kv_runtime.blend import BlendResult, ChunkKV
+from kv_runtime.block_scorers import BLOCK_SCORERS
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV
 from kv_runtime.config import NO_COMPRESSION, CompressionConfig, RuntimeConfig
-from kv_runtime.episodic import BLOCK_SCORERS, BudgetedPrefill
+from kv_runtime.episodic import BudgetedPrefill
 from kv_runtime.errors import (
     ActivationCorrupt,
     ActivationMismatch,

@@ -4,25 +4,9 @@ EpiCache (Kim et al. 2025, https://arxiv.org/abs/2509.17396; reference code appl
 builds a bounded cache for a conversation far longer than the cache may be: run the context in
 blocks; after each block score every cached entry and keep the best `budget_tokens`; continue.
 The KV held at any moment is the kept entries, one block and the scoring pass's transient
-tokens, whatever the length of the conversation. What decides the result is the scorer:
-
-- `prompt` (EpiCache): the attention an arbitrary prompt pays to each cached entry, the prompt run
-  after the block and then cut off. EpiCache's prompt is an episode's "patched prompt" (its medoid
-  windows behind an instruction). Per KV head: softmax(QK^T / sqrt(d)) of the prompt's queries
-  over the cache, max over the prompt's positions and over the query heads of the group, as
-  ml-epicache (and the KVzip code it adapts) does.
-- `kvzip` (Kim et al. 2025, https://arxiv.org/abs/2505.23416): query-agnostic. After each block
-  the model is asked to repeat that block ("Repeat the previous context exactly:" + the block's
-  tokens, teacher-forced, in chunks as KVzip repeats a long context), and an entry's score is
-  the most attention it received during any reconstruction so far (a running max: each entry is
-  scored when its own block is repeated, as KVzip scores a context chunk by chunk). Each chunk's
-  pass is cut off before the next, so the transient KV is one chunk.
-- `prompt+kvzip`: both, an entry scoring the more of the two (the attention an episode's prompt
-  pays it now, or the most it received while its block was repeated). An episode's cache then
-  keeps what the reconstruction needs plus what the episode points at.
-- `snapkv`, `recent`, `knorm`: the one-shot scorers of `kv_runtime.eviction`, applied after each
-  block (SnapKV's observation window is the block's last `window_tokens`, as EpiCache's
-  baseline does).
+tokens, whatever the length of the conversation. What decides the result is the scorer, one of
+the block scorers of `kv_runtime.block_scorers` (EpiCache's patched `prompt`, `kvzip`,
+`prompt+kvzip`, and the one-shot `snapkv`, `recent`, `knorm`).
 
 Selection keeps the first `sink_tokens` and, at the end only, the last `recent_tokens` (a
 generation re-feeds the context's last token, and a question reads its immediate context); the
@@ -54,271 +38,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kv_runtime.block_scorers import BlockScorer, cache_layers, layer_lengths
 from kv_runtime.cache import KVCache
 from kv_runtime.errors import Cancelled, InvalidArgument
-from kv_runtime.eviction import Scorer, SnapKVScorer, make_scorer, select, window_attention
+from kv_runtime.eviction import select
 from kv_runtime.forward import ModelRunner, ProgressCallback
 
 PositionMode = Literal["original", "compacted", "auto"]
-Meter = Callable[[DynamicCache], None]
-
-# The scoring pass runs its prompt in pieces of at most this many tokens: the attention matrix
-# it materialises per layer is (heads, piece, cached) floats.
-SCORING_PIECE_TOKENS = 256
-
-KVZIP_PROMPT = "\n\nRepeat the previous context exactly:\n"
-KVZIP_CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
-
-
-# -- scorers ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockScorer:
-    """Rates every cached entry after a block; higher is more worth keeping.
-
-    `window_tokens`: how many of the block's last tokens' queries `score` needs (0: none).
-    `accumulate`: the score of an entry is the max of what it scored after every block so far
-    (KVzip's running max), instead of only its latest score.
-    """
-
-    name: ClassVar[str] = ""
-    accumulate: ClassVar[bool] = False
-    window_tokens: int = 0
-
-    def score(
-        self,
-        runner: ModelRunner,
-        cache: DynamicCache,
-        *,
-        next_position: int,
-        block_ids: Sequence[int],
-        window_queries: tuple[torch.Tensor, ...] | None,
-        meter: Meter,
-    ) -> list[torch.Tensor]:
-        """cache: the kept entries plus the block (it must come back holding exactly those);
-        next_position: the position id after the block; window_queries: per layer
-        (1, heads, window_tokens, head_dim) of the block's last tokens, when asked for;
-        meter(cache): call after anything that grows the cache (peak accounting).
-        returns: per layer (1, kv_heads, cached) float32 scores."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class PromptScorer(BlockScorer):
-    """Attention received from an arbitrary prompt (EpiCache's patched prompt)."""
-
-    name: ClassVar[str] = "prompt"
-    prompt_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.prompt_ids:
-            raise InvalidArgument("the prompt scorer needs a non-empty scoring prompt (query_ids)")
-
-    def score(
-        self,
-        runner: ModelRunner,
-        cache: DynamicCache,
-        *,
-        next_position: int,
-        block_ids: Sequence[int],
-        window_queries: tuple[torch.Tensor, ...] | None,
-        meter: Meter,
-    ) -> list[torch.Tensor]:
-        return attention_received(runner, cache, self.prompt_ids, next_position, meter)
-
-
-@dataclass(frozen=True)
-class KVzipScorer(BlockScorer):
-    """Attention received while the model repeats the block (query-agnostic).
-
-    The block is repeated in chunks of `chunk_tokens`, as KVzip repeats a long context: the
-    first after `repeat_ids` ("Repeat the previous context exactly:"), each later one after
-    `continue_ids` ("Repeat the part of the previous context exactly, starting with") and the
-    previous chunk's last `overlap_tokens`. Each chunk's pass is cut off before the next, so the
-    transient KV is one chunk. The default repeats a default block in one pass: 256-token
-    chunks lowered the memory peak by a quarter but cost answer likelihood on LoCoMo (conv-26
-    answer NLL 4.624 vs 4.440, conv-30 2.968 vs 2.976; benchmarks/episodic_scorers.py).
-    """
-
-    name: ClassVar[str] = "kvzip"
-    accumulate: ClassVar[bool] = True
-    repeat_ids: tuple[int, ...] = ()
-    continue_ids: tuple[int, ...] = ()
-    chunk_tokens: int = 1024
-    overlap_tokens: int = 8
-
-    def __post_init__(self) -> None:
-        if not self.repeat_ids or not self.continue_ids:
-            raise InvalidArgument("the kvzip scorer needs the token ids of its repeat prompts")
-
-    def score(
-        self,
-        runner: ModelRunner,
-        cache: DynamicCache,
-        *,
-        next_position: int,
-        block_ids: Sequence[int],
-        window_queries: tuple[torch.Tensor, ...] | None,
-        meter: Meter,
-    ) -> list[torch.Tensor]:
-        best: list[torch.Tensor] | None = None
-        for offset in range(0, len(block_ids), self.chunk_tokens):
-            chunk = block_ids[offset : offset + self.chunk_tokens]
-            if offset == 0:
-                ids = (*self.repeat_ids, *chunk)
-            else:
-                tail = block_ids[max(0, offset - self.overlap_tokens) : offset]
-                ids = (*self.continue_ids, *tail, *chunk)
-            scores = attention_received(runner, cache, ids, next_position, meter)
-            if best is not None:
-                scores = [torch.maximum(a, b) for a, b in zip(best, scores, strict=True)]
-            best = scores
-        assert best is not None, "empty block"
-        return best
-
-
-@dataclass(frozen=True, kw_only=True)
-class PromptKVzipScorer(BlockScorer):
-    """The larger of the prompt's attention and KVzip's running reconstruction score."""
-
-    name: ClassVar[str] = "prompt+kvzip"
-    accumulate: ClassVar[bool] = True
-    prompt: PromptScorer
-    kvzip: KVzipScorer
-
-    def score(
-        self,
-        runner: ModelRunner,
-        cache: DynamicCache,
-        *,
-        next_position: int,
-        block_ids: Sequence[int],
-        window_queries: tuple[torch.Tensor, ...] | None,
-        meter: Meter,
-    ) -> list[torch.Tensor]:
-        both = [
-            scorer.score(
-                runner,
-                cache,
-                next_position=next_position,
-                block_ids=block_ids,
-                window_queries=window_queries,
-                meter=meter,
-            )
-            for scorer in (self.prompt, self.kvzip)
-        ]
-        return [torch.maximum(a, b) for a, b in zip(*both, strict=True)]
-
-
-@dataclass(frozen=True)
-class KeyScorer(BlockScorer):
-    """A one-shot scorer of `kv_runtime.eviction` run on each layer's keys after the block."""
-
-    name: ClassVar[str] = "keys"
-    scorer: Scorer = field(default_factory=SnapKVScorer)
-
-    def score(
-        self,
-        runner: ModelRunner,
-        cache: DynamicCache,
-        *,
-        next_position: int,
-        block_ids: Sequence[int],
-        window_queries: tuple[torch.Tensor, ...] | None,
-        meter: Meter,
-    ) -> list[torch.Tensor]:
-        out = []
-        for index, layer in enumerate(_layers(cache)):
-            assert layer.keys is not None and layer.values is not None
-            queries = window_queries[index] if window_queries is not None else None
-            out.append(self.scorer.score(layer.keys, layer.values, queries).float())
-        return out
-
-
-def attention_received(
-    runner: ModelRunner,
-    cache: DynamicCache,
-    prompt_ids: Sequence[int],
-    start: int,
-    meter: Meter,
-) -> list[torch.Tensor]:
-    """Per layer (1, kv_heads, cached): the most attention any of `prompt_ids` (run at positions
-    start.. after the cache) pays to each cached entry, max over the prompt's positions and over
-    the query heads sharing the KV head. The cache is cropped back to its entries afterwards.
-
-    The prompt runs in pieces of `SCORING_PIECE_TOKENS`; a piece attends to the cache, the
-    earlier pieces and itself (causal), exactly as one pass would.
-    """
-    cached = _lengths(cache)
-    best: list[torch.Tensor] | None = None
-    try:
-        for offset in range(0, len(prompt_ids), SCORING_PIECE_TOKENS):
-            piece = prompt_ids[offset : offset + SCORING_PIECE_TOKENS]
-            queries = runner.capture_queries(piece, cache, start + offset)
-            meter(cache)
-            scores = []
-            for layer, q, c in zip(_layers(cache), queries, cached, strict=True):
-                assert layer.keys is not None
-                kv_heads = layer.keys.shape[1]
-                weights = window_attention(layer.keys, q)[..., :c]  # (1, heads, piece, cached)
-                weights = weights.amax(dim=2).view(1, kv_heads, -1, c).amax(dim=2)
-                scores.append(weights)
-            if best is not None:
-                scores = [torch.maximum(a, b) for a, b in zip(best, scores, strict=True)]
-            best = scores
-    finally:
-        for layer, c in zip(_layers(cache), cached, strict=True):  # scoring entries not kept
-            assert layer.keys is not None and layer.values is not None
-            layer.keys, layer.values = layer.keys[:, :, :c], layer.values[:, :, :c]
-    assert best is not None, "empty scoring prompt"
-    return best
-
-
-BLOCK_SCORERS: tuple[str, ...] = ("prompt", "kvzip", "prompt+kvzip", "snapkv", "recent", "knorm")
-
-
-def make_block_scorer(
-    name: str,
-    *,
-    prompt_ids: Sequence[int] = (),
-    repeat_ids: Sequence[int] = (),
-    continue_ids: Sequence[int] = (),
-    window_tokens: int = 64,
-    chunk_tokens: int = 1024,
-) -> BlockScorer:
-    """The block scorer called `name` (one of `BLOCK_SCORERS`); InvalidArgument otherwise.
-
-    prompt_ids: the scoring prompt of `prompt`; repeat_ids, continue_ids: KVzip's instructions
-    (`KVZIP_PROMPT`, `KVZIP_CONTINUE_PROMPT` tokenized);
-    window_tokens: SnapKV's observation window (EpiCache's baseline uses the block's last 64);
-    chunk_tokens: how much of a block KVzip repeats in one pass.
-    """
-    if name == "prompt":
-        return PromptScorer(prompt_ids=tuple(int(t) for t in prompt_ids))
-    if name in ("kvzip", "prompt+kvzip"):
-        kvzip = KVzipScorer(
-            repeat_ids=tuple(int(t) for t in repeat_ids),
-            continue_ids=tuple(int(t) for t in continue_ids),
-            chunk_tokens=chunk_tokens,
-        )
-        if name == "kvzip":
-            return kvzip
-        return PromptKVzipScorer(
-            prompt=PromptScorer(prompt_ids=tuple(int(t) for t in prompt_ids)), kvzip=kvzip
-        )
-    if name == "snapkv":
-        return KeyScorer(window_tokens=window_tokens, scorer=SnapKVScorer())
-    if name in ("recent", "knorm"):
-        return KeyScorer(scorer=make_scorer(name))
-    raise InvalidArgument(f"scorer={name!r} is unknown; valid block scorers: {list(BLOCK_SCORERS)}")
 
 
 # -- the build --------------------------------------------------------------------------------
@@ -409,7 +142,7 @@ def prefill_under_budget(
         if cancel is not None and cancel():
             raise Cancelled("budgeted prefill cancelled")
         block = [int(t) for t in token_ids[start : start + block_tokens]]
-        cached = _lengths(cache)
+        cached = layer_lengths(cache)
         # RoPE position of the block's first token (compacted: every layer's entries end before)
         first = max(cached, default=0) if compacted else start
         window = min(scorer.window_tokens, len(block))
@@ -430,7 +163,7 @@ def prefill_under_budget(
             slots = torch.arange(first, first + len(block)).expand(kv_heads, len(block))
             at = _extend(at, slots, layer_count)
         last = start + len(block) >= n
-        total = _lengths(cache)
+        total = layer_lengths(cache)
         over = any(t > b for t, b in zip(total, budgets, strict=True))
         if over or scorer.accumulate:
             fresh = scorer.score(
@@ -441,7 +174,7 @@ def prefill_under_budget(
                 window_queries=window_queries,
                 meter=meter,
             )
-            assert _lengths(cache) == total, "a scorer changed the cache"
+            assert layer_lengths(cache) == total, "a scorer changed the cache"
             if scorer.accumulate and scores is not None:
                 padded = [
                     torch.cat([s, torch.full_like(f[..., c:], -math.inf)], dim=-1)
@@ -503,18 +236,6 @@ def _budgets(
     return budgets
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers, which are all `DynamicLayer`s (full attention: `Runtime.load` checks)."""
-    layers = list(cache.layers)
-    assert all(isinstance(layer, DynamicLayer) for layer in layers), "unsupported cache layers"
-    return layers  # type: ignore[return-value]
-
-
-def _lengths(cache: DynamicCache) -> list[int]:
-    """Entries per layer ([] before the first forward)."""
-    return [0 if layer.keys is None else int(layer.keys.shape[2]) for layer in _layers(cache)]
-
-
 def _extend(
     per_layer: list[torch.Tensor] | None, new: torch.Tensor, layers: int
 ) -> list[torch.Tensor]:
@@ -534,14 +255,14 @@ def _padded(per_layer: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _kv_heads(cache: DynamicCache) -> int:
-    keys = _layers(cache)[0].keys
+    keys = cache_layers(cache)[0].keys
     assert keys is not None
     return int(keys.shape[1])
 
 
 def _nbytes(cache: DynamicCache) -> int:
     total = 0
-    for layer in _layers(cache):
+    for layer in cache_layers(cache):
         for t in (layer.keys, layer.values):
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -565,7 +286,7 @@ def _gather(
     """The cache, positions and scores of the kept entries (keep: per layer (kv_heads, kept))."""
     out = DynamicCache()
     positions, kept_scores, slots = [], [], []
-    for index, (layer, chosen) in enumerate(zip(_layers(cache), keep, strict=True)):
+    for index, (layer, chosen) in enumerate(zip(cache_layers(cache), keep, strict=True)):
         assert layer.keys is not None and layer.values is not None
         heads, count, dim = layer.keys.shape[1], chosen.shape[1], layer.keys.shape[3]
         gather = chosen[None, :, :, None].expand(1, heads, count, dim).to(layer.keys.device)
@@ -587,7 +308,7 @@ def _result(
     """kept_at: per layer the entries' original positions; at: their compacted slots, or None
     when they kept their original positions."""
     keys, values = [], []
-    for layer in _layers(cache):
+    for layer in cache_layers(cache):
         assert layer.keys is not None and layer.values is not None
         keys.append(layer.keys)
         values.append(layer.values)
@@ -636,7 +357,7 @@ class _Rotary:
         are equal (the entries are in position order per head, so slot order is kept)."""
         widest = max(a.shape[-1] for a in at)
         targets = []
-        for layer, now in zip(_layers(cache), at, strict=True):
+        for layer, now in zip(cache_layers(cache), at, strict=True):
             assert layer.keys is not None
             kept = now.shape[-1]
             target = torch.arange(widest - kept, widest).expand_as(now).clone()

@@ -31,17 +31,11 @@ from transformers import DynamicCache
 
 from kv_runtime import model as loading
 from kv_runtime.blend import BlendResult, ChunkKV, Segment, blend, build_chunk
+from kv_runtime.block_scorers import KVZIP_CONTINUE_PROMPT, KVZIP_PROMPT, make_block_scorer
 from kv_runtime.cache import KVCache
 from kv_runtime.compress import CompressedKV, compress, decompress
 from kv_runtime.config import CompressionConfig, RuntimeConfig
-from kv_runtime.episodic import (
-    KVZIP_CONTINUE_PROMPT,
-    KVZIP_PROMPT,
-    BudgetedPrefill,
-    PositionMode,
-    make_block_scorer,
-    prefill_under_budget,
-)
+from kv_runtime.episodic import BudgetedPrefill, PositionMode, prefill_under_budget
 from kv_runtime.errors import InvalidArgument, ModelUnavailable
 from kv_runtime.eviction import PREFILL_SCORERS, evict, make_scorer
 from kv_runtime.forward import ModelRunner, ProgressCallback

@@ -9,16 +9,14 @@ import torch
 from transformers import DynamicCache
 
 from kv_runtime import CompressionConfig, InvalidArgument, KVCache, Runtime
-from kv_runtime.episodic import (
+from kv_runtime.block_scorers import (
     BLOCK_SCORERS,
     KVZIP_CONTINUE_PROMPT,
     KVZIP_PROMPT,
-    BudgetedPrefill,
     KVzipScorer,
-    _Rotary,
     make_block_scorer,
-    prefill_under_budget,
 )
+from kv_runtime.episodic import BudgetedPrefill, _Rotary, prefill_under_budget
 from kv_runtime.errors import Cancelled
 
 BLOCK, BUDGET = 32, 48

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from kv_runtime import CompressionConfig, InvalidArgument, KVCache, Runtime
-from kv_runtime.episodic import make_block_scorer
+from kv_runtime.block_scorers import make_block_scorer
 from kv_runtime.layer_budgets import allocate, key_similarity, load_or_profile
 
 LAYERS = 30
