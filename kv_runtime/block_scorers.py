@@ -13,9 +13,10 @@ each block. Each is a small frozen dataclass overriding one `score` method, regi
   the most attention it received during any reconstruction so far (a running max: each entry is
   scored when its own block is repeated, as KVzip scores a context chunk by chunk). Each chunk's
   pass is cut off before the next, so the transient KV is one chunk.
-- `prompt+kvzip`: both, an entry scoring the more of the two (the attention an episode's prompt
-  pays it now, or the most it received while its block was repeated). An episode's cache then
-  keeps what the reconstruction needs plus what the episode points at.
+- `prompt+kvzip`: both, an entry scoring the more of the two, as a running max over the blocks
+  like KVzip's (the most attention an episode's prompt paid it after any block, or the most it
+  received while its block was repeated). An episode's cache then keeps what the
+  reconstruction needs plus what the episode points at.
 - `snapkv`, `recent`, `knorm`: the one-shot scorers of `kv_runtime.eviction`, applied after each
   block (SnapKV's observation window is the block's last `window_tokens`, as EpiCache's
   baseline does).
@@ -152,7 +153,8 @@ class KVzipScorer(BlockScorer):
 
 @dataclass(frozen=True, kw_only=True)
 class PromptKVzipScorer(BlockScorer):
-    """The larger of the prompt's attention and KVzip's running reconstruction score."""
+    """The larger of the prompt's attention and KVzip's reconstruction score, both kept as a
+    running max over the blocks (`accumulate`)."""
 
     name: ClassVar[str] = "prompt+kvzip"
     accumulate: ClassVar[bool] = True

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,7 +69,8 @@ class LayerSensitivity:
     sink_tokens: int
 
     def budgets(self, budget_tokens: int, *, minimum: int = 1) -> tuple[int, ...]:
-        """Per-layer budgets adding up to budget_tokens * layers (see `allocate`)."""
+        """Per-layer budgets adding up to budget_tokens * layers (see `allocate`). minimum: the
+        least any layer may keep; a budgeted prefill needs sink_tokens + recent_tokens + 1."""
         return allocate(self.similarity, budget_tokens, minimum=minimum)
 
     def to_json(self) -> str:
@@ -224,7 +226,7 @@ def load_or_profile(
         sink_tokens=sink_tokens,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(profile.to_json())
-    partial.replace(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
+        out.write(profile.to_json())  # a private name: two profilers never share a file
+    Path(out.name).replace(path)
     return profile

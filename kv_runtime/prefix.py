@@ -76,7 +76,8 @@ class PrefixCache:
         self._cache = DynamicCache()
         self._ids: list[int] = []
         self._has_base = base is not None  # not the base itself: its tensors are not pinned
-        self._base_entries = base.kept if base is not None else 0
+        # Per layer: a base evicted under per-layer budgets keeps different counts per layer.
+        self._base_entries = list(base.layer_kept) if base is not None else None
         self._base_length = base.length if base is not None else 0
         start = kv if kv is not None else base
         if start is not None:
@@ -103,8 +104,8 @@ class PrefixCache:
 
     @property
     def base_entries(self) -> int:
-        """Cache entries of the base (its kept tokens; 0 without one)."""
-        return self._base_entries
+        """Cache entries of the base (its kept tokens, its widest layer's; 0 without one)."""
+        return max(self._base_entries) if self._base_entries is not None else 0
 
     @property
     def has_base(self) -> bool:
@@ -194,11 +195,11 @@ class PrefixCache:
     def _truncate(self, own: int) -> None:
         """Every layer cut to the base's entries and `own` more (layers may differ after a
         failure)."""
-        length = self._base_entries + own
-        if length == 0:
+        if self._base_entries is None and own == 0:
             self._cache = DynamicCache()
             return
-        for layer in self._layers():
+        for index, layer in enumerate(self._layers()):
+            length = own + (self._base_entries[index] if self._base_entries is not None else 0)
             if layer.keys is not None and layer.values is not None:
                 layer.keys = layer.keys[..., :length, :]
                 layer.values = layer.values[..., :length, :]

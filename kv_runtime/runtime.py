@@ -273,7 +273,8 @@ class Runtime:
         and measured better), "original" (EpiCache's), or "auto" (original when it fits).
         Default scorer kvzip: it beat snapkv, recent and even a question-prompted cache on
         LoCoMo gold-answer likelihood (benchmarks/episodic_scorers.py). layer_budgets: per-layer
-        counts (e.g. `layer_sensitivity().budgets(M)`), giving a ragged cache; None: M each.
+        counts (e.g. `layer_sensitivity().budgets(M, minimum=sink_tokens + recent_tokens + 1)`),
+        giving a ragged cache; None: M in every layer.
         """
         prompted = scorer in ("prompt", "prompt+kvzip")
         if query_ids is not None and not prompted:

@@ -184,3 +184,25 @@ def test_the_combined_scorer_keeps_the_larger_of_both_scores(
         assert not torch.equal(both, one) and not torch.equal(both, two)
     # Scoring left the cache as it was.
     assert [layer.keys.shape[2] for layer in cache.layers] == [len(context_ids)] * LAYERS  # type: ignore[union-attr]
+
+
+def test_a_prefix_on_a_ragged_base_crops_each_layer_to_its_own_base(
+    runtime: Runtime, context_ids: list[int]
+) -> None:
+    budgets = _budgets()
+    base = runtime.prefill_budgeted(
+        context_ids * 2, budget_tokens=48, block_tokens=32, scorer="snapkv",
+        layer_budgets=budgets, recent_tokens=8,
+    )  # fmt: skip
+    prefix = runtime.prefix_cache(base=base.kv)
+    assert prefix.base_entries == max(budgets) and prefix.length == base.kv.length
+    ask = runtime.tokenize(" Caroline will bring")
+    on_prefix = prefix.extend(ask)
+    assert on_prefix is not None
+    torch.testing.assert_close(on_prefix, runtime.logits(ask, base.kv)[-1], atol=1e-4, rtol=1e-4)
+    cache, length = prefix.lease()
+    runtime.runner.forward(runtime.tokenize(" her old telescope"), cache, length)
+    prefix.restore(length)
+    prefix.crop(2)
+    held = [layer.keys.shape[2] for layer in cache.layers]  # type: ignore[union-attr]
+    assert held == [b + 2 for b in budgets]  # each layer: its own base, then 2 own tokens
