@@ -465,9 +465,15 @@ def main() -> None:
 
 
 def merge(paths: list[Path], out: Path | None) -> None:
-    """Several runs' rows as one report (each run's own pooled rows are dropped and redone)."""
+    """Several runs' rows as one report (each run's own pooled rows are dropped and redone; a
+    row measured again by a later run replaces the earlier one, e.g. a conversation's full KV)."""
     runs = [json.loads(path.read_text()) for path in paths]
-    rows = [r for run in runs for r in run["rows"] if r["conversation"] != "all"]
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in (r for run in runs for r in run["rows"] if r["conversation"] != "all"):
+        key = (row["conversation"], row["method"], row["budget_tokens"], row["category"])
+        latest.pop(key, None)  # re-inserted: the order follows the latest run
+        latest[key] = row
+    rows = list(latest.values())
     settings = {"merged": [str(p) for p in paths], "runs": [run["settings"] for run in runs]}
     everything = rows + pooled(rows)
     if out is not None:

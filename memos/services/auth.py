@@ -79,7 +79,9 @@ class AuthService:
         `key_file` holding another key (one generated before) is removed: it holds a revoked
         key, which tools such as the CLI would otherwise keep sending. Without one, the key in
         `key_file` is kept if it is valid; otherwise a new key is generated, written there
-        (mode 0600) and older admin keys are revoked.
+        (mode 0600) and older admin keys are revoked, except on PostgreSQL: there the older
+        keys may be other daemons' of one fleet (each generated its own), which must keep
+        working, so the new key is added beside them (a fleet should set MEMOS_ADMIN_KEY).
         """
         with self.db.write() as s:
             if self.db.dialect == "postgresql":
@@ -99,15 +101,16 @@ class AuthService:
                 key = generate_key()
                 generated = True
             digest = hash_key(key)
-            s.execute(
-                update(ApiKey)
-                .where(
-                    ApiKey.user_id == ADMIN_USER_ID,
-                    ApiKey.key_hash != digest,
-                    ApiKey.revoked_at.is_(None),
+            if not (generated and self.db.dialect == "postgresql"):
+                s.execute(
+                    update(ApiKey)
+                    .where(
+                        ApiKey.user_id == ADMIN_USER_ID,
+                        ApiKey.key_hash != digest,
+                        ApiKey.revoked_at.is_(None),
+                    )
+                    .values(revoked_at=utcnow())
                 )
-                .values(revoked_at=utcnow())
-            )
             if not self._admin_key_active(s, key):
                 s.add(ApiKey(user_id=ADMIN_USER_ID, key_hash=digest, prefix=key[:8], name="admin"))
         if not generated and key_file.exists() and _file_key(key_file) != key:

@@ -7,6 +7,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from memcube.errors import Unauthorized
 from memos.db.engine import Database
 from memos.db.migrate import upgrade
 from memos.db.models import JobRun
@@ -91,4 +92,31 @@ def test_daemons_starting_together_share_one_admin(fresh_postgres_url, tmp_path)
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(start, range(4))) == [None] * 4  # none failed, none generated
     assert AuthService(db).authenticate("fleet-admin-key-0123456789").is_admin
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_daemon_generating_its_own_admin_key_leaves_the_others_working(
+    fresh_postgres_url, tmp_path
+):
+    """Two daemons of a fleet without MEMOS_ADMIN_KEY each generate a key into their own data
+    dir: the second must not revoke the first's (SQLite, one daemon, still revokes)."""
+    from memos.services.auth import AuthService
+
+    db = Database(fresh_postgres_url)
+    upgrade(db)
+    auth = AuthService(db)
+    files = [tmp_path / "a" / "admin.key", tmp_path / "b" / "admin.key"]
+    for file in files:
+        file.parent.mkdir()
+        assert auth.ensure_admin(None, file) == str(file)
+    keys = [file.read_text().strip() for file in files]
+    assert keys[0] != keys[1]
+    assert all(auth.authenticate(key).is_admin for key in keys)
+    # A configured key is the admin's only key, in a fleet too.
+    assert auth.ensure_admin("fleet-admin-key-0123456789", files[0]) is None
+    assert auth.authenticate("fleet-admin-key-0123456789").is_admin
+    for key in keys:
+        with pytest.raises(Unauthorized):
+            auth.authenticate(key)
     db.dispose()
