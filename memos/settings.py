@@ -86,6 +86,9 @@ class SchedulerConfig(BaseModel):
     usage_flush_interval_s: int = Field(
         30, ge=1, le=86_400, description="how often recall and use counts are written"
     )
+    unload_idle_interval_s: int = Field(
+        60, ge=1, le=86_400, description="how often idle activation caches leave RAM"
+    )
     evict_interval_s: int = Field(
         600, ge=5, le=7 * 86_400, description="how often budgets, TTLs and retention are kept"
     )

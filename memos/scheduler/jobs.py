@@ -45,6 +45,12 @@ def migrate(system: SystemService) -> dict[str, Any]:
     return system.migrate().as_dict()
 
 
+def unload_idle(system: SystemService) -> dict[str, Any]:
+    report = system.unload_idle()
+    return {"counts": report.counts, "unloaded_bytes": report.unloaded_bytes,
+            "moved": report.moved, "took_ms": report.took_ms}  # fmt: skip
+
+
 def job_specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
     """Every job, on its interval or on the crontab `config.cron` gives it."""
     specs = _specs(system, config)
@@ -89,6 +95,14 @@ def _specs(system: SystemService, config: SchedulerConfig) -> list[JobSpec]:
             interval_s=config.usage_flush_interval_s,
             run=lambda: usage_flush(system),
             local=True,  # the counts this daemon gathered
+        ),
+        JobSpec(
+            name="unload_idle",
+            description="drop the loaded and dequantized activation caches unused in this "
+            "daemon's RAM for lifecycle.unload_idle_s (their files stay)",
+            interval_s=config.unload_idle_interval_s,
+            run=lambda: unload_idle(system),
+            local=True,  # the caches this daemon holds (migrate unloads only the leader's)
         ),
         JobSpec(
             name="evict",

@@ -119,3 +119,8 @@ class SystemService:
         unloaded from RAM."""
         assert self.migrator is not None, "the daemon wires the migrator"
         return self.migrator.run(cube_id)
+
+    def unload_idle(self) -> MigrateReport:
+        """This daemon's loaded and dequantized caches idle in RAM dropped."""
+        assert self.migrator is not None, "the daemon wires the migrator"
+        return self.migrator.unload_idle()

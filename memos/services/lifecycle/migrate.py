@@ -383,6 +383,16 @@ class Migrator:
 
     # -- RAM --------------------------------------------------------------------------------
 
+    def unload_idle(self) -> MigrateReport:
+        """Only the RAM step: this daemon's caches idle for `unload_idle_s` dropped (the
+        `unload_idle` job, which every daemon of a fleet runs; `run` does it on the leader)."""
+        started = time.perf_counter()
+        report = MigrateReport()
+        self._unload(report)
+        report.took_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.totals.update(report.counts)
+        return report
+
     def _unload(self, report: MigrateReport) -> None:
         idle = self.config.unload_idle_s
         if not idle:

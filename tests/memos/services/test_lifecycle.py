@@ -55,8 +55,10 @@ def recalls(daemon, cube_id) -> dict[str, int]:
 def test_jobs_are_registered_with_their_intervals(daemon):
     assert sorted(daemon.jobs.jobs) == [
         "chat_prefix_save", "enrichment_retry", "evict", "fuse", "index_maintenance",
-        "migrate", "usage_flush",
+        "migrate", "unload_idle", "usage_flush",
     ]  # fmt: skip
+    local = sorted(name for name, job in daemon.jobs.jobs.items() if job.local)
+    assert local == ["chat_prefix_save", "index_maintenance", "unload_idle", "usage_flush"]
     assert daemon.jobs.jobs["evict"].interval_s == 600
     assert daemon.jobs.jobs["usage_flush"].interval_s == 30
 

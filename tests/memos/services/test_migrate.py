@@ -224,6 +224,13 @@ def test_caches_idle_in_ram_are_unloaded(tmp_path, embedder):
         assert result["unloaded_bytes"] == held
         assert daemon.activations.loaded.bytes == daemon.activations.dequantized.bytes == 0
         assert rows(daemon, cube_id)[0].state == "ready"  # its files stay
+        # The unload_idle job (every daemon of a fleet runs it) does the RAM step alone.
+        daemon.activations.generate(ADMIN, cube_id, "Who paints?", act.id, 1)
+        held = daemon.activations.loaded.bytes + daemon.activations.dequantized.bytes
+        time.sleep(0.3)
+        result = run(daemon, "unload_idle")
+        assert result["counts"] == {"unloaded": 2} and result["unloaded_bytes"] == held
+        assert daemon.activations.loaded.bytes == daemon.activations.dequantized.bytes == 0
     finally:
         daemon.stop()
 
