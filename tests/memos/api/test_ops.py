@@ -76,6 +76,7 @@ def test_jobs_are_admin_only_and_run_records_status(server):
             "fuse",
             "index_maintenance",
             "migrate",
+            "unload_idle",
             "usage_flush",
         ]
         assert set(jobs[1]) >= {"name", "next_run_at", "last_run_at", "last_status"}

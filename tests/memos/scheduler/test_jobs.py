@@ -15,7 +15,7 @@ def test_the_retry_job_records_what_it_did(tmp_path, embedder):
     daemon = make_daemon(tmp_path, embedder, enrichment={"enabled": True, "retry_base_s": 0})
     assert sorted(daemon.jobs.jobs) == [
         "chat_prefix_save", "enrichment_retry", "evict", "fuse", "index_maintenance", "migrate",
-        "usage_flush",
+        "unload_idle", "usage_flush",
     ]  # fmt: skip
     cube_id, _ = add_turns(daemon, TURNS[:3])
     daemon.enrichment.enricher = BrokenEnricher()
