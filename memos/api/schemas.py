@@ -406,7 +406,8 @@ class ActivationOut(Out):
     memory_id: str | None = Field(None, description="extension: a `note` chunk's note")
     scorer: str | None = Field(
         None, description="extension: how `budget_tokens` chose the kept tokens (kvzip, snapkv, "
-        "recent, knorm; `prompt` for an episodic activation's episodes); null without a budget"
+        "recent, knorm; `prompt+kvzip` for an episodic activation's episodes, `prompt` for one "
+        "built before 2026-12); null without a budget"
     )  # fmt: skip
 
 

@@ -277,6 +277,7 @@ class Builder:
                     **job.settings.model_dump(),
                     "episodic": {
                         **job.episodic.settings.as_dict(),
+                        "scorer": episodes.EPISODE_SCORER,
                         "built": [e.as_dict() for e in built],
                     },
                 }

@@ -92,10 +92,11 @@ def _view(row: Activation) -> ActivationView:
 
 
 def _scorer(compression: dict[str, Any]) -> str | None:
-    """The scorer that chose a budgeted activation's kept tokens (an episodic one's: its
-    episodes' patched prompts); None when nothing was evicted by design."""
+    """The scorer that chose a budgeted activation's kept tokens (an episodic one's: what its
+    episodes were built with, `prompt` before that was recorded); None when nothing was
+    evicted by design."""
     if "episodic" in compression:
-        return "prompt"
+        return str(compression["episodic"].get("scorer", "prompt"))
     if compression.get("budget_tokens") is None:
         return None
     return str(compression.get("scorer", "snapkv"))

@@ -33,6 +33,7 @@ from memos.services.activations.backlog import Backlog
 from memos.services.activations.builds import Builder, BuildJob, BuildQueue, BuildStats
 from memos.services.activations.catalogue import CUBE_DELETED, DELETED, Catalogue
 from memos.services.activations.episodes import (
+    EPISODE_SCORER,
     MIN_BUDGET_TOKENS,
     EpisodicPlan,
     EpisodicSettings,
@@ -433,7 +434,11 @@ class ActivationService:
     def _row(runtime: Runtime, job: BuildJob, context: Context, bits: int) -> Activation:
         compression = job.settings.model_dump()
         if job.episodic is not None:  # its episodes are listed once built
-            compression["episodic"] = {**job.episodic.settings.as_dict(), "built": []}
+            compression["episodic"] = {
+                **job.episodic.settings.as_dict(),
+                "scorer": EPISODE_SCORER,
+                "built": [],
+            }
         return Activation(
             id=job.activation_id,
             cube_id=job.cube_id,

@@ -123,6 +123,7 @@ def test_an_episodic_activation_routes_questions_to_their_episode_and_survives_a
         for e in act["episodes"]:
             assert 0 < e["kept_tokens"] <= EPISODIC["budget_tokens"] and e["bytes"] > 0
         assert act["kept_tokens"] == max(e["kept_tokens"] for e in act["episodes"])
+        assert (act["scorer"], plain["scorer"]) == ("prompt+kvzip", None)
         assert act["tokens"] == plain["tokens"] > EPISODIC["budget_tokens"]  # something evicted
         assert act["bits"] == 4 and act["bytes"] > sum(e["bytes"] for e in act["episodes"])
         files = live.daemon.settings.activation_dir / cube_id / act["id"]
