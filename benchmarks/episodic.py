@@ -15,8 +15,9 @@ blocks of `--block` tokens, so their peak KV is comparable:
 - snapkv, kvzip: one cache, scored by the block's last 64 tokens / by reconstruction;
 - recent: the last M tokens; streamingllm: 4 sinks and the last M - 4;
 and once: full, the whole context's cache (built in the same blocks, nothing evicted).
-Variants (`--methods`): episodic+kvzip (each episode's cache scored by the larger of its patched
-prompt's attention and KVzip's reconstruction score); X/layered for X in episodic, kvzip, snapkv
+- episodic+kvzip: the same episodes, each cache scored by the larger of its patched prompt's
+  attention and KVzip's reconstruction score (what the daemon builds);
+Variants (`--methods`): X/layered for X in episodic, kvzip, snapkv
 (EpiCache's per-layer budgets from the model's profile, `Runtime.layer_sensitivity`, the same
 entries in all as M in every layer).
 
@@ -77,7 +78,7 @@ SINGLE = {  # method -> (scorer, sink tokens); the strongest baseline first (a p
 }
 EPISODIC = {"episodic": "prompt", "episodic+kvzip": "prompt+kvzip"}  # method -> scorer
 LAYERED = ("episodic", "kvzip", "snapkv")  # methods with a "/layered" variant
-DEFAULT_METHODS = ("full", "episodic", *SINGLE)
+DEFAULT_METHODS = ("full", "episodic", "episodic+kvzip", *SINGLE)  # the daemon's: episodic+kvzip
 METHODS = (*DEFAULT_METHODS, "episodic+kvzip", *(f"{m}/layered" for m in LAYERED))
 SINKS, RECENT = 4, 32  # prefill_budgeted's defaults: every layer budget must exceed their sum
 
