@@ -12,11 +12,11 @@ blocks of `--block` tokens, so their peak KV is comparable:
 - episodic: the windows of 4 utterances embedded (the daemon's embedder) and clustered into
   `--episodes` episodes (`memcube.episodes`); one cache per episode scored by its patched prompt;
   a question is answered from the episode nearest it (`route`), as the daemon does;
+- episodic+kvzip: the same episodes, each cache scored by the larger of its patched prompt's
+  attention and KVzip's reconstruction score (what the daemon builds);
 - snapkv, kvzip: one cache, scored by the block's last 64 tokens / by reconstruction;
 - recent: the last M tokens; streamingllm: 4 sinks and the last M - 4;
 and once: full, the whole context's cache (built in the same blocks, nothing evicted).
-- episodic+kvzip: the same episodes, each cache scored by the larger of its patched prompt's
-  attention and KVzip's reconstruction score (what the daemon builds);
 Variants (`--methods`): X/layered for X in episodic, kvzip, snapkv
 (EpiCache's per-layer budgets from the model's profile, `Runtime.layer_sensitivity`, the same
 entries in all as M in every layer).
