@@ -15,7 +15,9 @@ daemon's earlier self, or a daemon whose lease expired; never the build of a liv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,29 @@ class Catalogue:
         self.instance_id = instance_id
         # Counts loads in memory (memos/services/lifecycle/usage.py); set by the daemon.
         self.on_load: Callable[[str], None] = lambda activation_id: None
+        self._inline: dict[str, int] = {}  # see `building_inline`: id -> requests in it
+        self._inline_lock = threading.Lock()
+
+    @contextmanager
+    def building_inline(self, activation_id: str) -> Iterator[None]:
+        """Mark a build that runs in a request's own thread, not in the build queue (a note's
+        KV chunk, a chat prefix saved), as in flight while the block runs, so the orphan sweep
+        leaves its "building" row and its files alone. Enter it before inserting the row: the
+        sweep reads the rows before it takes the in-flight ids."""
+        with self._inline_lock:
+            self._inline[activation_id] = self._inline.get(activation_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._inline_lock:
+                left = self._inline.pop(activation_id) - 1
+                if left:
+                    self._inline[activation_id] = left
+
+    def building_here(self) -> set[str]:
+        """Ids of the inline builds in flight in this process (`building_inline`)."""
+        with self._inline_lock:
+            return set(self._inline)
 
     def path(self, cube_id: str, activation_id: str) -> Path:
         """Where this daemon writes the activation's files."""

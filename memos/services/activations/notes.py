@@ -110,7 +110,9 @@ class NoteChunks:
             activation_id = note_chunk_id(row.id, row.version)
             current = self._current(cube_id, activation_id)
             if current is None:
-                current = self._build(runtime, cube_id, row, activation_id, bits, check_quota)
+                # In flight here: the orphan sweep must not fail its row while it is built.
+                with self.catalogue.building_inline(activation_id):
+                    current = self._build(runtime, cube_id, row, activation_id, bits, check_quota)
             views.append(current)
         return views
 

@@ -3,7 +3,8 @@ without files are failed.
 
 Run at start and by the index-maintenance job. What it reads is taken in the order that makes
 it safe against builds and deletions running meanwhile: the folders on disk first, then the
-rows, then the builds in flight. A build inserts its row before writing files and a deletion
+rows, then the builds in flight (the build queue's, and the builds requests run themselves:
+`Catalogue.building_inline`). A build inserts its row before writing files and a deletion
 removes the row before the files, so a folder listed before the rows were read and without a
 row is a leftover; a "building" row read before the in-flight set was taken and not in it has
 no build left to finish it (failing it is conditional on its state then, so a build that just
@@ -70,7 +71,7 @@ class ActivationSweep:
                 )
             }
             cubes = set(s.scalars(select(Cube.id)))
-        building = self.builds.building()
+        building = self.builds.building() | self.catalogue.building_here()
         removed = 0
         for cube_id, activation_id in folders:
             row = rows.get(activation_id)
@@ -90,7 +91,11 @@ class ActivationSweep:
                     continue  # another daemon builds it
                 # No build will finish it; what it wrote is incomplete.
                 error = interrupted(owners[activation_id], self.catalogue.instance_id)
-            elif state == "ready" and self.catalogue.blobs.gone(cube_id, activation_id):
+            elif (
+                state == "ready"
+                and activation_id not in building
+                and self.catalogue.blobs.gone(cube_id, activation_id)
+            ):
                 error = MISSING  # not here, no other daemon alive, not in the shared tier
             else:
                 continue

@@ -186,17 +186,23 @@ class PrefixStore:
         fresh = activation_id is None or not self.activations.exists(activation_id)
         if fresh:
             activation_id = new_id("act")
-            self.activations.insert(self._row(runtime, activation_id, chat_id, entry, kv.length))
         assert activation_id is not None
-        path = self.activations.path(entry.cube_id, activation_id)
-        try:
-            manifest = runtime.save_activation(path, compressed, entry.messages or None)
-        except BaseException:
+        # In flight here: the orphan sweep must not fail the row or take its files meanwhile.
+        with self.activations.building_inline(activation_id):
             if fresh:
-                self.activations.mark_failed(activation_id, "the chat prefix could not be saved")
-            raise
-        self.activations.mark_saved(activation_id, manifest.tokens, manifest.kept_tokens,
-                                    manifest.bytes)  # fmt: skip
+                row = self._row(runtime, activation_id, chat_id, entry, kv.length)
+                self.activations.insert(row)
+            path = self.activations.path(entry.cube_id, activation_id)
+            try:
+                manifest = runtime.save_activation(path, compressed, entry.messages or None)
+            except BaseException:
+                if fresh:
+                    self.activations.mark_failed(
+                        activation_id, "the chat prefix could not be saved"
+                    )
+                raise
+            self.activations.mark_saved(activation_id, manifest.tokens, manifest.kept_tokens,
+                                        manifest.bytes)  # fmt: skip
         entry.saved_ids = kv.token_ids
         if fresh and not self.chats.set_prefix(chat_id, activation_id):  # deleted meanwhile
             self.remove(entry.cube_id, activation_id)

@@ -149,6 +149,36 @@ def test_the_sweep_fails_a_building_row_only_when_its_builder_is_gone(db, tmp_pa
     }
 
 
+def test_the_sweep_leaves_a_build_a_request_runs_itself_alone(db, tmp_path):
+    """A note's KV chunk and a saved chat prefix are built in the request's thread, not in the
+    build queue: while one is in flight its "building" row (and a ready row being rewritten)
+    is not failed, and its folder not removed; once it is over, the sweep does its work."""
+    with db.write() as s:
+        s.add(User(id="u", name="u"))
+        s.flush()
+        s.add(Cube(id="c", name="c", owner_id="u"))
+        s.flush()
+        for act_id, state in [("act_chunk", "building"), ("act_prefix", "ready")]:
+            s.add(Activation(id=act_id, cube_id="c", model="m", source={}, compression={},
+                             tokens=9, bits=4, state=state, created_at=utcnow(),
+                             instance_id="inst_me"))  # fmt: skip
+    catalogue = Catalogue(db, tmp_path / "acts", instance_id="inst_me")
+    (tmp_path / "acts" / "c" / "act_chunk").mkdir(parents=True)  # its files, being written
+    builds = BuildQueue(lambda ticket: "ready", workers=0, max_builds=1, max_per_user=1)
+    sweep = ActivationSweep(db, catalogue, builds)
+    with catalogue.building_inline("act_chunk"), catalogue.building_inline("act_prefix"):
+        with catalogue.building_inline("act_chunk"):  # a second request on the same chunk
+            pass
+        assert sweep.run().failed == 0
+        assert {a.id: a.state for a in catalogue.views("c")} == {
+            "act_chunk": "building", "act_prefix": "ready"
+        }  # fmt: skip
+        assert (tmp_path / "acts" / "c" / "act_chunk").is_dir()
+    assert catalogue.building_here() == set()
+    assert sweep.run().failed == 2  # no build left: failed; a ready row without files: failed
+    assert not (tmp_path / "acts" / "c" / "act_chunk").exists()
+
+
 def test_two_runners_starting_at_once_share_one_schedule_and_one_leader(db):
     specs = [JobSpec(name=n, description="", interval_s=3600, run=dict) for n in ("j", "k")]
     runners = [
