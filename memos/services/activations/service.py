@@ -66,8 +66,8 @@ QuotaCheck = Callable[[str, int], None]
 
 # The scorer of budgeted activations unless the request names one. KVzip (query-agnostic: a
 # stored cache's questions are unknown) kept the most answer likelihood of every single-cache
-# scorer on LoCoMo at M = 1,024: 4.131 nats per token pooled over two conversations against
-# SnapKV's 4.95 and full KV's 4.549 (docs/benchmarks.md, benchmarks/episodic.py).
+# scorer on LoCoMo at M = 1,024: 4.142 nats per token pooled over four conversations against
+# SnapKV's 5.049 and full KV's 4.565 (docs/benchmarks.md, benchmarks/episodic.py).
 DEFAULT_BUDGET_SCORER = "kvzip"
 
 
