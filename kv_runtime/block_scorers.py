@@ -145,7 +145,7 @@ class KVzipScorer(BlockScorer):
                 ids = (*self.continue_ids, *tail, *chunk)
             scores = attention_received(runner, cache, ids, next_position, meter)
             if best is not None:
-                scores = [torch.maximum(a, b) for a, b in zip(best, scores, strict=True)]
+                scores = layerwise_max(best, scores)
             best = scores
         assert best is not None, "empty block"
         return best
@@ -182,7 +182,7 @@ class PromptKVzipScorer(BlockScorer):
             )
             for scorer in (self.prompt, self.kvzip)
         ]
-        return [torch.maximum(a, b) for a, b in zip(*both, strict=True)]
+        return layerwise_max(*both)
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def attention_received(
                 weights = weights.amax(dim=2).view(1, kv_heads, -1, c).amax(dim=2)
                 scores.append(weights)
             if best is not None:
-                scores = [torch.maximum(a, b) for a, b in zip(best, scores, strict=True)]
+                scores = layerwise_max(best, scores)
             best = scores
     finally:
         for layer, c in zip(cache_layers(cache), cached, strict=True):  # scoring entries not kept
@@ -286,6 +286,11 @@ def make_block_scorer(
     if name in ("recent", "knorm"):
         return KeyScorer(scorer=make_scorer(name))
     raise InvalidArgument(f"scorer={name!r} is unknown; valid block scorers: {list(BLOCK_SCORERS)}")
+
+
+def layerwise_max(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the elementwise larger of two scores of the same entries."""
+    return [torch.maximum(x, y) for x, y in zip(a, b, strict=True)]
 
 
 # -- cache helpers ---------------------------------------------------------------------------

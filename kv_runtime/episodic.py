@@ -45,7 +45,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kv_runtime.block_scorers import BlockScorer, cache_layers, layer_lengths
+from kv_runtime.block_scorers import BlockScorer, cache_layers, layer_lengths, layerwise_max
 from kv_runtime.cache import KVCache
 from kv_runtime.errors import Cancelled, InvalidArgument
 from kv_runtime.eviction import select
@@ -180,7 +180,7 @@ def prefill_under_budget(
                     torch.cat([s, torch.full_like(f[..., c:], -math.inf)], dim=-1)
                     for s, f, c in zip(scores, fresh, cached, strict=True)
                 ]
-                fresh = [torch.maximum(p, f) for p, f in zip(padded, fresh, strict=True)]
+                fresh = layerwise_max(padded, fresh)
             scores = fresh
         if over:
             assert scores is not None

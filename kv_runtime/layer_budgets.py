@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +34,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from kv_runtime.block_scorers import cache_layers
+from kv_runtime.cache import KVCache
 from kv_runtime.errors import InvalidArgument
 from kv_runtime.forward import ModelRunner
+from memcube.atomic import write_atomic
 
 ALPHA = 1.1
 FLOOR_SHARE = 0.25  # a layer keeps at least budget / 4
@@ -163,32 +164,25 @@ def key_similarity(
         raise InvalidArgument(
             f"a profile needs more than sink_tokens + block_tokens = {first} tokens, got {len(ids)}"
         )
-    full = DynamicCache()
+    full_cache = DynamicCache()
     for offset in range(0, len(ids), block_tokens):  # in blocks: no text-square attention
-        runner.forward(ids[offset : offset + block_tokens], full, offset)
-    full_keys = _keys(full)
-    totals = [0.0] * len(full_keys)
+        runner.forward(ids[offset : offset + block_tokens], full_cache, offset)
+    full = KVCache.from_transformers(full_cache, ids)
+    # The sinks see only each other, under either mask: the full prefill's first entries.
+    sinks = full.head(sink_tokens)
+    totals = [0.0] * full.layers
     count = 0
     for start in range(first, len(ids), half):
         end = min(start + half, len(ids))
-        block = DynamicCache()
-        runner.forward(ids[:sink_tokens], block, 0)
+        block = sinks.to_transformers()  # shared, appended to out of place
         runner.forward(ids[start - half : end], block, start - half)
-        for index, keys in enumerate(_keys(block)):
-            mine = keys[:, :, sink_tokens + half :].float()
-            theirs = full_keys[index][:, :, start:end].float()
+        for index, layer in enumerate(cache_layers(block)):
+            assert layer.keys is not None
+            mine = layer.keys[:, :, sink_tokens + half :].float()
+            theirs = full.keys[index][:, :, start:end].float()
             totals[index] += float(F.cosine_similarity(mine, theirs, dim=-1).sum(dim=-1).mean())
         count += end - start
     return tuple(t / count for t in totals)
-
-
-def _keys(cache: DynamicCache) -> list[torch.Tensor]:
-    """Every layer's keys (1, kv_heads, tokens, head_dim)."""
-    out = []
-    for layer in cache.layers:
-        assert isinstance(layer, DynamicLayer) and layer.keys is not None, "a full-attention cache"
-        out.append(layer.keys)
-    return out
 
 
 def load_or_profile(
@@ -225,8 +219,5 @@ def load_or_profile(
         block_tokens=block_tokens,
         sink_tokens=sink_tokens,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
-        out.write(profile.to_json())  # a private name: two profilers never share a file
-    Path(out.name).replace(path)
+    write_atomic(path, profile.to_json().encode())  # a private temp name: profilers never clash
     return profile
